@@ -1,0 +1,169 @@
+"""The block wrapper: one stack of residual layers cut into B independently trainable denoisers (Sec. 3).
+
+Block b is the denoiser D_b(z, level, cond) = precond(F_b), with
+
+    F_b(z_in, c_noise, cond) = head(layers_b(stem(z_in, c_noise, cond)))
+
+where layers_b are the block's contiguous slice of the stack. The interfaces are small:
+
+    stem(z_in, c_noise, cond) -> (h, c)   # state h (N, ..., D) and conditioning vector c (N, Dc)
+    layer(h, c) -> h                      # e.g. nn.TransformerLayer, adaLN-zero conditioned
+    head(h, c) -> out                     # shaped like z (for EDM) or whatever the task reads out
+
+No gradient crosses a block boundary: a block's input is built from the data alone (the clean target
+plus noise of its own level), never from another block's output. The stem and head are either shared
+by all blocks (one copy, trained by every block) or replicated per block (fully independent blocks).
+Calling the stack with a level routes each sample to the block that owns it, so a sampler sees a plain
+denoiser whatever the number of blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .noise import Partition
+from .precond import EDMPrecond, PlainPrecond
+
+
+def split_layers(num_layers: int, num_blocks: int, allocation: Sequence[int] | None = None) -> list[int]:
+    """Layers per block. Without an explicit allocation the layers must divide evenly."""
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+    if num_blocks > num_layers:
+        raise ValueError(f"num_blocks={num_blocks} is more than the {num_layers} layers: "
+                         f"every block needs at least one layer")
+    if allocation is None:
+        if num_layers % num_blocks:
+            base, extra = divmod(num_layers, num_blocks)
+            hint = [base + 1] * extra + [base] * (num_blocks - extra)
+            raise ValueError(f"{num_layers} layers do not split evenly into {num_blocks} blocks; pass an "
+                             f"explicit allocation that sums to {num_layers}, e.g. {hint}")
+        return [num_layers // num_blocks] * num_blocks
+    allocation = list(allocation)
+    if len(allocation) != num_blocks:
+        raise ValueError(f"allocation {allocation} has {len(allocation)} entries, expected one per block "
+                         f"({num_blocks})")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in allocation):
+        raise ValueError(f"allocation {allocation} must hold integers >= 1 (every block needs a layer)")
+    if sum(allocation) != num_layers:
+        raise ValueError(f"allocation {allocation} sums to {sum(allocation)}, but there are {num_layers} "
+                         f"layers: an allocation may neither drop nor duplicate layers")
+    return allocation
+
+
+class Block(nn.Module):
+    """One block's own modules: its layers, and its stem/head when they are replicated."""
+
+    def __init__(self, layers: Sequence[nn.Module], stem: nn.Module | None = None, head: nn.Module | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        if stem is not None:
+            self.stem, self.head = stem, head
+
+
+class BlockStack(nn.Module):
+    """B noise-conditioned denoisers over a partition of the noise levels; block 0 is the noisiest."""
+
+    def __init__(self, layers: Sequence[nn.Module], stem: nn.Module, head: nn.Module, partition: Partition, *,
+                 allocation: Sequence[int] | None = None, shared_stem_head: bool = True,
+                 precond: EDMPrecond | PlainPrecond | None = None):
+        super().__init__()
+        layers = list(layers)
+        self.partition = partition
+        self.precond = precond if precond is not None else EDMPrecond()
+        self.shared_stem_head = shared_stem_head
+        self.allocation = split_layers(len(layers), partition.num_blocks, allocation)
+        starts = [sum(self.allocation[:b]) for b in range(partition.num_blocks)]
+        if shared_stem_head:
+            self.stem, self.head = stem, head
+            self.blocks = nn.ModuleList(Block(layers[s:s + n]) for s, n in zip(starts, self.allocation))
+        else:  # block b gets its own copy (same initial weights as the given stem/head)
+            self.blocks = nn.ModuleList(Block(layers[s:s + n], copy.deepcopy(stem), copy.deepcopy(head))
+                                        for s, n in zip(starts, self.allocation))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def layer_range(self, block: int) -> range:
+        """Indices, in the original stack, of the layers that block `block` holds."""
+        self.partition._check_block(block)
+        start = sum(self.allocation[:block])
+        return range(start, start + self.allocation[block])
+
+    # -- parameters: what a block's optimizer owns --------------------------------------------
+
+    def stem_head(self, block: int) -> tuple[nn.Module, nn.Module]:
+        blk = self.blocks[self.partition._check_block(block)]
+        return (self.stem, self.head) if self.shared_stem_head else (blk.stem, blk.head)
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters every block trains (the shared stem/head); empty when they are replicated."""
+        if self.shared_stem_head:
+            yield from self.stem.parameters()
+            yield from self.head.parameters()
+
+    def block_parameters(self, block: int, include_shared: bool = True) -> Iterator[nn.Parameter]:
+        """Parameters that a training step on `block` updates."""
+        yield from self.blocks[self.partition._check_block(block)].parameters()
+        if include_shared:
+            yield from self.shared_parameters()
+
+    # -- the denoiser ------------------------------------------------------------------------
+
+    def net(self, block: int, z_in: torch.Tensor, c_noise: torch.Tensor, cond=None):
+        """F_block: the inner network of block `block` (before preconditioning)."""
+        stem, head = self.stem_head(block)
+        h, c = stem(z_in, c_noise, cond)
+        for layer in self.blocks[block].layers:
+            h = layer(h, c)
+        return head(h, c)
+
+    def denoise(self, block: int, z: torch.Tensor, level: torch.Tensor, cond=None) -> torch.Tensor:
+        """D_block(z, level, cond): run one block only (training, and routing below)."""
+        self.partition._check_block(block)
+        return self.precond.denoise(lambda z_in, c_noise, c: self.net(block, z_in, c_noise, c), z, level, cond)
+
+    def forward(self, z: torch.Tensor, level: torch.Tensor, cond=None) -> torch.Tensor:
+        """D(z, level, cond) with each sample routed to the block that owns its level."""
+        level = torch.as_tensor(level, device=z.device)
+        if level.ndim == 0:
+            level = level.expand(z.shape[0])
+        owner = self.partition.route(level)
+        first = int(owner[0])
+        if bool((owner == first).all()):  # the usual case in a sampler: one block for the whole batch
+            return self.denoise(first, z, level, cond)
+        out = None
+        for block in owner.unique().tolist():
+            idx = (owner == block).nonzero().flatten()
+            part = self.denoise(block, z[idx], level[idx], _take(cond, idx))
+            if out is None:
+                out = part.new_empty((z.shape[0], *part.shape[1:]))
+            out[idx] = part
+        return out
+
+    def noisy_input(self, block: int, y: torch.Tensor, generator: torch.Generator | None = None):
+        """A training input for `block`: levels sampled in its (widened) interval and z = y + sigma eps.
+
+        Returns (z, sigma) with sigma (N,) in y's dtype. Only for Gaussian (EDM) levels."""
+        if not isinstance(self.precond, EDMPrecond):
+            raise TypeError("noisy_input adds Gaussian noise; masked levels corrupt their input in the task")
+        sigma = self.partition.sample(block, y.shape[0], generator, device=y.device).to(y.dtype)
+        return self.precond.noise(y, sigma, generator), sigma
+
+
+def _take(cond, idx: torch.Tensor):
+    """Rows `idx` of a condition: None, a tensor, or a dict/list/tuple of them."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[idx]
+    if isinstance(cond, dict):
+        return {k: _take(v, idx) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_take(v, idx) for v in cond)
+    raise TypeError(f"cannot split a condition of type {type(cond).__name__} by sample")

@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from diffusionblocks.cli import main
+
+
+def test_partition_json_prints_reference_boundaries(capsys):
+    assert main(["partition", "--num-blocks", "3", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["boundaries"] == pytest.approx([0.002, 0.1796, 0.5050, 80.0], abs=1e-3)
+    assert [b["block"] for b in info["blocks"]] == [0, 1, 2]
+    assert info["blocks"][0]["hi"] == 80.0  # block 0 owns the highest noise
+    assert [b["mass"] for b in info["blocks"]] == pytest.approx([1 / 3] * 3)
+    assert info["gamma"] == 0.05
+    assert info["inference_grid"]["blocks"] == [0, 1, 2]
+
+
+def test_partition_options(capsys):
+    assert main(["partition", "--num-blocks", "2", "--gamma", "0", "--partition", "uniform-log", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "uniform-log" and info["gamma"] == 0.0
+    assert info["boundaries"][1] == pytest.approx((0.002 * 80) ** 0.5)  # geometric midpoint
+    assert info["blocks"][0]["train_lo"] == info["blocks"][0]["lo"]
+    assert main(["partition", "--num-blocks", "4", "--levels", "mask", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["boundaries"] == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+
+
+def test_partition_table(capsys):
+    assert main(["partition", "--num-blocks", "3", "--steps-per-block", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[0.505, 80]" in out and "[0.392, 80]" in out and "0.3333" in out
+    assert "80 [0] -> " in out and out.count("[2]") >= 2
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--num-blocks", "0"], "num_blocks"),
+        (["--num-blocks", "3", "--gamma", "-0.5"], "gamma"),
+        (["--num-blocks", "3", "--sigma-min", "90"], "sigma_min"),
+        (["--num-blocks", "3", "--steps-per-block", "0"], "steps_per_block"),
+    ],
+)
+def test_partition_bad_input_exits_2_with_a_message(args, match, capsys):
+    assert main(["partition", *args]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_module_entry_point_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "diffusionblocks", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "partition" in out
