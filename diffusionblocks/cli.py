@@ -7,6 +7,7 @@ import json
 import sys
 
 from . import __version__
+from .config import apply_overrides, load_preset, validate
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Partition
 
 
@@ -48,6 +49,88 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace):
+    cfg = load_preset(args.preset)
+    if getattr(args, "task", None):
+        cfg.task = args.task
+    if getattr(args, "method", None):
+        cfg.train.method = args.method
+    if args.num_blocks is not None:
+        cfg.dblocks.num_blocks = args.num_blocks
+    if args.data:
+        cfg.data.name = args.data
+    if args.steps is not None:
+        cfg.train.steps = args.steps
+    if getattr(args, "seed", None) is not None:
+        cfg.train.seed = args.seed
+    return validate(apply_overrides(cfg, args.overrides))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    if args.resume:
+        results = train(None, args.resume, resume=True, progress=not args.no_progress)
+    else:
+        if not args.out:
+            raise ValueError("--out DIR is required (or --resume DIR to continue a run)")
+        results = train(_run_config(args), args.out, progress=not args.no_progress)
+    steps = ", ".join(f"{100 * a:.2f}" for a in results["accuracy_per_step"])
+    print(f"{results['method']}: test accuracy {100 * results['test_accuracy']:.2f}% "
+          f"(after each inference step: {steps}); {results['layer_updates']} layer-updates in "
+          f"{results['train_seconds']:.1f} s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate, load_model
+
+    cfg, model, ds = load_model(args.run)
+    predict = {}
+    if cfg.train.method == "dblocks":
+        predict = {"steps_per_block": args.steps_per_block, "grid": args.grid, "bridge": args.bridge,
+                   "sigma_start": args.sigma_start, "init": args.init}
+    elif any(v is not None for v in (args.steps_per_block, args.grid, args.bridge, args.sigma_start, args.init)):
+        raise ValueError("the sampler options apply to dblocks runs only; this run is e2e")
+    ev = evaluate(model, ds.x_test, ds.y_test, cfg, args.limit, **predict)
+    ev.update(run=str(args.run), method=cfg.train.method, **{k: v for k, v in predict.items() if v is not None})
+    if args.json:
+        print(json.dumps(ev, indent=2))
+    else:
+        steps = ", ".join(f"{100 * a:.2f}" for a in ev["accuracy_per_step"])
+        print(f"{args.run}: test accuracy {100 * ev['accuracy']:.2f}% on {ev['n']} images "
+              f"(after each inference step: {steps})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .data import DataError, load_dataset
+
+    if args.preset is None:
+        try:
+            load_dataset("fashion-mnist", download=False)
+            args.preset = "quick" if args.quick else "fashion"
+        except DataError:
+            print("Fashion-MNIST not found (apt-get install dataset-fashion-mnist); comparing on digits",
+                  file=sys.stderr)
+            args.preset = "digits-quick" if args.quick else "digits"
+    cfg = _run_config(args)
+    out = args.out or f"runs/compare-{args.preset}"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    compare(cfg, out, seeds, progress=not args.no_progress)
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser, preset_default: str | None):
+    p.add_argument("--preset", default=preset_default, help="starting config (see diffusionblocks.config.PRESETS)")
+    p.add_argument("--num-blocks", type=int, default=None, help="number of blocks B")
+    p.add_argument("--data", default=None, help="fashion-mnist, digits, cifar10, cifar100, or PATH.npz")
+    p.add_argument("--steps", type=int, default=None, help="budget in end-to-end steps (train.steps)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusionblocks",
@@ -75,6 +158,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", choices=GRID_KINDS, default="equiprob", help="inference grid")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("train", help="train one model (end-to-end or DiffusionBlocks)",
+                       description="Train one run into --out DIR: config.json, metrics.jsonl, model.safetensors, "
+                                   "state.pt (resume), results.json.")
+    p.add_argument("--task", choices=("classify",), default="classify")
+    p.add_argument("--method", choices=("e2e", "dblocks"), default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="run directory")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
+    _add_run_args(p, "fashion")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="re-evaluate a trained run",
+                       description="Evaluate a run's checkpoint on the full test set; for DiffusionBlocks the "
+                                   "inference grid can differ from training's.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--steps-per-block", type=int, default=None, help="Euler steps per block")
+    p.add_argument("--grid", choices=GRID_KINDS, default=None)
+    p.add_argument("--bridge", choices=("soft", "hard"), default=None, help="x0 estimate from the logits")
+    p.add_argument("--sigma-start", type=float, default=None, help="first level of the grid (default sigma_max)")
+    p.add_argument("--init", choices=("noise", "zero"), default=None, help="start from noise or from z = 0")
+    p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="the main job: end-to-end vs DiffusionBlocks vs a shallow control",
+                       description="Train end-to-end, DiffusionBlocks and an end-to-end control with one block's "
+                                   "depth on the same layer-update budget; print a table, write compare.json, "
+                                   "compare.md and compare.png. Finished arms are reused, interrupted ones resumed.")
+    p.add_argument("--quick", action="store_true", help="a one-minute version")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--out", default=None, help="output directory (default runs/compare-PRESET)")
+    _add_run_args(p, None)
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -83,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args.func(args)
-    except ValueError as e:  # user errors: one clear line, no traceback
+    except KeyboardInterrupt:
+        code = 130
+    except ValueError as e:  # user errors (DataError and CheckpointError included): one line, no traceback
         print(f"diffusionblocks {args.command}: error: {e}", file=sys.stderr)
         code = 2
     if argv is None:

@@ -1,0 +1,243 @@
+"""Typed run configuration: dataclasses, named presets, and dotted command-line overrides.
+
+A run is described by one :class:`RunConfig`; ``--set train.lr=1e-3`` style overrides are type-checked
+and unknown keys are rejected. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+METHODS = ("e2e", "dblocks")
+
+
+@dataclass
+class ModelConfig:
+    """A ViT: patch embedding, `depth` pre-norm adaLN-zero transformer layers, a classifier readout."""
+
+    depth: int = 6
+    width: int = 128
+    heads: int = 4
+    patch: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    label_dim: int = 0  # dimension of the diffused label embedding; 0 = width
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # a built-in name or a path to an .npz
+    root: str = ""  # where to look first ("" = the standard places)
+    crop_padding: int = 2
+    hflip: bool = True  # only where the dataset says flips make sense
+    train_limit: int = 0  # use only the first N training images (0 = all)
+    test_limit: int = 0
+
+
+@dataclass
+class DBlocksConfig:
+    """The DiffusionBlocks settings (ignored by e2e)."""
+
+    num_blocks: int = 3
+    partition: str = "equiprob"  # or "uniform-log"
+    gamma: float = 0.05
+    allocation: str = ""  # explicit layers per block, e.g. "3,2,2"; "" = even split
+    shared_stem_head: bool = True
+    block_choice: str = "random"  # "random" (the paper) or "round-robin"
+    loss_weight: str = "none"  # "none": plain CE per sample; "edm": w(sigma) * CE (Eq. 2). See benchmarks/README
+    steps_per_block: int = 1  # inference Euler steps per block
+    grid: str = "equiprob"  # inference grid: "equiprob" or "karras"
+    bridge: str = "soft"  # x0 estimate from logits: "soft" (softmax @ E) or "hard" (E[argmax])
+    sigma_start: float = 0.0  # first level of the inference grid (0 = sigma_max, the paper)
+    init: str = "zero"  # inference starts from z = 0 ("zero") or z = sigma_start * eps ("noise", the paper)
+    input_flip: float = 0.2  # training: fraction of samples whose noised label embedding is a wrong class's
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dblocks"
+    steps: int = 1000  # end-to-end steps; other methods get the same budget in `budget` units
+    budget: str = "layer-updates"  # "layer-updates" (the paper's matching) or "steps"
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.05  # fraction of each optimizer's updates
+    weight_decay: float = 0.05
+    clip: float = 1.0  # gradient-norm clipping (0 = off)
+    ema: float = 0.0  # EMA decay of the weights used for evaluation (0 = off)
+    seed: int = 0
+    eval_every: int = 0  # in layer-updates; 0 = 10 evaluations per run
+    eval_limit: int = 2000  # test images for the periodic evaluations (the final one uses all)
+    eval_batch_size: int = 500
+    log_every: int = 20
+    ckpt_every: int = 500  # steps; a checkpoint is also written at the end and on Ctrl-C
+    threads: int = 0  # torch threads (0 = torch's default)
+
+
+@dataclass
+class RunConfig:
+    task: str = "classify"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dblocks: DBlocksConfig = field(default_factory=DBlocksConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        cfg = cls()
+        for section, values in d.items():
+            if section == "task":
+                cfg.task = values
+                continue
+            for key, value in values.items():
+                set_value(cfg, f"{section}.{key}", value)
+        return cfg
+
+
+def _coerce(value: Any, typ: type, key: str):
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            return typ(float(text)) if typ is int and "e" in text.lower() else typ(text)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is not a valid {typ.__name__}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r} is not a valid {typ.__name__}")
+    return value
+
+
+def set_value(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set a dotted key such as "train.lr", converting strings to the field's type."""
+    parts = key.split(".")
+    sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ValueError(f"unknown config key {key!r}; keys look like SECTION.NAME with SECTION one of "
+                         f"{sorted(sections)}")
+    section = getattr(cfg, parts[0])
+    hints = get_type_hints(type(section))
+    if parts[1] not in hints:
+        raise ValueError(f"unknown config key {key!r}; {parts[0]} has: {', '.join(sorted(hints))}")
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], key))
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check values that types alone do not catch; raises ValueError naming the key."""
+    t, d, m = cfg.train, cfg.dblocks, cfg.model
+    checks = [
+        (cfg.task == "classify", f"task={cfg.task!r}: only 'classify' is available so far"),
+        (t.method in METHODS, f"train.method={t.method!r}: expected one of {METHODS}"),
+        (t.budget in ("layer-updates", "steps"), f"train.budget={t.budget!r}: expected 'layer-updates' or 'steps'"),
+        (t.steps >= 1, f"train.steps={t.steps}: must be >= 1"),
+        (t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1"),
+        (t.lr > 0, f"train.lr={t.lr}: must be > 0"),
+        (0 <= t.warmup < 1, f"train.warmup={t.warmup}: must be a fraction in [0, 1)"),
+        (0 <= t.ema < 1, f"train.ema={t.ema}: must be in [0, 1)"),
+        (m.depth >= 1 and m.width >= 1 and m.heads >= 1 and m.patch >= 1, "model sizes must be >= 1"),
+        (m.width % m.heads == 0, f"model.width={m.width} must be divisible by model.heads={m.heads}"),
+        (d.block_choice in ("random", "round-robin"),
+         f"dblocks.block_choice={d.block_choice!r}: expected 'random' or 'round-robin'"),
+        (d.loss_weight in ("edm", "none"), f"dblocks.loss_weight={d.loss_weight!r}: expected 'edm' or 'none'"),
+        (d.bridge in ("soft", "hard"), f"dblocks.bridge={d.bridge!r}: expected 'soft' or 'hard'"),
+        (d.init in ("noise", "zero"), f"dblocks.init={d.init!r}: expected 'noise' or 'zero'"),
+        (0 <= d.input_flip <= 1, f"dblocks.input_flip={d.input_flip}: must be a fraction in [0, 1]"),
+        (d.sigma_start >= 0, f"dblocks.sigma_start={d.sigma_start}: must be >= 0 (0 = sigma_max)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return cfg
+
+
+def allocation_of(cfg: RunConfig) -> list[int] | None:
+    text = cfg.dblocks.allocation.strip()
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"dblocks.allocation={text!r}: expected comma-separated integers, e.g. 3,2,2") from None
+
+
+# -- presets: named functions returning a config ---------------------------------------------
+
+
+def preset_tiny() -> RunConfig:
+    """Seconds on a CPU: digits, a 4-layer width-32 ViT. For tests and smoke runs."""
+    cfg = RunConfig()
+    cfg.data = DataConfig(name="digits", crop_padding=0, hflip=False)
+    cfg.model = ModelConfig(depth=4, width=32, heads=2, patch=2, mlp_ratio=2.0)
+    cfg.dblocks.num_blocks = 2
+    cfg.train = TrainConfig(steps=150, batch_size=64, lr=3e-3, eval_limit=360, log_every=10, ckpt_every=1000)
+    return cfg
+
+
+def preset_fashion() -> RunConfig:
+    """The compare preset, about 10 minutes for its three arms on 2 CPU cores: Fashion-MNIST, a 6-layer
+    ViT of width 96 with 7x7 patches (16 tokens), 2500 end-to-end steps of batch 128 (5.3 epochs).
+    Sized by measurement (benchmarks/README.md): at width 128 / patch 4 the same 10 minutes buy only
+    about 1.3 epochs."""
+    cfg = RunConfig()
+    cfg.model = ModelConfig(depth=6, width=96, heads=4, patch=7, mlp_ratio=2.0)
+    cfg.train.lr = 2e-3
+    cfg.train.steps = 2500
+    return cfg
+
+
+def preset_quick() -> RunConfig:
+    """About one minute for the three arms: the fashion preset on a tenth of the steps."""
+    cfg = preset_fashion()
+    cfg.train.steps = 250
+    cfg.train.eval_limit = 1000
+    return cfg
+
+
+def preset_digits() -> RunConfig:
+    """The compare preset where Fashion-MNIST is missing: scikit-learn digits (8x8)."""
+    cfg = preset_tiny()
+    cfg.model = ModelConfig(depth=6, width=64, heads=4, patch=2, mlp_ratio=2.0)
+    cfg.dblocks.num_blocks = 3
+    cfg.train.steps = 600
+    return cfg
+
+
+def preset_digits_quick() -> RunConfig:
+    cfg = preset_digits()
+    cfg.train.steps = 100
+    return cfg
+
+
+PRESETS = {"tiny": preset_tiny, "fashion": preset_fashion, "quick": preset_quick, "digits": preset_digits,
+           "digits-quick": preset_digits_quick}
+
+
+def load_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def save_config(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2) + "\n"

@@ -1,0 +1,93 @@
+"""Backbones: the ViT pieces (patch embedding, a plain end-to-end classifier, and the stem and head that
+make the same layers a label denoiser under the block wrapper)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn import NoiseEmbedding, TransformerLayer
+
+
+def vit_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> list[nn.Module]:
+    return [TransformerLayer(width, heads, width, mlp_ratio, dropout) for _ in range(depth)]
+
+
+class PatchEmbed(nn.Module):
+    """Images (N, C, H, W) -> patch tokens with learned positions (N, T, D), T = ceil(H/p) * ceil(W/p).
+    Images whose sides are not a multiple of the patch are zero-padded on the bottom/right."""
+
+    def __init__(self, image_size: tuple[int, int], channels: int, patch: int, width: int):
+        super().__init__()
+        self.image_size, self.patch = tuple(image_size), patch
+        grid = [math.ceil(s / patch) for s in self.image_size]
+        self.num_tokens = grid[0] * grid[1]
+        self.proj = nn.Conv2d(channels, width, kernel_size=patch, stride=patch)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, self.num_tokens, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.image_size:
+            raise ValueError(f"expected images of size {self.image_size}, got {tuple(x.shape[-2:])}")
+        H, W = x.shape[-2:]
+        pad_h, pad_w = (-H) % self.patch, (-W) % self.patch
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos  # (N, T, D)
+
+
+class ViTClassifier(nn.Module):
+    """The end-to-end baseline: [CLS] + patches through all layers, logits from the CLS token.
+
+    It uses the same adaLN-zero layers as the block model with a zero conditioning vector, so the
+    modulation reduces to learned per-layer shift/scale/gate (a pre-norm ViT with zero-init residual
+    gates): the two methods differ only in how they are trained.
+    """
+
+    def __init__(self, layers: list[nn.Module], image_size, channels: int, patch: int, width: int, num_classes: int):
+        super().__init__()
+        self.width = width
+        self.patches = PatchEmbed(image_size, channels, patch, width)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, width))
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patches(x)], dim=1)  # (N, 1+T, D)
+        c = h.new_zeros(x.shape[0], self.width)
+        for layer in self.layers:
+            h = layer(h, c)
+        return self.head(self.norm(h[:, 0]))  # (N, V)
+
+
+class LabelStem(nn.Module):
+    """For the block wrapper: the noisy label embedding (times c_in) takes the CLS token's place.
+
+    (z_in (N, Dy), c_noise (N,), images (N, C, H, W)) -> h (N, 1+T, D), c = noise embedding (N, D)
+    """
+
+    def __init__(self, image_size, channels: int, patch: int, width: int, label_dim: int):
+        super().__init__()
+        self.patches = PatchEmbed(image_size, channels, patch, width)
+        self.label_in = nn.Linear(label_dim, width)
+        self.label_pos = nn.Parameter(0.02 * torch.randn(1, 1, width))
+        self.noise = NoiseEmbedding(width)
+
+    def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, images: torch.Tensor):
+        label = self.label_in(z_in)[:, None] + self.label_pos  # (N, 1, D)
+        return torch.cat([label, self.patches(images)], dim=1), self.noise(c_noise)
+
+
+class LabelHead(nn.Module):
+    """h (N, 1+T, D) -> F (N, Dy), read at the label token."""
+
+    def __init__(self, width: int, label_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, label_dim)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(h[:, 0]))

@@ -1,0 +1,1 @@
+"""Tasks: how a problem (classification, generation, language modelling) is cast as denoising."""

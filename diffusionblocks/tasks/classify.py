@@ -1,0 +1,137 @@
+"""Image classification as denoising of a label embedding (paper Sec. 4.1, App. A/B; METHOD.md section 4).
+
+The target y is the L2-normalised embedding of the class label. Block b sees the image and
+z = y + sigma * eps with sigma in its own range; the noisy embedding (times c_in) takes the CLS token's
+place, D is read at that position and a shared linear readout turns D into logits; the loss is a
+per-sample (optionally EDM-weighted) cross-entropy. Inference runs Euler steps from sigma_max, each x0
+estimate built from the logits (soft: softmax(logits) @ E; hard: E[argmax]); the prediction is the
+argmax of the last step's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..blocks import BlockStack
+from ..config import RunConfig, allocation_of
+from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
+from ..noise import LogNormalLevels, Partition
+from ..precond import ClassEmbedding, ce_loss
+from ..sample import euler
+
+
+class EndToEndClassifier(nn.Module):
+    """The plain ViT, trained with cross-entropy through all layers."""
+
+    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+        super().__init__()
+        m = cfg.model
+        self.vit = ViTClassifier(vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout), image_size,
+                                 channels, m.patch, m.width, num_classes)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.vit(x), y, reduction="none")  # (N,)
+
+    def _flip(self, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Labels to noise: a fraction input_flip replaced by a uniformly drawn *other* class (a departure
+        from the paper: it teaches a block not to copy a wrong label it sees at low noise)."""
+        q = self.cfg.input_flip
+        if q == 0:
+            return y
+        V = self.labels.table.shape[0]
+        flip = torch.rand(y.shape, generator=generator) < q
+        other = (y + torch.randint(1, V, y.shape, generator=generator)) % V
+        return torch.where(flip, other, y)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, **_) -> list[torch.Tensor]:
+        return [self.vit(x).argmax(-1)]
+
+
+class DiffusionClassifier(nn.Module):
+    """The same layers cut into B label denoisers (DiffusionBlocks)."""
+
+    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+        super().__init__()
+        m, d = cfg.model, cfg.dblocks
+        label_dim = m.label_dim or m.width
+        self.cfg = d
+        self.partition = Partition.create(LogNormalLevels(), d.num_blocks, kind=d.partition, gamma=d.gamma)
+        gen = torch.Generator().manual_seed(1234)  # the label table is fixed, and the same in every run
+        self.labels = ClassEmbedding(num_classes, label_dim, generator=gen)
+        self.stack = BlockStack(vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout),
+                                LabelStem(image_size, channels, m.patch, m.width, label_dim),
+                                LabelHead(m.width, label_dim), self.partition,
+                                allocation=allocation_of(cfg), shared_stem_head=d.shared_stem_head)
+        if d.shared_stem_head:
+            self.readout = nn.Linear(label_dim, num_classes)
+        else:
+            self.readouts = nn.ModuleList(nn.Linear(label_dim, num_classes) for _ in range(d.num_blocks))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.stack.num_blocks
+
+    def readout_of(self, block: int) -> nn.Module:
+        return self.readout if self.cfg.shared_stem_head else self.readouts[block]
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        """What only `block` trains: its layers, and its stem/head/readout when those are replicated."""
+        own = list(self.stack.block_parameters(block, include_shared=False))
+        return own if self.cfg.shared_stem_head else own + list(self.readouts[block].parameters())
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """What every block trains (empty when stem/head are replicated)."""
+        if not self.cfg.shared_stem_head:
+            return []
+        return list(self.stack.shared_parameters()) + list(self.readout.parameters())
+
+    def block_loss(self, block: int, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+        """Per-sample loss (N,) of `block` alone; no other block runs."""
+        target = self.labels(self._flip(y, generator))  # (N, Dy) on the unit sphere
+        z, sigma = self.stack.noisy_input(block, target, generator)
+        logits = self.readout_of(block)(self.stack.denoise(block, z, sigma, x))
+        weight = self.stack.precond.weight(sigma) if self.cfg.loss_weight == "edm" else None
+        return ce_loss(logits, y, weight)
+
+    def _flip(self, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Labels to noise: a fraction input_flip replaced by a uniformly drawn *other* class (a departure
+        from the paper: it teaches a block not to copy a wrong label it sees at low noise)."""
+        q = self.cfg.input_flip
+        if q == 0:
+            return y
+        V = self.labels.table.shape[0]
+        flip = torch.rand(y.shape, generator=generator) < q
+        other = (y + torch.randint(1, V, y.shape, generator=generator)) % V
+        return torch.where(flip, other, y)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, *, steps_per_block: int | None = None, grid: str | None = None,
+                bridge: str | None = None, sigma_start: float | None = None, init: str | None = None,
+                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Class predictions after every Euler step (the last entry is the model's prediction)."""
+        grid = self.partition.inference_grid(steps_per_block or self.cfg.steps_per_block, grid or self.cfg.grid)
+        sigma_start = self.cfg.sigma_start if sigma_start is None else sigma_start
+        if sigma_start:  # start lower: drop the levels above sigma_start
+            grid = torch.cat([grid.new_tensor([min(sigma_start, grid[0].item())]), grid[grid < sigma_start]])
+        bridge, init = bridge or self.cfg.bridge, init or self.cfg.init
+        table = self.labels.normalized.to(x.dtype)  # (V, Dy): the training targets' rows
+        preds = []
+
+        def denoiser(z, sigma, images):
+            block = int(self.partition.route(sigma[:1]))
+            logits = self.readout_of(block)(self.stack.denoise(block, z, sigma, images))
+            preds.append(logits.argmax(-1))
+            return logits.softmax(-1) @ table if bridge == "soft" else table[logits.argmax(-1)]
+
+        scale = grid[0].item() if init == "noise" else 0.0
+        z = scale * torch.randn(x.shape[0], table.shape[1], generator=generator, dtype=x.dtype,
+                                         device=generator.device if generator is not None else "cpu").to(x.device)
+        euler(denoiser, z, grid, x)
+        return preds
+
+
+def build_classifier(cfg: RunConfig, image_size, channels: int, num_classes: int) -> nn.Module:
+    cls = EndToEndClassifier if cfg.train.method == "e2e" else DiffusionClassifier
+    return cls(cfg, image_size, channels, num_classes)

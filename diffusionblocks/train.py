@@ -1,0 +1,480 @@
+"""The one training loop. End-to-end and DiffusionBlocks differ only in their step; data, schedules,
+budget, logging, evaluation and checkpoints are shared, so comparisons are fair by construction."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+from .config import RunConfig, save_config, validate
+from .data import Batches, ImageDataset, augment, iterate_eval, load_dataset, to_float
+from .memory import saved_activation_bytes
+from .tasks.classify import build_classifier
+
+CONFIG, WEIGHTS, STATE = "config.json", "model.safetensors", "state.pt"
+METRICS, RESULTS = "metrics.jsonl", "results.json"
+
+
+# -- optimisation ------------------------------------------------------------------------------
+
+
+def lr_factor(update: int, total: int, warmup: float, min_ratio: float) -> float:
+    """Linear warmup over a fraction of the updates, then cosine decay to min_ratio."""
+    n_warm = max(1, round(warmup * total)) if warmup > 0 else 0
+    if update < n_warm:
+        return (update + 1) / n_warm
+    progress = min(1.0, (update - n_warm) / max(1, total - n_warm))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Optimizer:
+    """AdamW over some parameters with its own warmup + cosine schedule counted in its own updates.
+    Weight decay applies to matrices only (not to biases, norms, positions)."""
+
+    def __init__(self, params: list[nn.Parameter], cfg: RunConfig, total_updates: int):
+        t = cfg.train
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.99))
+        self.params, self.cfg, self.total, self.updates = params, t, max(1, total_updates), 0
+
+    def step(self) -> float:
+        lr = self.cfg.lr * lr_factor(self.updates, self.total, self.cfg.warmup, self.cfg.min_lr_ratio)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.updates += 1
+        return lr
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict):
+        self.opt.load_state_dict(state["opt"])
+        self.updates = state["updates"]
+
+
+class EMA:
+    """Exponential moving average of parameters, updated for the parameters a step trained."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, trained: set[int]):
+        for name, p in model.named_parameters():
+            if id(p) in trained:
+                self.shadow[name].lerp_(p, 1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, model: nn.Module):
+        """Exchange the model's weights with the averages (call twice to undo)."""
+        for name, p in model.named_parameters():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[name])
+            self.shadow[name] = tmp
+
+
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+# -- the methods: each owns its optimizers and defines one step -----------------------------------
+
+
+class EndToEnd:
+    """Plain backprop through the whole network."""
+
+    name = "e2e"
+
+    def __init__(self, model, cfg: RunConfig, total_steps: int):
+        self.model, self.cfg = model, cfg
+        self.params = list(model.parameters())
+        self.opt = Optimizer(self.params, cfg, total_steps)
+        self.layers = cfg.model.depth
+
+    def step(self, x, y) -> dict:
+        self.opt.zero_grad()
+        loss = self.model.loss(x, y).mean()
+        if not torch.isfinite(loss):
+            return {"skipped": True, "loss": loss.item(), "layers": 0}
+        loss.backward()
+        norm = _clip(self.params, self.cfg.train.clip)
+        if not torch.isfinite(norm):
+            self.opt.zero_grad()
+            return {"skipped": True, "loss": loss.item(), "layers": 0}
+        lr = self.opt.step()
+        return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lr, "layers": self.layers,
+                "trained": {id(p) for p in self.params}}
+
+    def state_dict(self):
+        return {"opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.opt.load_state_dict(state["opt"])
+
+
+class DBlocks:
+    """One block per step: sample its noise levels, run only it, update only it (and the shared parts)."""
+
+    name = "dblocks"
+
+    def __init__(self, model, cfg: RunConfig, total_steps: int):
+        self.model, self.cfg = model, cfg
+        B = model.num_blocks
+        self.block_params = [model.block_parameters(b) for b in range(B)]
+        self.shared_params = model.shared_parameters()
+        self.opts = [Optimizer(p, cfg, total_steps // B) for p in self.block_params]
+        self.shared_opt = Optimizer(self.shared_params, cfg, total_steps) if self.shared_params else None
+        self.choice = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17)
+        self.noise = torch.Generator().manual_seed(cfg.train.seed * 7919 + 29)
+        self.next_block = 0  # for round-robin
+
+    def pick_block(self) -> int:
+        B = self.model.num_blocks
+        if self.cfg.dblocks.block_choice == "round-robin":
+            block, self.next_block = self.next_block, (self.next_block + 1) % B
+            return block
+        return int(torch.randint(B, (1,), generator=self.choice))
+
+    def step(self, x, y) -> dict:
+        block = self.pick_block()
+        params = self.block_params[block] + self.shared_params
+        for p in params:
+            p.grad = None
+        loss = self.model.block_loss(block, x, y, self.noise).mean()
+        if not torch.isfinite(loss):
+            return {"skipped": True, "block": block, "loss": loss.item(), "layers": 0}
+        loss.backward()
+        norm = _clip(params, self.cfg.train.clip)
+        if not torch.isfinite(norm):
+            for p in params:
+                p.grad = None
+            return {"skipped": True, "block": block, "loss": loss.item(), "layers": 0}
+        lr = self.opts[block].step()
+        if self.shared_opt is not None:
+            self.shared_opt.step()
+        return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lr, "block": block,
+                "layers": self.model.stack.allocation[block], "trained": {id(p) for p in params}}
+
+    def state_dict(self):
+        return {"opts": [o.state_dict() for o in self.opts],
+                "shared_opt": self.shared_opt.state_dict() if self.shared_opt else None,
+                "choice": self.choice.get_state(), "noise": self.noise.get_state(), "next_block": self.next_block}
+
+    def load_state_dict(self, state):
+        for o, s in zip(self.opts, state["opts"]):
+            o.load_state_dict(s)
+        if self.shared_opt is not None:
+            self.shared_opt.load_state_dict(state["shared_opt"])
+        self.choice.set_state(state["choice"])
+        self.noise.set_state(state["noise"])
+        self.next_block = state["next_block"]
+
+
+def _clip(params, max_norm: float) -> torch.Tensor:
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return _grad_norm(params)
+
+
+METHODS = {"e2e": EndToEnd, "dblocks": DBlocks}
+
+
+def total_steps_for(cfg: RunConfig) -> tuple[int, str]:
+    """Steps for this method, and a sentence saying which budget rule gave them."""
+    t = cfg.train
+    if t.method == "e2e" or t.budget == "steps":
+        return t.steps, f"{t.steps} steps ({t.budget} budget)"
+    B = cfg.dblocks.num_blocks
+    return t.steps * B, (f"layer-update budget of {t.steps} end-to-end steps x {cfg.model.depth} layers: "
+                         f"{t.steps * B} block steps of ~{cfg.model.depth / B:g} layers each")
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, x_test, y_test, cfg: RunConfig, limit: int = 0, **predict_args) -> dict:
+    """Accuracy of the final prediction, and after every inference step (dblocks)."""
+    was_training = model.training
+    model.eval()
+    if limit:
+        x_test, y_test = x_test[:limit], y_test[:limit]
+    gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+    correct = None
+    for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
+        preds = model.predict(to_float(xb), generator=gen, **predict_args)
+        hits = torch.stack([(p == yb).sum() for p in preds])
+        correct = hits if correct is None else correct + hits
+    model.train(was_training)
+    per_step = (correct.double() / len(y_test)).tolist()
+    return {"accuracy": per_step[-1], "accuracy_per_step": per_step, "n": len(y_test)}
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, so the checkpoint it writes is
+    consistent; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line every 10% when stderr is not a terminal)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = sys.stderr.isatty()
+        self.start, self.last_pct = time.perf_counter(), -1
+
+    def update(self, step: int, loss: float):
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = step / max(elapsed, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        line = (f"[{self.label}] {step}/{self.total} ({100 * step / self.total:.0f}%) loss {loss:.4f} "
+                f"{rate:.1f} step/s eta {int(eta) // 60}:{int(eta) % 60:02d}")
+        pct = 10 * step // self.total
+        if self.tty:
+            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
+        elif pct != self.last_pct:
+            self.last_pct = pct
+            print(line, file=sys.stderr, flush=True)
+
+
+def _prepare_data(cfg: RunConfig) -> ImageDataset:
+    ds = load_dataset(cfg.data.name, root=cfg.data.root or None)
+    if cfg.data.train_limit:
+        ds.x_train, ds.y_train = ds.x_train[:cfg.data.train_limit], ds.y_train[:cfg.data.train_limit]
+    if cfg.data.test_limit:
+        ds.x_test, ds.y_test = ds.x_test[:cfg.data.test_limit], ds.y_test[:cfg.data.test_limit]
+    return ds
+
+
+def build_model(cfg: RunConfig, ds: ImageDataset) -> nn.Module:
+    torch.manual_seed(cfg.train.seed)
+    return build_classifier(cfg, ds.image_size, ds.channels, ds.num_classes)
+
+
+def _save_checkpoint(out: Path, model, method, ema, state: dict):
+    io.save_safetensors({k: v for k, v in model.state_dict().items()}, out / WEIGHTS,
+                        metadata={"step": str(state["step"])})
+    full = dict(state, method=method.state_dict(), torch_rng=torch.get_rng_state(),
+                ema=ema.shadow if ema is not None else None)
+    io.atomic_torch_save(full, out / STATE)
+
+
+def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, ImageDataset]:
+    """Rebuild a trained model from a run directory (config.json + model.safetensors)."""
+    run = Path(run_dir)
+    if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
+        raise ValueError(f"{run} is not a run directory: it needs {CONFIG} and {WEIGHTS}")
+    cfg = validate(RunConfig.from_dict(io.load_json(run / CONFIG)))
+    ds = _prepare_data(cfg)
+    model = build_model(cfg, ds)
+    weights, _ = io.load_safetensors(run / WEIGHTS)
+    model.load_state_dict(weights)
+    return cfg, model, ds
+
+
+def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train one run into `out_dir`; with resume=True continue the run saved there. Returns results."""
+    out = Path(out_dir)
+    if resume:
+        if not (out / STATE).exists():
+            raise ValueError(f"cannot resume: {out / STATE} does not exist (was the run started in {out}?)")
+        cfg = RunConfig.from_dict(io.load_json(out / CONFIG))
+    validate(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = _prepare_data(cfg)
+    model = build_model(cfg, ds)
+    total, rule = total_steps_for(cfg)
+    method = METHODS[cfg.train.method](model, cfg, total)
+    ema = EMA(model, cfg.train.ema) if cfg.train.ema else None
+    batches = Batches(ds.x_train, ds.y_train, min(cfg.train.batch_size, len(ds.y_train)), seed=cfg.train.seed)
+    aug_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    state = {"step": 0, "layer_updates": 0, "train_seconds": 0.0, "skipped": 0, "curve": [],
+             "block_updates": [0] * (cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1)}
+    if resume:
+        weights, _ = io.load_safetensors(out / WEIGHTS)
+        model.load_state_dict(weights)
+        saved = io.load_torch(out / STATE)
+        method.load_state_dict(saved["method"])
+        torch.set_rng_state(saved["torch_rng"])
+        batches.load_state_dict(saved["batches"])
+        aug_gen.set_state(saved["aug_gen"])
+        if ema is not None:
+            ema.shadow = saved["ema"]
+        state = {k: saved[k] for k in state}
+        kept = [r for r in io.read_jsonl(out / METRICS) if r.get("step", 0) <= state["step"]]
+        io.atomic_write_text(out / METRICS, "".join(io.json_line(r) for r in kept))
+        print(f"resuming {out} at step {state['step']}/{total}", file=sys.stderr)
+    else:
+        io.atomic_write_text(out / CONFIG, save_config(cfg))
+        io.atomic_write_text(out / METRICS, "")
+    B = cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1
+    print(f"{cfg.train.method}: {ds.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"budget: {rule}", file=sys.stderr)
+    total_layer_updates = cfg.train.steps * cfg.model.depth if cfg.train.budget == "layer-updates" else None
+    eval_every = cfg.train.eval_every or max(1, (total_layer_updates or total * cfg.model.depth // B) // 10)
+
+    def checkpoint():
+        _save_checkpoint(out, model, method, ema, dict(state, batches=batches.state_dict(),
+                                                       aug_gen=aug_gen.get_state()))
+
+    bar = Progress(total, f"{cfg.train.method}", progress)
+    window: dict = {"loss": [], "blocks": {}}
+    model.train()
+    with StopRequest() as stop:
+        while state["step"] < total:
+            if stop.requested:
+                checkpoint()
+                print(f"interrupted at step {state['step']}/{total}; checkpoint saved. Continue with: "
+                      f"diffusionblocks train --resume {out}", file=sys.stderr)
+                raise KeyboardInterrupt
+            xb, yb = next(batches)
+            t0 = time.perf_counter()
+            x = augment(to_float(xb), generator=aug_gen, crop_padding=cfg.data.crop_padding,
+                        hflip=cfg.data.hflip and ds.hflip)
+            m = method.step(x, yb)
+            if ema is not None and not m.get("skipped"):
+                ema.update(model, m["trained"])
+            state["train_seconds"] += time.perf_counter() - t0
+            state["step"] += 1
+            before = state["layer_updates"]
+            state["layer_updates"] += m["layers"]
+            block = m.get("block", 0)
+            if m.get("skipped"):
+                state["skipped"] += 1
+                warnings.warn(f"step {state['step']}: non-finite loss or gradient (loss={m['loss']}); "
+                              f"step skipped, weights unchanged", stacklevel=1)
+            else:
+                state["block_updates"][block] += 1
+                window["loss"].append(m["loss"])
+                w = window["blocks"].setdefault(block, {"loss": [], "grad_norm": []})
+                w["loss"].append(m["loss"])
+                w["grad_norm"].append(m["grad_norm"])
+            if state["step"] % cfg.train.log_every == 0 or state["step"] == total:
+                _log(out, state, window, m, B)
+                window = {"loss": [], "blocks": {}}
+            if state["layer_updates"] // eval_every > before // eval_every and state["step"] < total:
+                ev = _evaluate_with(model, ema, ds, cfg, cfg.train.eval_limit)
+                state["curve"].append({"step": state["step"], "layer_updates": state["layer_updates"],
+                                       "accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"]})
+                io.append_jsonl(out / METRICS, {"step": state["step"], "layer_updates": state["layer_updates"],
+                                                "eval_accuracy": ev["accuracy"], "eval_n": ev["n"]})
+            bar.update(state["step"], m["loss"])
+            if state["step"] % cfg.train.ckpt_every == 0:
+                checkpoint()
+    checkpoint()
+    return finish(out, cfg, model, ema, ds, state)
+
+
+def _evaluate_with(model, ema, ds, cfg, limit):
+    if ema is not None:
+        ema.swap(model)
+    try:
+        return evaluate(model, ds.x_test, ds.y_test, cfg, limit)
+    finally:
+        if ema is not None:
+            ema.swap(model)
+
+
+def _log(out: Path, state: dict, window: dict, last: dict, num_blocks: int):
+    record = {"step": state["step"], "layer_updates": state["layer_updates"],
+              "loss": sum(window["loss"]) / max(1, len(window["loss"])), "lr": last.get("lr"),
+              "skipped": state["skipped"], "block_updates": list(state["block_updates"])}
+    if num_blocks > 1:
+        record["blocks"] = {str(b): {"loss": sum(v["loss"]) / len(v["loss"]),
+                                     "grad_norm": sum(v["grad_norm"]) / len(v["grad_norm"])}
+                            for b, v in sorted(window["blocks"].items())}
+        starved = [b for b in range(num_blocks) if b not in window["blocks"]]
+        if starved and state["step"] >= 10 * num_blocks:
+            record["starved_blocks"] = starved
+            print(f"\nwarning: block(s) {starved} received no update in the last window of steps", file=sys.stderr)
+    io.append_jsonl(out / METRICS, record)
+
+
+def activation_bytes(model, cfg: RunConfig, ds: ImageDataset) -> int:
+    """Bytes saved for backward by one training step of this method, at the configured batch size."""
+    n = min(cfg.train.batch_size, len(ds.y_train))
+    x, y = to_float(ds.x_train[:n]), ds.y_train[:n]
+    params = list(model.parameters())
+    if cfg.train.method == "e2e":
+        nbytes, _ = saved_activation_bytes(lambda: model.loss(x, y).mean(), params)
+    else:  # the largest block (blocks of an even split are the same size)
+        block = max(range(model.num_blocks), key=lambda b: model.stack.allocation[b])
+        nbytes, _ = saved_activation_bytes(lambda: model.block_loss(block, x, y).mean(), params)
+    return nbytes
+
+
+def finish(out: Path, cfg: RunConfig, model, ema, ds: ImageDataset, state: dict) -> dict:
+    ev = _evaluate_with(model, ema, ds, cfg, 0)
+    # the curve's last point on the same test subset as the periodic ones, so the curve is comparable
+    sub = _evaluate_with(model, ema, ds, cfg, cfg.train.eval_limit) if cfg.train.eval_limit else ev
+    state["curve"].append({"step": state["step"], "layer_updates": state["layer_updates"],
+                           "accuracy": sub["accuracy"], "accuracy_per_step": sub["accuracy_per_step"]})
+    results = {
+        "method": cfg.train.method,
+        "num_blocks": cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1,
+        "depth": cfg.model.depth,
+        "data": cfg.data.name,
+        "seed": cfg.train.seed,
+        "test_accuracy": ev["accuracy"],
+        "accuracy_per_step": ev["accuracy_per_step"],
+        "test_n": ev["n"],
+        "steps": state["step"],
+        "layer_updates": state["layer_updates"],
+        "train_seconds": state["train_seconds"],
+        "seconds_per_layer_update": state["train_seconds"] / max(1, state["layer_updates"]),
+        "skipped_steps": state["skipped"],
+        "block_updates": state["block_updates"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "activation_bytes_per_step": activation_bytes(model, cfg, ds),
+        "curve": state["curve"],
+        "curve_n": sub["n"],
+    }
+    io.save_json(out / RESULTS, results)
+    return results

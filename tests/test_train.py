@@ -1,0 +1,177 @@
+"""The training loop end to end on the tiny preset (scikit-learn digits, seconds per run)."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from diffusionblocks import io
+from diffusionblocks.cli import main
+from diffusionblocks.config import apply_overrides, preset_tiny, validate
+from diffusionblocks.data import DataError
+from diffusionblocks.train import DBlocks, EndToEnd, evaluate, load_model, train
+
+pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
+
+
+def tiny(method, **overrides):
+    cfg = preset_tiny()
+    cfg.train.method = method
+    return apply_overrides(cfg, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Both methods trained once on the tiny preset, shared by the tests that only read them."""
+    root = tmp_path_factory.mktemp("runs")
+    return {m: (root / m, train(tiny(m), root / m, progress=False)) for m in ("e2e", "dblocks")}
+
+
+@pytest.mark.parametrize("method", ["e2e", "dblocks"])
+def test_both_methods_learn(trained, method):
+    _, results = trained[method]
+    assert results["test_accuracy"] > 0.4  # chance is 0.1
+    assert results["method"] == method
+
+
+def test_results_and_files(trained):
+    run, results = trained["dblocks"]
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", "state.pt", "results.json"):
+        assert (run / name).exists(), name
+    on_disk = io.load_json(run / "results.json")
+    for key in ("test_accuracy", "method", "num_blocks", "train_seconds", "layer_updates"):
+        assert key in on_disk
+    assert on_disk["num_blocks"] == 2 and len(on_disk["accuracy_per_step"]) == 2
+    # layer-update budget: dblocks ran B times the e2e steps, on 1/B of the layers each
+    e2e = trained["e2e"][1]
+    assert results["steps"] == 2 * e2e["steps"]
+    assert results["layer_updates"] == e2e["layer_updates"] == 150 * 4
+    assert sum(results["block_updates"]) == results["steps"] and min(results["block_updates"]) > 0
+    records = io.read_jsonl(run / "metrics.jsonl")
+    logged = [r for r in records if "loss" in r]
+    assert logged and set(logged[-1]["blocks"]) <= {"0", "1"} and "grad_norm" in logged[-1]["blocks"]["0"]
+    assert any("eval_accuracy" in r for r in records)
+
+
+def test_eval_with_another_number_of_steps(trained, capsys):
+    run, results = trained["dblocks"]
+    cfg, model, ds = load_model(run)
+    again = evaluate(model, ds.x_test, ds.y_test, cfg)
+    assert again["accuracy"] == results["test_accuracy"]  # the checkpoint reproduces the run's result
+    three = evaluate(model, ds.x_test, ds.y_test, cfg, steps_per_block=3)
+    assert len(three["accuracy_per_step"]) == 6
+    assert main(["eval", str(run), "--steps-per-block", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["accuracy_per_step"]) == 4 and out["steps_per_block"] == 2
+
+
+@pytest.mark.parametrize("method", ["e2e", "dblocks"])
+def test_resume_reaches_the_same_result(tmp_path, monkeypatch, method):
+    cfg = tiny(method, train__steps=30, train__ckpt_every=1000)
+    full = train(cfg, tmp_path / "full", progress=False)
+
+    # interrupt with a real SIGINT in the middle of the run: the loop stops at the next step boundary
+    step_cls = EndToEnd if method == "e2e" else DBlocks
+    original, calls = step_cls.step, []
+
+    def step(self, x, y):
+        calls.append(1)
+        if len(calls) == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, x, y)
+
+    monkeypatch.setattr(step_cls, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(step_cls, "step", original)
+    assert io.load_torch(tmp_path / "cut" / "state.pt")["step"] == 17
+    resumed = train(None, tmp_path / "cut", resume=True, progress=False)
+
+    a, _ = io.load_safetensors(tmp_path / "full" / "model.safetensors")
+    b, _ = io.load_safetensors(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_accuracy"] == full["test_accuracy"]
+    assert resumed["layer_updates"] == full["layer_updates"]
+    assert [p["accuracy"] for p in resumed["curve"]] == [p["accuracy"] for p in full["curve"]]
+
+
+def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
+    cfg = tiny("dblocks", train__steps=5)
+    original, calls = DBlocks.step, []
+
+    def step(self, x, y):
+        calls.append(1)
+        if len(calls) == 3:
+            x = x.clone()
+            x[0, 0, 0, 0] = float("nan")
+        return original(self, x, y)
+
+    monkeypatch.setattr(DBlocks, "step", step)
+    with pytest.warns(UserWarning, match="skipped"):
+        results = train(cfg, tmp_path / "nan", progress=False)
+    assert results["skipped_steps"] == 1 and results["steps"] == 10
+    weights, _ = io.load_safetensors(tmp_path / "nan" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_starved_block_is_reported(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(DBlocks, "pick_block", lambda self: 0)
+    train(tiny("dblocks", train__steps=20, train__log_every=20), tmp_path / "starve", progress=False)
+    records = [r for r in io.read_jsonl(tmp_path / "starve" / "metrics.jsonl") if "starved_blocks" in r]
+    assert records and records[-1]["starved_blocks"] == [1]
+    assert "received no update" in capsys.readouterr().err
+
+
+def test_round_robin_visits_blocks_in_turn(tmp_path):
+    results = train(tiny("dblocks", train__steps=5, dblocks__block_choice="round-robin"), tmp_path / "rr",
+                    progress=False)
+    assert results["block_updates"] == [5, 5]
+
+
+def test_user_npz_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    y_train, y_test = rng.integers(0, 3, 90), rng.integers(0, 3, 30)
+    # class k is a bright square in corner k: learnable
+    def images(labels):
+        x = rng.integers(0, 40, (len(labels), 8, 8)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            x[i, 4 * (k // 2):4 * (k // 2) + 4, 4 * (k % 2):4 * (k % 2) + 4] = 250
+        return x
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
+    results = train(tiny("e2e", data__name=str(path), train__batch_size=30), tmp_path / "npz", progress=False)
+    assert results["test_n"] == 30 and results["test_accuracy"] > 0.6
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
+        apply_overrides(preset_tiny(), ["train.nope=1"])
+    with pytest.raises(ValueError, match="not a valid int"):
+        apply_overrides(preset_tiny(), ["train.steps=many"])
+    with pytest.raises(ValueError, match="train.method"):
+        validate(apply_overrides(preset_tiny(), ["train.method=sgd"]))
+    with pytest.raises(DataError, match="not found"):
+        train(tiny("e2e", data__name=str(tmp_path / "missing.npz")), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(None, tmp_path / "never-started", resume=True, progress=False)
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "y"), "model.depth=zero"]) == 2
+
+
+def test_compare_writes_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--preset", "tiny", "--steps", "10", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert set(report["rows"]) == {"e2e", "control", "dblocks"}
+    rows = report["rows"]
+    assert rows["control"]["depth"] == 2 and rows["e2e"]["depth"] == 4
+    assert rows["e2e"]["layer_updates"] == rows["control"]["layer_updates"] == rows["dblocks"]["layer_updates"]
+    assert (out / "compare.png").stat().st_size > 1000
+    assert "| dblocks |" in (out / "compare.md").read_text()
+    assert "dblocks - e2e" in capsys.readouterr().out
+    # finished arms are reused, not retrained
+    assert main(["compare", "--preset", "tiny", "--steps", "10", "--out", str(out), "--no-progress"]) == 0
+    assert "reusing finished run" in capsys.readouterr().err
