@@ -54,6 +54,7 @@ class DBlocksConfig:
     sigma_start: float = 0.0  # first level of the inference grid (0 = sigma_max, the paper)
     init: str = "zero"  # inference starts from z = 0 ("zero") or z = sigma_start * eps ("noise", the paper)
     input_flip: float = 0.2  # training: fraction of samples whose noised label embedding is a wrong class's
+    input_mix: float = 0.5  # training: fraction of samples whose noised point is a random soft label mixture
 
 
 @dataclass
@@ -163,6 +164,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (d.bridge in ("soft", "hard"), f"dblocks.bridge={d.bridge!r}: expected 'soft' or 'hard'"),
         (d.init in ("noise", "zero"), f"dblocks.init={d.init!r}: expected 'noise' or 'zero'"),
         (0 <= d.input_flip <= 1, f"dblocks.input_flip={d.input_flip}: must be a fraction in [0, 1]"),
+        (0 <= d.input_mix <= 1, f"dblocks.input_mix={d.input_mix}: must be a fraction in [0, 1]"),
         (d.sigma_start >= 0, f"dblocks.sigma_start={d.sigma_start}: must be >= 0 (0 = sigma_max)"),
     ]
     for ok, message in checks:

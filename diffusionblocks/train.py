@@ -108,6 +108,7 @@ class EndToEnd:
     def __init__(self, model, cfg: RunConfig, total_steps: int):
         self.model, self.cfg = model, cfg
         self.params = list(model.parameters())
+        self.trained = {id(p) for p in self.params}
         self.opt = Optimizer(self.params, cfg, total_steps)
         self.layers = cfg.model.depth
 
@@ -123,7 +124,7 @@ class EndToEnd:
             return {"skipped": True, "loss": loss.item(), "layers": 0}
         lr = self.opt.step()
         return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lr, "layers": self.layers,
-                "trained": {id(p) for p in self.params}}
+                "trained": self.trained}
 
     def state_dict(self):
         return {"opt": self.opt.state_dict()}
@@ -140,8 +141,9 @@ class DBlocks:
     def __init__(self, model, cfg: RunConfig, total_steps: int):
         self.model, self.cfg = model, cfg
         B = model.num_blocks
-        self.block_params = [model.block_parameters(b) for b in range(B)]
         self.shared_params = model.shared_parameters()
+        self.block_params = [model.block_parameters(b) for b in range(B)]
+        self.trained = [{id(p) for p in params + self.shared_params} for params in self.block_params]
         self.opts = [Optimizer(p, cfg, total_steps // B) for p in self.block_params]
         self.shared_opt = Optimizer(self.shared_params, cfg, total_steps) if self.shared_params else None
         self.choice = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17)
@@ -173,7 +175,7 @@ class DBlocks:
         if self.shared_opt is not None:
             self.shared_opt.step()
         return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lr, "block": block,
-                "layers": self.model.stack.allocation[block], "trained": {id(p) for p in params}}
+                "layers": self.model.stack.allocation[block], "trained": self.trained[block]}
 
     def state_dict(self):
         return {"opts": [o.state_dict() for o in self.opts],
@@ -297,7 +299,7 @@ def build_model(cfg: RunConfig, ds: ImageDataset) -> nn.Module:
 
 
 def _save_checkpoint(out: Path, model, method, ema, state: dict):
-    io.save_safetensors({k: v for k, v in model.state_dict().items()}, out / WEIGHTS,
+    io.save_safetensors(dict(model.state_dict()), out / WEIGHTS,
                         metadata={"step": str(state["step"])})
     full = dict(state, method=method.state_dict(), torch_rng=torch.get_rng_state(),
                 ema=ema.shadow if ema is not None else None)
@@ -352,6 +354,8 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
         io.atomic_write_text(out / METRICS, "".join(io.json_line(r) for r in kept))
         print(f"resuming {out} at step {state['step']}/{total}", file=sys.stderr)
     else:
+        if (out / STATE).exists():
+            print(f"warning: {out} holds an earlier run; starting afresh over it", file=sys.stderr)
         io.atomic_write_text(out / CONFIG, save_config(cfg))
         io.atomic_write_text(out / METRICS, "")
     B = cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1

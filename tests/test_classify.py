@@ -1,0 +1,72 @@
+"""The classification task's pieces, without training: targets, isolation, inference chain."""
+
+import pytest
+import torch
+
+from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.tasks.classify import DiffusionClassifier, EndToEndClassifier
+
+
+def model(*overrides, cls=DiffusionClassifier):
+    cfg = apply_overrides(preset_tiny(), list(overrides))
+    torch.manual_seed(0)
+    return cls(cfg, (8, 8), 1, 10)
+
+
+def test_training_target_paper_flip_and_mix():
+    y = torch.arange(10).repeat(20)
+    plain = model("dblocks.input_flip=0", "dblocks.input_mix=0")
+    assert torch.equal(plain.training_target(y), plain.labels(y))
+    flipped = model("dblocks.input_flip=1", "dblocks.input_mix=0")
+    t = flipped.training_target(y, torch.Generator().manual_seed(0))
+    # every target is the embedding of some class, never the true one
+    sims = t @ flipped.labels.normalized.T  # (N, V)
+    assert torch.allclose(sims.max(-1).values, torch.ones(len(y)), atol=1e-5)
+    assert bool((sims.argmax(-1) != y).all())
+    mixed = model("dblocks.input_flip=0", "dblocks.input_mix=1")
+    t = mixed.training_target(y, torch.Generator().manual_seed(0))
+    norms = t.norm(dim=-1)
+    assert bool((norms < 1 - 1e-3).all())  # strictly inside the ball: true mixtures
+    half = model("dblocks.input_flip=0", "dblocks.input_mix=0.5").training_target(y, torch.Generator().manual_seed(1))
+    is_vertex = (half.norm(dim=-1) - 1).abs() < 1e-5
+    assert 0.3 < is_vertex.float().mean() < 0.7
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_block_step_touches_only_its_block(shared):
+    m = model(f"dblocks.shared_stem_head={shared}")
+    with torch.no_grad():  # leave the zero init, so every parameter gets a gradient
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    m.block_loss(1, x, y, torch.Generator().manual_seed(0)).mean().backward()
+    trained = {id(p) for p in m.block_parameters(1) + m.shared_parameters()}
+    assert bool(m.shared_parameters()) == shared
+    for name, p in m.named_parameters():
+        has_grad = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        assert has_grad == (id(p) in trained), name
+
+
+def test_block_loss_is_per_sample_and_weighting_switch():
+    x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    plain = model("dblocks.loss_weight=none").block_loss(0, x, y, torch.Generator().manual_seed(0))
+    edm = model("dblocks.loss_weight=edm").block_loss(0, x, y, torch.Generator().manual_seed(0))
+    assert plain.shape == edm.shape == (5,)
+    assert bool((edm > plain).all())  # w(sigma) >= 4 on block 0's range, same draws and weights
+
+
+def test_inference_chain_options():
+    m = model()
+    m.eval()
+    x = torch.randn(4, 1, 8, 8)
+    preds = m.predict(x, generator=torch.Generator().manual_seed(0))
+    assert len(preds) == 2 and preds[-1].shape == (4,)
+    assert len(m.predict(x, steps_per_block=3, generator=torch.Generator().manual_seed(0))) == 6
+    # starting at sigma 5 drops the grid levels above it but keeps one step per block
+    assert len(m.predict(x, sigma_start=5.0, generator=torch.Generator().manual_seed(0))) == 2
+    # init zero is deterministic whatever the generator; init noise is not
+    a = m.predict(x, init="zero", bridge="soft", generator=torch.Generator().manual_seed(0))
+    b = m.predict(x, init="zero", bridge="soft", generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    e2e = model("train.method=e2e", cls=EndToEndClassifier)
+    assert e2e.predict(x)[0].shape == (4,)
