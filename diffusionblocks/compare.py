@@ -39,12 +39,13 @@ def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
 
 def run_arm(cfg: RunConfig, out: Path, progress: bool) -> dict:
     """Train one arm, reusing a finished run and resuming an interrupted one in the same directory."""
-    if (out / RESULTS).exists() and (out / CONFIG).exists() and io.load_json(out / CONFIG) == cfg.to_dict():
+    same_config = (out / CONFIG).exists() and io.load_json(out / CONFIG) == cfg.to_dict()
+    if same_config and (out / RESULTS).exists():
         print(f"reusing finished run {out}", file=sys.stderr)
         return io.load_json(out / RESULTS)
-    resumable = (out / STATE).exists() and (out / CONFIG).exists() and io.load_json(out / CONFIG) == cfg.to_dict()
+    resumable = same_config and (out / STATE).exists()
     if (out / CONFIG).exists() and not resumable:
-        print(f"{out} holds a run with another config; starting it afresh", file=sys.stderr)
+        print(f"{out} holds a run with another config or no checkpoint; starting it afresh", file=sys.stderr)
     return train(None if resumable else cfg, out, resume=resumable, progress=progress)
 
 
