@@ -21,7 +21,7 @@ from .data import Batches, ImageDataset, augment, iterate_eval, load_dataset, to
 from .memory import saved_activation_bytes
 from .tasks.classify import build_classifier
 
-CONFIG, WEIGHTS, STATE = "config.json", "model.safetensors", "state.pt"
+CONFIG, WEIGHTS, EMA_WEIGHTS, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
 METRICS, RESULTS = "metrics.jsonl", "results.json"
 
 
@@ -299,22 +299,25 @@ def build_model(cfg: RunConfig, ds: ImageDataset) -> nn.Module:
 
 
 def _save_checkpoint(out: Path, model, method, ema, state: dict):
-    io.save_safetensors(dict(model.state_dict()), out / WEIGHTS,
-                        metadata={"step": str(state["step"])})
+    io.save_safetensors(dict(model.state_dict()), out / WEIGHTS, metadata={"step": str(state["step"])})
+    if ema is not None:  # the evaluation weights: the state dict with parameters replaced by their averages
+        averaged = dict(model.state_dict(), **ema.shadow)
+        io.save_safetensors(averaged, out / EMA_WEIGHTS, metadata={"step": str(state["step"])})
     full = dict(state, method=method.state_dict(), torch_rng=torch.get_rng_state(),
                 ema=ema.shadow if ema is not None else None)
     io.atomic_torch_save(full, out / STATE)
 
 
 def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, ImageDataset]:
-    """Rebuild a trained model from a run directory (config.json + model.safetensors)."""
+    """Rebuild a trained model from a run directory (config.json + model.safetensors, or the averaged
+    ema.safetensors when the run kept an EMA: the weights its results were measured with)."""
     run = Path(run_dir)
     if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
         raise ValueError(f"{run} is not a run directory: it needs {CONFIG} and {WEIGHTS}")
     cfg = validate(RunConfig.from_dict(io.load_json(run / CONFIG)))
     ds = _prepare_data(cfg)
     model = build_model(cfg, ds)
-    weights, _ = io.load_safetensors(run / WEIGHTS)
+    weights, _ = io.load_safetensors(run / (EMA_WEIGHTS if (run / EMA_WEIGHTS).exists() else WEIGHTS))
     model.load_state_dict(weights)
     return cfg, model, ds
 

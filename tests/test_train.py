@@ -175,3 +175,13 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     # finished arms are reused, not retrained
     assert main(["compare", "--preset", "tiny", "--steps", "10", "--out", str(out), "--no-progress"]) == 0
     assert "reusing finished run" in capsys.readouterr().err
+
+
+def test_ema_weights_are_what_eval_uses(tmp_path):
+    results = train(tiny("dblocks", train__steps=20, train__ema=0.9), tmp_path / "ema", progress=False)
+    assert (tmp_path / "ema" / "ema.safetensors").exists()
+    cfg, model, ds = load_model(tmp_path / "ema")
+    assert evaluate(model, ds.x_test, ds.y_test, cfg)["accuracy"] == results["test_accuracy"]
+    raw, _ = io.load_safetensors(tmp_path / "ema" / "model.safetensors")
+    averaged = dict(model.state_dict())
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw)  # really different weights
