@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .nn import run_layers
 from .noise import Partition
 from .precond import EDMPrecond, PlainPrecond
 
@@ -70,8 +71,9 @@ class BlockStack(nn.Module):
 
     def __init__(self, layers: Sequence[nn.Module], stem: nn.Module, head: nn.Module, partition: Partition, *,
                  allocation: Sequence[int] | None = None, shared_stem_head: bool = True,
-                 precond: EDMPrecond | PlainPrecond | None = None):
+                 precond: EDMPrecond | PlainPrecond | None = None, checkpoint_every: int = 0):
         super().__init__()
+        self.checkpoint_every = checkpoint_every  # activation checkpointing inside a block (0 = off)
         layers = list(layers)
         self.partition = partition
         self.precond = precond if precond is not None else EDMPrecond()
@@ -119,9 +121,7 @@ class BlockStack(nn.Module):
         """F_block: the inner network of block `block` (before preconditioning)."""
         stem, head = self.stem_head(block)
         h, c = stem(z_in, c_noise, cond)
-        for layer in self.blocks[block].layers:
-            h = layer(h, c)
-        return head(h, c)
+        return head(run_layers(self.blocks[block].layers, h, c, self.checkpoint_every), c)
 
     def denoise(self, block: int, z: torch.Tensor, level: torch.Tensor, cond=None) -> torch.Tensor:
         """D_block(z, level, cond): run one block only (training, and routing below)."""

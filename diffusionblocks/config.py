@@ -25,6 +25,7 @@ class ModelConfig:
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     label_dim: int = 0  # dimension of the diffused label embedding; 0 = width
+    checkpoint: int = 0  # activation checkpointing: recompute each group of this many layers (0 = off)
 
 
 @dataclass
@@ -158,6 +159,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 <= t.ema < 1, f"train.ema={t.ema}: must be in [0, 1)"),
         (m.depth >= 1 and m.width >= 1 and m.heads >= 1 and m.patch >= 1, "model sizes must be >= 1"),
         (m.width % m.heads == 0, f"model.width={m.width} must be divisible by model.heads={m.heads}"),
+        (m.checkpoint >= 0, f"model.checkpoint={m.checkpoint}: must be >= 0 (0 = off)"),
         (d.block_choice in ("random", "round-robin"),
          f"dblocks.block_choice={d.block_choice!r}: expected 'random' or 'round-robin'"),
         (d.loss_weight in ("edm", "none"), f"dblocks.loss_weight={d.loss_weight!r}: expected 'edm' or 'none'"),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import NoiseEmbedding, TransformerLayer
+from .nn import NoiseEmbedding, TransformerLayer, run_layers
 
 
 def vit_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> list[nn.Module]:
@@ -46,9 +46,10 @@ class ViTClassifier(nn.Module):
     gates): the two methods differ only in how they are trained.
     """
 
-    def __init__(self, layers: list[nn.Module], image_size, channels: int, patch: int, width: int, num_classes: int):
+    def __init__(self, layers: list[nn.Module], image_size, channels: int, patch: int, width: int, num_classes: int,
+                 checkpoint_every: int = 0):
         super().__init__()
-        self.width = width
+        self.width, self.checkpoint_every = width, checkpoint_every
         self.patches = PatchEmbed(image_size, channels, patch, width)
         self.cls = nn.Parameter(0.02 * torch.randn(1, 1, width))
         self.layers = nn.ModuleList(layers)
@@ -58,8 +59,7 @@ class ViTClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patches(x)], dim=1)  # (N, 1+T, D)
         c = h.new_zeros(x.shape[0], self.width)
-        for layer in self.layers:
-            h = layer(h, c)
+        h = run_layers(self.layers, h, c, self.checkpoint_every)
         return self.head(self.norm(h[:, 0]))  # (N, V)
 
 

@@ -12,10 +12,12 @@ with the (shift, scale, gate) projection zero-initialised, so a fresh layer is t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class NoiseEmbedding(nn.Module):
@@ -103,3 +105,23 @@ class ResidualMLP(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.layer(h, c)
+
+
+def run_layers(layers: Sequence[nn.Module], h: torch.Tensor, c: torch.Tensor, checkpoint_every: int = 0):
+    """h -> layer_n(... layer_1(h, c) ..., c). With checkpoint_every = k > 0 (and autograd recording),
+    each group of k layers keeps only its input for backward and recomputes the rest (activation
+    checkpointing: less memory, one more forward of each group)."""
+    if checkpoint_every <= 0 or not torch.is_grad_enabled():
+        for layer in layers:
+            h = layer(h, c)
+        return h
+
+    def group(h, c, chunk):
+        for layer in chunk:
+            h = layer(h, c)
+        return h
+
+    layers = list(layers)
+    for i in range(0, len(layers), checkpoint_every):
+        h = checkpoint(group, h, c, layers[i:i + checkpoint_every], use_reentrant=False)
+    return h

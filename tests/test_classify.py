@@ -70,3 +70,28 @@ def test_inference_chain_options():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     e2e = model("train.method=e2e", cls=EndToEndClassifier)
     assert e2e.predict(x)[0].shape == (4,)
+
+
+@pytest.mark.parametrize("method", ["e2e", "dblocks"])
+def test_activation_checkpointing_same_gradients_fewer_saved_bytes(method):
+    from diffusionblocks.memory import saved_activation_bytes
+
+    cls = EndToEndClassifier if method == "e2e" else DiffusionClassifier
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    grads, saved = {}, {}
+    for every in (0, 1, 2):
+        m = model(f"train.method={method}", f"model.checkpoint={every}", "dblocks.allocation=2,2", cls=cls)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        if method == "e2e":
+            loss_fn = lambda m=m: m.loss(x, y).mean()
+        else:
+            loss_fn = lambda m=m: m.block_loss(0, x, y, torch.Generator().manual_seed(0)).mean()
+        saved[every], loss = saved_activation_bytes(loss_fn, m.parameters())
+        loss.backward()
+        grads[every] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    for every in (1, 2):
+        assert grads[every].keys() == grads[0].keys()
+        assert all(torch.allclose(grads[every][n], grads[0][n], atol=1e-6) for n in grads[0])
+        assert saved[every] < saved[0]

@@ -31,7 +31,7 @@ class EndToEndClassifier(nn.Module):
         super().__init__()
         m = cfg.model
         self.vit = ViTClassifier(vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout), image_size,
-                                 channels, m.patch, m.width, num_classes)
+                                 channels, m.patch, m.width, num_classes, checkpoint_every=m.checkpoint)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(self.vit(x), y, reduction="none")  # (N,)
@@ -55,7 +55,8 @@ class DiffusionClassifier(nn.Module):
         self.stack = BlockStack(vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout),
                                 LabelStem(image_size, channels, m.patch, m.width, label_dim),
                                 LabelHead(m.width, label_dim), self.partition,
-                                allocation=allocation_of(cfg), shared_stem_head=d.shared_stem_head)
+                                allocation=allocation_of(cfg), shared_stem_head=d.shared_stem_head,
+                                checkpoint_every=m.checkpoint)
         if d.shared_stem_head:
             self.readout = nn.Linear(label_dim, num_classes)
         else:
