@@ -107,6 +107,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
     from .data import DataError, load_dataset
 
+    if args.quick and args.preset is not None:
+        raise ValueError("--quick picks its own preset; use either --quick or --preset")
     if args.preset is None:
         try:
             load_dataset("fashion-mnist", download=False)
@@ -117,7 +119,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             args.preset = "digits-quick" if args.quick else "digits"
     cfg = _run_config(args)
     out = args.out or f"runs/compare-{args.preset}"
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     compare(cfg, out, seeds, progress=not args.no_progress)
     return 0
 

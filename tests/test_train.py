@@ -185,3 +185,10 @@ def test_ema_weights_are_what_eval_uses(tmp_path):
     raw, _ = io.load_safetensors(tmp_path / "ema" / "model.safetensors")
     averaged = dict(model.state_dict())
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw)  # really different weights
+
+
+def test_compare_argument_errors(tmp_path, capsys):
+    assert main(["compare", "--quick", "--preset", "tiny", "--out", str(tmp_path)]) == 2
+    assert "--quick" in capsys.readouterr().err
+    assert main(["compare", "--preset", "tiny", "--seeds", "0,x", "--out", str(tmp_path)]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
