@@ -10,7 +10,6 @@ import os
 import pickle
 import sys
 import tarfile
-import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .io import atomic_file
 
 # -----------------------------------------------------------------------------
 # constants
@@ -205,19 +206,14 @@ def _download(url: str, dest: Path, md5: str | None, timeout: float = DOWNLOAD_T
     """Download url to dest atomically: stream into a temp file next to dest, check md5, then rename."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     print(f"diffusionblocks: downloading {url} -> {dest}", file=sys.stderr)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                digest.update(chunk)
+    digest = hashlib.md5(usedforsecurity=False)
+    # an error inside the block (network, checksum) removes the temp file and leaves dest untouched
+    with atomic_file(dest) as f, urllib.request.urlopen(url, timeout=timeout) as response:
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            digest.update(chunk)
         if md5 is not None and digest.hexdigest() != md5:
             raise DataError(f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # errors that mean "the download did not work" (URLError and timeouts are OSErrors; DataError: checksum)

@@ -46,7 +46,7 @@ class CheckpointError(ValueError):
 
 
 @contextlib.contextmanager
-def _atomic_file(path: StrPath) -> Iterator[BinaryIO]:
+def atomic_file(path: StrPath) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` only once the ``with`` block completes without error."""
     path = Path(path)
     if not path.parent.is_dir():
@@ -83,7 +83,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def atomic_write_bytes(path: StrPath, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         f.write(data)
 
 
@@ -114,7 +114,7 @@ def json_line(record: dict[str, Any]) -> str:
 
 def atomic_torch_save(obj: Any, path: StrPath) -> None:
     """``torch.save(obj)`` to ``path`` atomically. Keep ``obj`` to what :func:`load_torch` accepts."""
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         torch.save(obj, f)
 
 
@@ -208,7 +208,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath, metadata: 
         offset += nbytes
     raw_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw_header += b" " * (-len(raw_header) % 8)  # pad so that the data starts 8-byte aligned
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         f.write(struct.pack("<Q", len(raw_header)))
         f.write(raw_header)
         for t in tensors.values():
