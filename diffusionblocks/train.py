@@ -57,9 +57,6 @@ class Optimizer:
         self.updates += 1
         return lr
 
-    def zero_grad(self):
-        self.opt.zero_grad(set_to_none=True)
-
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "updates": self.updates}
 
@@ -90,13 +87,6 @@ class EMA:
             self.shadow[name] = tmp
 
 
-def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-
-
 # -- the methods: each owns its optimizers and defines one step -----------------------------------
 
 
@@ -113,14 +103,9 @@ class EndToEnd:
         self.layers = cfg.model.depth
 
     def step(self, x, y) -> dict:
-        self.opt.zero_grad()
         loss = self.model.loss(x, y).mean()
-        if not torch.isfinite(loss):
-            return {"skipped": True, "loss": loss.item(), "layers": 0}
-        loss.backward()
-        norm = _clip(self.params, self.cfg.train.clip)
-        if not torch.isfinite(norm):
-            self.opt.zero_grad()
+        norm = _backward(loss, self.params, self.cfg.train.clip)
+        if norm is None:
             return {"skipped": True, "loss": loss.item(), "layers": 0}
         lr = self.opt.step()
         return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lr, "layers": self.layers,
@@ -159,17 +144,9 @@ class DBlocks:
 
     def step(self, x, y) -> dict:
         block = self.pick_block()
-        params = self.block_params[block] + self.shared_params
-        for p in params:
-            p.grad = None
         loss = self.model.block_loss(block, x, y, self.noise).mean()
-        if not torch.isfinite(loss):
-            return {"skipped": True, "block": block, "loss": loss.item(), "layers": 0}
-        loss.backward()
-        norm = _clip(params, self.cfg.train.clip)
-        if not torch.isfinite(norm):
-            for p in params:
-                p.grad = None
+        norm = _backward(loss, self.block_params[block] + self.shared_params, self.cfg.train.clip)
+        if norm is None:
             return {"skipped": True, "block": block, "loss": loss.item(), "layers": 0}
         lr = self.opts[block].step()
         if self.shared_opt is not None:
@@ -192,10 +169,25 @@ class DBlocks:
         self.next_block = state["next_block"]
 
 
-def _clip(params, max_norm: float) -> torch.Tensor:
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return _grad_norm(params)
+def _backward(loss: torch.Tensor, params: list[nn.Parameter], clip: float) -> torch.Tensor | None:
+    """Gradients of `loss` for `params` (fresh, clipped to norm `clip` if > 0); the gradient norm, or None
+    with the gradients cleared when the loss or the gradient is not finite (the step is then skipped)."""
+    for p in params:
+        p.grad = None
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    if clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+            else torch.zeros(())
+    if not torch.isfinite(norm):
+        for p in params:
+            p.grad = None
+        return None
+    return norm
 
 
 METHODS = {"e2e": EndToEnd, "dblocks": DBlocks}
@@ -340,8 +332,9 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
     ema = EMA(model, cfg.train.ema) if cfg.train.ema else None
     batches = Batches(ds.x_train, ds.y_train, min(cfg.train.batch_size, len(ds.y_train)), seed=cfg.train.seed)
     aug_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    B = cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1
     state = {"step": 0, "layer_updates": 0, "train_seconds": 0.0, "skipped": 0, "curve": [],
-             "block_updates": [0] * (cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1)}
+             "block_updates": [0] * B}
     if resume:
         weights, _ = io.load_safetensors(out / WEIGHTS)
         model.load_state_dict(weights)
@@ -361,11 +354,10 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
             print(f"warning: {out} holds an earlier run; starting afresh over it", file=sys.stderr)
         io.atomic_write_text(out / CONFIG, save_config(cfg))
         io.atomic_write_text(out / METRICS, "")
-    B = cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1
     print(f"{cfg.train.method}: {ds.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters; "
           f"budget: {rule}", file=sys.stderr)
-    total_layer_updates = cfg.train.steps * cfg.model.depth if cfg.train.budget == "layer-updates" else None
-    eval_every = cfg.train.eval_every or max(1, (total_layer_updates or total * cfg.model.depth // B) // 10)
+    # ten evaluations over the run's layer-updates (total steps of depth / B layers each)
+    eval_every = cfg.train.eval_every or max(1, total * cfg.model.depth // B // 10)
 
     def checkpoint():
         _save_checkpoint(out, model, method, ema, dict(state, batches=batches.state_dict(),
