@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusionblocks.compare import compare  # noqa: E402
+from diffusionblocks.compare import compare, pyplot  # noqa: E402
 from diffusionblocks.config import apply_overrides, load_preset  # noqa: E402
 
 
@@ -37,12 +37,8 @@ def main():
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "budget.json").write_text(json.dumps(points, indent=2) + "\n")
     print(json.dumps(points, indent=2))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = {"e2e": "end-to-end", "control": "end-to-end, one block's depth", "dblocks": "DiffusionBlocks"}

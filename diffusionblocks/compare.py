@@ -107,8 +107,8 @@ def verdict(rows: dict) -> list[str]:
     return out
 
 
-def plot(runs: dict[str, list[dict]], path: Path) -> bool:
-    """Test accuracy vs layer-updates for every arm (mean over seeds). False if matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot on a file-only backend, or None (with a message) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -116,6 +116,14 @@ def plot(runs: dict[str, list[dict]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(runs: dict[str, list[dict]], path: Path) -> bool:
+    """Test accuracy vs layer-updates for every arm (mean over seeds). False if matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for role, results in runs.items():
