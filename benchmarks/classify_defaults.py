@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diffusionblocks.compare import role_config  # noqa: E402
 from diffusionblocks.config import apply_overrides, load_preset  # noqa: E402
 from diffusionblocks.train import evaluate, load_model, train  # noqa: E402
 
@@ -42,16 +43,12 @@ def main():
 
     base = apply_overrides(load_preset(args.preset), args.overrides)
     base.train.steps, base.train.seed = args.steps, args.seed
-    e2e = load_preset(args.preset)
-    e2e.train.steps, e2e.train.seed, e2e.train.method = args.steps, args.seed, "e2e"
-    apply_overrides(e2e, [o for o in args.overrides if not o.startswith("dblocks.")])
-    r = train(e2e, out / "e2e", progress=False)
+    r = train(role_config(base, "e2e", args.seed), out / "e2e", progress=False)
     report["e2e"] = {"test_accuracy": r["test_accuracy"]}
     print(f"e2e: {100 * r['test_accuracy']:.2f}", flush=True)
 
     for weight, flip in itertools.product(args.weights.split(","), [float(f) for f in args.flips.split(",")]):
-        cfg = apply_overrides(load_preset(args.preset), args.overrides)
-        cfg.train.steps, cfg.train.seed, cfg.train.method = args.steps, args.seed, "dblocks"
+        cfg = role_config(base, "dblocks", args.seed)
         cfg.dblocks.loss_weight, cfg.dblocks.input_flip = weight, flip
         run_dir = out / f"dblocks-w{weight}-flip{flip}"
         train(cfg, run_dir, progress=False)
