@@ -26,6 +26,8 @@ class ModelConfig:
     dropout: float = 0.0
     label_dim: int = 0  # dimension of the diffused label embedding; 0 = width
     checkpoint: int = 0  # activation checkpointing: recompute each group of this many layers (0 = off)
+    layer: str = "adaln"  # "adaln" (noise-conditioned, both methods) or "prenorm" (a plain ViT layer; e2e only)
+    gate_recompute: bool = True  # adaLN-zero keeps no more activations than a plain layer (one extra matmul)
 
 
 @dataclass
@@ -47,7 +49,9 @@ class DBlocksConfig:
     gamma: float = 0.05
     allocation: str = ""  # explicit layers per block, e.g. "3,2,2"; "" = even split
     shared_stem_head: bool = True
-    block_choice: str = "random"  # "random" (the paper) or "round-robin"
+    block_choice: str = "random"  # "random" (the paper), "round-robin", or "sequential" (block 0's whole
+    # budget, then block 1's, ...: each block is loaded once; with a shared stem/head, see train.DBlocks)
+    residency: str = "all"  # "all" blocks on the device, or only the "active" one (idle blocks offloaded)
     loss_weight: str = "none"  # "none": plain CE per sample; "edm": w(sigma) * CE (Eq. 2). See benchmarks/README
     steps_per_block: int = 1  # inference Euler steps per block
     grid: str = "equiprob"  # inference grid: "equiprob" or "karras"
@@ -77,6 +81,8 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 500  # steps; a checkpoint is also written at the end and on Ctrl-C
     threads: int = 0  # torch threads (0 = torch's default)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N", or "auto" (cuda when available)
+    offload_dir: str = ""  # residency=active on a CPU: where idle blocks are memory-mapped ("" = the run's dir)
 
 
 @dataclass
@@ -160,8 +166,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         (m.depth >= 1 and m.width >= 1 and m.heads >= 1 and m.patch >= 1, "model sizes must be >= 1"),
         (m.width % m.heads == 0, f"model.width={m.width} must be divisible by model.heads={m.heads}"),
         (m.checkpoint >= 0, f"model.checkpoint={m.checkpoint}: must be >= 0 (0 = off)"),
-        (d.block_choice in ("random", "round-robin"),
-         f"dblocks.block_choice={d.block_choice!r}: expected 'random' or 'round-robin'"),
+        (m.layer in ("adaln", "prenorm"), f"model.layer={m.layer!r}: expected 'adaln' or 'prenorm'"),
+        (m.layer == "adaln" or t.method == "e2e",
+         "model.layer=prenorm has no noise conditioning: it is a reference for e2e only"),
+        (d.block_choice in ("random", "round-robin", "sequential"),
+         f"dblocks.block_choice={d.block_choice!r}: expected 'random', 'round-robin' or 'sequential'"),
+        (d.residency in ("all", "active"), f"dblocks.residency={d.residency!r}: expected 'all' or 'active'"),
+        (t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda"),
+         f"train.device={t.device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto'"),
         (d.loss_weight in ("edm", "none"), f"dblocks.loss_weight={d.loss_weight!r}: expected 'edm' or 'none'"),
         (d.bridge in ("soft", "hard"), f"dblocks.bridge={d.bridge!r}: expected 'soft' or 'hard'"),
         (d.init in ("noise", "zero"), f"dblocks.init={d.init!r}: expected 'noise' or 'zero'"),
@@ -233,8 +245,24 @@ def preset_digits_quick() -> RunConfig:
     return cfg
 
 
+def preset_vit12() -> RunConfig:
+    """The memory benchmark's model: Fashion-MNIST, a 12-layer ViT of width 128 with 4x4 patches (50
+    tokens), batch 128. B = 2, 3, 4, 6 split it evenly."""
+    cfg = RunConfig()
+    cfg.model = ModelConfig(depth=12, width=128, heads=4, patch=4, mlp_ratio=2.0)
+    return cfg
+
+
+def preset_vit_s() -> RunConfig:
+    """A larger ViT for a GPU: 12 layers of width 384, 6 heads, 4x4 patches on Fashion-MNIST."""
+    cfg = preset_vit12()
+    cfg.model = ModelConfig(depth=12, width=384, heads=6, patch=4, mlp_ratio=4.0)
+    cfg.train.device = "auto"
+    return cfg
+
+
 PRESETS = {"tiny": preset_tiny, "fashion": preset_fashion, "quick": preset_quick, "digits": preset_digits,
-           "digits-quick": preset_digits_quick}
+           "digits-quick": preset_digits_quick, "vit12": preset_vit12, "vit-s": preset_vit_s}
 
 
 def load_preset(name: str) -> RunConfig:

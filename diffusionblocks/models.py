@@ -9,11 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import NoiseEmbedding, TransformerLayer, run_layers
+from .nn import NoiseEmbedding, PreNormLayer, TransformerLayer, run_layers
 
 
-def vit_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> list[nn.Module]:
-    return [TransformerLayer(width, heads, width, mlp_ratio, dropout) for _ in range(depth)]
+def vit_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, *,
+               layer: str = "adaln", recompute_gate: bool = True) -> list[nn.Module]:
+    """`depth` transformer layers: adaLN-zero conditioned, or plain pre-norm ("prenorm", ignores c)."""
+    if layer == "prenorm":
+        return [PreNormLayer(width, heads, mlp_ratio, dropout) for _ in range(depth)]
+    if layer != "adaln":
+        raise ValueError(f"layer={layer!r}: expected 'adaln' or 'prenorm'")
+    return [TransformerLayer(width, heads, width, mlp_ratio, dropout, recompute_gate) for _ in range(depth)]
 
 
 class PatchEmbed(nn.Module):

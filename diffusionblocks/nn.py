@@ -6,7 +6,9 @@ adaLN-zero (Peebles & Xie 2023, as in the paper Sec. 3.2) modulates a residual b
 
     h + gate(c) * f(LN(h) * (1 + scale(c)) + shift(c))
 
-with the (shift, scale, gate) projection zero-initialised, so a fresh layer is the identity.
+with the (shift, scale, gate) projection zero-initialised, so a fresh layer is the identity. Two small
+autograd functions make the conditioning free in memory: the layer saves for backward exactly what a
+plain pre-norm layer saves (benchmarks/README.md, "Memory").
 """
 
 from __future__ import annotations
@@ -38,13 +40,79 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
-class AdaLNZero(nn.Module):
-    """A residual branch f(x) (shape-preserving on the last dim) made into a conditioned layer."""
+class ModulatedNorm(torch.autograd.Function):
+    """LN(h) * (1 + scale) + shift, fused: backward keeps h and the per-token statistics only.
 
-    def __init__(self, branch: nn.Module, dim: int, cond_dim: int):
+    The straightforward composition also keeps LN(h) for the gradient of `scale`, one more activation
+    of the full size per sublayer; here LN(h) is recomputed from h in backward (elementwise, cheap).
+    What is saved is then exactly what a plain affine LayerNorm saves.
+    """
+
+    @staticmethod
+    def forward(ctx, h, shift, scale, eps):
+        normed, mean, rstd = torch.native_layer_norm(h, h.shape[-1:], None, None, eps)
+        ctx.save_for_backward(h, mean, rstd, scale)
+        return torch.addcmul(shift, normed, 1 + scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, mean, rstd, scale = ctx.saved_tensors
+        grad_h = torch.ops.aten.native_layer_norm_backward(g * (1 + scale), h, h.shape[-1:], mean, rstd, None,
+                                                           None, [True, False, False])[0]
+        normed = ((h - mean) * rstd).to(h.dtype)  # LN(h) again, for the gradient of scale
+        return grad_h, _sum_to(g, scale.shape), _sum_to(g * normed, scale.shape), None
+
+
+class GatedResidual(torch.autograd.Function):
+    """h + gate * linear(x, weight, bias), the end of an adaLN-zero sublayer.
+
+    The gate's gradient needs the projection's output b; the straightforward composition keeps b (one
+    more full-size activation per sublayer). Here b is recomputed from x in backward, and x is what the
+    projection keeps anyway: one extra matmul of the output projection buys the memory back.
+    """
+
+    @staticmethod
+    def forward(ctx, h, gate, x, weight, bias):
+        ctx.save_for_backward(gate, x, weight, bias)
+        return torch.addcmul(h, gate, F.linear(x, weight, bias))
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, x, weight, bias = ctx.saved_tensors
+        need_h, need_gate, need_x, need_w, need_b = ctx.needs_input_grad
+        grad_gate = grad_x = grad_w = grad_b = None
+        if need_gate:
+            grad_gate = _sum_to(g * F.linear(x, weight, bias), gate.shape)
+        gb = g * gate
+        if need_x:
+            grad_x = gb @ weight
+        if need_w:
+            grad_w = gb.reshape(-1, gb.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if need_b and bias is not None:
+            grad_b = gb.reshape(-1, gb.shape[-1]).sum(0)
+        return g if need_h else None, grad_gate, grad_x, grad_w, grad_b
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast result back to `shape` (e.g. (N, T, D) -> (N, 1, D))."""
+    lead = t.ndim - len(shape)
+    dims = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and t.shape[i + lead] != 1)
+    return t.sum(dims, keepdim=True).reshape(shape) if dims else t
+
+
+class AdaLNZero(nn.Module):
+    """A residual branch made into a conditioned layer: h + gate(c) * out(features(modulate(LN(h), c))).
+
+    The branch exposes `features(x)` and its output projection `out` (an nn.Linear); splitting it there
+    lets the layer keep no more activations than a plain pre-norm layer (ModulatedNorm, GatedResidual).
+    """
+
+    def __init__(self, branch: nn.Module, dim: int, cond_dim: int, eps: float = 1e-6, recompute_gate: bool = True):
         super().__init__()
-        self.branch = branch
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        if not (hasattr(branch, "features") and isinstance(getattr(branch, "out", None), nn.Linear)):
+            raise TypeError(f"{type(branch).__name__} must define features(x) and an nn.Linear `out`")
+        self.branch, self.eps = branch, eps
+        self.recompute_gate = recompute_gate  # False: keep out(x) for the gate (more memory, no extra matmul)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 3 * dim))
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
@@ -54,7 +122,10 @@ class AdaLNZero(nn.Module):
         shift, scale, gate = self.modulation(c).chunk(3, dim=-1)
         if h.ndim == 3:
             shift, scale, gate = shift[:, None], scale[:, None], gate[:, None]
-        return h + gate * self.branch(torch.addcmul(shift, self.norm(h), 1 + scale))
+        x = self.branch.features(ModulatedNorm.apply(h, shift, scale, self.eps))
+        if not self.recompute_gate:
+            return torch.addcmul(h, gate, self.branch.out(x))
+        return GatedResidual.apply(h, gate, x, self.branch.out.weight, self.branch.out.bias)
 
 
 class Attention(nn.Module):
@@ -66,34 +137,60 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by the number of heads {heads}")
         self.heads, self.dropout = heads, dropout
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         N, T, D = x.shape
         q, k, v = self.qkv(x).view(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (N, H, T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(N, T, D))
+        return y.transpose(1, 2).reshape(N, T, D)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.out(self.features(x, mask))
 
 
-class Mlp(nn.Sequential):
+class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
-                         nn.Linear(hidden, dim))
+        super().__init__()
+        self.fc, self.drop, self.out = nn.Linear(dim, hidden), nn.Dropout(dropout), nn.Linear(hidden, dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(F.gelu(self.fc(x), approximate="tanh"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(x))
 
 
 class TransformerLayer(nn.Module):
     """Pre-norm transformer layer, both sublayers adaLN-zero conditioned: layer(h, c) -> h."""
 
     def __init__(self, dim: int, heads: int, cond_dim: int | None = None, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, recompute_gate: bool = True):
         super().__init__()
         cond_dim = cond_dim or dim
-        self.attn = AdaLNZero(Attention(dim, heads, dropout), dim, cond_dim)
-        self.mlp = AdaLNZero(Mlp(dim, int(dim * mlp_ratio), dropout), dim, cond_dim)
+        self.attn = AdaLNZero(Attention(dim, heads, dropout), dim, cond_dim, recompute_gate=recompute_gate)
+        self.mlp = AdaLNZero(Mlp(dim, int(dim * mlp_ratio), dropout), dim, cond_dim, recompute_gate=recompute_gate)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.attn(h, c), c)
+
+
+class PreNormLayer(nn.Module):
+    """The standard (unconditioned) pre-norm transformer layer, h + attn(LN(h)), then h + mlp(LN(h)).
+
+    Not used by DiffusionBlocks; it is the reference that the conditioning's memory cost is measured
+    against (`model.layer=prenorm` gives an end-to-end ViT built from it). It ignores c.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, dropout)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.attn(self.norm1(h))
+        return h + self.mlp(self.norm2(h))
 
 
 class ResidualMLP(nn.Module):

@@ -24,13 +24,18 @@ from ..precond import ClassEmbedding, ce_loss
 from ..sample import euler
 
 
+def layers_of(m) -> list[nn.Module]:
+    return vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, layer=m.layer,
+                      recompute_gate=m.gate_recompute)
+
+
 class EndToEndClassifier(nn.Module):
     """The plain ViT, trained with cross-entropy through all layers."""
 
     def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
         super().__init__()
         m = cfg.model
-        self.vit = ViTClassifier(vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout), image_size,
+        self.vit = ViTClassifier(layers_of(m), image_size,
                                  channels, m.patch, m.width, num_classes, checkpoint_every=m.checkpoint)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -52,7 +57,7 @@ class DiffusionClassifier(nn.Module):
         self.partition = Partition.create(LogNormalLevels(), d.num_blocks, kind=d.partition, gamma=d.gamma)
         gen = torch.Generator().manual_seed(1234)  # the label table is fixed, and the same in every run
         self.labels = ClassEmbedding(num_classes, label_dim, generator=gen)
-        self.stack = BlockStack(vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout),
+        self.stack = BlockStack(layers_of(m),
                                 LabelStem(image_size, channels, m.patch, m.width, label_dim),
                                 LabelHead(m.width, label_dim), self.partition,
                                 allocation=allocation_of(cfg), shared_stem_head=d.shared_stem_head,
