@@ -66,7 +66,7 @@ class ViTClassifier(nn.Module):
         h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patches(x)], dim=1)  # (N, 1+T, D)
         c = h.new_zeros(x.shape[0], self.width)
         h = run_layers(self.layers, h, c, self.checkpoint_every)
-        return self.head(self.norm(h[:, 0]))  # (N, V)
+        return self.head(self.norm(h[:, 0].contiguous()))  # (N, V); a copy, so backward keeps not all of h
 
 
 class LabelStem(nn.Module):
@@ -96,4 +96,4 @@ class LabelHead(nn.Module):
         self.out = nn.Linear(width, label_dim)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(h[:, 0]))
+        return self.out(self.norm(h[:, 0].contiguous()))  # a copy: backward must not keep all of h alive

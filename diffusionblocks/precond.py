@@ -52,7 +52,8 @@ class EDMPrecond:
 
     def noise(self, y: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None):
         """z = y + sigma * eps, with sigma per sample."""
-        eps = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+        eps = torch.randn(y.shape, generator=generator, dtype=y.dtype,
+                          device=generator.device if generator is not None else y.device).to(y.device)
         return y + _expand(sigma, y) * eps
 
     def denoise(self, net: nn.Module, z: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:

@@ -3,6 +3,7 @@ budget, logging, evaluation and checkpoints are shared, so comparisons are fair 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -19,6 +20,7 @@ from . import io
 from .config import RunConfig, save_config, validate
 from .data import Batches, ImageDataset, augment, iterate_eval, load_dataset, to_float
 from .memory import saved_activation_bytes
+from .residency import Residency
 from .tasks.classify import build_classifier
 
 CONFIG, WEIGHTS, EMA_WEIGHTS, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
@@ -95,7 +97,7 @@ class EndToEnd:
 
     name = "e2e"
 
-    def __init__(self, model, cfg: RunConfig, total_steps: int):
+    def __init__(self, model, cfg: RunConfig, total_steps: int, **_):
         self.model, self.cfg = model, cfg
         self.params = list(model.parameters())
         self.trained = {id(p) for p in self.params}
@@ -108,8 +110,12 @@ class EndToEnd:
         if norm is None:
             return {"skipped": True, "loss": loss.item(), "layers": 0}
         lr = self.opt.step()
+        _free_grads(self.params)
         return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lr, "layers": self.layers,
                 "trained": self.trained}
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.opt.opt]
 
     def state_dict(self):
         return {"opt": self.opt.state_dict()}
@@ -119,24 +125,48 @@ class EndToEnd:
 
 
 class DBlocks:
-    """One block per step: sample its noise levels, run only it, update only it (and the shared parts)."""
+    """One block per step: sample its noise levels, run only it, update only it (and the shared parts).
+
+    Which block: "random" (the paper), "round-robin", or "sequential" (block 0 for its whole share of
+    the steps, then block 1, ...). Under "sequential" a shared stem/head is trained during block 0's
+    phase only and frozen afterwards: were it trained on, the later blocks would move the stem/head under
+    the earlier ones, which never see it again. With a replicated stem/head (dblocks.shared_stem_head=
+    false) the blocks are independent and every schedule trains the same model in distribution.
+
+    Where blocks live is the residency policy (residency.py): "all" on the device, or only the "active" one.
+    """
 
     name = "dblocks"
 
-    def __init__(self, model, cfg: RunConfig, total_steps: int):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model, cfg: RunConfig, total_steps: int, *, device: torch.device | str = "cpu",
+                 offload_dir: str | os.PathLike | None = None, ema: EMA | None = None):
+        self.model, self.cfg, self.total = model, cfg, total_steps
         B = model.num_blocks
+        self.sequential = cfg.dblocks.block_choice == "sequential"
         self.shared_params = model.shared_parameters()
         self.block_params = [model.block_parameters(b) for b in range(B)]
+        covered = {id(p) for params in self.block_params + [self.shared_params] for p in params}
+        missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+        if missing:
+            raise RuntimeError(f"parameters owned by no block and not shared: {missing[:5]}")
         self.trained = [{id(p) for p in params + self.shared_params} for params in self.block_params]
         self.opts = [Optimizer(p, cfg, total_steps // B) for p in self.block_params]
-        self.shared_opt = Optimizer(self.shared_params, cfg, total_steps) if self.shared_params else None
+        self.shared_opt = (Optimizer(self.shared_params, cfg, total_steps // B if self.sequential else total_steps)
+                           if self.shared_params else None)
         self.choice = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17)
         self.noise = torch.Generator().manual_seed(cfg.train.seed * 7919 + 29)
         self.next_block = 0  # for round-robin
+        self.steps_done = 0  # for sequential
+        names = {id(p): n for n, p in model.named_parameters()}
+        extra = [(ema.shadow, [names[id(p)] for p in params]) if ema is not None else ({}, [])
+                 for params in self.block_params]
+        self.residency = Residency(cfg.dblocks.residency, device, self.block_params, [o.opt for o in self.opts],
+                                   self.shared_params, extra=extra, directory=offload_dir)
 
     def pick_block(self) -> int:
         B = self.model.num_blocks
+        if self.sequential:
+            return min(B - 1, self.steps_done * B // self.total)
         if self.cfg.dblocks.block_choice == "round-robin":
             block, self.next_block = self.next_block, (self.next_block + 1) % B
             return block
@@ -144,20 +174,31 @@ class DBlocks:
 
     def step(self, x, y) -> dict:
         block = self.pick_block()
+        self.steps_done += 1
+        self.residency.activate(block)
+        train_shared = bool(self.shared_params) and (not self.sequential or block == 0)
+        for p in self.shared_params:
+            p.requires_grad_(train_shared)
+        params = self.block_params[block] + (self.shared_params if train_shared else [])
         loss = self.model.block_loss(block, x, y, self.noise).mean()
-        norm = _backward(loss, self.block_params[block] + self.shared_params, self.cfg.train.clip)
+        norm = _backward(loss, params, self.cfg.train.clip)
         if norm is None:
             return {"skipped": True, "block": block, "loss": loss.item(), "layers": 0}
         lr = self.opts[block].step()
-        if self.shared_opt is not None:
+        if train_shared:
             self.shared_opt.step()
+        _free_grads(params)
         return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lr, "block": block,
                 "layers": self.model.stack.allocation[block], "trained": self.trained[block]}
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o.opt for o in self.opts] + ([self.shared_opt.opt] if self.shared_opt else [])
 
     def state_dict(self):
         return {"opts": [o.state_dict() for o in self.opts],
                 "shared_opt": self.shared_opt.state_dict() if self.shared_opt else None,
-                "choice": self.choice.get_state(), "noise": self.noise.get_state(), "next_block": self.next_block}
+                "choice": self.choice.get_state(), "noise": self.noise.get_state(), "next_block": self.next_block,
+                "steps_done": self.steps_done}
 
     def load_state_dict(self, state):
         for o, s in zip(self.opts, state["opts"]):
@@ -167,6 +208,13 @@ class DBlocks:
         self.choice.set_state(state["choice"])
         self.noise.set_state(state["noise"])
         self.next_block = state["next_block"]
+        self.steps_done = state.get("steps_done", 0)
+
+
+def _free_grads(params: list[nn.Parameter]):
+    """Gradients are dropped once used: a block's gradients must not stay resident while others train."""
+    for p in params:
+        p.grad = None
 
 
 def _backward(loss: torch.Tensor, params: list[nn.Parameter], clip: float) -> torch.Tensor | None:
@@ -207,7 +255,8 @@ def total_steps_for(cfg: RunConfig) -> tuple[int, str]:
 
 
 @torch.no_grad()
-def evaluate(model, x_test, y_test, cfg: RunConfig, limit: int = 0, **predict_args) -> dict:
+def evaluate(model, x_test, y_test, cfg: RunConfig, limit: int = 0, device: torch.device | str = "cpu",
+             **predict_args) -> dict:
     """Accuracy of the final prediction, and after every inference step (dblocks)."""
     was_training = model.training
     model.eval()
@@ -216,8 +265,8 @@ def evaluate(model, x_test, y_test, cfg: RunConfig, limit: int = 0, **predict_ar
     gen = torch.Generator().manual_seed(cfg.train.seed + 999)
     correct = None
     for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
-        preds = model.predict(to_float(xb), generator=gen, **predict_args)
-        hits = torch.stack([(p == yb).sum() for p in preds])
+        preds = model.predict(to_float(xb).to(device), generator=gen, **predict_args)
+        hits = torch.stack([(p.cpu() == yb).sum() for p in preds])
         correct = hits if correct is None else correct + hits
     model.train(was_training)
     per_step = (correct.double() / len(y_test)).tolist()
@@ -327,9 +376,12 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
     out.mkdir(parents=True, exist_ok=True)
     ds = _prepare_data(cfg)
     model = build_model(cfg, ds)
+    device = resolve_device(cfg.train.device)
     total, rule = total_steps_for(cfg)
-    method = METHODS[cfg.train.method](model, cfg, total)
     ema = EMA(model, cfg.train.ema) if cfg.train.ema else None
+    method = METHODS[cfg.train.method](model, cfg, total, device=device, ema=ema,
+                                       offload_dir=cfg.train.offload_dir or out)
+    residency = getattr(method, "residency", None)
     batches = Batches(ds.x_train, ds.y_train, min(cfg.train.batch_size, len(ds.y_train)), seed=cfg.train.seed)
     aug_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     B = cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1
@@ -344,7 +396,7 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
         batches.load_state_dict(saved["batches"])
         aug_gen.set_state(saved["aug_gen"])
         if ema is not None:
-            ema.shadow = saved["ema"]
+            ema.shadow.update(saved["ema"])
         state = {k: saved[k] for k in state}
         kept = [r for r in io.read_jsonl(out / METRICS) if r.get("step", 0) <= state["step"]]
         io.atomic_write_text(out / METRICS, "".join(io.json_line(r) for r in kept))
@@ -354,8 +406,10 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
             print(f"warning: {out} holds an earlier run; starting afresh over it", file=sys.stderr)
         io.atomic_write_text(out / CONFIG, save_config(cfg))
         io.atomic_write_text(out / METRICS, "")
+    _place(model, device, residency, ema)
     print(f"{cfg.train.method}: {ds.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"budget: {rule}", file=sys.stderr)
+          f"budget: {rule}; device {device}" + (f", residency {residency.policy}" if residency else ""),
+          file=sys.stderr)
     # ten evaluations over the run's layer-updates (total steps of depth / B layers each)
     eval_every = cfg.train.eval_every or max(1, total * cfg.model.depth // B // 10)
 
@@ -366,62 +420,93 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
     bar = Progress(total, f"{cfg.train.method}", progress)
     window: dict = {"loss": [], "blocks": {}}
     model.train()
-    with StopRequest() as stop:
-        while state["step"] < total:
-            if stop.requested:
-                checkpoint()
-                print(f"interrupted at step {state['step']}/{total}; checkpoint saved. Continue with: "
-                      f"diffusionblocks train --resume {out}", file=sys.stderr)
-                raise KeyboardInterrupt
-            xb, yb = next(batches)
-            t0 = time.perf_counter()
-            x = augment(to_float(xb), generator=aug_gen, crop_padding=cfg.data.crop_padding,
-                        hflip=cfg.data.hflip and ds.hflip)
-            m = method.step(x, yb)
-            if ema is not None and not m.get("skipped"):
-                ema.update(model, m["trained"])
-            state["train_seconds"] += time.perf_counter() - t0
-            state["step"] += 1
-            before = state["layer_updates"]
-            state["layer_updates"] += m["layers"]
-            block = m.get("block", 0)
-            if m.get("skipped"):
-                state["skipped"] += 1
-                warnings.warn(f"step {state['step']}: non-finite loss or gradient (loss={m['loss']}); "
-                              f"step skipped, weights unchanged", stacklevel=1)
-            else:
-                state["block_updates"][block] += 1
-                window["loss"].append(m["loss"])
-                w = window["blocks"].setdefault(block, {"loss": [], "grad_norm": []})
-                w["loss"].append(m["loss"])
-                w["grad_norm"].append(m["grad_norm"])
-            if state["step"] % cfg.train.log_every == 0 or state["step"] == total:
-                _log(out, state, window, m, B)
-                window = {"loss": [], "blocks": {}}
-            if state["layer_updates"] // eval_every > before // eval_every and state["step"] < total:
-                ev = _evaluate_with(model, ema, ds, cfg, cfg.train.eval_limit)
-                state["curve"].append({"step": state["step"], "layer_updates": state["layer_updates"],
-                                       "accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"]})
-                io.append_jsonl(out / METRICS, {"step": state["step"], "layer_updates": state["layer_updates"],
-                                                "eval_accuracy": ev["accuracy"], "eval_n": ev["n"]})
-            bar.update(state["step"], m["loss"])
-            if state["step"] % cfg.train.ckpt_every == 0:
-                checkpoint()
-    checkpoint()
-    return finish(out, cfg, model, ema, ds, state)
-
-
-def _evaluate_with(model, ema, ds, cfg, limit):
-    if ema is not None:
-        ema.swap(model)
     try:
-        return evaluate(model, ds.x_test, ds.y_test, cfg, limit)
-    finally:
+        with StopRequest() as stop:
+            while state["step"] < total:
+                if stop.requested:
+                    checkpoint()
+                    print(f"interrupted at step {state['step']}/{total}; checkpoint saved. Continue with: "
+                          f"diffusionblocks train --resume {out}", file=sys.stderr)
+                    raise KeyboardInterrupt
+                xb, yb = next(batches)
+                t0 = time.perf_counter()
+                x = augment(to_float(xb), generator=aug_gen, crop_padding=cfg.data.crop_padding,
+                            hflip=cfg.data.hflip and ds.hflip).to(device)
+                m = method.step(x, yb.to(device))
+                if ema is not None and not m.get("skipped"):
+                    ema.update(model, m["trained"])
+                state["train_seconds"] += time.perf_counter() - t0
+                state["step"] += 1
+                before = state["layer_updates"]
+                state["layer_updates"] += m["layers"]
+                block = m.get("block", 0)
+                if m.get("skipped"):
+                    state["skipped"] += 1
+                    warnings.warn(f"step {state['step']}: non-finite loss or gradient (loss={m['loss']}); "
+                                  f"step skipped, weights unchanged", stacklevel=1)
+                else:
+                    state["block_updates"][block] += 1
+                    window["loss"].append(m["loss"])
+                    w = window["blocks"].setdefault(block, {"loss": [], "grad_norm": []})
+                    w["loss"].append(m["loss"])
+                    w["grad_norm"].append(m["grad_norm"])
+                if state["step"] % cfg.train.log_every == 0 or state["step"] == total:
+                    _log(out, state, window, m, B, warn_starved=cfg.dblocks.block_choice != "sequential")
+                    window = {"loss": [], "blocks": {}}
+                if state["layer_updates"] // eval_every > before // eval_every and state["step"] < total:
+                    ev = _evaluate_with(model, ema, ds, cfg, cfg.train.eval_limit, residency)
+                    state["curve"].append({"step": state["step"], "layer_updates": state["layer_updates"],
+                                           "accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"]})
+                    io.append_jsonl(out / METRICS, {"step": state["step"], "layer_updates": state["layer_updates"],
+                                                    "eval_accuracy": ev["accuracy"], "eval_n": ev["n"]})
+                bar.update(state["step"], m["loss"])
+                if state["step"] % cfg.train.ckpt_every == 0:
+                    checkpoint()
+        checkpoint()
+        with residency.all_resident() if residency else contextlib.nullcontext():
+            return finish(out, cfg, model, ema, ds, state, device)
+    finally:  # the offload files go, whatever happened (the checkpoint holds the weights)
+        if residency is not None:
+            residency.close()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available here (use cpu or auto)")
+    return device
+
+
+def _place(model, device, residency, ema):
+    """Model (and EMA) onto the device; under residency=active only the shared parts and buffers, the
+    blocks going straight to their off-device homes."""
+    if residency is None or residency.policy == "all":
+        model.to(device)
+    else:
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(device)
+    if ema is not None and (residency is None or residency.policy == "all"):
+        ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+    if residency is not None:
+        residency.start()
+
+
+def _evaluate_with(model, ema, ds, cfg, limit, residency=None):
+    with residency.all_resident() if residency else contextlib.nullcontext():
         if ema is not None:
             ema.swap(model)
+        try:
+            return evaluate(model, ds.x_test, ds.y_test, cfg, limit, resolve_device(cfg.train.device))
+        finally:
+            if ema is not None:
+                ema.swap(model)
 
 
-def _log(out: Path, state: dict, window: dict, last: dict, num_blocks: int):
+def _log(out: Path, state: dict, window: dict, last: dict, num_blocks: int, warn_starved: bool = True):
     record = {"step": state["step"], "layer_updates": state["layer_updates"],
               "loss": sum(window["loss"]) / max(1, len(window["loss"])), "lr": last.get("lr"),
               "skipped": state["skipped"], "block_updates": list(state["block_updates"])}
@@ -430,16 +515,16 @@ def _log(out: Path, state: dict, window: dict, last: dict, num_blocks: int):
                                      "grad_norm": sum(v["grad_norm"]) / len(v["grad_norm"])}
                             for b, v in sorted(window["blocks"].items())}
         starved = [b for b in range(num_blocks) if b not in window["blocks"]]
-        if starved and state["step"] >= 10 * num_blocks:
+        if starved and warn_starved and state["step"] >= 10 * num_blocks:
             record["starved_blocks"] = starved
             print(f"\nwarning: block(s) {starved} received no update in the last window of steps", file=sys.stderr)
     io.append_jsonl(out / METRICS, record)
 
 
-def activation_bytes(model, cfg: RunConfig, ds: ImageDataset) -> int:
+def activation_bytes(model, cfg: RunConfig, ds: ImageDataset, device: torch.device | str = "cpu") -> int:
     """Bytes saved for backward by one training step of this method, at the configured batch size."""
     n = min(cfg.train.batch_size, len(ds.y_train))
-    x, y = to_float(ds.x_train[:n]), ds.y_train[:n]
+    x, y = to_float(ds.x_train[:n]).to(device), ds.y_train[:n].to(device)
     params = list(model.parameters())
     if cfg.train.method == "e2e":
         nbytes, _ = saved_activation_bytes(lambda: model.loss(x, y).mean(), params)
@@ -449,7 +534,7 @@ def activation_bytes(model, cfg: RunConfig, ds: ImageDataset) -> int:
     return nbytes
 
 
-def finish(out: Path, cfg: RunConfig, model, ema, ds: ImageDataset, state: dict) -> dict:
+def finish(out: Path, cfg: RunConfig, model, ema, ds: ImageDataset, state: dict, device="cpu") -> dict:
     ev = _evaluate_with(model, ema, ds, cfg, 0)
     # the curve's last point on the same test subset as the periodic ones, so the curve is comparable
     sub = _evaluate_with(model, ema, ds, cfg, cfg.train.eval_limit) if cfg.train.eval_limit else ev
@@ -471,7 +556,7 @@ def finish(out: Path, cfg: RunConfig, model, ema, ds: ImageDataset, state: dict)
         "skipped_steps": state["skipped"],
         "block_updates": state["block_updates"],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "activation_bytes_per_step": activation_bytes(model, cfg, ds),
+        "activation_bytes_per_step": activation_bytes(model, cfg, ds, device),
         "curve": state["curve"],
         "curve_n": sub["n"],
     }

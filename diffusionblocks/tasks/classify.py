@@ -104,14 +104,15 @@ class DiffusionClassifier(nn.Module):
         """
         d, V = self.cfg, self.labels.table.shape[0]
         if d.input_flip:
-            flip = torch.rand(y.shape, generator=generator) < d.input_flip
-            y = torch.where(flip, (y + torch.randint(1, V, y.shape, generator=generator)) % V, y)
+            flip = torch.rand(y.shape, generator=generator).to(y.device) < d.input_flip
+            y = torch.where(flip, (y + torch.randint(1, V, y.shape, generator=generator).to(y.device)) % V, y)
         target = self.labels(y)
         if d.input_mix:
-            k = 6.0 * torch.rand(y.shape[0], 1, generator=generator)
-            logits = k * torch.nn.functional.one_hot(y, V) + torch.randn(y.shape[0], V, generator=generator)
-            mixed = logits.softmax(-1) @ self.labels.normalized
-            target = torch.where(torch.rand(y.shape[0], 1, generator=generator) < d.input_mix, mixed, target)
+            k = 6.0 * torch.rand(y.shape[0], 1, generator=generator).to(y.device)
+            g = torch.randn(y.shape[0], V, generator=generator).to(y.device)
+            mixed = (k * torch.nn.functional.one_hot(y, V) + g).softmax(-1) @ self.labels.normalized
+            pick = torch.rand(y.shape[0], 1, generator=generator).to(y.device) < d.input_mix
+            target = torch.where(pick, mixed, target)
         return target
 
     @torch.no_grad()
