@@ -127,6 +127,114 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_spec(args: argparse.Namespace):
+    from .plan import DATA_SHAPES, Spec
+
+    cfg = load_preset(args.preset)
+    for key, value in (("depth", args.depth), ("width", args.width), ("heads", args.heads),
+                       ("mlp_ratio", args.mlp_ratio), ("patch", args.patch)):
+        if value is not None:
+            setattr(cfg.model, key, value)
+    if args.batch_size is not None:
+        cfg.train.batch_size = args.batch_size
+    if args.data:
+        cfg.data.name = args.data
+    cfg = apply_overrides(cfg, args.overrides)
+    if getattr(args, "device", None) and args.command == "memory":
+        cfg.train.device = args.device
+    image_size, channels, classes = DATA_SHAPES.get(cfg.data.name, (None, None, None))
+    if args.image_size:
+        try:
+            parts = [int(v) for v in args.image_size.lower().split("x")]
+        except ValueError:
+            raise ValueError(f"--image-size {args.image_size!r}: expected N or HxW, e.g. 28 or 32x32") from None
+        if len(parts) not in (1, 2):
+            raise ValueError(f"--image-size {args.image_size!r}: expected N or HxW")
+        image_size = (parts[0], parts[-1])
+    channels = args.channels if args.channels is not None else channels
+    classes = args.classes if args.classes is not None else classes
+    if image_size is None or channels is None or classes is None:
+        raise ValueError(f"data {cfg.data.name!r} has no known shape; give --image-size, --channels and --classes")
+    device = "cuda" if str(getattr(args, "device", None) or cfg.train.device).startswith("cuda") else "cpu"
+    if cfg.train.device == "auto" and args.command == "memory":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Spec(cfg, tuple(image_size), channels, classes, dtype=args.dtype, optimizer=args.optimizer, device=device)
+
+
+def _parse_blocks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise ValueError(f"--blocks {text!r}: expected comma-separated integers, e.g. 2,3,4,6") from None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import configurations, format_table, parse_bytes, plan
+
+    spec = _plan_spec(args)
+    budget = parse_bytes(args.device_memory) if args.device_memory else None
+    result = plan(spec, configurations(spec.cfg.model.depth, _parse_blocks(args.blocks), args.checkpoint), budget)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    m = result["model"]
+    print(f"{m['depth']}-layer ViT, width {m['width']}, {m['heads']} heads, MLP x{m['mlp_ratio']}, {m['tokens']} "
+          f"tokens; batch {result['batch_size']}, {result['dtype']}, {result['optimizer']}")
+    print(format_table(result))
+    if budget:
+        fits = [r["name"] for r in result["rows"] if r["fits"]]
+        print(f"fit in {args.device_memory} ({budget / 2**30:.2f} GiB): " + (", ".join(fits) if fits else "none"))
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import io
+    from .plan import configurations, format_table, measure_all, plot_memory
+
+    spec = _plan_spec(args)
+    if spec.dtype != "float32":
+        raise ValueError("memory measures float32 training (the trainer's dtype); plan predicts other dtypes")
+    if spec.optimizer != "adamw":
+        raise ValueError("memory measures the trainer's optimizer (adamw); plan predicts other optimizers")
+    confs = configurations(spec.cfg.model.depth, _parse_blocks(args.blocks), args.checkpoint)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = measure_all(spec, confs, progress=not args.no_progress, offload_dir=out)
+    result["device"] = spec.cfg.train.device
+    io.save_json(out / "memory.json", result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+    plotted = not args.no_plot and plot_memory(result, out / "memory.png")
+    print(f"wrote {out / 'memory.json'}" + (f" and {out / 'memory.png'}" if plotted else ""), file=sys.stderr)
+    return 0
+
+
+def _add_size_args(p: argparse.ArgumentParser):
+    p.add_argument("--preset", default="vit12", help="model preset to start from (default vit12)")
+    p.add_argument("--depth", type=int, default=None, help="layers")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--mlp-ratio", type=float, default=None)
+    p.add_argument("--patch", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--data", default=None, help="dataset whose image shape to use (fashion-mnist, digits, cifar10...)")
+    p.add_argument("--image-size", default=None, help="N or HxW (with --channels and --classes, for other data)")
+    p.add_argument("--channels", type=int, default=None)
+    p.add_argument("--classes", type=int, default=None)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--optimizer", default="adamw", help="adamw, adam, momentum or sgd")
+    p.add_argument("--blocks", default="2,3,4,6", help="values of B, comma-separated")
+    p.add_argument("--checkpoint", type=int, default=1, help="layers per checkpointed group in the ckpt rows")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.layer=prenorm")
+
+
 def _add_run_args(p: argparse.ArgumentParser, preset_default: str | None):
     p.add_argument("--preset", default=preset_default, help="starting config (see diffusionblocks.config.PRESETS)")
     p.add_argument("--num-blocks", type=int, default=None, help="number of blocks B")
@@ -197,6 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default runs/compare-PRESET)")
     _add_run_args(p, None)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plan", help="predict training memory per method, B and residency",
+                       description="Predict params, grads, optimizer state and activations of one training step "
+                                   "for e2e, e2e+checkpointing and DiffusionBlocks at each B (residency all/active, "
+                                   "with checkpointing), and which fit --device-memory. Nothing is trained.")
+    _add_size_args(p)
+    p.add_argument("--device-memory", default=None, help="memory of the device, e.g. 24GB, 24GiB, 512MiB")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where training runs (AdamW keeps its step counters on the CPU)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("memory", help="measure training memory per method and B on this machine",
+                       description="Run a few training steps of every configuration that plan lists (random "
+                                   "inputs of the data's shape), measure the steady-state step and print it next to "
+                                   "the prediction; writes memory.json and memory.png to --out.")
+    _add_size_args(p)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the preset's)")
+    p.add_argument("--out", default="runs/memory", help="output directory (default runs/memory)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_memory)
     return parser
 
 

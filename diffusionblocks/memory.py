@@ -20,12 +20,15 @@ Measure the steady state: the optimizer state exists from the second step, so `m
 from __future__ import annotations
 
 import contextlib
+import gc
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 
 def saved_activation_bytes(fn: Callable[[], torch.Tensor], params: Iterable[torch.Tensor] = ()) -> tuple[int, object]:
@@ -120,7 +123,11 @@ def _quiet_stderr():
 
 
 class AllocationPeak:
-    """Highest point that CPU allocations reach, relative to the start, inside the context (profiler)."""
+    """Highest point that CPU allocations reach inside `measure()`, relative to where they stood when it
+    began, from the profiler's memory events. Start the context before the warm-up steps: a tensor
+    freed in the measured step must have been allocated while profiling, or its size is unknown."""
+
+    MARK = "diffusionblocks.measured"
 
     def __enter__(self):
         from torch.profiler import ProfilerActivity, profile
@@ -130,14 +137,20 @@ class AllocationPeak:
             self._prof.__enter__()
         return self
 
+    def measure(self):
+        return torch.profiler.record_function(self.MARK)
+
     def __exit__(self, *exc):
         with _quiet_stderr():
             self._prof.__exit__(*exc)
-        events = [e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"
-                  and e.device_type() == torch.autograd.DeviceType.CPU]
-        events.sort(key=lambda e: e.start_ns())
+        events = list(self._prof.profiler.kineto_results.events())
+        mark = [e for e in events if e.name() == self.MARK]
+        start, end = (mark[-1].start_ns(), mark[-1].end_ns()) if mark else (-math.inf, math.inf)
+        memory = sorted((e for e in events if e.name() == "[memory]"
+                         and e.device_type() == torch.autograd.DeviceType.CPU and start <= e.start_ns() <= end),
+                        key=lambda e: e.start_ns())
         level = self.peak = 0
-        for e in events:
+        for e in memory:
             level += e.nbytes()
             self.peak = max(self.peak, level)
         self.net = level
@@ -151,6 +164,17 @@ def measure_step(step: Callable[[], object], model: torch.nn.Module,
     the last. `optimizers()` lists the optimizers whose state counts, `offloaded()` the storages of
     off-device copies (residency=active), which are not device memory."""
     device = torch.device(device)
+    cuda = device.type == "cuda"
+    gc.collect()  # earlier garbage must not be freed inside the measurement
+    alloc = contextlib.nullcontext() if cuda else AllocationPeak()
+    with alloc:
+        report = _measure(step, model, optimizers, device, offloaded, warmup, alloc)
+    if not cuda:
+        report.peak += alloc.peak
+    return report
+
+
+def _measure(step, model, optimizers, device, offloaded, warmup, alloc) -> StepMemory:
     for _ in range(warmup):
         step()
     grads_seen: dict[int, int] = {}
@@ -167,7 +191,7 @@ def measure_step(step: Callable[[], object], model: torch.nn.Module,
     start = (resident(model.parameters()) + resident(p.grad for p in model.parameters() if p.grad is not None)
              + resident(optimizer_tensors(optimizers())))
     saved = SavedTensors(lambda: list(model.parameters()))
-    handle = torch.optim.optimizer.register_optimizer_step_pre_hook(before_optimizer_step)
+    handle = register_optimizer_step_pre_hook(before_optimizer_step)
     cuda = device.type == "cuda"
     try:
         if cuda:
@@ -179,9 +203,9 @@ def measure_step(step: Callable[[], object], model: torch.nn.Module,
             torch.cuda.synchronize(device)
             peak = start + torch.cuda.max_memory_allocated(device) - base
         else:
-            with AllocationPeak() as alloc, saved:
+            with alloc.measure(), saved:
                 step()
-            peak = start + alloc.peak
+            peak = start  # + the allocations' peak, known when the profiler stops
     finally:
         handle.remove()
     opt_tensors = optimizer_tensors(optimizers())
@@ -198,3 +222,35 @@ def measure_step(step: Callable[[], object], model: torch.nn.Module,
 
 def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def measure_configuration(cfg, image_size, channels: int, num_classes: int, *, warmup: int | None = None,
+                          offload_dir=None) -> StepMemory:
+    """Build the model `cfg` describes (random weights, random images of the data's shape: memory does
+    not depend on values) and measure one steady-state training step on cfg.train.device. DiffusionBlocks
+    steps go round-robin through the blocks during warm-up, so every block has optimizer state, and the
+    measured step trains block 0 (after block B-1: under residency=active it includes the swap)."""
+    from .config import RunConfig
+    from .tasks.classify import build_classifier
+    from .train import METHODS, _place, resolve_device
+
+    cfg = RunConfig.from_dict(cfg.to_dict())
+    cfg.dblocks.block_choice = "round-robin"
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_classifier(cfg, image_size, channels, num_classes)
+    B = model.num_blocks if cfg.train.method == "dblocks" else 1
+    method = METHODS[cfg.train.method](model, cfg, 1000 * B, device=device, offload_dir=offload_dir)
+    residency = getattr(method, "residency", None)
+    _place(model, device, residency, None)
+    gen = torch.Generator().manual_seed(0)
+    n = cfg.train.batch_size
+    x = torch.rand(n, channels, *image_size, generator=gen).to(device)
+    y = torch.randint(num_classes, (n,), generator=gen).to(device)
+    try:
+        return measure_step(lambda: method.step(x, y), model, method.optimizers, device=device,
+                            offloaded=residency.offloaded_storages if residency else set,
+                            warmup=B if warmup is None else warmup)
+    finally:
+        if residency is not None:
+            residency.close()

@@ -22,7 +22,7 @@ GRID_KINDS = ("equiprob", "karras")
 
 
 def _f64(x) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=torch.float64)
+    return torch.as_tensor(x, dtype=torch.float64, device="cpu")
 
 
 class Levels(Protocol):
@@ -176,7 +176,7 @@ class Partition:
         gamma defaults to the paper's 0.05 (App. C; 0.1 for text)."""
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
-        frac = torch.arange(num_blocks + 1, dtype=torch.float64) / num_blocks
+        frac = torch.arange(num_blocks + 1, dtype=torch.float64, device="cpu") / num_blocks
         if kind == "equiprob":
             edges = levels.icdf(frac)
         elif kind == "uniform-log":
@@ -274,7 +274,7 @@ class Partition:
             raise ValueError(f"steps_per_block must be an integer >= 1, got {steps_per_block!r}")
         n = self.num_blocks * steps_per_block
         if kind == "equiprob":
-            k = torch.arange(steps_per_block, dtype=torch.float64) / steps_per_block
+            k = torch.arange(steps_per_block, dtype=torch.float64, device="cpu") / steps_per_block
             parts = []
             for b in range(self.num_blocks):
                 lo, hi = self.interval(b)
@@ -284,7 +284,7 @@ class Partition:
                 parts.append(part)
             grid = torch.cat(parts)
         elif kind == "karras":
-            i = torch.arange(n, dtype=torch.float64)
+            i = torch.arange(n, dtype=torch.float64, device="cpu")
             lo, hi = self.levels.lo, self.levels.hi
             if n == 1:
                 grid = _f64([hi])

@@ -1,0 +1,339 @@
+"""The memory planner: predict the training memory of each method before training anything.
+
+For a model (a preset or given sizes), a batch, a dtype and an optimizer it predicts, per configuration
+(e2e, e2e with activation checkpointing, DiffusionBlocks at each B with each residency policy, and
+DiffusionBlocks with checkpointing), the four parts of training memory on the device:
+
+- params, grads, optimizer: exact. The model is built on PyTorch's "meta" device (shapes, no storage),
+  so every parameter is counted as the real model has it; AdamW keeps two moments per parameter (and,
+  on a CPU, a 4-byte step counter per parameter tensor).
+- activations: what autograd saves for backward, from a per-layer formula over the tensors our layers
+  save (see `layer_activation_bytes`), checked against the measurement module (`diffusionblocks memory`,
+  tests/test_plan.py). It assumes fused attention (PyTorch's SDPA on CPU, flash or memory-efficient on
+  GPU); the math fallback also keeps the (T x T) attention matrix, which the formula does not include.
+  With checkpointing the activations are the groups' inputs, and `transient` adds the one group that
+  backward recomputes at a time.
+
+The total (the sum of the parts) is an upper bound on the steady tensors of a step; the measured peak
+(`diffusionblocks memory`) also shows the allocator's temporaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .config import RunConfig, allocation_of, validate
+
+DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+OPTIMIZERS = {"adamw": 2, "adam": 2, "momentum": 1, "sgd": 0}  # state tensors per parameter
+DATA_SHAPES = {"fashion-mnist": ((28, 28), 1, 10), "digits": ((8, 8), 1, 10), "cifar10": ((32, 32), 3, 10),
+               "cifar100": ((32, 32), 3, 100)}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'24GB' (10^9), '24GiB' or '24G' (2^30), '512MiB', '1.5TB', '1000' (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 24GB, 24GiB, 512MiB or 1e9 "
+                         f"(GB = 10^9 bytes, GiB = 2^30)") from None
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return int(value)
+
+
+@dataclass
+class Spec:
+    """What the planner needs: the run config (model sizes, method settings, batch) and the data shape."""
+
+    cfg: RunConfig
+    image_size: tuple[int, int]
+    channels: int
+    num_classes: int
+    dtype: str = "float32"
+    optimizer: str = "adamw"
+    device: str = "cpu"  # where AdamW's step counters live matters for exactness on a CPU only
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        h, w = self.image_size
+        for name, value in (("image height", h), ("image width", w), ("channels", self.channels),
+                            ("classes", self.num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        m = self.cfg.model
+        for name in ("depth", "width", "heads", "patch"):
+            value = getattr(m, name)
+            if value < 1:
+                raise ValueError(f"model.{name}={value}: must be >= 1")
+        if m.mlp_ratio <= 0:
+            raise ValueError(f"model.mlp_ratio={m.mlp_ratio}: must be > 0")
+        if self.cfg.train.batch_size < 1:
+            raise ValueError(f"batch size {self.cfg.train.batch_size}: must be >= 1")
+        validate(self.cfg)
+
+    @property
+    def bytes_per_element(self) -> int:
+        return DTYPES[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length through the layers: patches plus the CLS / label token."""
+        p = self.cfg.model.patch
+        return math.ceil(self.image_size[0] / p) * math.ceil(self.image_size[1] / p) + 1
+
+
+@dataclass(frozen=True)
+class Configuration:
+    method: str  # "e2e" or "dblocks"
+    num_blocks: int = 1
+    residency: str = "all"
+    checkpoint: int = 0  # layers per checkpointed group (0 = off)
+
+    @property
+    def name(self) -> str:
+        if self.method == "e2e":
+            return "e2e" + (f"+ckpt{self.checkpoint}" if self.checkpoint else "")
+        return f"dblocks B={self.num_blocks} {self.residency}" + (f"+ckpt{self.checkpoint}" if self.checkpoint else "")
+
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        cfg = RunConfig.from_dict(cfg.to_dict())
+        cfg.train.method = self.method
+        cfg.model.checkpoint = self.checkpoint
+        if self.method == "dblocks":
+            cfg.dblocks.num_blocks = self.num_blocks
+            cfg.dblocks.residency = self.residency
+            if cfg.model.depth % self.num_blocks:
+                cfg.dblocks.allocation = ",".join(str(n) for n in _even_allocation(cfg.model.depth, self.num_blocks))
+            elif allocation_of(cfg) and len(allocation_of(cfg)) != self.num_blocks:
+                cfg.dblocks.allocation = ""
+        return cfg
+
+
+def _even_allocation(depth: int, blocks: int) -> list[int]:
+    base, extra = divmod(depth, blocks)
+    return [base + 1] * extra + [base] * (blocks - extra)
+
+
+def configurations(depth: int, blocks=(2, 3, 4, 6), checkpoint: int = 1) -> list[Configuration]:
+    """The standard table: e2e, e2e+ckpt, dblocks at each B with both residencies, dblocks active+ckpt."""
+    out = [Configuration("e2e"), Configuration("e2e", checkpoint=checkpoint)]
+    for B in blocks:
+        if not 1 <= B <= depth:
+            raise ValueError(f"B={B}: must be between 1 and the number of layers ({depth})")
+        out += [Configuration("dblocks", B, "all"), Configuration("dblocks", B, "active"),
+                Configuration("dblocks", B, "active", checkpoint)]
+    return out
+
+
+# -- the parts ---------------------------------------------------------------------------------
+
+
+def _meta_model(spec: Spec, cfg: RunConfig):
+    from .tasks.classify import build_classifier
+
+    with torch.device("meta"):
+        return build_classifier(cfg, spec.image_size, spec.channels, spec.num_classes)
+
+
+def _state_bytes(params: list[torch.nn.Parameter], spec: Spec) -> int:
+    """Optimizer state of these parameters: moments in the training dtype, step counters (CPU, 4 bytes)."""
+    n = sum(p.numel() for p in params)
+    moments = OPTIMIZERS[spec.optimizer] * n * spec.bytes_per_element
+    counters = 4 * len(params) if spec.optimizer in ("adamw", "adam") and spec.device == "cpu" else 0
+    return moments + counters
+
+
+def layer_activation_bytes(spec: Spec) -> int:
+    """Bytes one transformer layer saves for backward at this batch (N), tokens (T), width (D).
+
+    Per token, each sublayer keeps its input h (for the norm) and the normalised, modulated input (for
+    the first linear); attention keeps q|k|v (3D) and its output (D, which the output projection reads
+    as a view), MLP its hidden pre- and post-activation (2 * hidden). Per token also the norms' mean and
+    rstd (float32) and attention's log-sum-exp per head (float32). adaLN-zero adds, per sample, the SiLU
+    of the conditioning and the (shift, scale, gate) projection for each sublayer; without gate
+    recomputation it keeps each branch's output too (2D per token)."""
+    m, s = spec.cfg.model, spec.bytes_per_element
+    N, T, D = spec.cfg.train.batch_size, spec.tokens, m.width
+    hidden = int(D * m.mlp_ratio)
+    per_token = s * (8 * D + 2 * hidden) + 4 * (4 + m.heads)
+    per_sample = 0
+    if m.layer == "adaln":
+        per_sample = 2 * s * (D + 3 * D)  # SiLU(c) and the modulation output, per sublayer (cond dim = D)
+        if not m.gate_recompute:
+            per_token += 2 * s * D
+    if m.dropout > 0:  # the MLP's dropout keeps a 1-byte mask (attention dropout is not modelled)
+        per_token += hidden
+    return N * (T * per_token + per_sample)
+
+
+def stem_head_activation_bytes(spec: Spec, method: str) -> int:
+    """Bytes the parts around the layers save: the image for the patch convolution, the head's norm
+    and linear on the read token, the loss; for dblocks also the label embedding's input and the noise
+    embedding's MLP."""
+    m, s = spec.cfg.model, spec.bytes_per_element
+    N, D = spec.cfg.train.batch_size, m.width
+    h, w = spec.image_size
+    image = N * spec.channels * h * w * s
+    head = N * (2 * D * s + 8) + N * spec.num_classes * s  # LN input copy + stats, LN output; log-softmax
+    if method == "e2e":
+        cond = N * D * s if m.layer == "adaln" else 0  # the zero conditioning vector, once for all layers
+        return image + head + cond
+    label_dim = m.label_dim or D
+    noise_embedding = N * (256 + 3 * D) * s  # sinusoidal features, hidden (SiLU input and output), c
+    label = N * label_dim * s  # label_in's input
+    readout = N * label_dim * s  # D(z) into the readout
+    return image + head + noise_embedding + label + readout
+
+
+def predict(spec: Spec, conf: Configuration) -> dict:
+    """The four parts (and the recomputation transient) for one configuration, in bytes."""
+    cfg = conf.apply(spec.cfg)
+    model = _meta_model(spec, cfg)
+    s, depth = spec.bytes_per_element, cfg.model.depth
+    layer = layer_activation_bytes(dataclasses.replace(spec, cfg=cfg))
+    N, T, D = cfg.train.batch_size, spec.tokens, cfg.model.width
+
+    def layer_part(n_layers: int) -> tuple[int, int]:
+        if not conf.checkpoint:
+            return n_layers * layer, 0
+        k = min(conf.checkpoint, n_layers)
+        return math.ceil(n_layers / k) * N * T * D * s, k * layer
+
+    if conf.method == "e2e":
+        params = list(model.parameters())
+        acts, transient = layer_part(depth)
+        acts += stem_head_activation_bytes(spec, "e2e")
+        resident, trained, with_state = params, params, params
+        block_layers = depth
+    else:
+        B = model.num_blocks
+        shared = model.shared_parameters()
+        blocks = [model.block_parameters(b) for b in range(B)]
+        big = max(range(B), key=lambda b: (model.stack.allocation[b], sum(p.numel() for p in blocks[b])))
+        block_layers = model.stack.allocation[big]
+        acts, transient = layer_part(block_layers)
+        acts += stem_head_activation_bytes(spec, "dblocks")
+        trained = blocks[big] + shared
+        if conf.residency == "all":
+            resident = with_state = [p for params in blocks for p in params] + shared
+        else:
+            resident = with_state = trained
+    numel = lambda ps: sum(p.numel() for p in ps)
+    optimizer = _state_bytes(with_state, spec)
+    if conf.method == "dblocks" and conf.residency == "active" and spec.device == "cpu" \
+            and spec.optimizer in ("adamw", "adam"):
+        # idle blocks' step counters are 0-d CPU tensors: they stay where they are
+        optimizer += 4 * (len(list(model.parameters())) - len(with_state))
+    out = {"name": conf.name, "method": conf.method, "num_blocks": conf.num_blocks, "residency": conf.residency,
+           "checkpoint": conf.checkpoint, "layers_per_step": block_layers,
+           "params": numel(resident) * s, "grads": numel(trained) * s, "optimizer": optimizer,
+           "activations": acts, "transient": transient}
+    out["total"] = out["params"] + out["grads"] + out["optimizer"] + out["activations"] + transient
+    return out
+
+
+def plan(spec: Spec, confs: list[Configuration], device_memory: int | None = None) -> dict:
+    rows = [predict(spec, c) for c in confs]
+    if device_memory is not None:
+        for r in rows:
+            r["fits"] = r["total"] <= device_memory
+    m = spec.cfg.model
+    return {"model": {"depth": m.depth, "width": m.width, "heads": m.heads, "mlp_ratio": m.mlp_ratio,
+                      "patch": m.patch, "tokens": spec.tokens, "layer": m.layer},
+            "data": {"image_size": list(spec.image_size), "channels": spec.channels, "classes": spec.num_classes},
+            "batch_size": spec.cfg.train.batch_size, "dtype": spec.dtype, "optimizer": spec.optimizer,
+            "device_memory": device_memory, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    """A fixed-width table in MiB; rows that carry a "measured" entry show the measurement beside them."""
+    mib = lambda n: f"{n / 2**20:.1f}"
+    measured = any("measured" in r for r in result["rows"])
+    head = f"{'configuration':<26}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'transient':>10}{'total':>9}"
+    if measured:
+        head += f" |{'activ':>9}{'total':>9}{'peak':>9}"
+    if result.get("device_memory"):
+        head += "  fits"
+    lines = ["MiB; left of | the planner's prediction, right of it the measurement" if measured else "MiB", head]
+    for r in result["rows"]:
+        line = (f"{r['name']:<26}{mib(r['params']):>9}{mib(r['grads']):>9}{mib(r['optimizer']):>9}"
+                f"{mib(r['activations']):>9}{mib(r['transient']):>10}{mib(r['total']):>9}")
+        if measured:
+            m = r.get("measured")
+            line += f" |{mib(m['activations']):>9}{mib(m['total']):>9}{mib(m['peak']):>9}" if m else " |" + " " * 27
+        if result.get("device_memory"):
+            line += "  yes" if r["fits"] else "  NO"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def measure_all(spec: Spec, confs: list[Configuration], progress: bool = True, offload_dir=None) -> dict:
+    """`plan` plus, for every row, a measurement of one steady-state step on this machine."""
+    import sys
+    import time
+
+    from .memory import measure_configuration
+
+    result = plan(spec, confs)
+    for i, (conf, row) in enumerate(zip(confs, result["rows"])):
+        t0 = time.perf_counter()
+        cfg = conf.apply(spec.cfg)
+        row["measured"] = measure_configuration(cfg, spec.image_size, spec.channels, spec.num_classes,
+                                                offload_dir=offload_dir).to_dict()
+        if progress:
+            print(f"[memory] {i + 1}/{len(confs)} {conf.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return result
+
+
+def plot_memory(result: dict, path) -> bool:
+    """Measured peak training memory vs B, one line per method (e2e as horizontal lines); the
+    planner's total as crosses. False when matplotlib is missing."""
+    from .compare import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return False
+    rows = result["rows"]
+    mib = lambda n: n / 2**20
+    value = lambda r: mib(r["measured"]["peak"] if "measured" in r else r["total"])
+    what = "measured peak" if all("measured" in r for r in rows) else "predicted total"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        ckpt = f" + ckpt{r['checkpoint']}" if r["checkpoint"] else ""
+        if r["method"] == "e2e":
+            c = next(colors)
+            ax.axhline(value(r), color=c, ls="--", label=f"e2e{ckpt}")
+            ax.axhline(mib(r["total"]), color=c, ls=":", lw=0.8)
+        else:
+            series.setdefault(f"dblocks, {r['residency']}{ckpt}", []).append(r)
+    for label, rs in series.items():
+        c = next(colors)
+        xs = [r["num_blocks"] for r in rs]
+        ax.plot(xs, [value(r) for r in rs], "o-", color=c, label=label)
+        ax.plot(xs, [mib(r["total"]) for r in rs], "x", color=c, ms=9)
+    ax.set_xticks(sorted({r["num_blocks"] for r in rows if r["method"] == "dblocks"}))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("number of blocks B")
+    ax.set_ylabel(f"training memory per step, MiB ({what})")
+    m = result["model"]
+    ax.set_title(f"{m['depth']}-layer ViT, width {m['width']}, {m['tokens']} tokens, batch {result['batch_size']} "
+                 f"({result['dtype']}); x and dotted: planner", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
