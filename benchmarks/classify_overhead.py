@@ -48,8 +48,7 @@ def main():
 
     def block_cycle():  # each block once, as B consecutive dblocks steps
         for b in range(B):
-            dblocks.pick_block = lambda b=b: b
-            dblocks.step(x, y)
+            dblocks.step(x, y, b)
 
     times = {"e2e": [], "dblocks_cycle": []}
     for i in range(args.warmup + args.repeats):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
 from .config import apply_overrides, load_preset, validate
@@ -63,22 +64,53 @@ def _run_config(args: argparse.Namespace):
         cfg.train.steps = args.steps
     if getattr(args, "seed", None) is not None:
         cfg.train.seed = args.seed
+    if getattr(args, "blocks", None) is not None:
+        cfg.train.blocks = args.blocks
+    if getattr(args, "parallel", None) is not None:
+        cfg.train.parallel = args.parallel
     return validate(apply_overrides(cfg, args.overrides))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from . import io
+    from .config import RunConfig
+    from .jobs import train_parallel
+    from .train import CONFIG, train
 
     if args.resume:
-        results = train(None, args.resume, resume=True, progress=not args.no_progress)
+        config = Path(args.resume) / CONFIG
+        parallel = config.exists() and RunConfig.from_dict(io.load_json(config)).train.parallel == "blocks"
+        if parallel or args.parallel == "blocks":  # every rank resumes its own job directory
+            results = train_parallel(RunConfig.from_dict(io.load_json(config)), args.resume, resume=True,
+                                     progress=not args.no_progress)
+        else:
+            results = train(None, args.resume, resume=True, progress=not args.no_progress)
     else:
         if not args.out:
             raise ValueError("--out DIR is required (or --resume DIR to continue a run)")
-        results = train(_run_config(args), args.out, progress=not args.no_progress)
+        cfg = _run_config(args)
+        if cfg.train.parallel == "blocks":
+            results = train_parallel(cfg, args.out, progress=not args.no_progress)
+        else:
+            results = train(cfg, args.out, progress=not args.no_progress)
+    if "test_accuracy" not in results:  # a per-block job, or a rank other than 0
+        print(f"trained blocks {results.get('blocks', '')}: {results.get('layer_updates')} layer-updates; "
+              f"merge the jobs of all blocks with: diffusionblocks merge RUN... --out DIR")
+        return 0
     steps = ", ".join(f"{100 * a:.2f}" for a in results["accuracy_per_step"])
     print(f"{results['method']}: test accuracy {100 * results['test_accuracy']:.2f}% "
           f"(after each inference step: {steps}); {results['layer_updates']} layer-updates in "
           f"{results['train_seconds']:.1f} s")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .jobs import merge
+
+    record = merge(args.runs, args.out, allow_missing=args.allow_missing)
+    owners = ", ".join(f"block {b} <- {r}" for b, r in record["owner"].items())
+    print(f"merged into {args.out}: {owners}" + (f"; MISSING {record['missing']}" if record["missing"] else ""))
+    print(f"evaluate with: diffusionblocks eval {args.out}")
     return 0
 
 
@@ -280,8 +312,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="run directory")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
+    p.add_argument("--blocks", default=None, metavar="LIST",
+                   help="dblocks: train only these blocks, e.g. 0,2 (a per-block job; merge the jobs afterwards)")
+    p.add_argument("--parallel", choices=("none", "blocks"), default=None,
+                   help="blocks: under torchrun, spread the blocks over the processes")
     _add_run_args(p, "fashion")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="assemble one model from per-block jobs",
+                       description="Merge per-block job directories (train --blocks ...) into one run directory "
+                                   "that `eval` reads. Refuses jobs whose partition, architecture, data or config "
+                                   "differ, a block owned twice, unfinished jobs, and missing blocks.")
+    p.add_argument("runs", nargs="+", help="per-block job directories")
+    p.add_argument("--out", required=True, help="directory of the merged run")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="merge even if some blocks are in no job (they keep their untrained initial weights)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("eval", help="re-evaluate a trained run",
                        description="Evaluate a run's checkpoint on the full test set; for DiffusionBlocks the "

@@ -83,6 +83,8 @@ class TrainConfig:
     threads: int = 0  # torch threads (0 = torch's default)
     device: str = "cpu"  # "cpu", "cuda", "cuda:N", or "auto" (cuda when available)
     offload_dir: str = ""  # residency=active on a CPU: where idle blocks are memory-mapped ("" = the run's dir)
+    blocks: str = ""  # dblocks: train only these blocks, e.g. "0,2" (a per-block job; "" = all)
+    parallel: str = "none"  # "blocks": under torchrun, spread the blocks over the ranks (jobs.py)
 
 
 @dataclass
@@ -172,6 +174,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (d.block_choice in ("random", "round-robin", "sequential"),
          f"dblocks.block_choice={d.block_choice!r}: expected 'random', 'round-robin' or 'sequential'"),
         (d.residency in ("all", "active"), f"dblocks.residency={d.residency!r}: expected 'all' or 'active'"),
+        (t.parallel in ("none", "blocks"), f"train.parallel={t.parallel!r}: expected 'none' or 'blocks'"),
         (t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda"),
          f"train.device={t.device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto'"),
         (d.loss_weight in ("edm", "none"), f"dblocks.loss_weight={d.loss_weight!r}: expected 'edm' or 'none'"),

@@ -228,8 +228,9 @@ def measure_configuration(cfg, image_size, channels: int, num_classes: int, *, w
                           offload_dir=None) -> StepMemory:
     """Build the model `cfg` describes (random weights, random images of the data's shape: memory does
     not depend on values) and measure one steady-state training step on cfg.train.device. DiffusionBlocks
-    steps go round-robin through the blocks during warm-up, so every block has optimizer state, and the
-    measured step trains block 0 (after block B-1: under residency=active it includes the swap)."""
+    steps go round-robin through the blocks during warm-up, twice, so that every block has optimizer state
+    and (residency=active) an off-device home already; the measured step trains block 0 after block B-1,
+    so under residency=active it includes a swap."""
     from .config import RunConfig
     from .tasks.classify import build_classifier
     from .train import METHODS, _place, resolve_device
@@ -250,7 +251,7 @@ def measure_configuration(cfg, image_size, channels: int, num_classes: int, *, w
     try:
         return measure_step(lambda: method.step(x, y), model, method.optimizers, device=device,
                             offloaded=residency.offloaded_storages if residency else set,
-                            warmup=B if warmup is None else warmup)
+                            warmup=2 * B if warmup is None else warmup)
     finally:
         if residency is not None:
             residency.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,23 +30,26 @@ class Residency:
     `optimizers[b]` its torch optimizer, `extra[b]` a dict whose tensors belong to block b too (e.g.
     its EMA weights; values are replaced in place), `shared` the parameters every block uses."""
 
-    def __init__(self, policy: str, device: torch.device | str, blocks: list[list[nn.Parameter]],
-                 optimizers: list[torch.optim.Optimizer], shared: list[nn.Parameter] = (),
-                 extra: list[tuple[dict, list[str]]] | None = None, directory: str | Path | None = None):
+    def __init__(self, policy: str, device: torch.device | str, blocks: dict[int, list[nn.Parameter]] | list,
+                 optimizers: dict[int, torch.optim.Optimizer] | list, shared: list[nn.Parameter] = (),
+                 extra: dict[int, tuple[dict, list[str]]] | None = None, directory: str | Path | None = None):
         """`directory`: where a CPU run's offload files go (a fresh hidden subfolder, deleted by close();
         None = the system's temporary folder)."""
         if policy not in ("all", "active"):
             raise ValueError(f"residency={policy!r}: expected 'all' or 'active'")
         self.policy, self.device = policy, torch.device(device)
-        self.blocks, self.optimizers, self.shared = blocks, optimizers, list(shared)
-        self.extra = extra or [({}, []) for _ in blocks]
+        as_dict = lambda v: dict(enumerate(v)) if isinstance(v, (list, tuple)) else dict(v)
+        self.blocks, self.optimizers, self.shared = as_dict(blocks), as_dict(optimizers), list(shared)
+        self.extra = as_dict(extra) if extra is not None else {b: ({}, []) for b in self.blocks}
         self.active: int | None = None
-        self.swaps = 0
+        self.swaps, self.swap_seconds = 0, 0.0
         self._store: dict[tuple[int, str], torch.Tensor] = {}  # (block, slot) -> off-device copy
         self._homes: set[int] = set()  # their storages
         self._tmp = None
         if policy == "active" and self.device.type == "cpu":
             # on disk, not in a tmpfs such as /tmp may be: the point is to leave RAM
+            if directory is not None:
+                Path(directory).mkdir(parents=True, exist_ok=True)
             self._tmp = tempfile.mkdtemp(prefix=".offload-", dir=directory)
             self.directory = Path(self._tmp)
 
@@ -100,7 +104,7 @@ class Residency:
         """Place everything according to the policy (after the model and its state are loaded)."""
         for p in self.shared:
             p.data = p.data.to(self.device)
-        for b in range(len(self.blocks)):
+        for b in self.blocks:
             if self.policy == "all":
                 self.load(b)
             else:
@@ -111,11 +115,15 @@ class Residency:
         """Make block b resident (and, under `active`, the previously active block not)."""
         if self.policy == "all" or self.active == b:
             return
+        t0 = time.perf_counter()
         if self.active is not None:
             self.evict(self.active)
         self.load(b)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.active = b
         self.swaps += 1
+        self.swap_seconds += time.perf_counter() - t0
 
     @contextlib.contextmanager
     def all_resident(self):
@@ -125,12 +133,12 @@ class Residency:
             yield
             return
         previous = self.active
-        for b in range(len(self.blocks)):
+        for b in self.blocks:
             self.load(b)
         try:
             yield
         finally:
-            for b in range(len(self.blocks)):
+            for b in self.blocks:
                 if b != previous:
                     self.evict(b)
 
@@ -140,7 +148,7 @@ class Residency:
     def offloaded_bytes(self) -> int:
         """Bytes currently held off the device."""
         live = set()
-        for b in range(len(self.blocks)):
+        for b in self.blocks:
             for _, get, _ in self._slots(b):
                 t = get()
                 if self.is_offloaded(t):

@@ -104,7 +104,10 @@ class EndToEnd:
         self.opt = Optimizer(self.params, cfg, total_steps)
         self.layers = cfg.model.depth
 
-    def step(self, x, y) -> dict:
+    def next_block(self) -> int:
+        return 0
+
+    def step(self, x, y, block: int | None = None) -> dict:
         loss = self.model.loss(x, y).mean()
         norm = _backward(loss, self.params, self.cfg.train.clip)
         if norm is None:
@@ -131,56 +134,71 @@ class DBlocks:
     the steps, then block 1, ...). Under "sequential" a shared stem/head is trained during block 0's
     phase only and frozen afterwards: were it trained on, the later blocks would move the stem/head under
     the earlier ones, which never see it again. With a replicated stem/head (dblocks.shared_stem_head=
-    false) the blocks are independent and every schedule trains the same model in distribution.
+    false) the blocks are independent: each has its own optimizer and its own noise stream (and, in the
+    loop, its own data order), so round-robin, sequential, per-block jobs and parallel ranks all train
+    exactly the same weights (jobs.py).
 
-    Where blocks live is the residency policy (residency.py): "all" on the device, or only the "active" one.
+    `blocks` limits the run to some blocks (a per-block job): the others are not materialised at all
+    (their parameters stay on the "meta" device). Where the owned blocks live is the residency policy
+    (residency.py): "all" on the device, or only the "active" one.
     """
 
     name = "dblocks"
 
     def __init__(self, model, cfg: RunConfig, total_steps: int, *, device: torch.device | str = "cpu",
-                 offload_dir: str | os.PathLike | None = None, ema: EMA | None = None):
+                 offload_dir: str | os.PathLike | None = None, ema: EMA | None = None,
+                 blocks: list[int] | None = None):
         self.model, self.cfg, self.total = model, cfg, total_steps
         B = model.num_blocks
+        self.owned = list(range(B)) if blocks is None else list(blocks)
+        self.share = total_steps // len(self.owned)  # steps per block
         self.sequential = cfg.dblocks.block_choice == "sequential"
         self.shared_params = model.shared_parameters()
-        self.block_params = [model.block_parameters(b) for b in range(B)]
-        covered = {id(p) for params in self.block_params + [self.shared_params] for p in params}
+        all_blocks = {b: model.block_parameters(b) for b in range(B)}
+        covered = {id(p) for params in [*all_blocks.values(), self.shared_params] for p in params}
         missing = [n for n, p in model.named_parameters() if id(p) not in covered]
         if missing:
             raise RuntimeError(f"parameters owned by no block and not shared: {missing[:5]}")
-        self.trained = [{id(p) for p in params + self.shared_params} for params in self.block_params]
-        self.opts = [Optimizer(p, cfg, total_steps // B) for p in self.block_params]
-        self.shared_opt = (Optimizer(self.shared_params, cfg, total_steps // B if self.sequential else total_steps)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.unowned_names = {names[id(p)] for b in range(B) if b not in self.owned for p in all_blocks[b]}
+        for b in range(B):
+            if b not in self.owned:  # not trained here: shapes only, no memory
+                for module in model.block_modules(b):
+                    module.to("meta")
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.block_params = {b: all_blocks[b] for b in self.owned}
+        self.trained = {b: {id(p) for p in params + self.shared_params} for b, params in self.block_params.items()}
+        self.opts = {b: Optimizer(p, cfg, self.share) for b, p in self.block_params.items()}
+        self.shared_opt = (Optimizer(self.shared_params, cfg, self.share if self.sequential else total_steps)
                            if self.shared_params else None)
         self.choice = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17)
-        self.noise = torch.Generator().manual_seed(cfg.train.seed * 7919 + 29)
-        self.next_block = 0  # for round-robin
+        self.noise = {b: torch.Generator().manual_seed(stream_seed(cfg.train.seed, b) + 2) for b in self.owned}
+        self.next_index = 0  # for round-robin
         self.steps_done = 0  # for sequential
-        names = {id(p): n for n, p in model.named_parameters()}
-        extra = [(ema.shadow, [names[id(p)] for p in params]) if ema is not None else ({}, [])
-                 for params in self.block_params]
-        self.residency = Residency(cfg.dblocks.residency, device, self.block_params, [o.opt for o in self.opts],
-                                   self.shared_params, extra=extra, directory=offload_dir)
+        extra = {b: (ema.shadow, [names[id(p)] for p in params]) if ema is not None else ({}, [])
+                 for b, params in self.block_params.items()}
+        self.residency = Residency(cfg.dblocks.residency, device, self.block_params,
+                                   {b: o.opt for b, o in self.opts.items()}, self.shared_params, extra=extra,
+                                   directory=offload_dir)
 
-    def pick_block(self) -> int:
-        B = self.model.num_blocks
+    def next_block(self) -> int:
+        n = len(self.owned)
         if self.sequential:
-            return min(B - 1, self.steps_done * B // self.total)
+            return self.owned[min(n - 1, self.steps_done * n // self.total)]
         if self.cfg.dblocks.block_choice == "round-robin":
-            block, self.next_block = self.next_block, (self.next_block + 1) % B
-            return block
-        return int(torch.randint(B, (1,), generator=self.choice))
+            return self.owned[self.next_index % n]
+        return self.owned[int(torch.randint(n, (1,), generator=self.choice))]
 
-    def step(self, x, y) -> dict:
-        block = self.pick_block()
+    def step(self, x, y, block: int | None = None) -> dict:
+        block = self.next_block() if block is None else block
         self.steps_done += 1
+        self.next_index += 1
         self.residency.activate(block)
-        train_shared = bool(self.shared_params) and (not self.sequential or block == 0)
+        train_shared = bool(self.shared_params) and (not self.sequential or block == self.owned[0])
         for p in self.shared_params:
             p.requires_grad_(train_shared)
         params = self.block_params[block] + (self.shared_params if train_shared else [])
-        loss = self.model.block_loss(block, x, y, self.noise).mean()
+        loss = self.model.block_loss(block, x, y, self.noise[block]).mean()
         norm = _backward(loss, params, self.cfg.train.clip)
         if norm is None:
             return {"skipped": True, "block": block, "loss": loss.item(), "layers": 0}
@@ -192,23 +210,44 @@ class DBlocks:
                 "layers": self.model.stack.allocation[block], "trained": self.trained[block]}
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o.opt for o in self.opts] + ([self.shared_opt.opt] if self.shared_opt else [])
+        return [o.opt for o in self.opts.values()] + ([self.shared_opt.opt] if self.shared_opt else [])
 
     def state_dict(self):
-        return {"opts": [o.state_dict() for o in self.opts],
+        return {"opts": {b: o.state_dict() for b, o in self.opts.items()},
                 "shared_opt": self.shared_opt.state_dict() if self.shared_opt else None,
-                "choice": self.choice.get_state(), "noise": self.noise.get_state(), "next_block": self.next_block,
-                "steps_done": self.steps_done}
+                "choice": self.choice.get_state(), "noise": {b: g.get_state() for b, g in self.noise.items()},
+                "next_index": self.next_index, "steps_done": self.steps_done}
 
     def load_state_dict(self, state):
-        for o, s in zip(self.opts, state["opts"]):
-            o.load_state_dict(s)
+        for b, o in self.opts.items():
+            o.load_state_dict(state["opts"][b])
         if self.shared_opt is not None:
             self.shared_opt.load_state_dict(state["shared_opt"])
         self.choice.set_state(state["choice"])
-        self.noise.set_state(state["noise"])
-        self.next_block = state["next_block"]
-        self.steps_done = state.get("steps_done", 0)
+        for b, g in self.noise.items():
+            g.set_state(state["noise"][b])
+        self.next_index, self.steps_done = state["next_index"], state["steps_done"]
+
+
+def stream_seed(seed: int, block: int | None = None) -> int:
+    """Seed of one block's streams (data order, augmentation, noise): a function of (seed, block) only.
+    End-to-end training (block None) has one stream seeded by `seed`."""
+    return seed if block is None else (seed * 1_000_003 + 7_919 * (block + 1)) % 2**62
+
+
+class Stream:
+    """One block's data order and augmentation randomness (resumable)."""
+
+    def __init__(self, ds: ImageDataset, batch_size: int, seed: int):
+        self.batches = Batches(ds.x_train, ds.y_train, min(batch_size, len(ds.y_train)), seed=seed)
+        self.aug = torch.Generator().manual_seed(seed + 1)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.state_dict(), "aug": self.aug.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.batches.load_state_dict(state["batches"])
+        self.aug.set_state(state["aug"])
 
 
 def _free_grads(params: list[nn.Parameter]):
@@ -339,13 +378,20 @@ def build_model(cfg: RunConfig, ds: ImageDataset) -> nn.Module:
     return build_classifier(cfg, ds.image_size, ds.channels, ds.num_classes)
 
 
+def _model_state(model, method) -> dict:
+    """The weights this run holds (a per-block job leaves out the blocks it does not own)."""
+    skip = getattr(method, "unowned_names", set())
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
+
+
 def _save_checkpoint(out: Path, model, method, ema, state: dict):
-    io.save_safetensors(dict(model.state_dict()), out / WEIGHTS, metadata={"step": str(state["step"])})
+    weights = _model_state(model, method)
+    io.save_safetensors(weights, out / WEIGHTS, metadata={"step": str(state["step"])})
     if ema is not None:  # the evaluation weights: the state dict with parameters replaced by their averages
-        averaged = dict(model.state_dict(), **ema.shadow)
+        averaged = dict(weights, **{k: v for k, v in ema.shadow.items() if k in weights})
         io.save_safetensors(averaged, out / EMA_WEIGHTS, metadata={"step": str(state["step"])})
     full = dict(state, method=method.state_dict(), torch_rng=torch.get_rng_state(),
-                ema=ema.shadow if ema is not None else None)
+                ema={k: v for k, v in ema.shadow.items() if k in weights} if ema is not None else None)
     io.atomic_torch_save(full, out / STATE)
 
 
@@ -356,6 +402,9 @@ def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, ImageD
     if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
         raise ValueError(f"{run} is not a run directory: it needs {CONFIG} and {WEIGHTS}")
     cfg = validate(RunConfig.from_dict(io.load_json(run / CONFIG)))
+    if cfg.train.blocks.strip():
+        raise ValueError(f"{run} is a per-block job (blocks {cfg.train.blocks}): merge the jobs of all blocks "
+                         f"first (diffusionblocks merge RUN... --out DIR), then evaluate the merged run")
     ds = _prepare_data(cfg)
     model = build_model(cfg, ds)
     weights, _ = io.load_safetensors(run / (EMA_WEIGHTS if (run / EMA_WEIGHTS).exists() else WEIGHTS))
@@ -363,38 +412,72 @@ def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, ImageD
     return cfg, model, ds
 
 
+def build_model_for(cfg: RunConfig) -> nn.Module:
+    """The freshly initialised model of a config (its dataset is read for the shapes)."""
+    return build_model(cfg, _prepare_data(cfg))
+
+
 def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train one run into `out_dir`; with resume=True continue the run saved there. Returns results."""
+    """Train one run into `out_dir`; with resume=True continue the run saved there. Returns results.
+
+    With train.blocks set (dblocks only) the run is a per-block job: it trains those blocks only and
+    writes job.json for `merge`; with train.parallel=blocks it is one rank of a torchrun (jobs.py)."""
+    from .jobs import check_independent
+
     out = Path(out_dir)
     if resume:
         if not (out / STATE).exists():
             raise ValueError(f"cannot resume: {out / STATE} does not exist (was the run started in {out}?)")
         cfg = RunConfig.from_dict(io.load_json(out / CONFIG))
     validate(cfg)
+    partial = cfg.train.method == "dblocks" and bool(cfg.train.blocks.strip())
+    if cfg.train.method != "dblocks" and cfg.train.blocks.strip():
+        raise ValueError("train.blocks (--blocks) selects DiffusionBlocks blocks: it needs --method dblocks")
+    if partial:
+        check_independent(cfg, "a per-block job (--blocks)")
+    threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    try:
+        return _train(cfg, out, resume, progress, partial)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, partial: bool) -> dict:
+    from .jobs import JOB, job_record, owned_blocks
+
     out.mkdir(parents=True, exist_ok=True)
     ds = _prepare_data(cfg)
     model = build_model(cfg, ds)
     device = resolve_device(cfg.train.device)
-    total, rule = total_steps_for(cfg)
+    B = cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1
+    owned = owned_blocks(cfg) if cfg.train.method == "dblocks" else [0]
+    all_steps, rule = total_steps_for(cfg)
+    total = all_steps // B * len(owned) if partial else all_steps
     ema = EMA(model, cfg.train.ema) if cfg.train.ema else None
-    method = METHODS[cfg.train.method](model, cfg, total, device=device, ema=ema,
+    method = METHODS[cfg.train.method](model, cfg, total, device=device, ema=ema, blocks=owned,
                                        offload_dir=cfg.train.offload_dir or out)
     residency = getattr(method, "residency", None)
-    batches = Batches(ds.x_train, ds.y_train, min(cfg.train.batch_size, len(ds.y_train)), seed=cfg.train.seed)
-    aug_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    B = cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1
+    if cfg.train.method == "e2e":  # one stream, seeded by the run's seed
+        streams = {0: Stream(ds, cfg.train.batch_size, stream_seed(cfg.train.seed))}
+    else:  # one per block, seeded by (seed, block): a block's data does not depend on the other blocks
+        streams = {b: Stream(ds, cfg.train.batch_size, stream_seed(cfg.train.seed, b)) for b in owned}
     state = {"step": 0, "layer_updates": 0, "train_seconds": 0.0, "skipped": 0, "curve": [],
              "block_updates": [0] * B}
     if resume:
         weights, _ = io.load_safetensors(out / WEIGHTS)
-        model.load_state_dict(weights)
+        unexpected = set(weights) - set(model.state_dict())
+        missing = set(model.state_dict()) - set(weights) - getattr(method, "unowned_names", set())
+        if unexpected or missing:
+            raise ValueError(f"{out / WEIGHTS} does not match the run's config (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]})")
+        model.load_state_dict(weights, strict=False)
         saved = io.load_torch(out / STATE)
         method.load_state_dict(saved["method"])
         torch.set_rng_state(saved["torch_rng"])
-        batches.load_state_dict(saved["batches"])
-        aug_gen.set_state(saved["aug_gen"])
+        for b, st in streams.items():
+            st.load_state_dict(saved["streams"][b])
         if ema is not None:
             ema.shadow.update(saved["ema"])
         state = {k: saved[k] for k in state}
@@ -406,18 +489,22 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
             print(f"warning: {out} holds an earlier run; starting afresh over it", file=sys.stderr)
         io.atomic_write_text(out / CONFIG, save_config(cfg))
         io.atomic_write_text(out / METRICS, "")
+    if partial:
+        io.save_json(out / JOB, job_record(cfg, model, owned, total // len(owned)))
     _place(model, device, residency, ema)
-    print(f"{cfg.train.method}: {ds.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"budget: {rule}; device {device}" + (f", residency {residency.policy}" if residency else ""),
-          file=sys.stderr)
-    # ten evaluations over the run's layer-updates (total steps of depth / B layers each)
+    n_params = sum(p.numel() for p in model.parameters() if p.device.type != "meta")
+    print(f"{cfg.train.method}: {ds.describe()}; {n_params:,} parameters; budget: {rule}"
+          + (f"; this job: blocks {owned}, {total} steps" if partial else "")
+          + f"; device {device}" + (f", residency {residency.policy}" if residency else ""), file=sys.stderr)
+    # ten evaluations over the run's layer-updates (total steps of depth / B layers each); none in a
+    # per-block job, which cannot run the whole chain
     eval_every = cfg.train.eval_every or max(1, total * cfg.model.depth // B // 10)
 
     def checkpoint():
-        _save_checkpoint(out, model, method, ema, dict(state, batches=batches.state_dict(),
-                                                       aug_gen=aug_gen.get_state()))
+        positions = {b: st.state_dict() for b, st in streams.items()}
+        _save_checkpoint(out, model, method, ema, dict(state, streams=positions))
 
-    bar = Progress(total, f"{cfg.train.method}", progress)
+    bar = Progress(total, f"{cfg.train.method}" + (f" blocks {cfg.train.blocks}" if partial else ""), progress)
     window: dict = {"loss": [], "blocks": {}}
     model.train()
     try:
@@ -428,18 +515,19 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
                     print(f"interrupted at step {state['step']}/{total}; checkpoint saved. Continue with: "
                           f"diffusionblocks train --resume {out}", file=sys.stderr)
                     raise KeyboardInterrupt
-                xb, yb = next(batches)
+                block = method.next_block()
+                stream = streams[block]
+                xb, yb = next(stream.batches)
                 t0 = time.perf_counter()
-                x = augment(to_float(xb), generator=aug_gen, crop_padding=cfg.data.crop_padding,
+                x = augment(to_float(xb), generator=stream.aug, crop_padding=cfg.data.crop_padding,
                             hflip=cfg.data.hflip and ds.hflip).to(device)
-                m = method.step(x, yb.to(device))
+                m = method.step(x, yb.to(device), block)
                 if ema is not None and not m.get("skipped"):
                     ema.update(model, m["trained"])
                 state["train_seconds"] += time.perf_counter() - t0
                 state["step"] += 1
                 before = state["layer_updates"]
                 state["layer_updates"] += m["layers"]
-                block = m.get("block", 0)
                 if m.get("skipped"):
                     state["skipped"] += 1
                     warnings.warn(f"step {state['step']}: non-finite loss or gradient (loss={m['loss']}); "
@@ -451,9 +539,10 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
                     w["loss"].append(m["loss"])
                     w["grad_norm"].append(m["grad_norm"])
                 if state["step"] % cfg.train.log_every == 0 or state["step"] == total:
-                    _log(out, state, window, m, B, warn_starved=cfg.dblocks.block_choice != "sequential")
+                    _log(out, state, window, m, B, warn_starved=cfg.dblocks.block_choice == "random" and not partial)
                     window = {"loss": [], "blocks": {}}
-                if state["layer_updates"] // eval_every > before // eval_every and state["step"] < total:
+                if not partial and state["layer_updates"] // eval_every > before // eval_every \
+                        and state["step"] < total:
                     ev = _evaluate_with(model, ema, ds, cfg, cfg.train.eval_limit, residency)
                     state["curve"].append({"step": state["step"], "layer_updates": state["layer_updates"],
                                            "accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"]})
@@ -463,11 +552,26 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
                 if state["step"] % cfg.train.ckpt_every == 0:
                     checkpoint()
         checkpoint()
+        if partial:
+            io.save_json(out / JOB, job_record(cfg, model, owned, total // len(owned), finished=True))
+            return _finish_job(out, cfg, state, owned)
         with residency.all_resident() if residency else contextlib.nullcontext():
             return finish(out, cfg, model, ema, ds, state, device)
     finally:  # the offload files go, whatever happened (the checkpoint holds the weights)
         if residency is not None:
             residency.close()
+
+
+def _finish_job(out: Path, cfg: RunConfig, state: dict, owned: list[int]) -> dict:
+    """A per-block job cannot evaluate (the chain needs every block): training facts only."""
+    results = {"method": "dblocks", "num_blocks": cfg.dblocks.num_blocks, "blocks": owned, "depth": cfg.model.depth,
+               "data": cfg.data.name, "seed": cfg.train.seed, "steps": state["step"],
+               "layer_updates": state["layer_updates"], "train_seconds": state["train_seconds"],
+               "seconds_per_layer_update": state["train_seconds"] / max(1, state["layer_updates"]),
+               "skipped_steps": state["skipped"], "block_updates": state["block_updates"],
+               "note": "a per-block job: merge it with the other blocks' jobs, then evaluate the merged run"}
+    io.save_json(out / RESULTS, results)
+    return results
 
 
 def resolve_device(name: str) -> torch.device:
@@ -482,13 +586,14 @@ def resolve_device(name: str) -> torch.device:
 def _place(model, device, residency, ema):
     """Model (and EMA) onto the device; under residency=active only the shared parts and buffers, the
     blocks going straight to their off-device homes."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
     if residency is None or residency.policy == "all":
-        model.to(device)
-    else:
-        for module in model.modules():
-            for name, buf in module._buffers.items():
-                if buf is not None:
-                    module._buffers[name] = buf.to(device)
+        for p in model.parameters():
+            if p.device.type != "meta":  # a per-block job's other blocks stay shapes only
+                p.data = p.data.to(device)
     if ema is not None and (residency is None or residency.policy == "all"):
         ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
     if residency is not None:

@@ -77,11 +77,11 @@ def test_resume_reaches_the_same_result(tmp_path, monkeypatch, method):
     step_cls = EndToEnd if method == "e2e" else DBlocks
     original, calls = step_cls.step, []
 
-    def step(self, x, y):
+    def step(self, x, y, block=None):
         calls.append(1)
         if len(calls) == 17:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, x, y)
+        return original(self, x, y, block)
 
     monkeypatch.setattr(step_cls, "step", step)
     with pytest.raises(KeyboardInterrupt):
@@ -102,12 +102,12 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     cfg = tiny("dblocks", train__steps=5)
     original, calls = DBlocks.step, []
 
-    def step(self, x, y):
+    def step(self, x, y, block=None):
         calls.append(1)
         if len(calls) == 3:
             x = x.clone()
             x[0, 0, 0, 0] = float("nan")
-        return original(self, x, y)
+        return original(self, x, y, block)
 
     monkeypatch.setattr(DBlocks, "step", step)
     with pytest.warns(UserWarning, match="skipped"):
@@ -118,7 +118,7 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
 
 
 def test_starved_block_is_reported(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(DBlocks, "pick_block", lambda self: 0)
+    monkeypatch.setattr(DBlocks, "next_block", lambda self: 0)
     train(tiny("dblocks", train__steps=20, train__log_every=20), tmp_path / "starve", progress=False)
     records = [r for r in io.read_jsonl(tmp_path / "starve" / "metrics.jsonl") if "starved_blocks" in r]
     assert records and records[-1]["starved_blocks"] == [1]

@@ -79,6 +79,10 @@ class DiffusionClassifier(nn.Module):
         own = list(self.stack.block_parameters(block, include_shared=False))
         return own if self.cfg.shared_stem_head else own + list(self.readouts[block].parameters())
 
+    def block_modules(self, block: int) -> list[nn.Module]:
+        """The modules only `block` uses (block_parameters are theirs)."""
+        return [self.stack.blocks[block]] + ([] if self.cfg.shared_stem_head else [self.readouts[block]])
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """What every block trains (empty when stem/head are replicated)."""
         if not self.cfg.shared_stem_head:

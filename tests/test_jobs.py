@@ -1,0 +1,154 @@
+"""Blocks trained apart: per-block jobs, merge, torchrun --parallel blocks, resuming a killed job.
+
+The strongest guarantee: a sequential run, per-block jobs merged afterwards and a block-parallel torchrun
+give bit-identical weights (one thread per process everywhere: CPU matmul sums depend on the thread count).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffusionblocks import io
+from diffusionblocks.cli import main
+from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.jobs import merge, owned_blocks, rank_blocks
+from diffusionblocks.train import DBlocks, load_model, train
+
+pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
+
+COMMON = ["train.method=dblocks", "dblocks.num_blocks=2", "dblocks.shared_stem_head=false",
+          "dblocks.block_choice=sequential", "train.steps=6", "train.threads=1", "train.ema=0.9",
+          "data.test_limit=40", "train.eval_limit=40"]
+
+
+def cfg_with(*overrides):
+    return apply_overrides(preset_tiny(), COMMON + list(overrides))
+
+
+def weights(run, name="model.safetensors"):
+    return io.load_safetensors(run / name)[0]
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobs")
+    train(cfg_with(), root / "sequential", progress=False)
+    for b in (0, 1):
+        train(cfg_with(f"train.blocks={b}"), root / f"block{b}", progress=False)
+    return root
+
+
+def test_per_block_jobs_merge_to_the_sequential_run(runs, tmp_path):
+    record = merge([runs / "block1", runs / "block0"], tmp_path / "merged")
+    assert record["owner"] == {"0": str(runs / "block0"), "1": str(runs / "block1")} and record["missing"] == []
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert same(weights(runs / "sequential", name), weights(tmp_path / "merged", name)), name
+    # the merged run evaluates like any run
+    assert main(["eval", str(tmp_path / "merged"), "--json"]) == 0
+    assert load_model(tmp_path / "merged")[1] is not None
+
+
+def test_round_robin_and_sequential_train_the_same_independent_blocks(runs, tmp_path):
+    train(cfg_with("dblocks.block_choice=round-robin"), tmp_path / "rr", progress=False)
+    assert same(weights(runs / "sequential"), weights(tmp_path / "rr"))
+
+
+def test_a_job_holds_only_its_blocks(runs):
+    job = io.load_json(runs / "block1" / "job.json")
+    assert job["blocks"] == [1] and job["num_blocks"] == 2 and job["finished"]
+    assert len(job["partition"]["boundaries"]) == 3 and job["architecture"]["depth"] == 4
+    keys = weights(runs / "block1").keys()
+    assert any(k.startswith("stack.blocks.1.") for k in keys)
+    assert not any(k.startswith("stack.blocks.0.") or k.startswith("readouts.0.") for k in keys)
+    with pytest.raises(ValueError, match="per-block job"):
+        load_model(runs / "block1")
+
+
+def test_merge_refuses_what_is_not_one_model(runs, tmp_path):
+    with pytest.raises(ValueError, match="owned by both"):
+        merge([runs / "block0", runs / "block0"], tmp_path / "m1")
+    with pytest.raises(ValueError, match=r"block\(s\) \[1\]"):
+        merge([runs / "block0"], tmp_path / "m2")
+    other = tmp_path / "wider"
+    train(cfg_with("train.blocks=1", "model.width=48"), other, progress=False)
+    with pytest.raises(ValueError, match="architecture differs.*width"):
+        merge([runs / "block0", other], tmp_path / "m3")
+    reseeded = tmp_path / "reseeded"
+    train(cfg_with("train.blocks=1", "train.seed=5"), reseeded, progress=False)
+    with pytest.raises(ValueError, match="configs differ.*seed"):
+        merge([runs / "block0", reseeded], tmp_path / "m4")
+    with pytest.raises(ValueError, match="not a per-block job"):
+        merge([runs / "block0", runs / "sequential"], tmp_path / "m5")
+    assert main(["merge", str(runs / "block0"), "--out", str(tmp_path / "m6")]) == 2
+
+
+def test_merge_with_missing_blocks_only_when_allowed(runs, tmp_path, capsys):
+    record = merge([runs / "block0"], tmp_path / "partial", allow_missing=True)
+    assert record["missing"] == [1]
+    assert "WARNING" in capsys.readouterr().err
+    fresh = weights(runs / "sequential")
+    merged = weights(tmp_path / "partial")
+    assert all(torch.equal(merged[k], v) for k, v in weights(runs / "block0").items())
+    assert merged.keys() == fresh.keys()
+
+
+def test_a_killed_job_resumes_and_the_merge_is_unchanged(runs, tmp_path, monkeypatch):
+    original, calls = DBlocks.step, []
+
+    def step(self, x, y, block=None):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, x, y, block)
+
+    monkeypatch.setattr(DBlocks, "step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_with("train.blocks=1"), tmp_path / "killed", progress=False)
+    monkeypatch.setattr(DBlocks, "step", original)
+    with pytest.raises(ValueError, match="has not finished.*--resume"):
+        merge([runs / "block0", tmp_path / "killed"], tmp_path / "early")
+    assert main(["train", "--resume", str(tmp_path / "killed"), "--no-progress"]) == 0
+    merge([runs / "block0", tmp_path / "killed"], tmp_path / "late")
+    assert same(weights(runs / "sequential"), weights(tmp_path / "late"))
+
+
+def test_jobs_need_independent_blocks_and_a_fixed_share(tmp_path):
+    with pytest.raises(ValueError, match="shared_stem_head=false"):
+        train(cfg_with("train.blocks=0", "dblocks.shared_stem_head=true"), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="block_choice=random"):
+        train(cfg_with("train.blocks=0", "dblocks.block_choice=random"), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="do not exist"):
+        owned_blocks(cfg_with("train.blocks=0,2"))
+    with pytest.raises(ValueError, match="twice"):
+        owned_blocks(cfg_with("train.blocks=1,1"))
+    with pytest.raises(ValueError, match="needs --method dblocks"):
+        train(cfg_with("train.blocks=0", "train.method=e2e"), tmp_path / "c", progress=False)
+    assert rank_blocks(5, 2, 0) == [0, 2, 4] and rank_blocks(5, 2, 1) == [1, 3]
+    with pytest.raises(ValueError, match="3 processes for 2 blocks"):
+        rank_blocks(2, 3, 0)
+    assert main(["train", "--method", "dblocks", "--parallel", "blocks", "--preset", "tiny", "--out",
+                 str(tmp_path / "d"), "dblocks.shared_stem_head=false"]) == 2  # not under torchrun
+
+
+def test_torchrun_parallel_equals_sequential(runs, tmp_path):
+    out = tmp_path / "parallel"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "diffusionblocks", "train", "--preset", "tiny", "--parallel", "blocks", "--out", str(out),
+           "--no-progress", *COMMON]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert same(weights(runs / "sequential", name), weights(out, name)), name
+    results = io.load_json(out / "results.json")
+    assert results["world_size"] == 2 and results["gradient_bytes_between_blocks"] == 0
+    assert [r["blocks"] for r in results["ranks"]] == [[0], [1]]
+    assert 0 <= results["test_accuracy"] <= 1 and results["layer_updates"] == 6 * 4
