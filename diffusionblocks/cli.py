@@ -94,8 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             results = train(cfg, args.out, progress=not args.no_progress)
     if "test_accuracy" not in results:  # a per-block job, or a rank other than 0
-        print(f"trained blocks {results.get('blocks', '')}: {results.get('layer_updates')} layer-updates; "
-              f"merge the jobs of all blocks with: diffusionblocks merge RUN... --out DIR")
+        if "world_size" in results:
+            print(f"rank {results['rank']}: trained blocks {results['blocks']}; rank 0 merged the model")
+        else:
+            print(f"trained blocks {results['blocks']}: {results['layer_updates']} layer-updates; merge the jobs "
+                  f"of all blocks with: diffusionblocks merge RUN... --out DIR")
         return 0
     steps = ", ".join(f"{100 * a:.2f}" for a in results["accuracy_per_step"])
     print(f"{results['method']}: test accuracy {100 * results['test_accuracy']:.2f}% "

@@ -186,18 +186,52 @@ def _merged_weights(runs: list[Path], name: str, cfg: RunConfig, missing: list[i
 
 
 def rank_blocks(num_blocks: int, world: int, rank: int) -> list[int]:
-    """Rank r trains blocks r, r + N, r + 2N, ... (N = world size <= B)."""
+    """N <= B processes: rank r trains blocks r, r + N, r + 2N, ... N > B (a multiple of B): rank r trains
+    block r mod B, data-parallel with the other ranks of that block."""
+    if world > num_blocks and world % num_blocks:
+        raise ValueError(f"{world} processes for {num_blocks} blocks: with more processes than blocks, the "
+                         f"number of processes must be a multiple of B (each block gets N / B data-parallel "
+                         f"ranks); use e.g. --nproc_per_node {num_blocks} or {2 * num_blocks}")
     if world > num_blocks:
-        raise ValueError(f"{world} processes for {num_blocks} blocks: with --parallel blocks each process needs "
-                         f"at least one block (data-parallel sub-groups for more processes than blocks are not "
-                         f"implemented yet); use --nproc_per_node {num_blocks} or fewer")
+        return [rank % num_blocks]
     return list(range(rank, num_blocks, world))
+
+
+class DataParallel:
+    """The ranks that share one block (N > B): each takes its shard of the block's batch, and gradients are
+    averaged over this sub-group only; no other block's rank is in it."""
+
+    def __init__(self, group, index: int, size: int):
+        self.group, self.index, self.size = group, index, size
+        self.bytes = 0  # gradient bytes this rank sent inside its block's group
+
+    def shard(self, t):
+        n = t.shape[0] // self.size
+        if n == 0:
+            raise ValueError(f"batch of {t.shape[0]} cannot be split over {self.size} data-parallel ranks")
+        return t[self.index * n:(self.index + 1) * n]
+
+    def sync(self, params):
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.size
+        self.bytes += flat.numel() * flat.element_size()
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
 
 
 def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
     """Under torchrun: rank r trains its blocks into OUT/rank<r> as a per-block job; at the end rank 0
-    merges them into OUT and evaluates the merged model. The only collectives are at the start (every rank
-    has the same config) and at the end (gathering results): no gradient ever crosses a process."""
+    merges them into OUT and evaluates the merged model. Between blocks the only collectives are at the
+    start (every rank has the same config) and at the end (gathering results): no gradient crosses from one
+    block to another. With N > B processes the ranks of one block average their gradients in a sub-group
+    of their own (data parallelism inside a block, the batch split between them)."""
     import torch
     import torch.distributed as dist
 
@@ -227,7 +261,12 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
         hashes = gather(config_hash(cfg))
         if len(set(hashes)) > 1:
             raise ValueError(f"the ranks were started with different configs (hashes {hashes})")
-        blocks = rank_blocks(cfg.dblocks.num_blocks, world, rank)
+        B = cfg.dblocks.num_blocks
+        blocks = rank_blocks(B, world, rank)
+        data_parallel = None
+        if world > B:  # one sub-group per block; every rank takes part in creating every group
+            groups = [dist.new_group([b + i * B for i in range(world // B)]) for b in range(B)]
+            data_parallel = DataParallel(groups[rank % B], rank // B, world // B)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             io.atomic_write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -236,27 +275,32 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
         job_cfg.train.device = str(device)
         run = out / f"rank{rank}"
         if resume and (run / STATE).exists():
-            results = train(None, run, resume=True, progress=progress and rank == 0)
+            results = train(None, run, resume=True, progress=progress and rank == 0, data_parallel=data_parallel)
         else:
-            results = train(job_cfg, run, progress=progress and rank == 0)
+            results = train(job_cfg, run, progress=progress and rank == 0, data_parallel=data_parallel)
         everyone = gather({"rank": rank, "blocks": blocks, "train_seconds": results["train_seconds"],
-                           "steps": results["steps"], "layer_updates": results["layer_updates"]})
+                           "steps": results["steps"], "layer_updates": results["layer_updates"],
+                           "gradient_bytes_within_block": data_parallel.bytes if data_parallel else 0})
         dist.barrier()
+        leaders = range(min(world, B))  # in a data-parallel group, rank b (index 0) holds the block
         # no process group other than the default one exists, and nothing but the two gathers above and
         # the barriers uses it: zero bytes of gradients cross a process, by construction
         summary = {"world_size": world, "rank": rank, "blocks": blocks, "ranks": everyone,
                    "layer_updates": results["layer_updates"], "gradient_bytes_between_blocks": 0,
-                   "process_groups": ["default (config agreement at the start, results at the end)"],
+                   "gradient_bytes_within_blocks": sum(r["gradient_bytes_within_block"] for r in everyone),
+                   "process_groups": ["default (config agreement at the start, results at the end)"]
+                   + ([f"block {b}: ranks {[b + i * B for i in range(world // B)]} (data-parallel)"
+                       for b in range(B)] if data_parallel else []),
                    "bytes_sent_by_this_rank": sent["bytes"], "object_gathers": sent["collectives"]}
         if rank == 0:
-            merge([out / f"rank{r}" for r in range(world)], out)
+            merge([out / f"rank{r}" for r in leaders], out)
             cfg_m, model, ds = load_model(out)
             model.to(device)
             ev = evaluate(model, ds.x_test, ds.y_test, cfg_m, 0, device)
             summary.update(method="dblocks", num_blocks=cfg.dblocks.num_blocks, test_accuracy=ev["accuracy"],
                            accuracy_per_step=ev["accuracy_per_step"], test_n=ev["n"],
-                           steps=sum(r["steps"] for r in everyone),
-                           layer_updates=sum(r["layer_updates"] for r in everyone),
+                           steps=sum(everyone[r]["steps"] for r in leaders),
+                           layer_updates=sum(everyone[r]["layer_updates"] for r in leaders),
                            train_seconds=max(r["train_seconds"] for r in everyone))
             io.save_json(out / "results.json", summary)
         dist.barrier()

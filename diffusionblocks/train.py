@@ -147,8 +147,9 @@ class DBlocks:
 
     def __init__(self, model, cfg: RunConfig, total_steps: int, *, device: torch.device | str = "cpu",
                  offload_dir: str | os.PathLike | None = None, ema: EMA | None = None,
-                 blocks: list[int] | None = None):
+                 blocks: list[int] | None = None, data_parallel=None):
         self.model, self.cfg, self.total = model, cfg, total_steps
+        self.sync = data_parallel.sync if data_parallel is not None else None
         B = model.num_blocks
         self.owned = list(range(B)) if blocks is None else list(blocks)
         self.share = total_steps // len(self.owned)  # steps per block
@@ -172,7 +173,10 @@ class DBlocks:
         self.shared_opt = (Optimizer(self.shared_params, cfg, self.share if self.sequential else total_steps)
                            if self.shared_params else None)
         self.choice = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17)
-        self.noise = {b: torch.Generator().manual_seed(stream_seed(cfg.train.seed, b) + 2) for b in self.owned}
+        # a data-parallel member draws its own noise for its shard of the batch
+        member = data_parallel.index if data_parallel is not None else 0
+        self.noise = {b: torch.Generator().manual_seed(stream_seed(cfg.train.seed, b) + 2 + 1_000 * member)
+                      for b in self.owned}
         self.next_index = 0  # for round-robin
         self.steps_done = 0  # for sequential
         extra = {b: (ema.shadow, [names[id(p)] for p in params]) if ema is not None else ({}, [])
@@ -199,7 +203,7 @@ class DBlocks:
             p.requires_grad_(train_shared)
         params = self.block_params[block] + (self.shared_params if train_shared else [])
         loss = self.model.block_loss(block, x, y, self.noise[block]).mean()
-        norm = _backward(loss, params, self.cfg.train.clip)
+        norm = _backward(loss, params, self.cfg.train.clip, self.sync)
         if norm is None:
             return {"skipped": True, "block": block, "loss": loss.item(), "layers": 0}
         lr = self.opts[block].step()
@@ -238,9 +242,9 @@ def stream_seed(seed: int, block: int | None = None) -> int:
 class Stream:
     """One block's data order and augmentation randomness (resumable)."""
 
-    def __init__(self, ds: ImageDataset, batch_size: int, seed: int):
+    def __init__(self, ds: ImageDataset, batch_size: int, seed: int, member: int = 0):
         self.batches = Batches(ds.x_train, ds.y_train, min(batch_size, len(ds.y_train)), seed=seed)
-        self.aug = torch.Generator().manual_seed(seed + 1)
+        self.aug = torch.Generator().manual_seed(seed + 1 + 1_000 * member)  # data-parallel members differ
 
     def state_dict(self) -> dict:
         return {"batches": self.batches.state_dict(), "aug": self.aug.get_state()}
@@ -256,14 +260,18 @@ def _free_grads(params: list[nn.Parameter]):
         p.grad = None
 
 
-def _backward(loss: torch.Tensor, params: list[nn.Parameter], clip: float) -> torch.Tensor | None:
+def _backward(loss: torch.Tensor, params: list[nn.Parameter], clip: float, sync=None) -> torch.Tensor | None:
     """Gradients of `loss` for `params` (fresh, clipped to norm `clip` if > 0); the gradient norm, or None
-    with the gradients cleared when the loss or the gradient is not finite (the step is then skipped)."""
+    with the gradients cleared when the loss or the gradient is not finite (the step is then skipped).
+    `sync(params)` averages the gradients over a data-parallel group before clipping; every member then
+    sees the same gradients and takes (or skips) the same step."""
     for p in params:
         p.grad = None
-    if not torch.isfinite(loss):
+    if sync is None and not torch.isfinite(loss):
         return None
     loss.backward()
+    if sync is not None:
+        sync(params)
     if clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
     else:
@@ -417,7 +425,8 @@ def build_model_for(cfg: RunConfig) -> nn.Module:
     return build_model(cfg, _prepare_data(cfg))
 
 
-def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          data_parallel=None) -> dict:
     """Train one run into `out_dir`; with resume=True continue the run saved there. Returns results.
 
     With train.blocks set (dblocks only) the run is a per-block job: it trains those blocks only and
@@ -439,12 +448,12 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        return _train(cfg, out, resume, progress, partial)
+        return _train(cfg, out, resume, progress, partial, data_parallel)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, partial: bool) -> dict:
+def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, partial: bool, data_parallel) -> dict:
     from .jobs import JOB, job_record, owned_blocks
 
     out.mkdir(parents=True, exist_ok=True)
@@ -457,12 +466,13 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, partial: boo
     total = all_steps // B * len(owned) if partial else all_steps
     ema = EMA(model, cfg.train.ema) if cfg.train.ema else None
     method = METHODS[cfg.train.method](model, cfg, total, device=device, ema=ema, blocks=owned,
-                                       offload_dir=cfg.train.offload_dir or out)
+                                       offload_dir=cfg.train.offload_dir or out, data_parallel=data_parallel)
     residency = getattr(method, "residency", None)
     if cfg.train.method == "e2e":  # one stream, seeded by the run's seed
         streams = {0: Stream(ds, cfg.train.batch_size, stream_seed(cfg.train.seed))}
     else:  # one per block, seeded by (seed, block): a block's data does not depend on the other blocks
-        streams = {b: Stream(ds, cfg.train.batch_size, stream_seed(cfg.train.seed, b)) for b in owned}
+        member = data_parallel.index if data_parallel is not None else 0
+        streams = {b: Stream(ds, cfg.train.batch_size, stream_seed(cfg.train.seed, b), member) for b in owned}
     state = {"step": 0, "layer_updates": 0, "train_seconds": 0.0, "skipped": 0, "curve": [],
              "block_updates": [0] * B}
     if resume:
@@ -518,6 +528,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, partial: boo
                 block = method.next_block()
                 stream = streams[block]
                 xb, yb = next(stream.batches)
+                if data_parallel is not None:  # every member draws the block's batch and takes its shard
+                    xb, yb = data_parallel.shard(xb), data_parallel.shard(yb)
                 t0 = time.perf_counter()
                 x = augment(to_float(xb), generator=stream.aug, crop_padding=cfg.data.crop_padding,
                             hflip=cfg.data.hflip and ds.hflip).to(device)
@@ -629,7 +641,8 @@ def _log(out: Path, state: dict, window: dict, last: dict, num_blocks: int, warn
 def activation_bytes(model, cfg: RunConfig, ds: ImageDataset, device: torch.device | str = "cpu") -> int:
     """Bytes saved for backward by one training step of this method, at the configured batch size."""
     n = min(cfg.train.batch_size, len(ds.y_train))
-    x, y = to_float(ds.x_train[:n]).to(device), ds.y_train[:n].to(device)
+    # copies, as a training batch is: a slice would make the whole label tensor's storage count as saved
+    x, y = to_float(ds.x_train[:n]).to(device), ds.y_train[:n].clone().to(device)
     params = list(model.parameters())
     if cfg.train.method == "e2e":
         nbytes, _ = saved_activation_bytes(lambda: model.loss(x, y).mean(), params)

@@ -152,3 +152,18 @@ def test_torchrun_parallel_equals_sequential(runs, tmp_path):
     assert results["world_size"] == 2 and results["gradient_bytes_between_blocks"] == 0
     assert [r["blocks"] for r in results["ranks"]] == [[0], [1]]
     assert 0 <= results["test_accuracy"] <= 1 and results["layer_updates"] == 6 * 4
+
+
+def test_torchrun_more_ranks_than_blocks_is_data_parallel_inside_each_block(tmp_path):
+    out = tmp_path / "dp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+           "-m", "diffusionblocks", "train", "--preset", "tiny", "--parallel", "blocks", "--out", str(out),
+           "--no-progress", *COMMON, "train.steps=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = io.load_json(out / "results.json")
+    assert results["gradient_bytes_between_blocks"] == 0 and results["gradient_bytes_within_blocks"] > 0
+    assert [r["blocks"] for r in results["ranks"]] == [[0], [1], [0], [1]]
+    for b in (0, 1):  # the two ranks of a block end with the same weights: their gradients were averaged
+        assert same(weights(out / f"rank{b}"), weights(out / f"rank{b + 2}"))
+    assert io.load_json(out / "merge.json")["owner"] == {"0": str(out / "rank0"), "1": str(out / "rank1")}
