@@ -93,12 +93,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             results = train_parallel(cfg, args.out, progress=not args.no_progress)
         else:
             results = train(cfg, args.out, progress=not args.no_progress)
-    if "test_accuracy" not in results:  # a per-block job, or a rank other than 0
+    if "test_accuracy" not in results and "eval_loss" not in results:  # a per-block job, or a rank other than 0
         if "world_size" in results:
             print(f"rank {results['rank']}: trained blocks {results['blocks']}; rank 0 merged the model")
         else:
             print(f"trained blocks {results['blocks']}: {results['layer_updates']} layer-updates; merge the jobs "
                   f"of all blocks with: diffusionblocks merge RUN... --out DIR")
+        return 0
+    if "eval_loss" in results:
+        print(f"{results['method']}: denoising loss on the test set {results['eval_loss']:.4f}; "
+              f"{results['layer_updates']} layer-updates in {results['train_seconds']:.1f} s; sample with: "
+              f"diffusionblocks sample {args.out or args.resume} --num 64 --out samples.png")
         return 0
     steps = ", ".join(f"{100 * a:.2f}" for a in results["accuracy_per_step"])
     print(f"{results['method']}: test accuracy {100 * results['test_accuracy']:.2f}% "
@@ -310,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model (end-to-end or DiffusionBlocks)",
                        description="Train one run into --out DIR: config.json, metrics.jsonl, model.safetensors, "
                                    "state.pt (resume), results.json.")
-    p.add_argument("--task", choices=("classify",), default="classify")
+    p.add_argument("--task", choices=("classify", "imagegen"), default=None,
+                   help="default: the preset's (classify, or imagegen for the gen-* presets)")
     p.add_argument("--method", choices=("e2e", "dblocks"), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="run directory")

@@ -88,12 +88,27 @@ class TrainConfig:
 
 
 @dataclass
+class GenConfig:
+    """Image generation (task=imagegen): EDM settings and the sampler used by eval/compare."""
+
+    conditional: bool = True  # class-conditional, with a null class for classifier-free guidance
+    label_dropout: float = 0.1  # training: fraction of labels replaced by the null class
+    sigma_data: float = 0.5  # EDM's data scale (images are in [-1, 1])
+    steps: int = 18  # sampling steps (a multiple of B gives every block the same number)
+    sampler: str = "euler"  # "euler" or "heun"
+    grid: str = "equiprob"  # "equiprob" (equal training mass between levels) or "karras"
+    cfg_scale: float = 1.0  # classifier-free guidance scale at sampling (1 = none)
+    fd_samples: int = 1000  # generated images for the Frechet distance
+
+
+@dataclass
 class RunConfig:
     task: str = "classify"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dblocks: DBlocksConfig = field(default_factory=DBlocksConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,7 +172,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Check values that types alone do not catch; raises ValueError naming the key."""
     t, d, m = cfg.train, cfg.dblocks, cfg.model
     checks = [
-        (cfg.task == "classify", f"task={cfg.task!r}: only 'classify' is available so far"),
+        (cfg.task in ("classify", "imagegen"), f"task={cfg.task!r}: expected 'classify' or 'imagegen'"),
+        (0 <= cfg.gen.label_dropout < 1, f"gen.label_dropout={cfg.gen.label_dropout}: must be in [0, 1)"),
+        (cfg.gen.steps >= 1, f"gen.steps={cfg.gen.steps}: must be >= 1"),
+        (cfg.gen.sampler in ("euler", "heun"), f"gen.sampler={cfg.gen.sampler!r}: expected 'euler' or 'heun'"),
+        (cfg.gen.grid in ("equiprob", "karras"), f"gen.grid={cfg.gen.grid!r}: expected 'equiprob' or 'karras'"),
+        (cfg.gen.sigma_data > 0, f"gen.sigma_data={cfg.gen.sigma_data}: must be > 0"),
         (t.method in METHODS, f"train.method={t.method!r}: expected one of {METHODS}"),
         (t.budget in ("layer-updates", "steps"), f"train.budget={t.budget!r}: expected 'layer-updates' or 'steps'"),
         (t.steps >= 1, f"train.steps={t.steps}: must be >= 1"),
@@ -264,8 +284,32 @@ def preset_vit_s() -> RunConfig:
     return cfg
 
 
+def preset_gen_tiny() -> RunConfig:
+    """Seconds on a CPU: class-conditional DiT on digits (8x8, 2x2 patches), 4 layers of width 32, B = 2."""
+    cfg = preset_tiny()
+    cfg.task = "imagegen"
+    cfg.data.crop_padding = 0
+    cfg.train.lr = 2e-3
+    cfg.gen.steps = 8
+    cfg.gen.fd_samples = 360
+    return cfg
+
+
+def preset_gen_fashion() -> RunConfig:
+    """Fashion-MNIST DiT: 6 layers of width 128, 4x4 patches (49 tokens), B = 3, no augmentation."""
+    cfg = RunConfig(task="imagegen")
+    cfg.model = ModelConfig(depth=6, width=128, heads=4, patch=4, mlp_ratio=2.0)
+    cfg.data.crop_padding = 0
+    cfg.data.hflip = False
+    cfg.train.lr = 1e-3
+    cfg.train.steps = 2000
+    cfg.train.eval_limit = 500
+    return cfg
+
+
 PRESETS = {"tiny": preset_tiny, "fashion": preset_fashion, "quick": preset_quick, "digits": preset_digits,
-           "digits-quick": preset_digits_quick, "vit12": preset_vit12, "vit-s": preset_vit_s}
+           "digits-quick": preset_digits_quick, "vit12": preset_vit12, "vit-s": preset_vit_s,
+           "gen-tiny": preset_gen_tiny, "gen-fashion": preset_gen_fashion}
 
 
 def load_preset(name: str) -> RunConfig:

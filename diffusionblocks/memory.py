@@ -232,14 +232,13 @@ def measure_configuration(cfg, image_size, channels: int, num_classes: int, *, w
     and (residency=active) an off-device home already; the measured step trains block 0 after block B-1,
     so under residency=active it includes a swap."""
     from .config import RunConfig
-    from .tasks.classify import build_classifier
-    from .train import METHODS, _place, resolve_device
+    from .train import METHODS, _place, build_task_model, resolve_device
 
     cfg = RunConfig.from_dict(cfg.to_dict())
     cfg.dblocks.block_choice = "round-robin"
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    model = build_classifier(cfg, image_size, channels, num_classes)
+    model = build_task_model(cfg, image_size, channels, num_classes)
     B = model.num_blocks if cfg.train.method == "dblocks" else 1
     method = METHODS[cfg.train.method](model, cfg, 1000 * B, device=device, offload_dir=offload_dir)
     residency = getattr(method, "residency", None)

@@ -97,3 +97,54 @@ class LabelHead(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(h[:, 0].contiguous()))  # a copy: backward must not keep all of h alive
+
+
+# -- DiT: the image denoiser (Peebles & Xie 2023) under the block wrapper ------------------------
+
+
+class DiTStem(nn.Module):
+    """(z_in (N, C, H, W), c_noise (N,), labels (N,) or None) -> patch tokens h (N, T, D) and the
+    conditioning c = noise embedding + class embedding (N, D). Label `num_classes` is the null class of
+    classifier-free guidance; an unconditional stem (num_classes 0) takes labels None."""
+
+    def __init__(self, image_size, channels: int, patch: int, width: int, num_classes: int = 0):
+        super().__init__()
+        self.patches = PatchEmbed(image_size, channels, patch, width)
+        self.noise = NoiseEmbedding(width)
+        self.num_classes = num_classes
+        if num_classes:
+            self.classes = nn.Embedding(num_classes + 1, width)
+            nn.init.normal_(self.classes.weight, std=0.02)
+
+    def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None):
+        c = self.noise(c_noise)
+        if self.num_classes:
+            if labels is None:
+                raise ValueError("this model is class-conditional: pass labels (num_classes = the null class)")
+            c = c + self.classes(labels)
+        elif labels is not None:
+            raise ValueError("this model is unconditional: it takes no labels")
+        return self.patches(z_in), c
+
+
+class DiTHead(nn.Module):
+    """DiT's final layer: adaLN (shift, scale) then a linear to patch pixels, unpatchified to an image.
+    Zero-initialised, so a fresh network outputs F = 0 (D = c_skip z)."""
+
+    def __init__(self, image_size, channels: int, patch: int, width: int):
+        super().__init__()
+        self.image_size, self.channels, self.patch = tuple(image_size), channels, patch
+        self.grid = [math.ceil(s / patch) for s in self.image_size]
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, patch * patch * channels)
+        for layer in (self.modulation[1], self.out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(c)[:, None].chunk(2, dim=-1)
+        x = self.out(torch.addcmul(shift, self.norm(h), 1 + scale))  # (N, T, p*p*C)
+        N, (gh, gw), p, C = x.shape[0], self.grid, self.patch, self.channels
+        x = x.view(N, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, gh * p, gw * p)
+        return x[..., :self.image_size[0], :self.image_size[1]]

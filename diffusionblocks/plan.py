@@ -81,6 +81,9 @@ class Spec:
         if self.cfg.train.batch_size < 1:
             raise ValueError(f"batch size {self.cfg.train.batch_size}: must be >= 1")
         validate(self.cfg)
+        if self.cfg.task != "classify":
+            raise ValueError(f"the planner's activation formula covers the ViT classifier (task=classify), not "
+                             f"task={self.cfg.task!r} yet; `diffusionblocks memory` does not need it")
 
     @property
     def bytes_per_element(self) -> int:

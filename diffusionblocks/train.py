@@ -304,12 +304,19 @@ def total_steps_for(cfg: RunConfig) -> tuple[int, str]:
 @torch.no_grad()
 def evaluate(model, x_test, y_test, cfg: RunConfig, limit: int = 0, device: torch.device | str = "cpu",
              **predict_args) -> dict:
-    """Accuracy of the final prediction, and after every inference step (dblocks)."""
+    """Classification: accuracy of the final prediction, and after every inference step (dblocks).
+    Image generation: the denoising loss at fixed levels (`eval_loss`); sample quality is `eval`'s job."""
     was_training = model.training
     model.eval()
     if limit:
         x_test, y_test = x_test[:limit], y_test[:limit]
     gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+    if cfg.task == "imagegen":
+        total = 0.0
+        for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
+            total += model.denoising_loss(to_float(xb).to(device), yb.to(device), generator=gen) * len(yb)
+        model.train(was_training)
+        return {"eval_loss": total / len(y_test), "n": len(y_test)}
     correct = None
     for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
         preds = model.predict(to_float(xb).to(device), generator=gen, **predict_args)
@@ -383,7 +390,15 @@ def _prepare_data(cfg: RunConfig) -> ImageDataset:
 
 def build_model(cfg: RunConfig, ds: ImageDataset) -> nn.Module:
     torch.manual_seed(cfg.train.seed)
-    return build_classifier(cfg, ds.image_size, ds.channels, ds.num_classes)
+    return build_task_model(cfg, ds.image_size, ds.channels, ds.num_classes)
+
+
+def build_task_model(cfg: RunConfig, image_size, channels: int, num_classes: int) -> nn.Module:
+    if cfg.task == "imagegen":
+        from .tasks.imagegen import ImageGenerator
+
+        return ImageGenerator(cfg, image_size, channels, num_classes)
+    return build_classifier(cfg, image_size, channels, num_classes)
 
 
 def _model_state(model, method) -> dict:
@@ -557,9 +572,11 @@ def _train(cfg: RunConfig, out: Path, resume: bool, progress: bool, partial: boo
                         and state["step"] < total:
                     ev = _evaluate_with(model, ema, ds, cfg, cfg.train.eval_limit, residency)
                     state["curve"].append({"step": state["step"], "layer_updates": state["layer_updates"],
-                                           "accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"]})
+                                           **_metric(ev)})
                     io.append_jsonl(out / METRICS, {"step": state["step"], "layer_updates": state["layer_updates"],
-                                                    "eval_accuracy": ev["accuracy"], "eval_n": ev["n"]})
+                                                    **{k if k.startswith("eval_") else f"eval_{k}": v
+                                                       for k, v in _metric(ev).items() if k != "accuracy_per_step"},
+                                                    "eval_n": ev["n"]})
                 bar.update(state["step"], m["loss"])
                 if state["step"] % cfg.train.ckpt_every == 0:
                     checkpoint()
@@ -652,20 +669,25 @@ def activation_bytes(model, cfg: RunConfig, ds: ImageDataset, device: torch.devi
     return nbytes
 
 
+def _metric(ev: dict) -> dict:
+    """The evaluation's figures of merit (accuracy per inference step, or the denoising loss)."""
+    return {k: ev[k] for k in ("accuracy", "accuracy_per_step", "eval_loss") if k in ev}
+
+
 def finish(out: Path, cfg: RunConfig, model, ema, ds: ImageDataset, state: dict, device="cpu") -> dict:
     ev = _evaluate_with(model, ema, ds, cfg, 0)
     # the curve's last point on the same test subset as the periodic ones, so the curve is comparable
     sub = _evaluate_with(model, ema, ds, cfg, cfg.train.eval_limit) if cfg.train.eval_limit else ev
-    state["curve"].append({"step": state["step"], "layer_updates": state["layer_updates"],
-                           "accuracy": sub["accuracy"], "accuracy_per_step": sub["accuracy_per_step"]})
+    state["curve"].append({"step": state["step"], "layer_updates": state["layer_updates"], **_metric(sub)})
     results = {
+        "task": cfg.task,
         "method": cfg.train.method,
         "num_blocks": cfg.dblocks.num_blocks if cfg.train.method == "dblocks" else 1,
         "depth": cfg.model.depth,
         "data": cfg.data.name,
         "seed": cfg.train.seed,
-        "test_accuracy": ev["accuracy"],
-        "accuracy_per_step": ev["accuracy_per_step"],
+        **({"test_accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"]} if "accuracy" in ev
+           else {"eval_loss": ev["eval_loss"]}),
         "test_n": ev["n"],
         "steps": state["step"],
         "layer_updates": state["layer_updates"],

@@ -1,0 +1,159 @@
+"""Image generation with a DiT under EDM (paper Sec. 4.2, Table 2).
+
+One model class serves both methods: end-to-end training is the same stack with one block that owns the
+whole noise range (plain EDM), DiffusionBlocks cuts the layers into B blocks over an equi-probability
+partition. Training: sigma from the (block's part of the) log-normal, z = x + sigma * eps, loss
+lambda(sigma) * ||D(z, sigma, label) - x||^2 per image; labels are replaced by the null class with
+probability gen.label_dropout (classifier-free guidance). Sampling integrates the probability-flow ODE over
+a descending grid; the stack routes each step to the block that owns its level, so with B blocks each
+step runs one block: B times cheaper than a step of the end-to-end model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..blocks import BlockStack
+from ..config import RunConfig, allocation_of
+from ..models import DiTHead, DiTStem, vit_layers
+from ..noise import GRID_KINDS, LogNormalLevels, Partition
+from ..precond import EDMPrecond, mse_loss
+from ..sample import SAMPLERS
+
+
+class ImageGenerator(nn.Module):
+    """An EDM denoiser D(z, sigma, label) over images, as B blocks (B = 1 for end-to-end)."""
+
+    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+        super().__init__()
+        m, d, g = cfg.model, cfg.dblocks, cfg.gen
+        B = d.num_blocks if cfg.train.method == "dblocks" else 1
+        self.cfg, self.image_size, self.channels = cfg, tuple(image_size), channels
+        self.num_classes = num_classes if g.conditional else 0
+        self.partition = Partition.create(LogNormalLevels(), B, kind=d.partition, gamma=d.gamma if B > 1 else 0.0)
+        self.stack = BlockStack(
+            vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, recompute_gate=m.gate_recompute),
+            DiTStem(image_size, channels, m.patch, m.width, self.num_classes),
+            DiTHead(image_size, channels, m.patch, m.width), self.partition,
+            allocation=allocation_of(cfg) if B > 1 else None, shared_stem_head=d.shared_stem_head or B == 1,
+            precond=EDMPrecond(g.sigma_data), checkpoint_every=m.checkpoint)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.stack.num_blocks
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    # -- what each block trains (the trainer's interface) --------------------------------------------
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        return list(self.stack.block_parameters(block, include_shared=False))
+
+    def block_modules(self, block: int) -> list[nn.Module]:
+        return [self.stack.blocks[block]]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.stack.shared_parameters())
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def training_labels(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The class labels with a fraction gen.label_dropout replaced by the null class; None if unconditional."""
+        if not self.num_classes:
+            return None
+        p = self.cfg.gen.label_dropout
+        if p > 0:
+            drop = torch.rand(y.shape, generator=generator).to(y.device) < p
+            y = torch.where(drop, torch.full_like(y, self.null_class), y)
+        return y
+
+    def block_loss(self, block: int, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+        """Per-image EDM loss (N,) of `block` alone, on its own noise levels."""
+        z, sigma = self.stack.noisy_input(block, x, generator)
+        denoised = self.stack.denoise(block, z, sigma, self.training_labels(y, generator))
+        return mse_loss(denoised, x, self.stack.precond.weight(sigma))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """End-to-end: the one block over the whole range."""
+        return self.block_loss(0, x, y)
+
+    # -- sampling ---------------------------------------------------------------------------------
+
+    def grid(self, steps: int, kind: str = "equiprob") -> torch.Tensor:
+        """`steps` descending levels and a final 0. "equiprob": equal training mass between levels; with
+        steps a multiple of B every block gets steps / B of them, its first on its upper edge."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if kind not in GRID_KINDS:
+            raise ValueError(f"unknown grid {kind!r}; expected one of {GRID_KINDS}")
+        B = self.num_blocks
+        if kind == "equiprob" and steps % B == 0:
+            return self.partition.inference_grid(steps // B, "equiprob")
+        return Partition.create(self.partition.levels, steps if kind == "equiprob" else 1, gamma=0.0) \
+            .inference_grid(1 if kind == "equiprob" else steps, kind)
+
+    def check_classes(self, classes) -> torch.Tensor | None:
+        if classes is None:
+            return None
+        classes = torch.as_tensor(classes, dtype=torch.long).flatten()
+        if not self.num_classes:
+            raise ValueError("this model is unconditional: it takes no classes")
+        bad = classes[(classes < 0) | (classes >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(f"unknown class(es) {bad.tolist()}: this model has classes 0..{self.num_classes - 1}")
+        return classes
+
+    @torch.no_grad()
+    def sample(self, num: int, steps: int, *, sampler: str = "euler", grid: str = "equiprob",
+               cfg_scale: float | None = None, classes=None, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu", callback=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`num` images (N, C, H, W) in about [-1, 1], and their class labels (None if unconditional).
+        classes: None (uniformly drawn), or a list cycled over the samples."""
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ValueError(f"number of samples must be an integer >= 1, got {num!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {tuple(SAMPLERS)}")
+        if cfg_scale is not None and cfg_scale != 1.0 and not self.num_classes:
+            raise ValueError("classifier-free guidance (cfg_scale) needs a class-conditional model")
+        classes = self.check_classes(classes)
+        sigmas = self.grid(steps, grid)
+        labels = None
+        if self.num_classes:
+            if classes is None:
+                labels = torch.randint(self.num_classes, (num,), generator=generator)
+            else:
+                labels = classes.repeat((num + classes.numel() - 1) // classes.numel())[:num]
+            labels = labels.to(device)
+        z = torch.randn(num, self.channels, *self.image_size, generator=generator).to(device) * sigmas[0].item()
+        uncond = torch.full_like(labels, self.null_class) if labels is not None else None
+        was_training = self.training
+        self.eval()
+        try:
+            x = SAMPLERS[sampler](self.stack, z, sigmas, labels, cfg_scale=cfg_scale, uncond=uncond,
+                                  callback=callback)
+        finally:
+            self.train(was_training)
+        return x, labels
+
+    # -- a cheap quality signal for training curves --------------------------------------------
+
+    @torch.no_grad()
+    def denoising_loss(self, x: torch.Tensor, y: torch.Tensor, levels: int = 8,
+                       generator: torch.Generator | None = None) -> float:
+        """Mean EDM loss of the routed denoiser at `levels` fixed noise levels, equally spaced in the
+        training distribution's mass (so every block is measured on its own range)."""
+        lv = self.partition.levels
+        u = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+        sigmas = lv.icdf(lv.cdf(torch.tensor(lv.lo, dtype=torch.float64))
+                         + u * (lv.cdf(torch.tensor(lv.hi, dtype=torch.float64))
+                                - lv.cdf(torch.tensor(lv.lo, dtype=torch.float64))))
+        labels = y if self.num_classes else None
+        total = 0.0
+        for s in sigmas.tolist():
+            sigma = torch.full((x.shape[0],), s, dtype=x.dtype, device=x.device)
+            z = self.stack.precond.noise(x, sigma, generator)
+            total += mse_loss(self.stack(z, sigma, labels), x, self.stack.precond.weight(sigma)).mean().item()
+        return total / levels
