@@ -126,6 +126,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate, load_model
 
     cfg, model, ds = load_model(args.run)
+    if cfg.task == "imagegen":
+        from .tasks.imagegen import evaluate_samples
+
+        if any(v is not None for v in (args.steps_per_block, args.bridge, args.sigma_start, args.init)):
+            raise ValueError("--steps-per-block/--bridge/--sigma-start/--init are classification options; "
+                             "image generation takes --steps, --sampler, --grid, --cfg-scale, --num")
+        ev = evaluate_samples(model, cfg, ds, num=args.num, steps=args.steps, sampler=args.sampler, grid=args.grid,
+                              cfg_scale=args.cfg_scale, progress=not args.json)
+        ev["run"] = str(args.run)
+        if args.json:
+            print(json.dumps(ev, indent=2))
+        else:
+            acc = f"; generated images classified as their class: {100 * ev['class_accuracy']:.1f}%" \
+                if "class_accuracy" in ev else ""
+            print(f"{args.run}: FD (classifier features) {ev['fd_classifier_features']:.3f} over {ev['num_generated']} "
+                  f"samples ({ev['steps']} {ev['sampler']} steps, cfg {ev['cfg_scale']}){acc}; sampling "
+                  f"{1000 * ev['seconds_per_image']:.2f} ms per image")
+        return 0
+    if any(v is not None for v in (args.num, args.steps, args.sampler, args.cfg_scale)):
+        raise ValueError("--num/--steps/--sampler/--cfg-scale apply to image generation runs")
     predict = {}
     if cfg.train.method == "dblocks":
         predict = {"steps_per_block": args.steps_per_block, "grid": args.grid, "bridge": args.bridge,
@@ -140,6 +160,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         steps = ", ".join(f"{100 * a:.2f}" for a in ev["accuracy_per_step"])
         print(f"{args.run}: test accuracy {100 * ev['accuracy']:.2f}% on {ev['n']} images "
               f"(after each inference step: {steps})")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .images import grid, save_png, to_uint8
+    from .tasks.imagegen import generate
+    from .train import load_model
+
+    cfg, model, _ = load_model(args.run)
+    if cfg.task != "imagegen":
+        raise ValueError(f"{args.run} is a {cfg.task} run; sample draws images from an imagegen run")
+    if not args.out.lower().endswith(".png"):
+        raise ValueError(f"--out {args.out!r}: expected a .png path")
+    classes = None
+    if args.classes:
+        try:
+            classes = [int(c) for c in args.classes.split(",")]
+        except ValueError:
+            raise ValueError(f"--classes {args.classes!r}: expected comma-separated integers") from None
+        model.check_classes(classes)
+    g = cfg.gen
+    steps = args.steps if args.steps is not None else g.steps
+    images, labels, seconds = generate(model, args.num, seed=args.seed, classes=classes, steps=steps,
+                                       sampler=args.sampler or g.sampler, grid=args.grid or g.grid,
+                                       cfg_scale=args.cfg_scale if args.cfg_scale is not None else g.cfg_scale)
+    save_png(grid(to_uint8(images), nrow=args.nrow), args.out)
+    print(f"wrote {args.out}: {args.num} samples, {steps} steps, {seconds:.2f} s of sampling")
+    if args.npz:
+        path = args.out[:-4] + ".npz"
+        arrays = {"x": to_uint8(images).numpy()}
+        if labels is not None:
+            arrays["y"] = labels.numpy()
+        np.savez(path, **arrays)
+        print(f"wrote {path} (x: uint8 images" + (", y: classes)" if labels is not None else ")"))
     return 0
 
 
@@ -348,8 +404,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-start", type=float, default=None, help="first level of the grid (default sigma_max)")
     p.add_argument("--init", choices=("noise", "zero"), default=None, help="start from noise or from z = 0")
     p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
+    p.add_argument("--num", type=int, default=None, help="imagegen: samples for the FD (default gen.fd_samples)")
+    p.add_argument("--steps", type=int, default=None, help="imagegen: sampling steps (default gen.steps)")
+    p.add_argument("--sampler", choices=("euler", "heun"), default=None, help="imagegen: ODE sampler")
+    p.add_argument("--cfg-scale", type=float, default=None, help="imagegen: classifier-free guidance scale")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="draw images from an image-generation run",
+                       description="Sample with the run's denoiser (DiffusionBlocks: one block per step) and write "
+                                   "a PNG grid (and with --npz the raw uint8 samples and their classes).")
+    p.add_argument("run", help="run directory (task imagegen)")
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default gen.steps)")
+    p.add_argument("--sampler", choices=("euler", "heun"), default=None)
+    p.add_argument("--grid", choices=GRID_KINDS, default=None)
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (conditional models)")
+    p.add_argument("--classes", default=None, help="comma-separated classes, cycled over the samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+    p.add_argument("--npz", action="store_true", help="also write the samples as OUT.npz")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("compare", help="the main job: end-to-end vs DiffusionBlocks vs a shallow control",
                        description="Train end-to-end, DiffusionBlocks and an end-to-end control with one block's "

@@ -62,11 +62,15 @@ class ViTClassifier(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised CLS token (N, D) that the linear head reads."""
         h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patches(x)], dim=1)  # (N, 1+T, D)
         c = h.new_zeros(x.shape[0], self.width)
         h = run_layers(self.layers, h, c, self.checkpoint_every)
-        return self.head(self.norm(h[:, 0].contiguous()))  # (N, V); a copy, so backward keeps not all of h
+        return self.norm(h[:, 0].contiguous())  # a copy, so backward keeps not all of h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (N, V)
 
 
 class LabelStem(nn.Module):

@@ -157,3 +157,56 @@ class ImageGenerator(nn.Module):
             z = self.stack.precond.noise(x, sigma, generator)
             total += mse_loss(self.stack(z, sigma, labels), x, self.stack.precond.weight(sigma)).mean().item()
         return total / levels
+
+
+def generate(model: ImageGenerator, num: int, *, batch_size: int = 500, seed: int = 0, progress: bool = False,
+             **sample_args) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """`num` samples in batches; returns (images, labels, seconds spent sampling)."""
+    import sys
+    import time
+
+    gen = torch.Generator().manual_seed(seed)
+    images, labels, seconds = [], [], 0.0
+    classes = sample_args.pop("classes", None)
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        cls = None
+        if classes is not None:  # keep cycling the list across batches
+            cls = [classes[(start + i) % len(classes)] for i in range(n)]
+        t0 = time.perf_counter()
+        x, y = model.sample(n, generator=gen, classes=cls, **sample_args)
+        seconds += time.perf_counter() - t0
+        images.append(x.cpu())
+        labels.append(y.cpu() if y is not None else None)
+        if progress:
+            print(f"[sample] {start + n}/{num}", file=sys.stderr, flush=True)
+    return torch.cat(images), (torch.cat(labels) if labels[0] is not None else None), seconds
+
+
+def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, num: int | None = None,
+                     steps: int | None = None, sampler: str | None = None, grid: str | None = None,
+                     cfg_scale: float | None = None, device="cpu", progress: bool = False) -> dict:
+    """FD (classifier features) of `num` generated images against as many test images, the reference
+    classifier's accuracy on the classes they were generated for, and the sampling time."""
+    from ..data import to_float
+    from ..fd import features, frechet_distance, reference_classifier
+
+    g = cfg.gen
+    num = num or g.fd_samples
+    args = {"steps": steps or g.steps, "sampler": sampler or g.sampler, "grid": grid or g.grid,
+            "cfg_scale": g.cfg_scale if cfg_scale is None else cfg_scale}
+    images, labels, seconds = generate(model, num, batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed + 7,
+                                       device=device, progress=progress, **args)
+    classifier = reference_classifier(cfg.data.name, progress=progress)
+    real = to_float(ds.x_test[:num])
+    f_gen, pred = features(classifier, images)
+    f_real, _ = features(classifier, real)
+    out = {"fd_classifier_features": frechet_distance(f_gen, f_real), "num_generated": num, "num_real": len(real),
+           "sampling_seconds": seconds, "seconds_per_image": seconds / num, **args,
+           "num_blocks": model.num_blocks, "method": cfg.train.method}
+    if labels is not None:
+        hit = (pred == labels).double()
+        out["class_accuracy"] = float(hit.mean())
+        out["per_class_accuracy"] = [float(hit[labels == k].mean()) if bool((labels == k).any()) else None
+                                     for k in range(model.num_classes)]
+    return out
