@@ -41,7 +41,7 @@ class ImageGenerator(nn.Module):
 
     @property
     def num_blocks(self) -> int:
-        return self.stack.num_blocks
+        return self.partition.num_blocks
 
     @property
     def null_class(self) -> int:

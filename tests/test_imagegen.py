@@ -1,0 +1,198 @@
+"""Image generation: the DiT under EDM, trained both ways; sampling with block routing; FD; the CLI."""
+
+import pytest
+import torch
+
+from diffusionblocks import io
+from diffusionblocks.blocks import BlockStack
+from diffusionblocks.cli import main
+from diffusionblocks.config import apply_overrides, preset_gen_tiny
+from diffusionblocks.fd import frechet_distance
+from diffusionblocks.images import grid, png_bytes, read_png_size
+from diffusionblocks.models import DiTHead, DiTStem
+from diffusionblocks.tasks.imagegen import ImageGenerator
+
+DIGITS = ((8, 8), 1, 10)
+
+
+def gen_cfg(method="dblocks", *overrides):
+    cfg = preset_gen_tiny()
+    cfg.train.method = method
+    return apply_overrides(cfg, list(overrides))
+
+
+def model_for(method="dblocks", *overrides):
+    torch.manual_seed(0)
+    return ImageGenerator(gen_cfg(method, *overrides), *DIGITS)
+
+
+def test_dit_head_unpatchifies_and_starts_at_zero():
+    stem, head = DiTStem((7, 9), 3, 2, 16, 10), DiTHead((7, 9), 3, 2, 16)  # sides not multiples of the patch
+    h, c = stem(torch.randn(2, 3, 7, 9), torch.zeros(2), torch.tensor([1, 10]))
+    assert h.shape == (2, 4 * 5, 16) and c.shape == (2, 16)
+    out = head(h, c)
+    assert out.shape == (2, 3, 7, 9) and out.abs().max() == 0  # zero-init: D = c_skip z at first
+    with pytest.raises(ValueError, match="class-conditional"):
+        stem(torch.randn(2, 3, 7, 9), torch.zeros(2))
+    with pytest.raises(ValueError, match="unconditional"):
+        DiTStem((7, 9), 3, 2, 16)(torch.randn(2, 3, 7, 9), torch.zeros(2), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("method", ["e2e", "dblocks"])
+def test_tiny_dit_trains_and_the_loss_falls(tmp_path, method):
+    pytest.importorskip("sklearn")
+    from diffusionblocks.train import train
+
+    results = train(gen_cfg(method, "train.steps=60", "train.eval_every=40"), tmp_path / method, progress=False)
+    curve = [p["eval_loss"] for p in results["curve"]]
+    assert len(curve) >= 2 and curve[-1] < 0.9 * curve[0]
+    assert results["task"] == "imagegen" and results["eval_loss"] == pytest.approx(results["eval_loss"])
+    assert results["num_blocks"] == (2 if method == "dblocks" else 1)
+
+
+def test_e2e_is_one_block_over_the_whole_range():
+    e2e, db = model_for("e2e"), model_for("dblocks")
+    assert e2e.num_blocks == 1 and db.num_blocks == 2
+    lo, hi = e2e.partition.training_interval(0)
+    assert (lo, hi) == (e2e.partition.levels.lo, e2e.partition.levels.hi)
+    assert sum(p.numel() for p in e2e.parameters()) == sum(p.numel() for p in db.parameters())  # shared stem/head
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_sampler_with_an_oracle_denoiser_returns_the_data_point(sampler):
+    model = model_for()
+    point = torch.rand(1, 1, 8, 8) * 2 - 1
+
+    class Oracle(torch.nn.Module):  # the ideal denoiser of a one-point dataset
+        def forward(self, z, sigma, cond=None):
+            return point.expand_as(z)
+
+    model.stack = Oracle()
+    x, labels = model.sample(3, 6, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x, point.expand(3, -1, -1, -1), atol=1e-6) and labels.shape == (3,)
+
+
+@pytest.mark.parametrize("steps", [2, 4, 6])
+def test_sampling_calls_exactly_one_block_per_step(monkeypatch, steps):
+    model = model_for()
+    calls = []
+    original = BlockStack.denoise
+
+    def denoise(self, block, z, level, cond=None):
+        calls.append((block, z.shape[0]))
+        return original(self, block, z, level, cond)
+
+    monkeypatch.setattr(BlockStack, "denoise", denoise)
+    model.sample(5, steps, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == steps  # one denoiser call per Euler step, on the whole batch
+    assert [b for b, _ in calls] == [0] * (steps // 2) + [1] * (steps // 2) and {n for _, n in calls} == {5}
+
+
+def test_a_dblocks_step_runs_one_block_of_layers():
+    """Sampling cost in layer calls: B times fewer per step than end to end (the paper's 3x at B = 3)."""
+    counts = {}
+    for method in ("e2e", "dblocks"):
+        model = model_for(method)
+        n = [0]
+        for layer in model.stack.modules():
+            if type(layer).__name__ == "TransformerLayer":
+                layer.register_forward_hook(lambda *a, n=n: n.__setitem__(0, n[0] + 1))
+        model.sample(2, 4, generator=torch.Generator().manual_seed(0))
+        counts[method] = n[0]
+    assert counts == {"e2e": 4 * 4, "dblocks": 4 * 2}
+
+
+def test_cfg_scale_one_is_the_conditional_model():
+    model = model_for()
+    for p in model.parameters():  # a model whose output depends on the class
+        torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(p.numel()))
+    a, _ = model.sample(4, 4, cfg_scale=1.0, classes=[3], generator=torch.Generator().manual_seed(1))
+    b, _ = model.sample(4, 4, cfg_scale=None, classes=[3], generator=torch.Generator().manual_seed(1))
+    c, _ = model.sample(4, 4, cfg_scale=3.0, classes=[3], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_sampling_errors_are_clear():
+    model = model_for()
+    with pytest.raises(ValueError, match="steps must be"):
+        model.sample(2, 0)
+    with pytest.raises(ValueError, match=r"unknown class\(es\) \[10\]"):
+        model.sample(2, 4, classes=[1, 10])
+    with pytest.raises(ValueError, match="sampler"):
+        model.sample(2, 4, sampler="dpm")
+    with pytest.raises(ValueError, match="number of samples"):
+        model.sample(0, 4)
+    uncond = model_for("dblocks", "gen.conditional=false")
+    x, labels = uncond.sample(2, 4)
+    assert labels is None and x.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match="class-conditional"):
+        uncond.sample(2, 4, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond.sample(2, 4, classes=[1])
+
+
+def test_grid_lands_on_block_edges():
+    model = model_for()
+    g = model.grid(4)
+    assert g.numel() == 5 and g[-1] == 0
+    assert model.partition.route(g[:-1]).tolist() == [0, 0, 1, 1]
+    assert model.grid(5).numel() == 6 and model.grid(3, "karras").numel() == 4
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_with_noise():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 8, generator=g, dtype=torch.float64)
+    assert abs(frechet_distance(a, a)) < 1e-8
+    noise = torch.randn(500, 8, generator=g, dtype=torch.float64)
+    fds = [frechet_distance(a, a + s * noise) for s in (0.1, 0.5, 1.0, 2.0)]
+    assert fds == sorted(fds) and fds[0] > 0
+    b = torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    c = 2 * torch.randn(20000, 4, generator=g, dtype=torch.float64) + 1
+    assert frechet_distance(b, c) == pytest.approx(4 * 1 + 4 * (1 + 4 - 2 * 2), rel=0.05)  # closed form
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(a, a[:, :4])
+
+
+def test_png_grid_has_the_right_size(tmp_path):
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    g = grid(images, nrow=5, pad=2)
+    assert g.shape == (1, 2 * 10 + 2, 5 * 10 + 2)
+    path = tmp_path / "g.png"
+    path.write_bytes(png_bytes(g))
+    assert read_png_size(path) == (52, 22)
+    with pytest.raises(ValueError, match="uint8"):
+        png_bytes(torch.zeros(2, 4, 4))
+
+
+def test_train_sample_eval_cli(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("DIFFUSIONBLOCKS_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "gen-tiny", "--out", str(run), "--no-progress", "train.steps=20"]) == 0
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run), "--num", "10", "--nrow", "5", "--steps", "4", "--out", str(out),
+                 "--classes", "1,2", "--npz"]) == 0
+    assert read_png_size(out) == (52, 22)
+    import numpy as np
+
+    saved = np.load(tmp_path / "s.npz")
+    assert saved["x"].shape == (10, 1, 8, 8) and saved["y"].tolist() == [1, 2] * 5
+    for bad in (["--steps", "0"], ["--classes", "12"], ["--classes", "a"], ["--cfg-scale", "2", "--steps", "-1"]):
+        assert main(["sample", str(run), "--out", str(out), *bad]) == 2, bad
+    capsys.readouterr()
+    monkeypatch.setattr("diffusionblocks.fd.reference_config", _tiny_reference)
+    assert main(["eval", str(run), "--num", "50", "--steps", "2", "--json"]) == 0
+    import json
+
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["fd_classifier_features"] >= 0 and ev["num_generated"] == 50 and len(ev["per_class_accuracy"]) == 10
+    assert (tmp_path / "cache" / "fd-digits" / "results.json").exists()
+    assert io.load_json(run / "results.json")["task"] == "imagegen"
+
+
+def _tiny_reference(dataset):
+    from diffusionblocks.fd import load_preset
+
+    cfg = load_preset("tiny")
+    cfg.train.method, cfg.data.name, cfg.train.steps, cfg.train.eval_limit = "e2e", dataset, 20, 0
+    return cfg
