@@ -205,21 +205,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.quick and args.preset is not None:
         raise ValueError("--quick picks its own preset; use either --quick or --preset")
+    gen = args.task == "imagegen" or (args.task is None and (args.preset or "").startswith("gen-"))
     if args.preset is None:
         try:
             load_dataset("fashion-mnist", download=False)
-            args.preset = "quick" if args.quick else "fashion"
+            quick, full = ("gen-quick", "gen-fashion") if gen else ("quick", "fashion")
+            args.preset = quick if args.quick else full
         except DataError:
             print("Fashion-MNIST not found (apt-get install dataset-fashion-mnist); comparing on digits",
                   file=sys.stderr)
-            args.preset = "digits-quick" if args.quick else "digits"
+            args.preset = "gen-tiny" if gen else ("digits-quick" if args.quick else "digits")
     cfg = _run_config(args)
+    if gen != (load_preset(args.preset).task == "imagegen"):
+        raise ValueError(f"preset {args.preset!r} is a {load_preset(args.preset).task} preset; --task {args.task} "
+                         f"needs " + ("a gen-* preset" if gen else "a classification preset"))
     out = args.out or f"runs/compare-{args.preset}"
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    compare(cfg, out, seeds, progress=not args.no_progress)
+    if gen:
+        from .compare_gen import compare_imagegen
+
+        compare_imagegen(cfg, out, seeds, progress=not args.no_progress)
+    else:
+        compare(cfg, out, seeds, progress=not args.no_progress)
     return 0
 
 
@@ -431,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train end-to-end, DiffusionBlocks and an end-to-end control with one block's "
                                    "depth on the same layer-update budget; print a table, write compare.json, "
                                    "compare.md and compare.png. Finished arms are reused, interrupted ones resumed.")
+    p.add_argument("--task", choices=("classify", "imagegen"), default=None,
+                   help="imagegen: end-to-end DiT vs DiffusionBlocks, FD, sample grids, sampling time "
+                        "(default: the preset's task, classify)")
     p.add_argument("--quick", action="store_true", help="a one-minute version")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--out", default=None, help="output directory (default runs/compare-PRESET)")
