@@ -307,6 +307,15 @@ def preset_gen_fashion() -> RunConfig:
     return cfg
 
 
+def preset_gen_dit_s() -> RunConfig:
+    """DiT-S/2-like for a GPU: CIFAR-10 (32x32x3, 2x2 patches: 256 tokens), 12 layers of width 384, 6 heads."""
+    cfg = preset_gen_fashion()
+    cfg.data = DataConfig(name="cifar10", crop_padding=0, hflip=True)
+    cfg.model = ModelConfig(depth=12, width=384, heads=6, patch=2, mlp_ratio=4.0)
+    cfg.train.lr, cfg.train.steps, cfg.train.ema, cfg.train.device = 2e-4, 100_000, 0.9999, "auto"
+    return cfg
+
+
 def preset_gen_quick() -> RunConfig:
     """A few minutes: the Fashion-MNIST DiT on a tenth of the steps, FD over 500 samples."""
     cfg = preset_gen_fashion()
@@ -317,7 +326,8 @@ def preset_gen_quick() -> RunConfig:
 
 PRESETS = {"tiny": preset_tiny, "fashion": preset_fashion, "quick": preset_quick, "digits": preset_digits,
            "digits-quick": preset_digits_quick, "vit12": preset_vit12, "vit-s": preset_vit_s,
-           "gen-tiny": preset_gen_tiny, "gen-fashion": preset_gen_fashion, "gen-quick": preset_gen_quick}
+           "gen-tiny": preset_gen_tiny, "gen-fashion": preset_gen_fashion, "gen-quick": preset_gen_quick,
+           "gen-dit-s": preset_gen_dit_s}
 
 
 def load_preset(name: str) -> RunConfig:

@@ -196,3 +196,24 @@ def _tiny_reference(dataset):
     cfg = load_preset("tiny")
     cfg.train.method, cfg.data.name, cfg.train.steps, cfg.train.eval_limit = "e2e", dataset, 20, 0
     return cfg
+
+
+def test_colour_images_and_uneven_sides():
+    cfg = gen_cfg("dblocks", "model.patch=3")
+    torch.manual_seed(0)
+    model = ImageGenerator(cfg, (10, 7), 3, 4)  # 3 channels, sides not multiples of the patch
+    x, y = torch.rand(5, 3, 10, 7) * 2 - 1, torch.randint(4, (5,))
+    loss = model.block_loss(1, x, y, torch.Generator().manual_seed(0))
+    assert loss.shape == (5,) and torch.isfinite(loss).all()
+    samples, labels = model.sample(2, 4, classes=[3])
+    assert samples.shape == (2, 3, 10, 7) and labels.tolist() == [3, 3]
+
+
+def test_presets_build():
+    from diffusionblocks.config import load_preset, validate
+
+    for name in ("gen-tiny", "gen-quick", "gen-fashion", "gen-dit-s"):
+        cfg = validate(load_preset(name))
+        with torch.device("meta"):
+            model = ImageGenerator(cfg, (32, 32), 3, 10)
+        assert model.num_blocks == cfg.dblocks.num_blocks
