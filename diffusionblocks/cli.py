@@ -79,7 +79,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         config = Path(args.resume) / CONFIG
-        parallel = config.exists() and RunConfig.from_dict(io.load_json(config)).train.parallel == "blocks"
+        if not config.exists():
+            raise ValueError(f"cannot resume: {config} does not exist (was the run started in {args.resume}?)")
+        parallel = RunConfig.from_dict(io.load_json(config)).train.parallel == "blocks"
         if parallel or args.parallel == "blocks":  # every rank resumes its own job directory
             results = train_parallel(RunConfig.from_dict(io.load_json(config)), args.resume, resume=True,
                                      progress=not args.no_progress)
@@ -133,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("--steps-per-block/--bridge/--sigma-start/--init are classification options; "
                              "image generation takes --steps, --sampler, --grid, --cfg-scale, --num")
         ev = evaluate_samples(model, cfg, ds, num=args.num, steps=args.steps, sampler=args.sampler, grid=args.grid,
-                              cfg_scale=args.cfg_scale, progress=not args.json)
+                              cfg_scale=args.cfg_scale, progress=not args.json, fd_model=args.fd_model)
         ev["run"] = str(args.run)
         if args.json:
             print(json.dumps(ev, indent=2))
@@ -144,8 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"samples ({ev['steps']} {ev['sampler']} steps, cfg {ev['cfg_scale']}){acc}; sampling "
                   f"{1000 * ev['seconds_per_image']:.2f} ms per image")
         return 0
-    if any(v is not None for v in (args.num, args.steps, args.sampler, args.cfg_scale)):
-        raise ValueError("--num/--steps/--sampler/--cfg-scale apply to image generation runs")
+    if any(v is not None for v in (args.num, args.steps, args.sampler, args.cfg_scale, args.fd_model)):
+        raise ValueError("--num/--steps/--sampler/--cfg-scale/--fd-model apply to image generation runs")
     predict = {}
     if cfg.train.method == "dblocks":
         predict = {"steps_per_block": args.steps_per_block, "grid": args.grid, "bridge": args.bridge,
@@ -418,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="imagegen: sampling steps (default gen.steps)")
     p.add_argument("--sampler", choices=("euler", "heun"), default=None, help="imagegen: ODE sampler")
     p.add_argument("--cfg-scale", type=float, default=None, help="imagegen: classifier-free guidance scale")
+    p.add_argument("--fd-model", default=None, metavar="PATH",
+                   help="imagegen: also an FD in the features of this TorchScript extractor (e.g. Inception-v3 "
+                        "pool3, images given at 299x299 in [0, 255]: the standard FID); never downloaded")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -75,3 +75,31 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     root = _sqrt_psd(cov_a)
     cross = torch.linalg.eigvalsh(root @ cov_b @ root).clamp(min=0).sqrt().sum()
     return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+class ScriptedFeatures:
+    """Features from a user's TorchScript file (the optional Inception path): the module maps float images
+    (N, 3, size, size) with values in [0, 255] to features (N, D). With an Inception-v3 pool3 extractor
+    (2048 features, size 299) the Frechet distance is the standard FID recipe; the tool never downloads it."""
+
+    def __init__(self, path: str | os.PathLike, size: int = 299):
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"feature extractor {path} not found (a TorchScript file, e.g. an Inception-v3 "
+                             f"pool3 extractor saved with torch.jit.save)")
+        try:
+            self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        except RuntimeError as e:
+            raise ValueError(f"{path} is not a TorchScript file torch.jit.load can read: {e}") from None
+        self.path, self.size = path, size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+        out = []
+        for i in range(0, images.shape[0], batch_size):
+            x = (images[i:i + batch_size].float().clamp(-1, 1) + 1) * 127.5  # [-1, 1] -> [0, 255]
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            out.append(self.module(x).flatten(1).double())
+        return torch.cat(out)

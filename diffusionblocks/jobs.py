@@ -101,7 +101,7 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def merge(runs: list[str | os.PathLike], out: str | os.PathLike, *, allow_missing: bool = False) -> dict:
     """Assemble one model from per-block job directories into `out` (config.json, model.safetensors,
-    ema.safetensors when every job kept one, job.json, merge.json). Returns the merge record."""
+    ema.safetensors when every job kept one, merge.json naming the owner of each block). Returns that record."""
     from .train import CONFIG, EMA_WEIGHTS, STATE, WEIGHTS
 
     if not runs:

@@ -217,3 +217,24 @@ def test_presets_build():
         with torch.device("meta"):
             model = ImageGenerator(cfg, (32, 32), 3, 10)
         assert model.num_blocks == cfg.dblocks.num_blocks
+
+
+def test_scripted_feature_extractor_is_an_optional_fd_path(tmp_path):
+    from diffusionblocks.fd import ScriptedFeatures
+
+    class Pool(torch.nn.Module):  # stands in for an Inception pool3 extractor: (N, 3, S, S) -> (N, D)
+        def forward(self, x):
+            return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+    path = tmp_path / "extractor.pt"
+    torch.jit.save(torch.jit.script(Pool()), str(path))
+    feats = ScriptedFeatures(path, size=16)
+    images = torch.rand(40, 1, 8, 8) * 2 - 1
+    f = feats(images)
+    assert f.shape == (40, 3 * 4) and f.dtype == torch.float64
+    assert abs(frechet_distance(f, f)) < 1e-6 * float(f.var(0).sum())  # zero up to rounding
+    with pytest.raises(ValueError, match="not found"):
+        ScriptedFeatures(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not torchscript")
+    with pytest.raises(ValueError, match="TorchScript"):
+        ScriptedFeatures(tmp_path / "junk.pt")

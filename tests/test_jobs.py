@@ -34,7 +34,13 @@ def weights(run, name="model.safetensors"):
 
 
 def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if a.keys() != b.keys():
+        print(f"different keys: {sorted(set(a) ^ set(b))[:5]}")
+        return False
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    if differ:  # shown by pytest on failure
+        print(f"{len(differ)} tensors differ, e.g. {differ[0]}: max |diff| {(a[differ[0]] - b[differ[0]]).abs().max()}")
+    return not differ
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +153,7 @@ def test_torchrun_parallel_equals_sequential(runs, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("model.safetensors", "ema.safetensors"):
-        assert same(weights(runs / "sequential", name), weights(out, name)), name
+        assert same(weights(runs / "sequential", name), weights(out, name)), (name, proc.stderr[-2000:])
     results = io.load_json(out / "results.json")
     assert results["world_size"] == 2 and results["gradient_bytes_between_blocks"] == 0
     assert [r["blocks"] for r in results["ranks"]] == [[0], [1]]

@@ -185,11 +185,15 @@ def generate(model: ImageGenerator, num: int, *, batch_size: int = 500, seed: in
 
 def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, num: int | None = None,
                      steps: int | None = None, sampler: str | None = None, grid: str | None = None,
-                     cfg_scale: float | None = None, device="cpu", progress: bool = False) -> dict:
+                     cfg_scale: float | None = None, device="cpu", progress: bool = False,
+                     fd_model: str | None = None) -> dict:
     """FD (classifier features) of `num` generated images against as many test images, the reference
-    classifier's accuracy on the classes they were generated for, and the sampling time."""
+    classifier's accuracy on the classes they were generated for, and the sampling time. With `fd_model`
+    (a TorchScript feature extractor, e.g. Inception-v3 pool3) also the FD in its features."""
     from ..data import to_float
-    from ..fd import features, frechet_distance, reference_classifier
+    from ..fd import ScriptedFeatures, features, frechet_distance, reference_classifier
+
+    scripted = ScriptedFeatures(fd_model) if fd_model else None  # fail early on a bad path
 
     g = cfg.gen
     num = num or g.fd_samples
@@ -204,6 +208,8 @@ def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, num: int | No
     out = {"fd_classifier_features": frechet_distance(f_gen, f_real), "num_generated": num, "num_real": len(real),
            "sampling_seconds": seconds, "seconds_per_image": seconds / num, **args,
            "num_blocks": model.num_blocks, "method": cfg.train.method}
+    if scripted is not None:
+        out[f"fd_{scripted.path.name}"] = frechet_distance(scripted(images), scripted(real))
     if labels is not None:
         hit = (pred == labels).double()
         out["class_accuracy"] = float(hit.mean())
