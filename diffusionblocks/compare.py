@@ -144,16 +144,22 @@ def plot(runs: dict[str, list[dict]], path: Path) -> bool:
     return True
 
 
-def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=ROLES, progress: bool = True) -> dict:
-    out = Path(out_dir)
+def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bool) -> dict[str, list[dict]]:
+    """Every arm for every seed into out/ROLE-seedS (finished arms reused, interrupted ones resumed)."""
     out.mkdir(parents=True, exist_ok=True)
     io.atomic_write_text(out / "base_config.json", save_config(base))
     runs: dict[str, list[dict]] = {}
     for seed in seeds:
         for role in roles:
-            cfg = role_config(base, role, seed)
             print(f"== {role} (seed {seed}) ==", file=sys.stderr)
-            runs.setdefault(role, []).append(run_arm(cfg, out / f"{role}-seed{seed}", progress))
+            runs.setdefault(role, []).append(run_arm(role_config(base, role, seed), out / f"{role}-seed{seed}",
+                                                     progress))
+    return runs
+
+
+def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=ROLES, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    runs = train_arms(base, out, seeds, roles, progress)
     rows = summarize(runs)
     report = {"rows": rows, "verdict": verdict(rows), "seeds": seeds}
     io.save_json(out / "compare.json", report)

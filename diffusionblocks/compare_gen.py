@@ -4,15 +4,14 @@ features) over seeds, sample grids side by side, and sampling time at equal step
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from . import io
-from .compare import role_config, run_arm
-from .config import RunConfig, save_config
+from .compare import train_arms
+from .config import RunConfig
 from .images import grid, save_png, to_uint8
 from .train import load_model
 
@@ -56,17 +55,10 @@ def _mean_std(values: list[float]) -> str:
 
 def compare_imagegen(base: RunConfig, out_dir: str | Path, seeds: list[int], progress: bool = True) -> dict:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_text(out / "base_config.json", save_config(base))
-    runs: dict[str, list[dict]] = {}
-    for seed in seeds:
-        for role in ROLES:
-            cfg = role_config(base, role, seed)
-            run = out / f"{role}-seed{seed}"
-            print(f"== {role} (seed {seed}) ==", file=sys.stderr)
-            results = run_arm(cfg, run, progress)
-            results["samples"] = sample_scores(run, progress)
-            runs.setdefault(role, []).append(results)
+    runs = train_arms(base, out, seeds, ROLES, progress)
+    for role, results in runs.items():
+        for seed, r in zip(seeds, results):
+            r["samples"] = sample_scores(out / f"{role}-seed{seed}", progress)
     models = {role: load_model(out / f"{role}-seed{seeds[0]}")[1] for role in ROLES}
     steps = base.gen.steps
     speed = sampling_speed(models, steps, batch=64)
