@@ -166,7 +166,6 @@ class DBlocks:
             if b not in self.owned:  # not trained here: shapes only, no memory
                 for module in model.block_modules(b):
                     module.to("meta")
-        names = {id(p): n for n, p in model.named_parameters()}
         self.block_params = {b: all_blocks[b] for b in self.owned}
         self.trained = {b: {id(p) for p in params + self.shared_params} for b, params in self.block_params.items()}
         self.opts = {b: Optimizer(p, cfg, self.share) for b, p in self.block_params.items()}

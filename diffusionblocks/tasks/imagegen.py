@@ -146,10 +146,8 @@ class ImageGenerator(nn.Module):
         """Mean EDM loss of the routed denoiser at `levels` fixed noise levels, equally spaced in the
         training distribution's mass (so every block is measured on its own range)."""
         lv = self.partition.levels
-        u = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
-        sigmas = lv.icdf(lv.cdf(torch.tensor(lv.lo, dtype=torch.float64))
-                         + u * (lv.cdf(torch.tensor(lv.hi, dtype=torch.float64))
-                                - lv.cdf(torch.tensor(lv.lo, dtype=torch.float64))))
+        u_lo, u_hi = (lv.cdf(torch.tensor(v, dtype=torch.float64)) for v in (lv.lo, lv.hi))
+        sigmas = lv.icdf(u_lo + (torch.arange(levels, dtype=torch.float64) + 0.5) / levels * (u_hi - u_lo))
         labels = y if self.num_classes else None
         total = 0.0
         for s in sigmas.tolist():
