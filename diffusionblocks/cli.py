@@ -263,11 +263,12 @@ def _plan_spec(args: argparse.Namespace):
     classes = args.classes if args.classes is not None else classes
     if image_size is None or channels is None or classes is None:
         raise ValueError(f"data {cfg.data.name!r} has no known shape; give --image-size, --channels and --classes")
-    device = "cuda" if str(getattr(args, "device", None) or cfg.train.device).startswith("cuda") else "cpu"
-    if cfg.train.device == "auto" and args.command == "memory":
-        import torch
+    if args.command == "memory":  # measured here: where the steps will actually run
+        from .train import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(cfg.train.device).type
+    else:
+        device = "cuda" if (args.device or cfg.train.device).startswith("cuda") else "cpu"
     return Spec(cfg, tuple(image_size), channels, classes, dtype=args.dtype, optimizer=args.optimizer, device=device)
 
 

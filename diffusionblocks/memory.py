@@ -220,10 +220,6 @@ def _measure(step, model, optimizers, device, offloaded, warmup, alloc) -> StepM
     return report
 
 
-def mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
-
-
 def measure_configuration(cfg, image_size, channels: int, num_classes: int, *, warmup: int | None = None,
                           offload_dir=None) -> StepMemory:
     """Build the model `cfg` describes (random weights, random images of the data's shape: memory does
