@@ -1,3 +1,30 @@
-"""DiffusionBlocks: train a residual network block by block as the steps of a reverse diffusion."""
+"""DiffusionBlocks: train a residual network block by block as the steps of a reverse diffusion.
 
-__version__ = "0.1.0"
+The method, read in this order: `noise` (levels, their partition into blocks), `precond` (the EDM
+denoiser and per-sample losses), `blocks` (`BlockStack`: layers cut into B denoisers), `sample` (Euler and
+Heun over a grid). Training: `train(cfg, out)` runs a task (`tasks/`) with a method (`methods/`);
+`load_model(run)` rebuilds a trained model.
+
+Imports go one way (a module imports only from the rows above its own):
+    core      noise, precond, blocks, sample, nn
+    parts     models, data, config, io, images, fd, memory, residency, version
+    plug-ins  tasks/ (base, classify, imagegen), methods/ (base, e2e, dblocks)
+    runs      run (file names, checkpoints, building and loading a run's model, the device)
+    loop      train
+    harness   jobs, parallel, compare, plan, cli
+"""
+
+from .blocks import BlockStack, split_layers  # noqa: E402
+from .config import RunConfig, load_preset  # noqa: E402
+from .methods import METHODS  # noqa: E402
+from .noise import LogNormalLevels, MaskLevels, Partition  # noqa: E402
+from .precond import ClassEmbedding, EDMPrecond, PlainPrecond, ce_loss, mse_loss  # noqa: E402
+from .run import evaluate, load_model  # noqa: E402
+from .sample import euler, heun  # noqa: E402
+from .tasks import TASKS  # noqa: E402
+from .train import train  # noqa: E402
+from .version import __version__
+
+__all__ = ["METHODS", "TASKS", "BlockStack", "ClassEmbedding", "EDMPrecond", "LogNormalLevels", "MaskLevels",
+           "Partition", "PlainPrecond", "RunConfig", "__version__", "ce_loss", "euler", "evaluate", "heun",
+           "load_model", "load_preset", "mse_loss", "split_layers", "train"]

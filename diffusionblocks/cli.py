@@ -1,4 +1,8 @@
-"""The `diffusionblocks` command line: one subcommand per job, each a small function over the library."""
+"""The `diffusionblocks` command line: one subcommand per job, each a small function over the library.
+
+The choices of --task and --method come from the registries (tasks/, methods/): a new task or method shows
+up here without editing this file.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,21 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import apply_overrides, load_preset, validate
+from . import io
+from .compare import compare
+from .config import RunConfig, apply_overrides, load_preset, parse_ints
+from .data import DataError, load_dataset
+from .images import grid, save_png, to_uint8
+from .jobs import merge
+from .methods import METHODS
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Partition
+from .parallel import train_parallel
+from .plan import DATA_SHAPES, Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
+from .run import CONFIG, load_model, resolve_device, validate
+from .tasks import TASKS, get_task
+from .tasks.imagegen import ImageGenerator, generate
+from .train import reference_model, train
+from .version import __version__
 
 
 def _fmt(x: float) -> str:
@@ -50,73 +66,47 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace):
+def _run_config(args: argparse.Namespace) -> RunConfig:
     cfg = load_preset(args.preset)
-    if getattr(args, "task", None):
-        cfg.task = args.task
-    if getattr(args, "method", None):
-        cfg.train.method = args.method
-    if args.num_blocks is not None:
-        cfg.dblocks.num_blocks = args.num_blocks
-    if args.data:
-        cfg.data.name = args.data
-    if args.steps is not None:
-        cfg.train.steps = args.steps
-    if getattr(args, "seed", None) is not None:
-        cfg.train.seed = args.seed
-    if getattr(args, "blocks", None) is not None:
-        cfg.train.blocks = args.blocks
-    if getattr(args, "parallel", None) is not None:
-        cfg.train.parallel = args.parallel
+    for value, key in ((getattr(args, "task", None), "task"), (getattr(args, "method", None), "train.method"),
+                       (args.num_blocks, "dblocks.num_blocks"), (args.data, "data.name"), (args.steps, "train.steps"),
+                       (getattr(args, "seed", None), "train.seed"), (getattr(args, "blocks", None), "train.blocks"),
+                       (getattr(args, "parallel", None), "train.parallel")):
+        if value is not None and value != "":
+            if key == "task":
+                cfg.task = value
+            else:
+                apply_overrides(cfg, [f"{key}={value}"])
     return validate(apply_overrides(cfg, args.overrides))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import io
-    from .config import RunConfig
-    from .jobs import train_parallel
-    from .train import CONFIG, train
-
     if args.resume:
         config = Path(args.resume) / CONFIG
         if not config.exists():
             raise ValueError(f"cannot resume: {config} does not exist (was the run started in {args.resume}?)")
-        parallel = RunConfig.from_dict(io.load_json(config)).train.parallel == "blocks"
-        if parallel or args.parallel == "blocks":  # every rank resumes its own job directory
-            results = train_parallel(RunConfig.from_dict(io.load_json(config)), args.resume, resume=True,
-                                     progress=not args.no_progress)
+        cfg = RunConfig.from_dict(io.load_json(config))
+        if cfg.train.parallel == "blocks" or args.parallel == "blocks":  # every rank resumes its own job directory
+            results = train_parallel(cfg, args.resume, resume=True, progress=not args.no_progress)
         else:
             results = train(None, args.resume, resume=True, progress=not args.no_progress)
     else:
         if not args.out:
             raise ValueError("--out DIR is required (or --resume DIR to continue a run)")
         cfg = _run_config(args)
-        if cfg.train.parallel == "blocks":
-            results = train_parallel(cfg, args.out, progress=not args.no_progress)
-        else:
-            results = train(cfg, args.out, progress=not args.no_progress)
-    if "test_accuracy" not in results and "eval_loss" not in results:  # a per-block job, or a rank other than 0
-        if "world_size" in results:
-            print(f"rank {results['rank']}: trained blocks {results['blocks']}; rank 0 merged the model")
-        else:
-            print(f"trained blocks {results['blocks']}: {results['layer_updates']} layer-updates; merge the jobs "
-                  f"of all blocks with: diffusionblocks merge RUN... --out DIR")
-        return 0
-    if "eval_loss" in results:
-        print(f"{results['method']}: denoising loss on the test set {results['eval_loss']:.4f}; "
-              f"{results['layer_updates']} layer-updates in {results['train_seconds']:.1f} s; sample with: "
-              f"diffusionblocks sample {args.out or args.resume} --num 64 --out samples.png")
-        return 0
-    steps = ", ".join(f"{100 * a:.2f}" for a in results["accuracy_per_step"])
-    print(f"{results['method']}: test accuracy {100 * results['test_accuracy']:.2f}% "
-          f"(after each inference step: {steps}); {results['layer_updates']} layer-updates in "
-          f"{results['train_seconds']:.1f} s")
+        run = train_parallel if cfg.train.parallel == "blocks" else train
+        results = run(cfg, args.out, progress=not args.no_progress)
+    if "world_size" in results and results["rank"] != 0:
+        print(f"rank {results['rank']}: trained blocks {results['blocks']}; rank 0 merged the model")
+    elif results.get("per_block_job"):
+        print(f"trained blocks {results['blocks']}: {results['layer_updates']} layer-updates; merge the jobs "
+              f"of all blocks with: diffusionblocks merge RUN... --out DIR")
+    else:
+        print(get_task(cfg.task).summary(results))
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .jobs import merge
-
     record = merge(args.runs, args.out, allow_missing=args.allow_missing)
     owners = ", ".join(f"block {b} <- {r}" for b, r in record["owner"].items())
     print(f"merged into {args.out}: {owners}" + (f"; MISSING {record['missing']}" if record["missing"] else ""))
@@ -124,65 +114,37 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_OPTIONS = ("limit", "steps_per_block", "grid", "bridge", "sigma_start", "init", "num", "steps", "sampler",
+                "cfg_scale", "fd_model")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate, load_model
-
-    cfg, model, ds = load_model(args.run)
-    if cfg.task == "imagegen":
-        from .tasks.imagegen import evaluate_samples
-
-        if any(v is not None for v in (args.steps_per_block, args.bridge, args.sigma_start, args.init)):
-            raise ValueError("--steps-per-block/--bridge/--sigma-start/--init are classification options; "
-                             "image generation takes --steps, --sampler, --grid, --cfg-scale, --num")
-        ev = evaluate_samples(model, cfg, ds, num=args.num, steps=args.steps, sampler=args.sampler, grid=args.grid,
-                              cfg_scale=args.cfg_scale, progress=not args.json, fd_model=args.fd_model)
-        ev["run"] = str(args.run)
-        if args.json:
-            print(json.dumps(ev, indent=2))
-        else:
-            acc = f"; generated images classified as their class: {100 * ev['class_accuracy']:.1f}%" \
-                if "class_accuracy" in ev else ""
-            print(f"{args.run}: FD (classifier features) {ev['fd_classifier_features']:.3f} over {ev['num_generated']} "
-                  f"samples ({ev['steps']} {ev['sampler']} steps, cfg {ev['cfg_scale']}){acc}; sampling "
-                  f"{1000 * ev['seconds_per_image']:.2f} ms per image")
-        return 0
-    if any(v is not None for v in (args.num, args.steps, args.sampler, args.cfg_scale, args.fd_model)):
-        raise ValueError("--num/--steps/--sampler/--cfg-scale/--fd-model apply to image generation runs")
-    predict = {}
-    if cfg.train.method == "dblocks":
-        predict = {"steps_per_block": args.steps_per_block, "grid": args.grid, "bridge": args.bridge,
-                   "sigma_start": args.sigma_start, "init": args.init}
-    elif any(v is not None for v in (args.steps_per_block, args.grid, args.bridge, args.sigma_start, args.init)):
-        raise ValueError("the sampler options apply to dblocks runs only; this run is e2e")
-    ev = evaluate(model, ds.x_test, ds.y_test, cfg, args.limit, **predict)
-    ev.update(run=str(args.run), method=cfg.train.method, **{k: v for k, v in predict.items() if v is not None})
+    cfg, model, data = load_model(args.run)
+    task = get_task(cfg.task)
+    given = {k: getattr(args, k) for k in EVAL_OPTIONS if getattr(args, k) is not None}
+    foreign = [k for k in given if k not in task.eval_options]
+    if foreign:
+        raise ValueError(f"{'/'.join('--' + k.replace('_', '-') for k in foreign)} do not apply to a {task.name} "
+                         f"run; it takes {', '.join('--' + k.replace('_', '-') for k in task.eval_options)}")
+    ev = task.score(model, data, cfg, progress=not args.json, reference=reference_model, **given)
+    ev.update(run=str(args.run), method=cfg.train.method, **{k: v for k, v in given.items() if k != "limit"})
     if args.json:
         print(json.dumps(ev, indent=2))
     else:
-        steps = ", ".join(f"{100 * a:.2f}" for a in ev["accuracy_per_step"])
-        print(f"{args.run}: test accuracy {100 * ev['accuracy']:.2f}% on {ev['n']} images "
-              f"(after each inference step: {steps})")
+        print(f"{args.run}: {task.describe_score(ev)}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .images import grid, save_png, to_uint8
-    from .tasks.imagegen import generate
-    from .train import load_model
-
     cfg, model, _ = load_model(args.run)
-    if cfg.task != "imagegen":
+    if not isinstance(model, ImageGenerator):
         raise ValueError(f"{args.run} is a {cfg.task} run; sample draws images from an imagegen run")
     if not args.out.lower().endswith(".png"):
         raise ValueError(f"--out {args.out!r}: expected a .png path")
-    classes = None
-    if args.classes:
-        try:
-            classes = [int(c) for c in args.classes.split(",")]
-        except ValueError:
-            raise ValueError(f"--classes {args.classes!r}: expected comma-separated integers") from None
+    classes = parse_ints(args.classes, "--classes", "0,1,2") if args.classes else None
+    if classes is not None:
         model.check_classes(classes)
     g = cfg.gen
     steps = args.steps if args.steps is not None else g.steps
@@ -202,42 +164,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
-    from .data import DataError, load_dataset
-
     if args.quick and args.preset is not None:
         raise ValueError("--quick picks its own preset; use either --quick or --preset")
-    gen = args.task == "imagegen" or (args.task is None and (args.preset or "").startswith("gen-"))
+    task = get_task(args.task or (load_preset(args.preset).task if args.preset else "classify"))
     if args.preset is None:
         try:
             load_dataset("fashion-mnist", download=False)
-            quick, full = ("gen-quick", "gen-fashion") if gen else ("quick", "fashion")
-            args.preset = quick if args.quick else full
+            args.preset = task.presets["quick" if args.quick else "full"]
         except DataError:
             print("Fashion-MNIST not found (apt-get install dataset-fashion-mnist); comparing on digits",
                   file=sys.stderr)
-            args.preset = "gen-tiny" if gen else ("digits-quick" if args.quick else "digits")
+            args.preset = task.presets["offline-quick" if args.quick else "offline"]
+    preset_task = load_preset(args.preset).task
+    if preset_task != task.name:
+        raise ValueError(f"preset {args.preset!r} is a {preset_task} preset; --task {task.name} needs one of its "
+                         f"own (e.g. {task.presets['full']})")
     cfg = _run_config(args)
-    if gen != (load_preset(args.preset).task == "imagegen"):
-        raise ValueError(f"preset {args.preset!r} is a {load_preset(args.preset).task} preset; --task {args.task} "
-                         f"needs " + ("a gen-* preset" if gen else "a classification preset"))
-    out = args.out or f"runs/compare-{args.preset}"
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    if gen:
-        from .compare_gen import compare_imagegen
-
-        compare_imagegen(cfg, out, seeds, progress=not args.no_progress)
-    else:
-        compare(cfg, out, seeds, progress=not args.no_progress)
+    seeds = parse_ints(args.seeds, "--seeds", "0,1,2")
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed, e.g. 0,1,2")
+    compare(cfg, args.out or f"runs/compare-{args.preset}", seeds, progress=not args.no_progress)
     return 0
 
 
-def _plan_spec(args: argparse.Namespace):
-    from .plan import DATA_SHAPES, Spec
-
+def _plan_spec(args: argparse.Namespace) -> Spec:
     cfg = load_preset(args.preset)
     for key, value in (("depth", args.depth), ("width", args.width), ("heads", args.heads),
                        ("mlp_ratio", args.mlp_ratio), ("patch", args.patch)):
@@ -252,10 +202,7 @@ def _plan_spec(args: argparse.Namespace):
         cfg.train.device = args.device
     image_size, channels, classes = DATA_SHAPES.get(cfg.data.name, (None, None, None))
     if args.image_size:
-        try:
-            parts = [int(v) for v in args.image_size.lower().split("x")]
-        except ValueError:
-            raise ValueError(f"--image-size {args.image_size!r}: expected N or HxW, e.g. 28 or 32x32") from None
+        parts = parse_ints(args.image_size.lower().replace("x", ","), "--image-size", "28 or 32x32")
         if len(parts) not in (1, 2):
             raise ValueError(f"--image-size {args.image_size!r}: expected N or HxW")
         image_size = (parts[0], parts[-1])
@@ -264,27 +211,17 @@ def _plan_spec(args: argparse.Namespace):
     if image_size is None or channels is None or classes is None:
         raise ValueError(f"data {cfg.data.name!r} has no known shape; give --image-size, --channels and --classes")
     if args.command == "memory":  # measured here: where the steps will actually run
-        from .train import resolve_device
-
         device = resolve_device(cfg.train.device).type
     else:
         device = "cuda" if (args.device or cfg.train.device).startswith("cuda") else "cpu"
     return Spec(cfg, tuple(image_size), channels, classes, dtype=args.dtype, optimizer=args.optimizer, device=device)
 
 
-def _parse_blocks(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(b) for b in text.split(","))
-    except ValueError:
-        raise ValueError(f"--blocks {text!r}: expected comma-separated integers, e.g. 2,3,4,6") from None
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import configurations, format_table, parse_bytes, plan
-
     spec = _plan_spec(args)
     budget = parse_bytes(args.device_memory) if args.device_memory else None
-    result = plan(spec, configurations(spec.cfg.model.depth, _parse_blocks(args.blocks), args.checkpoint), budget)
+    blocks = parse_ints(args.blocks, "--blocks", "2,3,4,6")
+    result = plan(spec, configurations(spec.cfg.model.depth, tuple(blocks), args.checkpoint), budget)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -299,17 +236,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from . import io
-    from .plan import configurations, format_table, measure_all, plot_memory
-
     spec = _plan_spec(args)
     if spec.dtype != "float32":
         raise ValueError("memory measures float32 training (the trainer's dtype); plan predicts other dtypes")
     if spec.optimizer != "adamw":
         raise ValueError("memory measures the trainer's optimizer (adamw); plan predicts other optimizers")
-    confs = configurations(spec.cfg.model.depth, _parse_blocks(args.blocks), args.checkpoint)
+    confs = configurations(spec.cfg.model.depth, tuple(parse_ints(args.blocks, "--blocks", "2,3,4,6")),
+                           args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = measure_all(spec, confs, progress=not args.no_progress, offload_dir=out)
@@ -353,13 +286,7 @@ def _add_run_args(p: argparse.ArgumentParser, preset_default: str | None):
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffusionblocks",
-        description="Train networks block by block as the steps of a reverse diffusion (DiffusionBlocks).")
-    parser.add_argument("--version", action="version", version=f"diffusionblocks {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _partition_parser(sub):
     p = sub.add_parser("partition", help="show how the noise range is cut into blocks",
                        description="Print each block's noise interval, its widened training interval, its "
                                    "probability mass and the inference grid.")
@@ -381,12 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_partition)
 
+
+def _train_parser(sub):
     p = sub.add_parser("train", help="train one model (end-to-end or DiffusionBlocks)",
                        description="Train one run into --out DIR: config.json, metrics.jsonl, model.safetensors, "
                                    "state.pt (resume), results.json.")
-    p.add_argument("--task", choices=("classify", "imagegen"), default=None,
+    p.add_argument("--task", choices=tuple(TASKS), default=None,
                    help="default: the preset's (classify, or imagegen for the gen-* presets)")
-    p.add_argument("--method", choices=("e2e", "dblocks"), default=None)
+    p.add_argument("--method", choices=tuple(METHODS), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="run directory")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
@@ -397,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, "fashion")
     p.set_defaults(func=cmd_train)
 
+
+def _merge_parser(sub):
     p = sub.add_parser("merge", help="assemble one model from per-block jobs",
                        description="Merge per-block job directories (train --blocks ...) into one run directory "
                                    "that `eval` reads. Refuses jobs whose partition, architecture, data or config "
@@ -407,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge even if some blocks are in no job (they keep their untrained initial weights)")
     p.set_defaults(func=cmd_merge)
 
+
+def _eval_parser(sub):
     p = sub.add_parser("eval", help="re-evaluate a trained run",
                        description="Evaluate a run's checkpoint on the full test set; for DiffusionBlocks the "
                                    "inference grid can differ from training's.")
@@ -416,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bridge", choices=("soft", "hard"), default=None, help="x0 estimate from the logits")
     p.add_argument("--sigma-start", type=float, default=None, help="first level of the grid (default sigma_max)")
     p.add_argument("--init", choices=("noise", "zero"), default=None, help="start from noise or from z = 0")
-    p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images only")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--num", type=int, default=None, help="imagegen: samples for the FD (default gen.fd_samples)")
     p.add_argument("--steps", type=int, default=None, help="imagegen: sampling steps (default gen.steps)")
     p.add_argument("--sampler", choices=("euler", "heun"), default=None, help="imagegen: ODE sampler")
@@ -427,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def _sample_parser(sub):
     p = sub.add_parser("sample", help="draw images from an image-generation run",
                        description="Sample with the run's denoiser (DiffusionBlocks: one block per step) and write "
                                    "a PNG grid (and with --npz the raw uint8 samples and their classes).")
@@ -443,11 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the PNG to write")
     p.set_defaults(func=cmd_sample)
 
+
+def _compare_parser(sub):
     p = sub.add_parser("compare", help="the main job: end-to-end vs DiffusionBlocks vs a shallow control",
                        description="Train end-to-end, DiffusionBlocks and an end-to-end control with one block's "
                                    "depth on the same layer-update budget; print a table, write compare.json, "
                                    "compare.md and compare.png. Finished arms are reused, interrupted ones resumed.")
-    p.add_argument("--task", choices=("classify", "imagegen"), default=None,
+    p.add_argument("--task", choices=tuple(TASKS), default=None,
                    help="imagegen: end-to-end DiT vs DiffusionBlocks, FD, sample grids, sampling time "
                         "(default: the preset's task, classify)")
     p.add_argument("--quick", action="store_true", help="a one-minute version")
@@ -456,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, None)
     p.set_defaults(func=cmd_compare)
 
+
+def _plan_parser(sub):
     p = sub.add_parser("plan", help="predict training memory per method, B and residency",
                        description="Predict params, grads, optimizer state and activations of one training step "
                                    "for e2e, e2e+checkpointing and DiffusionBlocks at each B (residency all/active, "
@@ -466,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where training runs (AdamW keeps its step counters on the CPU)")
     p.set_defaults(func=cmd_plan)
 
+
+def _memory_parser(sub):
     p = sub.add_parser("memory", help="measure training memory per method and B on this machine",
                        description="Run a few training steps of every configuration that plan lists (random "
                                    "inputs of the data's shape), measure the steady-state step and print it next to "
@@ -476,7 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_memory)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusionblocks",
+        description="Train networks block by block as the steps of a reverse diffusion (DiffusionBlocks).")
+    parser.add_argument("--version", action="version", version=f"diffusionblocks {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_partition_parser, _train_parser, _merge_parser, _eval_parser, _sample_parser, _compare_parser,
+                _plan_parser, _memory_parser):
+        add(sub)
     return parser
+
 
 
 def main(argv: list[str] | None = None) -> int:

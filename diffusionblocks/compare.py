@@ -1,5 +1,8 @@
-"""Side-by-side comparison on one budget: end-to-end, DiffusionBlocks, and an end-to-end control
-with only one block's depth (does stacking the blocks add anything over one of them?)."""
+"""Side-by-side comparison on one layer-update budget, for any task: end-to-end, DiffusionBlocks and (where
+the task lists it) an end-to-end control with only one block's depth (does stacking the blocks add anything
+over one of them?). Every arm over the same seeds; the task's headline metric with its spread; the
+task's own extras (classification: accuracy after each inference step; image generation: sampling time
+and sample grids)."""
 
 from __future__ import annotations
 
@@ -10,9 +13,13 @@ from pathlib import Path
 
 from . import io
 from .config import RunConfig, save_config
-from .train import CONFIG, RESULTS, STATE, train
+from .images import pyplot
+from .run import CONFIG, RESULTS, STATE, load_model
+from .tasks import Task, get_task
+from .train import reference_model, train
 
 ROLES = ("e2e", "control", "dblocks")
+LABELS = {"e2e": "end-to-end", "control": "end-to-end, one block's depth", "dblocks": "DiffusionBlocks"}
 
 
 def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
@@ -49,101 +56,6 @@ def run_arm(cfg: RunConfig, out: Path, progress: bool) -> dict:
     return train(None if resumable else cfg, out, resume=resumable, progress=progress)
 
 
-def _spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
-
-
-def summarize(runs: dict[str, list[dict]]) -> dict:
-    rows = {}
-    for role, results in runs.items():
-        acc = [r["test_accuracy"] for r in results]
-        rows[role] = {
-            "method": results[0]["method"], "depth": results[0]["depth"], "num_blocks": results[0]["num_blocks"],
-            "seeds": [r["seed"] for r in results],
-            "test_accuracy": acc,
-            "test_accuracy_mean": statistics.mean(acc),
-            "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "steps": results[0]["steps"], "layer_updates": results[0]["layer_updates"],
-            "train_seconds": statistics.median(r["train_seconds"] for r in results),
-            "seconds_per_layer_update": statistics.median(r["seconds_per_layer_update"] for r in results),
-            "activation_bytes_per_step": results[0]["activation_bytes_per_step"],
-            "parameters": results[0]["parameters"],
-            "accuracy_per_step": [statistics.mean(s) for s in zip(*(r["accuracy_per_step"] for r in results))],
-        }
-    return rows
-
-
-def markdown_table(rows: dict) -> str:
-    lines = ["| arm | method | layers | test accuracy (%) | steps | layer-updates | train s | "
-             "ms / layer-update | activations / step (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for role, r in rows.items():
-        lines.append(f"| {role} | {r['method']}{' B=' + str(r['num_blocks']) if r['method'] == 'dblocks' else ''} | "
-                     f"{r['depth']} | {_spread(r['test_accuracy'])} | {r['steps']} | {r['layer_updates']} | "
-                     f"{r['train_seconds']:.1f} | {1000 * r['seconds_per_layer_update']:.3f} | "
-                     f"{r['activation_bytes_per_step'] / 2**20:.1f} |")
-    if "dblocks" in rows:
-        steps = ", ".join(f"{100 * a:.2f}" for a in rows["dblocks"]["accuracy_per_step"])
-        lines.append(f"\nDiffusionBlocks accuracy after each inference step (%): {steps}")
-    return "\n".join(lines) + "\n"
-
-
-def verdict(rows: dict) -> list[str]:
-    """Plain sentences on what the numbers say, whichever way they fall."""
-    out = []
-    e2e, db, ctl = (rows.get(k, {}).get("test_accuracy_mean") for k in ("e2e", "dblocks", "control"))
-    if e2e is not None and db is not None:
-        out.append(f"dblocks - e2e = {100 * (db - e2e):+.2f} points (paper, CIFAR-100: -0.95)")
-    if ctl is not None and e2e is not None:
-        out.append(f"e2e - control = {100 * (e2e - ctl):+.2f} points: "
-                   + ("depth helped end-to-end training at this budget" if e2e > ctl
-                      else "depth did NOT help end-to-end training at this budget"))
-    if ctl is not None and db is not None:
-        out.append(f"dblocks - control = {100 * (db - ctl):+.2f} points: "
-                   + ("the stacked blocks beat one block's depth" if db > ctl
-                      else "the blocks added nothing over one block's depth trained end to end"))
-    return out
-
-
-def pyplot():
-    """matplotlib.pyplot on a file-only backend, or None (with a message) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return None
-    return plt
-
-
-def plot(runs: dict[str, list[dict]], path: Path) -> bool:
-    """Test accuracy vs layer-updates for every arm (mean over seeds). False if matplotlib is missing."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for role, results in runs.items():
-        xs = [p["layer_updates"] for p in results[0]["curve"]]
-        ys = [100 * statistics.mean(r["curve"][i]["accuracy"] for r in results) for i in range(len(xs))]
-        label = {"e2e": "end-to-end", "control": "end-to-end, one block's depth",
-                 "dblocks": f"DiffusionBlocks (B={results[0]['num_blocks']})"}[role]
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    ax.set_xlabel("layer-updates")
-    ax.set_ylabel("test accuracy (%)")
-    n = next(iter(runs.values()))[0].get("curve_n", "?")
-    ax.set_title(f"test accuracy on the first {n} test images, mean over seeds", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bool) -> dict[str, list[dict]]:
     """Every arm for every seed into out/ROLE-seedS (finished arms reused, interrupted ones resumed)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -157,15 +69,131 @@ def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bo
     return runs
 
 
-def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=ROLES, progress: bool = True) -> dict:
+def headline(task: Task, run: Path, results: dict, progress: bool) -> tuple[float, dict | None]:
+    """The task's headline metric of a finished run: from results.json when training measured it, else
+    the task's score (cached in run/score.json, recomputed when the config changed)."""
+    if task.result_metric is not None:
+        return results[task.result_metric], None
+    cached = run / "score.json"
+    cfg = io.load_json(run / CONFIG)
+    if cached.exists():
+        score = io.load_json(cached)
+        if score.get("config") == cfg:
+            return score[task.metric], score
+    cfg_m, model, data = load_model(run)
+    score = task.score(model, data, cfg_m, progress=progress, reference=reference_model)
+    io.save_json(cached, dict(score, config=cfg))
+    return score[task.metric], score
+
+
+def _spread(values: list[float], scale: float) -> str:
+    if len(values) == 1:
+        return f"{scale * values[0]:.2f}" if scale != 1 else f"{values[0]:.4g}"
+    mean, std = scale * statistics.mean(values), scale * statistics.stdev(values)
+    return f"{mean:.2f} ± {std:.2f}" if scale != 1 else f"{mean:.4g} ± {std:.2g}"
+
+
+def summarize(runs: dict[str, list[dict]], key: str) -> dict:
+    """Per arm: the headline values over seeds (key, key_mean, key_std) and the training facts."""
+    rows = {}
+    for role, results in runs.items():
+        values = [r[key] for r in results]
+        rows[role] = {
+            "method": results[0]["method"], "depth": results[0]["depth"], "num_blocks": results[0]["num_blocks"],
+            "seeds": [r["seed"] for r in results],
+            key: values, f"{key}_mean": statistics.mean(values),
+            f"{key}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "steps": results[0]["steps"], "layer_updates": results[0]["layer_updates"],
+            "train_seconds": statistics.median(r["train_seconds"] for r in results),
+            "seconds_per_layer_update": statistics.median(r["seconds_per_layer_update"] for r in results),
+            "activation_bytes_per_step": results[0]["activation_bytes_per_step"],
+            "parameters": results[0]["parameters"],
+        }
+    return rows
+
+
+def markdown_table(rows: dict, key: str, label: str, scale: float) -> str:
+    lines = [f"| arm | method | layers | {label} | steps | layer-updates | train s | ms / layer-update | "
+             f"activations / step (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for role, r in rows.items():
+        lines.append(f"| {role} | {r['method']}{' B=' + str(r['num_blocks']) if r['num_blocks'] > 1 else ''} | "
+                     f"{r['depth']} | {_spread(r[key], scale)} | {r['steps']} | {r['layer_updates']} | "
+                     f"{r['train_seconds']:.1f} | {1000 * r['seconds_per_layer_update']:.3f} | "
+                     f"{r['activation_bytes_per_step'] / 2**20:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(rows: dict, key: str, task: Task) -> list[str]:
+    """Plain sentences on what the numbers say, whichever way they fall."""
+    unit, scale = (" points", 100) if task.percent else ("", 1)
+    mean = {role: r[f"{key}_mean"] for role, r in rows.items()}
+    better = lambda a, b: (a > b) if task.higher_is_better else (a < b)
+    diff = lambda a, b: f"{scale * (mean[a] - mean[b]):+.2f}{unit}"
+    out = []
+    if "e2e" in mean and "dblocks" in mean:
+        paper = f" ({task.paper_gap})" if task.paper_gap else ""
+        out.append(f"dblocks - e2e = {diff('dblocks', 'e2e')}{paper}; {key}, "
+                   f"{'higher' if task.higher_is_better else 'lower'} is better")
+        if not task.percent and mean["e2e"]:
+            out.append(f"{key} dblocks / e2e = {mean['dblocks'] / mean['e2e']:.2f}")
+    if "control" in mean and "e2e" in mean:
+        out.append(f"e2e - control = {diff('e2e', 'control')}: "
+                   + ("depth helped end-to-end training at this budget" if better(mean["e2e"], mean["control"])
+                      else "depth did NOT help end-to-end training at this budget"))
+    if "control" in mean and "dblocks" in mean:
+        out.append(f"dblocks - control = {diff('dblocks', 'control')}: "
+                   + ("the stacked blocks beat one block's depth" if better(mean["dblocks"], mean["control"])
+                      else "the blocks added nothing over one block's depth trained end to end"))
+    return out
+
+
+def plot(runs: dict[str, list[dict]], task: Task, path: Path) -> bool:
+    """The task's curve metric vs layer-updates for every arm (mean over seeds). False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    key = task.curve_metric
+    scale = 100 if task.percent and key == task.metric else 1
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for role, results in runs.items():
+        xs = [p["layer_updates"] for p in results[0]["curve"]]
+        ys = [scale * statistics.mean(r["curve"][i][key] for r in results) for i in range(len(xs))]
+        label = LABELS[role] + (f" (B={results[0]['num_blocks']})" if role == "dblocks" else "")
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel("layer-updates")
+    ax.set_ylabel(f"test {key}" + (" (%)" if scale == 100 else ""))
+    n = next(iter(runs.values()))[0].get("curve_n", "?")
+    ax.set_title(f"{key} on the first {n} test items, mean over seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, progress: bool = True) -> dict:
     out = Path(out_dir)
+    task = get_task(base.task)
+    roles = roles or task.compare_roles
     runs = train_arms(base, out, seeds, roles, progress)
-    rows = summarize(runs)
-    report = {"rows": rows, "verdict": verdict(rows), "seeds": seeds}
+    key = task.result_metric or task.metric
+    for role, results in runs.items():
+        for seed, r in zip(seeds, results):
+            r[key], score = headline(task, out / f"{role}-seed{seed}", r, progress)
+            if score is not None:
+                r["score"] = score
+    rows = summarize(runs, key)
+    scale = 100 if task.percent else 1
+    label = f"{key} (%)" if scale == 100 else f"{key} ({'higher' if task.higher_is_better else 'lower'} is better)"
+    extras, lines = task.compare_extras(runs, lambda role: load_model(out / f"{role}-seed{seeds[0]}")[1], base, out)
+    report = {"task": task.name, "metric": key, "higher_is_better": task.higher_is_better, "rows": rows,
+              "verdict": verdict(rows, key, task), "seeds": seeds, **extras}
     io.save_json(out / "compare.json", report)
-    md = markdown_table(rows) + "\n" + "\n".join(f"- {v}" for v in report["verdict"]) + "\n"
+    md = markdown_table(rows, key, label, scale) + "".join(f"\n{line}\n" for line in lines) + "\n" \
+        + "\n".join(f"- {v}" for v in report["verdict"]) + "\n"
     io.atomic_write_text(out / "compare.md", md)
-    plotted = plot(runs, out / "compare.png")
+    plotted = plot(runs, task, out / "compare.png")
     print("\n" + md, end="")
     print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}" + (f", {out / 'compare.png'}" if plotted else ""))
     return report

@@ -3,47 +3,23 @@ features)". It is the FID recipe (Heusel et al. 2017) with a small ViT classifie
 dataset instead of Inception-v3, so it runs offline on any dataset, but its values are NOT comparable to
 published FID numbers, only between models evaluated with the same reference classifier.
 
-The classifier is trained once per dataset (the e2e ViT of the classification task) and cached in
-$DIFFUSIONBLOCKS_CACHE (default ~/.cache/diffusionblocks)/fd-<dataset>/. For conditional models the same
-classifier also reports how often a generated image is classified as the class it was generated for.
+The classifier is trained once per dataset (the e2e ViT of the classification task, chosen by
+tasks/imagegen.reference_config) and cached by train.reference_model in $DIFFUSIONBLOCKS_CACHE (default
+~/.cache/diffusionblocks)/fd-<dataset>/. For conditional models the same classifier also reports how often
+a generated image is classified as the class it was generated for. This module holds the math, the cache
+location and the optional TorchScript extractor; it imports nothing of the package.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from .config import load_preset
-
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSIONBLOCKS_CACHE") or Path.home() / ".cache" / "diffusionblocks")
-
-
-def reference_config(dataset: str):
-    """The classifier behind FD: the quick classification preset's e2e ViT (digits: its own preset)."""
-    cfg = load_preset("digits-quick" if dataset == "digits" else "quick")
-    cfg.task, cfg.train.method, cfg.data.name = "classify", "e2e", dataset
-    cfg.train.steps = 400 if dataset == "digits" else 800
-    cfg.train.eval_limit = 0
-    return cfg
-
-
-def reference_classifier(dataset: str, progress: bool = True):
-    """The cached reference classifier for `dataset` (trained on first use: about a minute on a CPU)."""
-    from .train import RESULTS, load_model, train
-
-    name = Path(dataset).stem if dataset.endswith(".npz") else dataset
-    run = cache_dir() / f"fd-{name}"
-    if not (run / RESULTS).exists():
-        print(f"training the FD reference classifier for {dataset} once (cached in {run})", file=sys.stderr)
-        train(reference_config(dataset), run, progress=progress)
-    _, model, _ = load_model(run)
-    model.eval()
-    return model
 
 
 @torch.no_grad()

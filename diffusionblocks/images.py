@@ -56,3 +56,18 @@ def read_png_size(path: str | os.PathLike) -> tuple[int, int]:
     if head[:8] != b"\x89PNG\r\n\x1a\n":
         raise ValueError(f"{path} is not a PNG file")
     return struct.unpack(">II", head[16:24])
+
+
+def pyplot():
+    """matplotlib.pyplot on a file-only backend, or None (with a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import sys
+
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt

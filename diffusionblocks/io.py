@@ -1,40 +1,23 @@
-"""Checkpoint files (safetensors, implemented here without the package; torch; JSON; JSON lines), validated on
-read and written atomically via a fsynced temp file and ``os.replace``."""
+"""Checkpoint files (safetensors, whose format the ``safetensors`` package reads and writes; torch; JSON; JSON lines),
+validated on read with errors naming the file, and written atomically via a fsynced temp file and ``os.replace``."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import math
 import os
 import pickle
-import struct
-import sys
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
 
+import safetensors.torch
 import torch
 
 StrPath: TypeAlias = "str | os.PathLike[str]"
-
-# safetensors dtype names of the dtypes we read and write
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-_METADATA_KEY = "__metadata__"
-_MAX_HEADER_BYTES = 100_000_000  # the limit of the reference implementation
 
 
 class CheckpointError(ValueError):
@@ -137,21 +120,39 @@ def load_torch(path: StrPath, map_location: str | torch.device | None = "cpu") -
 
 
 # -----------------------------------------------------------------------------
-# safetensors
+# safetensors: the package reads and writes the format; here are the input checks, tied weights, atomic
+# replacement and errors that name the file.
+
+# Reserved metadata key: JSON {alias: source} of tied entries, saved once under the source's name.
+TIED_KEY = "diffusionblocks.tied"
+# Dtypes to offer when the installed safetensors and torch round-trip them (see supported_dtypes).
+_CANDIDATE_DTYPES = (
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16",
+    "uint8", "bool", "complex64", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+)  # fmt: skip
 
 
-def _little_endian_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of a contiguous CPU tensor as a flat uint8 tensor, in little-endian order."""
-    raw = t.reshape(-1).view(torch.uint8)
-    if sys.byteorder != "little" and t.element_size() > 1:
-        raw = raw.view(-1, t.element_size()).flip(1).reshape(-1)
-    return raw
+@functools.cache
+def supported_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes :func:`save_safetensors` accepts: those the installed safetensors package saves and loads back."""
+    supported = set()
+    for name in _CANDIDATE_DTYPES:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            continue
+        try:
+            back = safetensors.torch.load(safetensors.torch.save({"x": torch.zeros(2, dtype=dtype)}))["x"]
+        except Exception:  # a dtype this version can't save or can't load back (KeyError, SafetensorError, ...)
+            continue
+        if back.dtype == dtype and back.shape == (2,):
+            supported.add(dtype)
+    return frozenset(supported)
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], path: StrPath) -> None:
     if not isinstance(tensors, dict):
         raise CheckpointError(f"{path}: expected a dict of name -> tensor, got {type(tensors).__name__}")
-    shared: dict[tuple[torch.device, int], list[str]] = {}
     for name, t in tensors.items():
         if not isinstance(name, str):
             raise CheckpointError(f"{path}: tensor names must be str, got {name!r} ({type(name).__name__})")
@@ -161,22 +162,40 @@ def _check_tensors(tensors: dict[str, torch.Tensor], path: StrPath) -> None:
             raise CheckpointError(f"{path}: {name!r} is a {type(t).__name__}, not a torch.Tensor")
         if t.layout != torch.strided or t.is_meta:
             raise CheckpointError(f"{path}: {name!r} is a {t.layout} tensor on {t.device}; only dense data is saved")
-        if t.dtype not in SAFETENSORS_DTYPES:
-            supported = ", ".join(str(d).removeprefix("torch.") for d in SAFETENSORS_DTYPES)
+        if t.dtype not in supported_dtypes():
+            supported = ", ".join(sorted(str(d).removeprefix("torch.") for d in supported_dtypes()))
             raise CheckpointError(f"{path}: {name!r} has unsupported dtype {t.dtype} (supported: {supported})")
+
+
+def _tied_names(tensors: dict[str, torch.Tensor], path: StrPath) -> dict[str, str]:
+    """{alias: source} for entries that are the very same view of one storage as an earlier entry (tied weights).
+
+    Entries that share a storage as different views (slices, reshapes, overlapping or not) are refused: they
+    would come back as independent copies, silently untied.
+    """
+    views_by_storage: dict[tuple[torch.device, int], dict[tuple[Any, ...], str]] = {}
+    ties: dict[str, str] = {}
+    for name, t in tensors.items():
         storage = t.untyped_storage()
-        if storage.nbytes() > 0:
-            shared.setdefault((t.device, storage.data_ptr()), []).append(name)
-    for names in shared.values():
-        if len(names) > 1:
-            listed = ", ".join(repr(n) for n in names)
+        if storage.nbytes() == 0:
+            continue
+        views = views_by_storage.setdefault((t.device, storage.data_ptr()), {})
+        view = (t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
+        if view in views:
+            ties[name] = views[view]
+        else:
+            views[view] = name
+    for views in views_by_storage.values():
+        if len(views) > 1:
+            listed = ", ".join(repr(n) for n in views.values())
             raise CheckpointError(
-                f"{path}: tensors {listed} share storage (tied weights or views of one tensor); save only one "
-                "of them and re-tie after loading, or .clone() the others"
+                f"{path}: tensors {listed} are different views of one storage (e.g. slices of one tensor); "
+                ".clone() them before saving (only identical tied tensors are saved once and re-tied on load)"
             )
+    return ties
 
 
-def _check_metadata(metadata: dict[str, str], path: StrPath) -> None:
+def _checked_metadata(metadata: dict[str, str], path: StrPath) -> dict[str, str]:
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: metadata must be a dict of str -> str, got {type(metadata).__name__}")
     for key, value in metadata.items():
@@ -184,152 +203,128 @@ def _check_metadata(metadata: dict[str, str], path: StrPath) -> None:
             raise CheckpointError(
                 f"{path}: metadata must map str -> str, got {key!r}: {value!r} ({type(value).__name__})"
             )
+    if TIED_KEY in metadata:
+        raise CheckpointError(f"{path}: metadata key {TIED_KEY!r} is reserved (it records tied weights)")
+    return dict(metadata)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath, metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (and optional string ``metadata``) to ``path`` in the safetensors format, atomically.
 
-    Tensors are copied to CPU and written contiguously, in the dict's order. Entries that share storage
-    (tied weights) are refused: safetensors can't express sharing, and loading would silently untie them.
+    Tensors are copied to CPU and made contiguous; the safetensors package lays them out (by dtype, then name).
+    Tied weights (entries that are the same tensor, e.g. an embedding and an LM head) are saved once, under the
+    first name, and :func:`load_safetensors` re-ties them; other tensors sharing storage are refused.
     """
     _check_tensors(tensors, path)
-    header: dict[str, Any] = {}
-    if metadata is not None:
-        _check_metadata(metadata, path)
-        header[_METADATA_KEY] = dict(metadata)
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": SAFETENSORS_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw_header += b" " * (-len(raw_header) % 8)  # pad so that the data starts 8-byte aligned
-    with atomic_file(path) as f:
-        f.write(struct.pack("<Q", len(raw_header)))
-        f.write(raw_header)
-        for t in tensors.values():
-            _write_tensor(f, t)
-
-
-def _write_tensor(f: BinaryIO, t: torch.Tensor) -> None:
-    cpu = t.detach().to("cpu").contiguous()
-    f.write(_little_endian_bytes(cpu).numpy())
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _read_header(f: BinaryIO, path: StrPath, file_size: int) -> tuple[dict[str, Any], int]:
-    """Parse the header; return it and the file offset where the data buffer starts."""
-    prefix = f.read(8)
-    if len(prefix) < 8:
-        raise CheckpointError(f"{path}: file is {file_size} bytes, too short for a safetensors header")
-    (n,) = struct.unpack("<Q", prefix)
-    if n > file_size - 8 or n > _MAX_HEADER_BYTES:
-        raise CheckpointError(
-            f"{path}: file is shorter than its header claims ({n} header bytes, {file_size - 8} after the "
-            "length prefix); truncated, or not a safetensors file"
-        )
+    header_metadata = {} if metadata is None else _checked_metadata(metadata, path)
+    ties = _tied_names(tensors, path)
+    if ties:
+        header_metadata[TIED_KEY] = json.dumps(ties, ensure_ascii=False)
+    unique = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items() if name not in ties}
     try:
-        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{path}: header is not valid JSON ({e}); not a safetensors file?") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
-    return header, 8 + n
+        data = safetensors.torch.save(unique, metadata=header_metadata or None)
+    except Exception as e:
+        raise CheckpointError(f"{path}: safetensors could not serialise the tensors: {e}") from e
+    atomic_write_bytes(path, data)
 
 
-def _parse_entry(name: str, entry: Any, path: StrPath) -> tuple[torch.dtype, list[int], int, int]:
-    """Validate one header entry; return (dtype, shape, begin, end)."""
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise CheckpointError(f"{path}: header entry {name!r} needs 'dtype', 'shape' and 'data_offsets': {entry!r}")
-    dtype = _TORCH_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r} (supported: {', '.join(_TORCH_DTYPES)})"
-        )
-    shape, offsets = entry["shape"], entry["data_offsets"]
+# What the package's errors mean, keyed by their words with case, spaces and punctuation removed, so that both
+# the current wording ("header too small") and older releases' ("HeaderTooSmall") are recognised.
+_PACKAGE_ERRORS = (
+    (("headertoosmall",), "file is {size} bytes, too short for a header (truncated, or not a safetensors file)"),
+    (("invalidheaderlength",), "file is shorter than its header claims (truncated, or not a safetensors file)"),
+    (("headertoolarge",), "its header length prefix is implausibly large: not a safetensors file"),
+    (("invalidheaderstart",), "its header does not start with a JSON object: not a safetensors file"),
+    (("notfullycovered", "metadataincompletebuffer"),
+     "the tensor data does not match the header (truncated, or extra bytes after the tensors)"),
+    (("invalidjson", "invalidheaderdeserialization"),
+     "header invalid: not a safetensors JSON header (not a safetensors file?)"),
+    (("invalidoffset",), "header invalid: tensor data_offsets overlap or leave a gap"),
+    (("invalidshape", "tensorinvalidinfo"), "header invalid: a tensor's dtype and shape don't match its data_offsets"),
+)  # fmt: skip
 
-    def is_count(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
-    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
-        raise CheckpointError(f"{path}: tensor {name!r} has invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)):
-        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
-    begin, end = offsets
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if end - begin != expected:
-        raise CheckpointError(
-            f"{path}: tensor {name!r} of dtype {entry['dtype']} and shape {shape} needs {expected} bytes, "
-            f"but its data_offsets [{begin}, {end}] span {end - begin}"
-        )
-    return dtype, shape, begin, end
+def _explain(error: Exception, size: int) -> str:
+    """A message for an error the safetensors package raised while reading a file of ``size`` bytes."""
+    if isinstance(error, KeyError):  # the header names a dtype the package's torch binding doesn't map
+        return f"a tensor has dtype {error}, which the installed safetensors/torch cannot load"
+    words = re.sub(r"[^a-z]", "", str(error).lower())
+    for keys, meaning in _PACKAGE_ERRORS:
+        if any(key in words for key in keys):
+            return f"{meaning.format(size=size)} [{error}]"
+    return f"not a valid safetensors file [{type(error).__name__}: {error}]"
+
+
+def _header(data: bytes, path: StrPath) -> tuple[list[str], dict[str, str]]:
+    """Tensor names in data-offset order and the metadata, from a header the package has already validated."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        metadata = header.pop("__metadata__", None) or {}
+        position = {name: i for i, name in enumerate(header)}
+        order = sorted(header, key=lambda name: (header[name]["data_offsets"][0], position[name]))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: header invalid ({type(e).__name__}: {e})") from e
+    return order, metadata
+
+
+def _parse_ties(raw: str, names: dict[str, torch.Tensor], path: StrPath) -> dict[str, str]:
+    try:
+        ties = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: header invalid: metadata {TIED_KEY!r} is not JSON ({e})") from e
+    if not isinstance(ties, dict) or not all(isinstance(v, str) for v in ties.values()):
+        raise CheckpointError(f"{path}: header invalid: metadata {TIED_KEY!r} must be a JSON object of names")
+    for alias, source in ties.items():
+        if alias in names:
+            problem = f"{alias!r} is a tensor in the file"
+        elif source not in names:
+            problem = f"{source!r} is not in the file"
+        else:
+            continue
+        raise CheckpointError(f"{path}: header invalid: {TIED_KEY!r} ties {alias!r} to {source!r}, but {problem}")
+    return ties
+
+
+def _owns_memory(t: torch.Tensor) -> bool:
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def load_safetensors(
     path: StrPath, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file; return (tensors in header order, metadata or {}).
+    """Read a safetensors file; return (tensors in the file's data order, metadata or {}).
 
-    Every tensor owns its memory. The file is validated as strictly as the reference implementation does:
-    the tensors' byte ranges must tile the data buffer exactly.
+    Every tensor owns writable memory; tied weights come back as one tensor object under each of their names.
+    The safetensors package validates the file (the tensors' byte ranges must tile the data exactly); whatever
+    is wrong with a file is raised as a CheckpointError naming it.
     """
     try:
-        with open(path, "rb") as f:
-            return _read_safetensors(f, path, torch.device(device))
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-
-
-def _read_safetensors(
-    f: BinaryIO, path: StrPath, device: torch.device
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    file_size = os.fstat(f.fileno()).st_size
-    header, data_start = _read_header(f, path, file_size)
-    data_size = file_size - data_start
-    metadata = header.pop(_METADATA_KEY, {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError(f"{path}: '__metadata__' must map str -> str, got {metadata!r}")
-    entries = {name: _parse_entry(name, entry, path) for name, entry in header.items()}
-
-    cursor = 0
-    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: file is shorter than its header claims: tensor {name!r} ends at data byte {end}, "
-                f"but the file holds only {data_size} data bytes (truncated?)"
-            )
-        if begin != cursor:
-            problem = "overlaps the previous tensor" if begin < cursor else f"leaves a gap after byte {cursor}"
-            raise CheckpointError(f"{path}: tensor {name!r} at data_offsets [{begin}, {end}] {problem}")
-        cursor = end
-    if cursor != data_size:
-        raise CheckpointError(f"{path}: {data_size - cursor} trailing bytes after the last tensor")
-
+    try:
+        loaded = safetensors.torch.load(data)
+    except MemoryError:
+        raise
+    except Exception as e:  # SafetensorError, or KeyError for a dtype the torch binding lacks
+        raise CheckpointError(f"{path}: {_explain(e, len(data))}") from e
+    order, metadata = _header(data, path)
+    del data
+    if set(order) != set(loaded):
+        raise CheckpointError(f"{path}: header invalid: its tensor names differ from what safetensors loaded")
+    device = torch.device(device)
     tensors: dict[str, torch.Tensor] = {}
-    for name, (dtype, shape, begin, end) in entries.items():
-        raw = torch.empty(end - begin, dtype=torch.uint8)
-        f.seek(data_start + begin)
-        if f.readinto(raw.numpy()) != end - begin:
-            raise CheckpointError(f"{path}: file ended while reading tensor {name!r} (truncated?)")
-        if dtype == torch.bool and raw.numel() and int(raw.max()) > 1:
+    for name in order:
+        t = loaded.pop(name)
+        if t.dtype == torch.bool and t.numel() and int(t.view(torch.uint8).max()) > 1:
             raise CheckpointError(f"{path}: BOOL tensor {name!r} holds bytes other than 0 and 1")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if sys.byteorder != "little" and itemsize > 1:
-            raw = raw.view(-1, itemsize).flip(1).reshape(-1)
-        tensors[name] = raw.view(dtype).reshape(shape).to(device)
-    return tensors, dict(metadata)
+        tensors[name] = (t if _owns_memory(t) else t.clone()).to(device)
+    tied = metadata.pop(TIED_KEY, None)
+    if tied is not None:
+        for alias, source in _parse_ties(tied, tensors, path).items():
+            tensors[alias] = tensors[source]
+    return tensors, metadata
 
 
 # -----------------------------------------------------------------------------

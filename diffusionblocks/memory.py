@@ -14,7 +14,7 @@ For one training step it reports, in bytes on the compute device:
   also reported as is, with max_memory_reserved.
 
 Measure the steady state: the optimizer state exists from the second step, so `measure_step` runs
-`warmup` steps before the one it measures.
+`warmup` steps before the one it measures (plan.measure_configuration measures a whole configuration).
 """
 
 from __future__ import annotations
@@ -218,35 +218,3 @@ def _measure(step, model, optimizers, device, offloaded, warmup, alloc) -> StepM
         report.cuda_peak_allocated = torch.cuda.max_memory_allocated(device)
         report.cuda_peak_reserved = torch.cuda.max_memory_reserved(device)
     return report
-
-
-def measure_configuration(cfg, image_size, channels: int, num_classes: int, *, warmup: int | None = None,
-                          offload_dir=None) -> StepMemory:
-    """Build the model `cfg` describes (random weights, random images of the data's shape: memory does
-    not depend on values) and measure one steady-state training step on cfg.train.device. DiffusionBlocks
-    steps go round-robin through the blocks during warm-up, twice, so that every block has optimizer state
-    and (residency=active) an off-device home already; the measured step trains block 0 after block B-1,
-    so under residency=active it includes a swap."""
-    from .config import RunConfig
-    from .train import METHODS, _place, build_task_model, resolve_device
-
-    cfg = RunConfig.from_dict(cfg.to_dict())
-    cfg.dblocks.block_choice = "round-robin"
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    model = build_task_model(cfg, image_size, channels, num_classes)
-    B = model.num_blocks if cfg.train.method == "dblocks" else 1
-    method = METHODS[cfg.train.method](model, cfg, 1000 * B, device=device, offload_dir=offload_dir)
-    residency = getattr(method, "residency", None)
-    _place(model, device, residency, None)
-    gen = torch.Generator().manual_seed(0)
-    n = cfg.train.batch_size
-    x = torch.rand(n, channels, *image_size, generator=gen).to(device)
-    y = torch.randint(num_classes, (n,), generator=gen).to(device)
-    try:
-        return measure_step(lambda: method.step(x, y), model, method.optimizers, device=device,
-                            offloaded=residency.offloaded_storages if residency else set,
-                            warmup=2 * B if warmup is None else warmup)
-    finally:
-        if residency is not None:
-            residency.close()

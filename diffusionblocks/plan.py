@@ -23,11 +23,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
 
 from .config import RunConfig, allocation_of, validate
+from .images import pyplot
+from .memory import StepMemory, measure_step
+from .methods import get_method
+from .run import new_model, place, resolve_device
+from .tasks.base import ImageShapes
 
 DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 OPTIMIZERS = {"adamw": 2, "adam": 2, "momentum": 1, "sgd": 0}  # state tensors per parameter
@@ -90,6 +97,10 @@ class Spec:
         return DTYPES[self.dtype]
 
     @property
+    def shapes(self) -> ImageShapes:
+        return ImageShapes(tuple(self.image_size), self.channels, self.num_classes)
+
+    @property
     def tokens(self) -> int:
         """Sequence length through the layers: patches plus the CLS / label token."""
         p = self.cfg.model.patch
@@ -143,10 +154,8 @@ def configurations(depth: int, blocks=(2, 3, 4, 6), checkpoint: int = 1) -> list
 
 
 def _meta_model(spec: Spec, cfg: RunConfig):
-    from .tasks.classify import build_classifier
-
     with torch.device("meta"):
-        return build_classifier(cfg, spec.image_size, spec.channels, spec.num_classes)
+        return new_model(cfg, spec.shapes)
 
 
 def _state_bytes(params: list[torch.nn.Parameter], spec: Spec) -> int:
@@ -223,8 +232,8 @@ def predict(spec: Spec, conf: Configuration) -> dict:
         B = model.num_blocks
         shared = model.shared_parameters()
         blocks = [model.block_parameters(b) for b in range(B)]
-        big = max(range(B), key=lambda b: (model.stack.allocation[b], sum(p.numel() for p in blocks[b])))
-        block_layers = model.stack.allocation[big]
+        big = max(range(B), key=lambda b: (model.block_layers(b), sum(p.numel() for p in blocks[b])))
+        block_layers = model.block_layers(big)
         acts, transient = layer_part(block_layers)
         acts += stem_head_activation_bytes(spec, "dblocks")
         trained = blocks[big] + shared
@@ -283,11 +292,6 @@ def format_table(result: dict) -> str:
 
 def measure_all(spec: Spec, confs: list[Configuration], progress: bool = True, offload_dir=None) -> dict:
     """`plan` plus, for every row, a measurement of one steady-state step on this machine."""
-    import sys
-    import time
-
-    from .memory import measure_configuration
-
     result = plan(spec, confs)
     for i, (conf, row) in enumerate(zip(confs, result["rows"])):
         t0 = time.perf_counter()
@@ -302,8 +306,6 @@ def measure_all(spec: Spec, confs: list[Configuration], progress: bool = True, o
 def plot_memory(result: dict, path) -> bool:
     """Measured peak training memory vs B, one line per method (e2e as horizontal lines); the
     planner's total as crosses. False when matplotlib is missing."""
-    from .compare import pyplot
-
     plt = pyplot()
     if plt is None:
         return False
@@ -340,3 +342,32 @@ def plot_memory(result: dict, path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def measure_configuration(cfg: RunConfig, image_size, channels: int, num_classes: int, *, warmup: int | None = None,
+                          offload_dir=None) -> StepMemory:
+    """Build the model `cfg` describes (random weights, random images of the data's shape: memory does
+    not depend on values) and measure one steady-state training step on cfg.train.device. Block-wise
+    steps go round-robin through the blocks during warm-up, twice, so that every block has optimizer state
+    and (residency=active) an off-device home already; the measured step trains block 0 after block B-1,
+    so under residency=active it includes a swap."""
+    cfg = RunConfig.from_dict(cfg.to_dict())
+    cfg.dblocks.block_choice = "round-robin"
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = new_model(cfg, ImageShapes(tuple(image_size), channels, num_classes))
+    method_cls = get_method(cfg.train.method)
+    method = method_cls(model, cfg, method_cls.budget(cfg)[0], device=device, offload_dir=offload_dir)
+    residency = method.residency
+    place(model, device, residency, None)
+    gen = torch.Generator().manual_seed(0)
+    n = cfg.train.batch_size
+    x = torch.rand(n, channels, *image_size, generator=gen).to(device)
+    y = torch.randint(num_classes, (n,), generator=gen).to(device)
+    try:
+        return measure_step(lambda: method.step((x, y), method.next_block()), model, method.optimizers,
+                            device=device, offloaded=residency.offloaded_storages if residency else set,
+                            warmup=2 * method.num_blocks if warmup is None else warmup)
+    finally:
+        if residency is not None:
+            residency.close()

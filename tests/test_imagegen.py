@@ -23,7 +23,7 @@ def gen_cfg(method="dblocks", *overrides):
 
 def model_for(method="dblocks", *overrides):
     torch.manual_seed(0)
-    return ImageGenerator(gen_cfg(method, *overrides), *DIGITS)
+    return ImageGenerator(gen_cfg(method, *overrides), *DIGITS, num_blocks=1 if method == "e2e" else None)
 
 
 def test_dit_head_unpatchifies_and_starts_at_zero():
@@ -180,7 +180,7 @@ def test_train_sample_eval_cli(tmp_path, monkeypatch, capsys):
     for bad in (["--steps", "0"], ["--classes", "12"], ["--classes", "a"], ["--cfg-scale", "2", "--steps", "-1"]):
         assert main(["sample", str(run), "--out", str(out), *bad]) == 2, bad
     capsys.readouterr()
-    monkeypatch.setattr("diffusionblocks.fd.reference_config", _tiny_reference)
+    monkeypatch.setattr("diffusionblocks.tasks.imagegen.reference_config", _tiny_reference)
     assert main(["eval", str(run), "--num", "50", "--steps", "2", "--json"]) == 0
     import json
 
@@ -191,7 +191,7 @@ def test_train_sample_eval_cli(tmp_path, monkeypatch, capsys):
 
 
 def _tiny_reference(dataset):
-    from diffusionblocks.fd import load_preset
+    from diffusionblocks.config import load_preset
 
     cfg = load_preset("tiny")
     cfg.train.method, cfg.data.name, cfg.train.steps, cfg.train.eval_limit = "e2e", dataset, 20, 0

@@ -15,8 +15,11 @@ import torch
 from diffusionblocks import io
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, preset_tiny
-from diffusionblocks.jobs import merge, owned_blocks, rank_blocks
-from diffusionblocks.train import DBlocks, load_model, train
+from diffusionblocks.jobs import merge
+from diffusionblocks.methods.dblocks import DBlocks, owned_blocks
+from diffusionblocks.parallel import rank_blocks
+from diffusionblocks.run import load_model
+from diffusionblocks.train import train
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
 
@@ -109,11 +112,11 @@ def test_merge_with_missing_blocks_only_when_allowed(runs, tmp_path, capsys):
 def test_a_killed_job_resumes_and_the_merge_is_unchanged(runs, tmp_path, monkeypatch):
     original, calls = DBlocks.step, []
 
-    def step(self, x, y, block=None):
+    def step(self, batch, block=None):
         calls.append(1)
         if len(calls) == 4:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, x, y, block)
+        return original(self, batch, block)
 
     monkeypatch.setattr(DBlocks, "step", step)
     with pytest.raises(KeyboardInterrupt):

@@ -7,12 +7,8 @@ import torch
 
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, preset_tiny
-from diffusionblocks.memory import (
-    AllocationPeak,
-    SavedTensors,
-    measure_configuration,
-    saved_activation_bytes,
-)
+from diffusionblocks.memory import AllocationPeak, SavedTensors, saved_activation_bytes
+from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.nn import AdaLNZero, GatedResidual, Mlp, ModulatedNorm, PreNormLayer, TransformerLayer
 from diffusionblocks.plan import (
     Configuration,
@@ -20,12 +16,14 @@ from diffusionblocks.plan import (
     configurations,
     layer_activation_bytes,
     measure_all,
+    measure_configuration,
     parse_bytes,
     plan,
 )
 from diffusionblocks.residency import Residency
-from diffusionblocks.tasks.classify import build_classifier
-from diffusionblocks.train import DBlocks, _place
+from diffusionblocks.run import new_model
+from diffusionblocks.run import place as _place
+from diffusionblocks.tasks.base import ImageShapes
 
 DIGITS = ((8, 8), 1, 10)
 
@@ -98,7 +96,7 @@ def test_one_more_layer_costs_exactly_the_formula():
     for depth in (2, 3):
         cfg = tiny(f"model.depth={depth}", "train.method=e2e")
         torch.manual_seed(0)
-        model = build_classifier(cfg, *DIGITS)
+        model = new_model(cfg, ImageShapes(*DIGITS))
         x, y = torch.rand(8, 1, 8, 8), torch.randint(10, (8,))
         measured[depth], _ = saved_activation_bytes(lambda m=model, x=x, y=y: m.loss(x, y).mean(),
                                                     list(model.parameters()))
@@ -122,7 +120,7 @@ def test_measured_step_parts_are_exact():
     cfg = tiny("train.method=e2e")
     m = measure_configuration(cfg, *DIGITS)
     torch.manual_seed(0)
-    model = build_classifier(cfg, *DIGITS)
+    model = new_model(cfg, ImageShapes(*DIGITS))
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = len(list(model.parameters()))
     assert m.params == m.grads == 4 * n_params
@@ -166,7 +164,7 @@ def test_checkpointing_reduces_saved_bytes_in_both_methods():
 def test_active_residency_keeps_idle_blocks_off_the_device(tmp_path):
     cfg = tiny("dblocks.residency=active", "dblocks.num_blocks=2", "dblocks.block_choice=round-robin")
     torch.manual_seed(0)
-    model = build_classifier(cfg, *DIGITS)
+    model = new_model(cfg, ImageShapes(*DIGITS))
     method = DBlocks(model, cfg, 10, offload_dir=tmp_path)
     res = method.residency
     _place(model, torch.device("cpu"), res, None)
@@ -174,10 +172,10 @@ def test_active_residency_keeps_idle_blocks_off_the_device(tmp_path):
     files = lambda: sorted(p.name for p in res.directory.iterdir())
     assert all(res.is_offloaded(p) for b in (0, 1) for p in method.block_params[b])
     assert not any(res.is_offloaded(p) for p in method.shared_params)
-    method.step(x, y)  # block 0
+    method.step((x, y))  # block 0
     assert not any(res.is_offloaded(p) for p in method.block_params[0])
     assert all(res.is_offloaded(p) for p in method.block_params[1])
-    method.step(x, y)  # block 1: block 0 and its fresh AdamW moments go to disk
+    method.step((x, y))  # block 1: block 0 and its fresh AdamW moments go to disk
     state0 = [v for p in method.block_params[0] for k, v in method.opts[0].opt.state[p].items() if k != "step"]
     assert state0 and all(res.is_offloaded(t) for t in state0)
     assert not any(res.is_offloaded(p) for p in method.block_params[1])
@@ -210,13 +208,13 @@ def test_active_residency_trains_exactly_like_all(tmp_path, choice):
 def test_sequential_loads_each_block_once_and_freezes_the_shared_parts_after_block_0():
     cfg = tiny("dblocks.residency=active", "dblocks.num_blocks=2", "dblocks.block_choice=sequential")
     torch.manual_seed(0)
-    model = build_classifier(cfg, *DIGITS)
+    model = new_model(cfg, ImageShapes(*DIGITS))
     method = DBlocks(model, cfg, 6)
     _place(model, torch.device("cpu"), method.residency, None)
     x, y = torch.rand(8, 1, 8, 8), torch.randint(10, (8,))
     blocks, shared_after = [], []
     for _ in range(6):
-        blocks.append(method.step(x, y)["block"])
+        blocks.append(method.step((x, y))["block"])
         shared_after.append([p.detach().clone() for p in method.shared_params])
     assert blocks == [0, 0, 0, 1, 1, 1]
     assert method.residency.swaps == 2  # each block loaded once

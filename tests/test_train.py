@@ -10,9 +10,12 @@ import torch
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, preset_tiny, validate
+from diffusionblocks.config import apply_overrides, preset_tiny
 from diffusionblocks.data import DataError
-from diffusionblocks.train import DBlocks, EndToEnd, evaluate, load_model, train
+from diffusionblocks.methods.dblocks import DBlocks
+from diffusionblocks.methods.e2e import EndToEnd
+from diffusionblocks.run import evaluate, load_model, validate
+from diffusionblocks.train import train
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
 
@@ -59,9 +62,9 @@ def test_results_and_files(trained):
 def test_eval_with_another_number_of_steps(trained, capsys):
     run, results = trained["dblocks"]
     cfg, model, ds = load_model(run)
-    again = evaluate(model, ds.x_test, ds.y_test, cfg)
+    again = evaluate(model, ds, cfg)
     assert again["accuracy"] == results["test_accuracy"]  # the checkpoint reproduces the run's result
-    three = evaluate(model, ds.x_test, ds.y_test, cfg, steps_per_block=3)
+    three = evaluate(model, ds, cfg, steps_per_block=3)
     assert len(three["accuracy_per_step"]) == 6
     assert main(["eval", str(run), "--steps-per-block", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -77,11 +80,11 @@ def test_resume_reaches_the_same_result(tmp_path, monkeypatch, method):
     step_cls = EndToEnd if method == "e2e" else DBlocks
     original, calls = step_cls.step, []
 
-    def step(self, x, y, block=None):
+    def step(self, batch, block=None):
         calls.append(1)
         if len(calls) == 17:
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, x, y, block)
+        return original(self, batch, block)
 
     monkeypatch.setattr(step_cls, "step", step)
     with pytest.raises(KeyboardInterrupt):
@@ -102,12 +105,13 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     cfg = tiny("dblocks", train__steps=5)
     original, calls = DBlocks.step, []
 
-    def step(self, x, y, block=None):
+    def step(self, batch, block=None):
         calls.append(1)
         if len(calls) == 3:
-            x = x.clone()
+            x = batch[0].clone()
             x[0, 0, 0, 0] = float("nan")
-        return original(self, x, y, block)
+            batch = (x, *batch[1:])
+        return original(self, batch, block)
 
     monkeypatch.setattr(DBlocks, "step", step)
     with pytest.warns(UserWarning, match="skipped"):
@@ -181,7 +185,7 @@ def test_ema_weights_are_what_eval_uses(tmp_path):
     results = train(tiny("dblocks", train__steps=20, train__ema=0.9), tmp_path / "ema", progress=False)
     assert (tmp_path / "ema" / "ema.safetensors").exists()
     cfg, model, ds = load_model(tmp_path / "ema")
-    assert evaluate(model, ds.x_test, ds.y_test, cfg)["accuracy"] == results["test_accuracy"]
+    assert evaluate(model, ds, cfg)["accuracy"] == results["test_accuracy"]
     raw, _ = io.load_safetensors(tmp_path / "ema" / "model.safetensors")
     averaged = dict(model.state_dict())
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw)  # really different weights

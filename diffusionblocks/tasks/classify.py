@@ -18,10 +18,12 @@ from torch import nn
 
 from ..blocks import BlockStack
 from ..config import RunConfig, allocation_of
+from ..data import iterate_eval, to_float
 from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, ce_loss
 from ..sample import euler
+from .base import ImageTask, unknown_form
 
 
 def layers_of(m) -> list[nn.Module]:
@@ -37,6 +39,9 @@ class EndToEndClassifier(nn.Module):
         m = cfg.model
         self.vit = ViTClassifier(layers_of(m), image_size,
                                  channels, m.patch, m.width, num_classes, checkpoint_every=m.checkpoint)
+        self.num_layers = m.depth
+
+    inference_options = ()  # a plain forward pass: no sampler to set
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(self.vit(x), y, reduction="none")  # (N,)
@@ -67,9 +72,14 @@ class DiffusionClassifier(nn.Module):
         else:
             self.readouts = nn.ModuleList(nn.Linear(label_dim, num_classes) for _ in range(d.num_blocks))
 
+    inference_options = ("steps_per_block", "grid", "bridge", "sigma_start", "init")
+
     @property
     def num_blocks(self) -> int:
         return self.stack.num_blocks
+
+    def block_layers(self, block: int) -> int:
+        return self.stack.allocation[block]
 
     def readout_of(self, block: int) -> nn.Module:
         return self.readout if self.cfg.shared_stem_head else self.readouts[block]
@@ -129,22 +139,80 @@ class DiffusionClassifier(nn.Module):
         if sigma_start:  # start lower: drop the levels above sigma_start
             grid = torch.cat([grid.new_tensor([min(sigma_start, grid[0].item())]), grid[grid < sigma_start]])
         bridge, init = bridge or self.cfg.bridge, init or self.cfg.init
-        table = self.labels.normalized.to(x.dtype)  # (V, Dy): the training targets' rows
+        estimate = self.labels.expected if bridge == "soft" else self.labels.hard  # x0 from logits, (N, Dy)
         preds = []
 
         def denoiser(z, sigma, images):
             block = int(self.partition.route(sigma[:1]))
             logits = self.readout_of(block)(self.stack.denoise(block, z, sigma, images))
             preds.append(logits.argmax(-1))
-            return logits.softmax(-1) @ table if bridge == "soft" else table[logits.argmax(-1)]
+            return estimate(logits).to(x.dtype)
 
-        noise = torch.randn(x.shape[0], table.shape[1], generator=generator, dtype=x.dtype,
+        noise = torch.randn(x.shape[0], self.labels.table.shape[1], generator=generator, dtype=x.dtype,
                             device=generator.device if generator is not None else "cpu").to(x.device)
         z = grid[0].item() * noise if init == "noise" else torch.zeros_like(noise)  # (N, Dy)
         euler(denoiser, z, grid, x)
         return preds
 
 
-def build_classifier(cfg: RunConfig, image_size, channels: int, num_classes: int) -> nn.Module:
-    cls = EndToEndClassifier if cfg.train.method == "e2e" else DiffusionClassifier
-    return cls(cfg, image_size, channels, num_classes)
+class ClassifyTask(ImageTask):
+    """Image classification: accuracy of the final prediction, and after every inference step."""
+
+    name = "classify"
+    metric, higher_is_better, result_metric, curve_metric = "accuracy", True, "test_accuracy", "accuracy"
+    percent, paper_gap = True, "paper, CIFAR-100: -0.95"
+    compare_roles = ("e2e", "control", "dblocks")
+    presets = {"full": "fashion", "quick": "quick", "offline": "digits", "offline-quick": "digits-quick"}
+    eval_options = ("limit", *DiffusionClassifier.inference_options)
+    forms = {"end-to-end": EndToEndClassifier, "blocks": DiffusionClassifier}
+
+    def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
+        if form not in self.forms:
+            raise unknown_form(self.name, form, tuple(self.forms))
+        return self.forms[form](cfg, data.image_size, data.channels, data.num_classes)
+
+    @torch.no_grad()
+    def evaluate(self, model, data, cfg: RunConfig, *, limit: int = 0, device="cpu", **options) -> dict:
+        options = {k: v for k, v in options.items() if v is not None}
+        unused = [k for k in options if k not in model.inference_options]
+        if unused:
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: sampler options of a "
+                             f"DiffusionBlocks classifier; this run is {cfg.train.method} "
+                             f"({type(model).__name__})")
+        was_training = model.training
+        model.eval()
+        x_test, y_test = (data.x_test[:limit], data.y_test[:limit]) if limit else (data.x_test, data.y_test)
+        gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+        correct = None
+        for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
+            preds = model.predict(to_float(xb).to(device), generator=gen, **options)
+            hits = torch.stack([(p.cpu() == yb).sum() for p in preds])
+            correct = hits if correct is None else correct + hits
+        model.train(was_training)
+        per_step = (correct.double() / len(y_test)).tolist()
+        return {"accuracy": per_step[-1], "accuracy_per_step": per_step, "n": len(y_test)}
+
+    def results(self, ev: dict) -> dict:
+        return {"test_accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"], "test_n": ev["n"]}
+
+    def summary(self, results: dict) -> str:
+        steps = ", ".join(f"{100 * a:.2f}" for a in results["accuracy_per_step"])
+        return (f"{results['method']}: test accuracy {100 * results['test_accuracy']:.2f}% (after each inference "
+                f"step: {steps}); {results['layer_updates']} layer-updates in {results['train_seconds']:.1f} s")
+
+    def describe_score(self, score: dict) -> str:
+        steps = ", ".join(f"{100 * a:.2f}" for a in score["accuracy_per_step"])
+        return (f"test accuracy {100 * score['accuracy']:.2f}% on {score['n']} images (after each inference step: "
+                f"{steps})")
+
+    def compare_extras(self, runs, load, base, out) -> tuple[dict, list[str]]:
+        """Accuracy after each inference step of the block-wise arm (mean over seeds)."""
+        if "dblocks" not in runs:
+            return {}, []
+        per_step = [sum(s) / len(s) for s in zip(*(r["accuracy_per_step"] for r in runs["dblocks"]))]
+        steps = ", ".join(f"{100 * a:.2f}" for a in per_step)
+        line = f"DiffusionBlocks accuracy after each inference step (%): {steps}"
+        return {"dblocks_accuracy_per_step": per_step}, [line]
+
+
+TASK = ClassifyTask

@@ -11,24 +11,34 @@ step runs one block: B times cheaper than a step of the end-to-end model.
 
 from __future__ import annotations
 
+import statistics
+import sys
+import time
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from ..blocks import BlockStack
-from ..config import RunConfig, allocation_of
+from ..config import RunConfig, allocation_of, load_preset
+from ..data import iterate_eval, to_float
+from ..fd import ScriptedFeatures, features, frechet_distance
+from ..images import grid, save_png, to_uint8
 from ..models import DiTHead, DiTStem, vit_layers
 from ..noise import GRID_KINDS, LogNormalLevels, Partition
 from ..precond import EDMPrecond, mse_loss
 from ..sample import SAMPLERS
+from .base import ImageTask, Reference, unknown_form
 
 
 class ImageGenerator(nn.Module):
-    """An EDM denoiser D(z, sigma, label) over images, as B blocks (B = 1 for end-to-end)."""
+    """An EDM denoiser D(z, sigma, label) over images, as B blocks (num_blocks=1: end-to-end, plain EDM;
+    default: dblocks.num_blocks)."""
 
-    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int, num_blocks: int | None = None):
         super().__init__()
         m, d, g = cfg.model, cfg.dblocks, cfg.gen
-        B = d.num_blocks if cfg.train.method == "dblocks" else 1
+        B = d.num_blocks if num_blocks is None else num_blocks
         self.cfg, self.image_size, self.channels = cfg, tuple(image_size), channels
         self.num_classes = num_classes if g.conditional else 0
         self.partition = Partition.create(LogNormalLevels(), B, kind=d.partition, gamma=d.gamma if B > 1 else 0.0)
@@ -44,6 +54,10 @@ class ImageGenerator(nn.Module):
         return self.partition.num_blocks
 
     @property
+    def num_layers(self) -> int:
+        return sum(self.stack.allocation)
+
+    @property
     def null_class(self) -> int:
         return self.num_classes
 
@@ -54,6 +68,9 @@ class ImageGenerator(nn.Module):
 
     def block_modules(self, block: int) -> list[nn.Module]:
         return [self.stack.blocks[block]]
+
+    def block_layers(self, block: int) -> int:
+        return self.stack.allocation[block]
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.stack.shared_parameters())
@@ -160,9 +177,6 @@ class ImageGenerator(nn.Module):
 def generate(model: ImageGenerator, num: int, *, batch_size: int = 500, seed: int = 0, progress: bool = False,
              **sample_args) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """`num` samples in batches; returns (images, labels, seconds spent sampling)."""
-    import sys
-    import time
-
     gen = torch.Generator().manual_seed(seed)
     images, labels, seconds = [], [], 0.0
     classes = sample_args.pop("classes", None)
@@ -181,16 +195,28 @@ def generate(model: ImageGenerator, num: int, *, batch_size: int = 500, seed: in
     return torch.cat(images), (torch.cat(labels) if labels[0] is not None else None), seconds
 
 
-def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, num: int | None = None,
+def reference_config(dataset: str) -> RunConfig:
+    """The classifier behind FD: the quick classification preset's e2e ViT (digits: its own preset)."""
+    cfg = load_preset("digits-quick" if dataset == "digits" else "quick")
+    cfg.task, cfg.train.method, cfg.data.name = "classify", "e2e", dataset
+    cfg.train.steps = 400 if dataset == "digits" else 800
+    cfg.train.eval_limit = 0
+    return cfg
+
+
+def reference_classifier(dataset: str, reference: Reference) -> nn.Module:
+    """The FD reference classifier for `dataset`, trained once and cached (fd-<dataset>)."""
+    name = Path(dataset).stem if dataset.endswith(".npz") else dataset
+    return reference(reference_config(dataset), f"fd-{name}")
+
+
+def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, reference: Reference, num: int | None = None,
                      steps: int | None = None, sampler: str | None = None, grid: str | None = None,
                      cfg_scale: float | None = None, device="cpu", progress: bool = False,
                      fd_model: str | None = None) -> dict:
     """FD (classifier features) of `num` generated images against as many test images, the reference
     classifier's accuracy on the classes they were generated for, and the sampling time. With `fd_model`
     (a TorchScript feature extractor, e.g. Inception-v3 pool3) also the FD in its features."""
-    from ..data import to_float
-    from ..fd import ScriptedFeatures, features, frechet_distance, reference_classifier
-
     scripted = ScriptedFeatures(fd_model) if fd_model else None  # fail early on a bad path
 
     g = cfg.gen
@@ -199,7 +225,7 @@ def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, num: int | No
             "cfg_scale": g.cfg_scale if cfg_scale is None else cfg_scale}
     images, labels, seconds = generate(model, num, batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed + 7,
                                        device=device, progress=progress, **args)
-    classifier = reference_classifier(cfg.data.name, progress=progress)
+    classifier = reference_classifier(cfg.data.name, reference)
     real = to_float(ds.x_test[:num])
     f_gen, pred = features(classifier, images)
     f_real, _ = features(classifier, real)
@@ -214,3 +240,102 @@ def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, num: int | No
         out["per_class_accuracy"] = [float(hit[labels == k].mean()) if bool((labels == k).any()) else None
                                      for k in range(model.num_classes)]
     return out
+
+
+@torch.no_grad()
+def sampling_speed(models: dict, steps: int, batch: int, repeats: int = 7) -> dict:
+    """Seconds per sampling call of `batch` images over `steps` steps, models interleaved, median."""
+    times = {k: [] for k in models}
+    for i in range(repeats + 1):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model.sample(batch, steps, generator=torch.Generator().manual_seed(i))
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class ImageGenTask(ImageTask):
+    """Class-conditional image generation (DiT under EDM). Evaluated during training by the denoising loss
+    at fixed levels; scored by FD (classifier features) of generated samples, lower is better."""
+
+    name = "imagegen"
+    metric, higher_is_better, result_metric, curve_metric = "fd_classifier_features", False, None, "eval_loss"
+    compare_roles = ("e2e", "dblocks")
+    presets = {"full": "gen-fashion", "quick": "gen-quick", "offline": "gen-tiny", "offline-quick": "gen-tiny"}
+    eval_options = ("num", "steps", "sampler", "grid", "cfg_scale", "fd_model")
+
+    def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
+        if form not in ("end-to-end", "blocks"):
+            raise unknown_form(self.name, form, ("end-to-end", "blocks"))
+        return ImageGenerator(cfg, data.image_size, data.channels, data.num_classes,
+                              num_blocks=1 if form == "end-to-end" else None)
+
+    @torch.no_grad()
+    def evaluate(self, model, data, cfg: RunConfig, *, limit: int = 0, device="cpu", **options) -> dict:
+        """The denoising loss at fixed levels (`eval_loss`); sample quality is score()'s job."""
+        was_training = model.training
+        model.eval()
+        x_test, y_test = (data.x_test[:limit], data.y_test[:limit]) if limit else (data.x_test, data.y_test)
+        gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+        total = 0.0
+        for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
+            total += model.denoising_loss(to_float(xb).to(device), yb.to(device), generator=gen) * len(yb)
+        model.train(was_training)
+        return {"eval_loss": total / len(y_test), "n": len(y_test)}
+
+    def results(self, ev: dict) -> dict:
+        out = {k: v for k, v in ev.items() if k != "n"}
+        if "n" in ev:
+            out["test_n"] = ev["n"]
+        return out
+
+    def score(self, model, data, cfg: RunConfig, *, device="cpu", progress: bool = False,
+              reference: Reference | None = None, **options) -> dict:
+        if reference is None:
+            raise ValueError("FD needs a reference classifier: pass reference=train.reference_model")
+        return evaluate_samples(model, cfg, data, reference=reference, device=device, progress=progress,
+                                **{k: v for k, v in options.items() if v is not None})
+
+    def summary(self, results: dict) -> str:
+        if self.metric in results:  # a scored run (block-parallel)
+            return f"{results['method']}: {self.describe_score(results)}"
+        return (f"{results['method']}: denoising loss on the test set {results['eval_loss']:.4f}; "
+                f"{results['layer_updates']} layer-updates in {results['train_seconds']:.1f} s")
+
+    def describe_score(self, score: dict) -> str:
+        acc = f"; generated images classified as their class: {100 * score['class_accuracy']:.1f}%" \
+            if "class_accuracy" in score else ""
+        return (f"FD (classifier features) {score['fd_classifier_features']:.3f} over {score['num_generated']} "
+                f"samples ({score['steps']} {score['sampler']} steps, cfg {score['cfg_scale']}){acc}; sampling "
+                f"{1000 * score['seconds_per_image']:.2f} ms per image")
+
+    def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
+        """Sampling time at equal steps (interleaved, median) and the same noise through both arms' models."""
+        if not {"e2e", "dblocks"} <= set(runs):
+            return {}, []
+        models = {role: load(role) for role in ("e2e", "dblocks")}
+        steps = base.gen.steps
+        speed = sampling_speed(models, steps, batch=64)
+        grids = []
+        for model in models.values():
+            x, _ = model.sample(40, steps, classes=list(range(model.num_classes)) or None,
+                                generator=torch.Generator().manual_seed(0), cfg_scale=base.gen.cfg_scale)
+            grids.append(grid(to_uint8(x), nrow=10))
+        c, h, w = grids[0].shape
+        both = torch.zeros(c, h, 2 * w + 8, dtype=torch.uint8)
+        both[..., :w], both[..., w + 8:] = grids[0], grids[1]
+        save_png(both, Path(out) / "samples.png")
+        B = runs["dblocks"][0]["num_blocks"]
+        ratio = speed["e2e"] / speed["dblocks"]
+        acc = {role: [r["score"]["class_accuracy"] for r in rs if "class_accuracy" in r.get("score", {})]
+               for role, rs in runs.items()}
+        lines = ["generated images classified as their class: " + ", ".join(
+            f"{role} {100 * statistics.mean(a):.1f}%" for role, a in acc.items() if a)] if any(acc.values()) else []
+        lines += [f"sampling at {steps} steps: DiffusionBlocks (B={B}) is {ratio:.2f}x faster than end-to-end "
+                 f"(ideal B = {B}); seconds per batch of 64: e2e {speed['e2e']:.3f}, dblocks {speed['dblocks']:.3f}",
+                 "samples.png: e2e left, dblocks right"]
+        return {"sampling_seconds_per_batch_of_64": speed, "sampling_speedup": ratio}, lines
+
+
+TASK = ImageGenTask

@@ -1,0 +1,218 @@
+"""What every training method shares: the contract a model offers them, the Method interface, one update
+helper (backward, skip a non-finite step, clip, optimizer step, free gradients), AdamW with its schedule,
+the EMA of the weights, and the seeds of per-block random streams.
+
+A method decides which graph is built and which parameters get gradients; the loop (train.py) feeds it
+prepared batches and never asks which method it is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+
+# -- the model's side of the contract -------------------------------------------------------------
+
+
+@runtime_checkable
+class EndToEndModel(Protocol):
+    """A model trained by backprop through all of it."""
+
+    num_layers: int  # layer applications of one training step (the layer-update budget's unit)
+
+    def loss(self, *batch: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss (N,) of a prepared batch."""
+
+
+@runtime_checkable
+class BlockModel(Protocol):
+    """A model made of B blocks, each trainable alone (DiffusionBlocks and other block-wise methods).
+
+    Parameters come in two kinds: a block's own (`block_parameters(b)`: only steps on block b train them;
+    no parameter belongs to two blocks) and shared ones (`shared_parameters()`: every block's steps train
+    them: a shared stem/head, or the tied core of a recurrent-depth model, whose blocks then own few or no
+    parameters of their own). `block_modules(b)` are the modules that hold block b's own parameters (a
+    per-block job leaves the other blocks' modules unmaterialised). `block_layers(b)` counts the layer
+    applications of one step on block b, tied or not: the unit of the layer-update budget.
+    """
+
+    num_blocks: int
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]: ...
+
+    def block_modules(self, block: int) -> list[nn.Module]: ...
+
+    def shared_parameters(self) -> list[nn.Parameter]: ...
+
+    def block_layers(self, block: int) -> int: ...
+
+    def block_loss(self, block: int, *batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample loss (N,) of `block` alone; no other block runs."""
+
+
+# -- the method interface ----------------------------------------------------------------------------
+
+
+class Method:
+    """One training method. Subclasses set `name`, implement `budget`, `__init__`, `next_block`, `step`,
+    `optimizers`, `state_dict` and `load_state_dict`, and may override the defaults below.
+
+    The loop draws batches from one data stream per unit the method trains (`stream_seeds`: a block, or 0
+    for the whole network), asks `next_block()` which unit to feed, and calls `step(batch, block)`, which
+    returns {"loss", "grad_norm", "lr", "layers", "trained"} or {"skipped": True, "loss", "layers": 0}.
+    """
+
+    name: ClassVar[str]
+    model_form: ClassVar[str]  # the form of the task's model it trains: "end-to-end" or "blocks"
+    num_blocks: int = 1  # units the model is cut into (1: the whole network)
+    owned: list[int] = [0]  # the units this run trains
+    partial: bool = False  # a per-block job: trains some blocks only, cannot evaluate the whole model
+    residency = None  # a residency.Residency when idle parts live off the device
+    unowned_names: set[str] = frozenset()  # state-dict entries this run does not hold (other jobs' blocks)
+    warn_starved: bool = False  # report units that got no update in a logging window
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Raise ValueError when the config asks for something this method cannot do."""
+
+    @classmethod
+    def check_independent(cls, cfg: RunConfig, why: str) -> None:
+        """Raise ValueError unless this method can train blocks apart (per-block jobs, torchrun ranks)."""
+        raise ValueError(f"{why} trains blocks apart: it needs a block-wise method (train.method=dblocks), not "
+                         f"train.method={cls.name}")
+
+    @classmethod
+    def budget(cls, cfg: RunConfig) -> tuple[int, str]:
+        """Training steps of this run for cfg.train's budget, and a sentence saying which rule gave them."""
+        raise NotImplementedError
+
+    def stream_seeds(self) -> dict[int, int]:
+        """Seed of the data stream of each unit this run trains."""
+        raise NotImplementedError
+
+    def probe_loss(self, batch) -> torch.Tensor:
+        """The scalar loss of one training step on the largest unit (for counting saved activations)."""
+        raise NotImplementedError
+
+    def next_block(self) -> int:
+        raise NotImplementedError
+
+    def step(self, batch, block: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+# -- optimisation ------------------------------------------------------------------------------------
+
+
+def lr_factor(update: int, total: int, warmup: float, min_ratio: float) -> float:
+    """Linear warmup over a fraction of the updates, then cosine decay to min_ratio."""
+    n_warm = max(1, round(warmup * total)) if warmup > 0 else 0
+    if update < n_warm:
+        return (update + 1) / n_warm
+    progress = min(1.0, (update - n_warm) / max(1, total - n_warm))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Optimizer:
+    """AdamW over some parameters with its own warmup + cosine schedule counted in its own updates.
+    Weight decay applies to matrices only (not to biases, norms, positions)."""
+
+    def __init__(self, params: list[nn.Parameter], cfg: RunConfig, total_updates: int):
+        t = cfg.train
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.99))
+        self.params, self.cfg, self.total, self.updates = params, t, max(1, total_updates), 0
+
+    def step(self) -> float:
+        lr = self.cfg.lr * lr_factor(self.updates, self.total, self.cfg.warmup, self.cfg.min_lr_ratio)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.updates += 1
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict):
+        self.opt.load_state_dict(state["opt"])
+        self.updates = state["updates"]
+
+
+def update(loss: torch.Tensor, params: list[nn.Parameter], optimizers: list[Optimizer], clip: float,
+           sync=None) -> dict[str, Any]:
+    """One update of `params` from a scalar `loss`: fresh gradients, (averaged over a data-parallel group
+    by `sync(params)`), clipped to norm `clip` if > 0, one step of each optimizer, gradients freed.
+
+    A non-finite loss or gradient norm skips the step: the gradients are cleared and the weights stay as
+    they were. Returns {"loss", "grad_norm", "lr"} or {"skipped": True, "loss"}. With `sync`, every member
+    of the group sees the same gradients and takes (or skips) the same step."""
+    for p in params:
+        p.grad = None
+    if sync is None and not torch.isfinite(loss):
+        return {"skipped": True, "loss": loss.item()}
+    loss.backward()
+    if sync is not None:
+        sync(params)
+    if clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+            else torch.zeros(())
+    if not torch.isfinite(norm):
+        free_grads(params)
+        return {"skipped": True, "loss": loss.item()}
+    lrs = [opt.step() for opt in optimizers]
+    free_grads(params)  # a block's gradients must not stay resident while others train
+    return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lrs[0] if lrs else None}
+
+
+def free_grads(params: list[nn.Parameter]):
+    for p in params:
+        p.grad = None
+
+
+class EMA:
+    """Exponential moving average of parameters, updated for the parameters a step trained."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, trained: set[int]):
+        for name, p in model.named_parameters():
+            if id(p) in trained:
+                self.shadow[name].lerp_(p, 1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, model: nn.Module):
+        """Exchange the model's weights with the averages (call twice to undo)."""
+        for name, p in model.named_parameters():
+            tmp = p.detach().clone()
+            p.copy_(self.shadow[name])
+            self.shadow[name] = tmp
+
+
+def stream_seed(seed: int, block: int | None = None) -> int:
+    """Seed of one block's streams (data order, augmentation, noise): a function of (seed, block) only.
+    End-to-end training (block None) has one stream seeded by `seed`."""
+    return seed if block is None else (seed * 1_000_003 + 7_919 * (block + 1)) % 2**62
+

@@ -1,0 +1,153 @@
+"""Run directories: their file names, the full config check, building and loading a run's model,
+checkpoints, the device, and the record a per-block job leaves for `merge`.
+
+A run directory holds config.json (the resolved config), metrics.jsonl, model.safetensors (and
+ema.safetensors with an EMA), state.pt (optimizers, RNG, data positions: an exact resume), results.json,
+and for a per-block job job.json.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import io
+from .config import RunConfig, config_hash
+from .config import validate as validate_values
+from .methods import EMA, Method, get_method
+from .tasks import Task, get_task
+from .version import __version__
+
+CONFIG, WEIGHTS, EMA_WEIGHTS, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
+METRICS, RESULTS, JOB = "metrics.jsonl", "results.json", "job.json"
+WRITER = f"diffusionblocks {__version__}"  # recorded in every weights file's metadata
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """The config's values, its task and method names, and what the task and the method accept."""
+    validate_values(cfg)
+    get_task(cfg.task).check(cfg)
+    get_method(cfg.train.method).check(cfg)
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available here (use cpu or auto)")
+    return device
+
+
+# -- models --------------------------------------------------------------------------------------------
+
+
+def new_model(cfg: RunConfig, shapes) -> nn.Module:
+    """The task's model in the form the method trains; `shapes` is the data (or any object with the
+    attributes the task reads, e.g. tasks.base.ImageShapes). Uses the global RNG as it stands."""
+    return get_task(cfg.task).build_model(cfg, shapes, get_method(cfg.train.method).model_form)
+
+
+def build_model(cfg: RunConfig, data) -> nn.Module:
+    """The freshly initialised model of a run (seeded by train.seed)."""
+    torch.manual_seed(cfg.train.seed)
+    return new_model(cfg, data)
+
+
+def build_model_for(cfg: RunConfig) -> nn.Module:
+    """The freshly initialised model of a config (its dataset is read for the shapes)."""
+    return build_model(cfg, get_task(cfg.task).load_data(cfg))
+
+
+def place(model: nn.Module, device, residency=None, ema: EMA | None = None):
+    """Model (and EMA) onto the device; under residency=active only the shared parts and buffers, the
+    blocks going straight to their off-device homes."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    if residency is None or residency.policy == "all":
+        for p in model.parameters():
+            if p.device.type != "meta":  # a per-block job's other blocks stay shapes only
+                p.data = p.data.to(device)
+        if ema is not None:
+            ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+    if residency is not None:
+        residency.start()
+
+
+def load_weights(model: nn.Module, path: Path, ignore: set[str] = frozenset(), strict: bool = True):
+    """Load a weights file into `model`, with a clear error (naming the version that wrote the file) when
+    it does not fit the model. `ignore`: entries the file may lack (blocks of other per-block jobs)."""
+    weights, meta = io.load_safetensors(path)
+    own = model.state_dict()
+    unexpected, missing = set(weights) - set(own), set(own) - set(weights) - set(ignore)
+    wrong = [k for k in set(weights) & set(own) if tuple(weights[k].shape) != tuple(own[k].shape)]
+    if unexpected or missing or wrong:
+        writer = meta.get("writer", "a diffusionblocks version before 0.2")
+        raise ValueError(f"{path} (written by {writer}) does not match the run's config: missing "
+                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, other shapes "
+                         f"{sorted(wrong)[:3]}")
+    model.load_state_dict(weights, strict=strict and not ignore)
+
+
+def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, object]:
+    """Rebuild a trained model from a run directory: (config, model, data). The weights are the averaged
+    ema.safetensors when the run kept an EMA (the weights its results were measured with)."""
+    run = Path(run_dir)
+    if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
+        raise ValueError(f"{run} is not a run directory: it needs {CONFIG} and {WEIGHTS}")
+    cfg = validate(RunConfig.from_dict(io.load_json(run / CONFIG)))
+    if cfg.train.blocks.strip():
+        raise ValueError(f"{run} is a per-block job (blocks {cfg.train.blocks}): merge the jobs of all blocks "
+                         f"first (diffusionblocks merge RUN... --out DIR), then evaluate the merged run")
+    data = get_task(cfg.task).load_data(cfg)
+    model = build_model(cfg, data)
+    load_weights(model, run / (EMA_WEIGHTS if (run / EMA_WEIGHTS).exists() else WEIGHTS))
+    return cfg, model, data
+
+
+def evaluate(model: nn.Module, data, cfg: RunConfig, limit: int = 0, device="cpu", **options) -> dict:
+    """The task's evaluation of `model` on the test split (see Task.evaluate)."""
+    return get_task(cfg.task).evaluate(model, data, cfg, limit=limit, device=device, **options)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+
+
+def model_state(model: nn.Module, method: Method) -> dict:
+    """The weights this run holds (a per-block job leaves out the blocks it does not own)."""
+    return {k: v for k, v in model.state_dict().items() if k not in method.unowned_names}
+
+
+def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None, state: dict):
+    """Weights (and averaged weights) as safetensors, everything else needed for an exact resume in
+    state.pt; each file written atomically."""
+    weights = model_state(model, method)
+    meta = {"step": str(state["step"]), "writer": WRITER}
+    io.save_safetensors(weights, out / WEIGHTS, metadata=meta)
+    if ema is not None:  # the evaluation weights: the state dict with parameters replaced by their averages
+        averaged = dict(weights, **{k: v for k, v in ema.shadow.items() if k in weights})
+        io.save_safetensors(averaged, out / EMA_WEIGHTS, metadata=meta)
+    full = dict(state, method=method.state_dict(), torch_rng=torch.get_rng_state(),
+                ema={k: v for k, v in ema.shadow.items() if k in weights} if ema is not None else None)
+    io.atomic_torch_save(full, out / STATE)
+
+
+def job_record(cfg: RunConfig, model, blocks: list[int], steps_per_block: int, finished: bool = False) -> dict:
+    """What `merge` checks: the job's blocks, partition, architecture, data and config hash."""
+    part = model.partition
+    return {"blocks": blocks, "num_blocks": cfg.dblocks.num_blocks, "config_hash": config_hash(cfg),
+            "partition": {"kind": part.kind, "gamma": part.gamma, "boundaries": part.boundaries.tolist()},
+            "architecture": dict(cfg.model.__dict__, shared_stem_head=cfg.dblocks.shared_stem_head,
+                                 allocation=[model.block_layers(b) for b in range(model.num_blocks)]),
+            "data": dict(cfg.data.__dict__), "steps_per_block": steps_per_block, "finished": finished}
+
+
+__all__ = ["CONFIG", "EMA_WEIGHTS", "JOB", "METRICS", "RESULTS", "STATE", "WEIGHTS", "Task", "build_model",
+           "build_model_for", "evaluate", "job_record", "load_model", "load_weights", "new_model", "place",
+           "resolve_device", "save_checkpoint", "validate"]

@@ -1,0 +1,147 @@
+"""The Task interface (what the loop, the run directory and the harness ask of a task) and the image
+pipeline that the image tasks share.
+
+A task owns its data (train/test, a one-line description), builds its model in the form a method trains
+(`Method.model_form`: "end-to-end" or "blocks"), turns a raw batch into a training batch (images:
+to-float and augmentation), evaluates (a dict; cheap enough to run during training) and scores (its
+headline metric, `metric`, better when `higher_is_better`). The loop never asks which task it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..data import Batches, ImageDataset, augment, load_dataset, to_float
+
+# A reference model for sample-quality metrics: reference(cfg, name) returns the model of a run of `cfg`,
+# trained once and cached under `name` (provided by the loop's layer: train.reference_model).
+Reference = Callable[[RunConfig, str], nn.Module]
+
+
+@dataclass(frozen=True)
+class ImageShapes:
+    """The shapes an image task builds its model from, without loading data (the memory planner)."""
+
+    image_size: tuple[int, int]
+    channels: int
+    num_classes: int
+
+
+class Task:
+    """One task. Subclasses set the class attributes and implement the methods that raise here."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]  # the headline metric: a key of score()'s dict
+    higher_is_better: ClassVar[bool]
+    result_metric: ClassVar[str | None] = None  # key of results.json holding the headline (None: score() it)
+    curve_metric: ClassVar[str]  # key of evaluate()'s dict plotted against layer-updates
+    percent: ClassVar[bool] = False  # the headline is a fraction, shown in percent (differences in points)
+    paper_gap: ClassVar[str] = ""  # the paper's DiffusionBlocks - e2e difference, quoted beside ours
+    compare_roles: ClassVar[tuple[str, ...]] = ("e2e", "dblocks")  # the arms of `compare`
+    eval_options: ClassVar[tuple[str, ...]] = ()
+    # config presets `compare` starts from: "full", "quick", and "offline"/"offline-quick" without Fashion-MNIST
+    presets: ClassVar[dict[str, str]] = {}  # keyword options evaluate()/score() take (CLI `eval` flags)
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Raise ValueError for settings this task cannot use."""
+
+    def load_data(self, cfg: RunConfig):
+        raise NotImplementedError
+
+    def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
+        """The model in the form a method trains ("end-to-end" or "blocks")."""
+        raise NotImplementedError
+
+    def stream(self, data, cfg: RunConfig, seed: int, member: int = 0):
+        """A resumable iterator of raw training batches (tuples of tensors) with its own randomness."""
+        raise NotImplementedError
+
+    def prepare(self, raw: tuple, stream, cfg: RunConfig, data, device) -> tuple:
+        """A raw batch -> the batch a method steps on, on `device`."""
+        return tuple(t.to(device) for t in raw)
+
+    def probe_batch(self, data, cfg: RunConfig, device) -> tuple:
+        """A training batch of cfg.train.batch_size (for counting saved activations)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data, cfg: RunConfig, *, limit: int = 0, device="cpu",
+                 **options) -> dict[str, Any]:
+        """Metrics on the test split (the first `limit` items if > 0), with "n" the items used."""
+        raise NotImplementedError
+
+    def results(self, ev: dict) -> dict:
+        """The entries of results.json that an evaluation gives."""
+        return dict(ev)
+
+    def score(self, model: nn.Module, data, cfg: RunConfig, *, device="cpu", progress: bool = False,
+              reference: Reference | None = None, **options) -> dict[str, Any]:
+        """The headline evaluation (`eval`, `compare`, a block-parallel run); holds `metric`."""
+        return self.evaluate(model, data, cfg, device=device, **options)
+
+    def summary(self, results: dict) -> str:
+        """One line on a finished training run's results."""
+        raise NotImplementedError
+
+    def describe_score(self, score: dict) -> str:
+        """One line on a score."""
+        return f"{self.metric} {score[self.metric]:.4f}"
+
+    def compare_extras(self, runs: dict[str, list[dict]], load: Callable[[str], nn.Module], base: RunConfig,
+                       out) -> tuple[dict, list[str]]:
+        """Task-specific parts of `compare`: (entries for compare.json, markdown lines)."""
+        return {}, []
+
+
+class ImageStream:
+    """One unit's image batches and augmentation randomness (resumable)."""
+
+    def __init__(self, data: ImageDataset, batch_size: int, seed: int, member: int = 0):
+        self.batches = Batches(data.x_train, data.y_train, min(batch_size, len(data.y_train)), seed=seed)
+        self.aug = torch.Generator().manual_seed(seed + 1 + 1_000 * member)  # data-parallel members differ
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.batches)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches.state_dict(), "aug": self.aug.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.batches.load_state_dict(state["batches"])
+        self.aug.set_state(state["aug"])
+
+
+class ImageTask(Task):
+    """Labelled images (data.py): uint8 batches made float in [-1, 1] and augmented per unit stream."""
+
+    def load_data(self, cfg: RunConfig) -> ImageDataset:
+        ds = load_dataset(cfg.data.name, root=cfg.data.root or None)
+        if cfg.data.train_limit:
+            ds.x_train, ds.y_train = ds.x_train[:cfg.data.train_limit], ds.y_train[:cfg.data.train_limit]
+        if cfg.data.test_limit:
+            ds.x_test, ds.y_test = ds.x_test[:cfg.data.test_limit], ds.y_test[:cfg.data.test_limit]
+        return ds
+
+    def stream(self, data: ImageDataset, cfg: RunConfig, seed: int, member: int = 0) -> ImageStream:
+        return ImageStream(data, cfg.train.batch_size, seed, member)
+
+    def prepare(self, raw, stream: ImageStream, cfg: RunConfig, data: ImageDataset, device) -> tuple:
+        x, y = raw
+        x = augment(to_float(x), generator=stream.aug, crop_padding=cfg.data.crop_padding,
+                    hflip=cfg.data.hflip and data.hflip)
+        return x.to(device), y.to(device)
+
+    def probe_batch(self, data: ImageDataset, cfg: RunConfig, device) -> tuple:
+        n = min(cfg.train.batch_size, len(data.y_train))
+        # copies, as a training batch is: a slice would make the whole label tensor's storage count as saved
+        return to_float(data.x_train[:n]).to(device), data.y_train[:n].clone().to(device)
+
+
+def unknown_form(task: str, form: str, known: tuple[str, ...]) -> ValueError:
+    return ValueError(f"task {task!r} has no model for training form {form!r} (it has: {', '.join(known)})")
