@@ -1,5 +1,6 @@
 """Backbones: the ViT pieces (patch embedding, a plain end-to-end classifier, and the stem and head that
-make the same layers a label denoiser under the block wrapper)."""
+make the same layers a label denoiser under the block wrapper), the DiT stem and head, and the smallest
+stem and head, for vectors."""
 
 from __future__ import annotations
 
@@ -152,3 +153,30 @@ class DiTHead(nn.Module):
         N, (gh, gw), p, C = x.shape[0], self.grid, self.patch, self.channels
         x = x.view(N, gh, gw, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, gh * p, gw * p)
         return x[..., :self.image_size[0], :self.image_size[1]]
+
+
+# -- vectors: the smallest denoiser (README's minimal use, tests) ------------------------------------------
+
+
+class VectorStem(nn.Module):
+    """(z_in (N, Dz), c_noise (N,), cond (N, Dx) or None) -> h (N, D), c = noise embedding (N, D)."""
+
+    def __init__(self, dz: int, dim: int, cond_dim: int = 0, freq_dim: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(dz + cond_dim, dim)
+        self.noise = NoiseEmbedding(dim, freq_dim=freq_dim)
+
+    def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor | None = None):
+        x = z_in if cond is None else torch.cat([z_in, cond], dim=-1)
+        return self.embed(x), self.noise(c_noise)
+
+
+class VectorHead(nn.Module):
+    """h (N, D) -> F (N, Dz)."""
+
+    def __init__(self, dim: int, dz: int):
+        super().__init__()
+        self.out = nn.Linear(dim, dz)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.out(h)

@@ -176,3 +176,24 @@ def test_torchrun_more_ranks_than_blocks_is_data_parallel_inside_each_block(tmp_
     for b in (0, 1):  # the two ranks of a block end with the same weights: their gradients were averaged
         assert same(weights(out / f"rank{b}"), weights(out / f"rank{b + 2}"))
     assert io.load_json(out / "merge.json")["owner"] == {"0": str(out / "rank0"), "1": str(out / "rank1")}
+
+
+def test_torchrun_imagegen_merges_and_reports_its_fd(tmp_path):
+    """Image generation spread over 2 ranks: rank 0 merges and scores the task's headline metric (FD)."""
+    cache = tmp_path / "cache"  # the FD reference classifier, trained once here (tiny) where the ranks look
+    ref = apply_overrides(preset_tiny(), ["train.method=e2e", "train.steps=20", "train.eval_limit=0"])
+    train(ref, cache / "fd-digits", progress=False)
+    trained_at = (cache / "fd-digits" / "model.safetensors").stat().st_mtime_ns
+    out = tmp_path / "gen"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "diffusionblocks", "train", "--preset", "gen-tiny", "--task", "imagegen", "--parallel", "blocks",
+           "--out", str(out), "--no-progress", *COMMON, "gen.fd_samples=40"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFUSIONBLOCKS_CACHE=str(cache))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = io.load_json(out / "results.json")
+    assert results["task"] == "imagegen" and results["metric"] == "fd_classifier_features"
+    assert results["fd_classifier_features"] > 0 and results["num_generated"] == 40
+    assert results["gradient_bytes_between_blocks"] == 0 and [r["blocks"] for r in results["ranks"]] == [[0], [1]]
+    assert "FD (classifier features)" in proc.stdout
+    assert (cache / "fd-digits" / "model.safetensors").stat().st_mtime_ns == trained_at  # reused, not retrained
