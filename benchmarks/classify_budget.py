@@ -13,8 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusionblocks.compare import compare, pyplot  # noqa: E402
+from diffusionblocks.compare import compare  # noqa: E402
 from diffusionblocks.config import apply_overrides, load_preset  # noqa: E402
+from diffusionblocks.images import pyplot  # noqa: E402
 
 
 def main():

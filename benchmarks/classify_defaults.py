@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusionblocks.compare import role_config  # noqa: E402
 from diffusionblocks.config import apply_overrides, load_preset  # noqa: E402
-from diffusionblocks.train import evaluate, load_model, train  # noqa: E402
+from diffusionblocks.run import evaluate, load_model  # noqa: E402
+from diffusionblocks.train import train  # noqa: E402
 
 SAMPLERS = [dict(bridge=b, sigma_start=s, init=i, steps_per_block=k)
             for b, s, i, k in itertools.product(("soft", "hard"), (0.0, 5.0), ("noise", "zero"), (1,))]
@@ -54,7 +55,7 @@ def main():
         train(cfg, run_dir, progress=False)
         _, model, ds = load_model(run_dir)
         for sampler in SAMPLERS:
-            ev = evaluate(model, ds.x_test, ds.y_test, cfg, args.eval_limit, **sampler)
+            ev = evaluate(model, ds, cfg, args.eval_limit, **sampler)
             row = {"loss_weight": weight, "input_flip": flip, **sampler, "accuracy": ev["accuracy"],
                    "accuracy_per_step": ev["accuracy_per_step"]}
             report["runs"].append(row)

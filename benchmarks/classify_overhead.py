@@ -19,7 +19,8 @@ import torch  # noqa: E402
 
 from diffusionblocks.config import apply_overrides, load_preset  # noqa: E402
 from diffusionblocks.data import load_dataset, to_float  # noqa: E402
-from diffusionblocks.train import METHODS, build_model  # noqa: E402
+from diffusionblocks.methods import METHODS  # noqa: E402
+from diffusionblocks.run import build_model  # noqa: E402
 
 
 def main():
@@ -44,11 +45,11 @@ def main():
     dblocks = arms["dblocks"][1]
 
     def e2e_step():
-        arms["e2e"][1].step(x, y)
+        arms["e2e"][1].step((x, y))
 
     def block_cycle():  # each block once, as B consecutive dblocks steps
         for b in range(B):
-            dblocks.step(x, y, b)
+            dblocks.step((x, y), b)
 
     times = {"e2e": [], "dblocks_cycle": []}
     for i in range(args.warmup + args.repeats):

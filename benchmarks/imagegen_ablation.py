@@ -15,15 +15,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusionblocks.config import apply_overrides, load_preset  # noqa: E402
+from diffusionblocks.run import load_model  # noqa: E402
 from diffusionblocks.tasks.imagegen import evaluate_samples  # noqa: E402
-from diffusionblocks.train import load_model, train  # noqa: E402
+from diffusionblocks.train import reference_model, train  # noqa: E402
 
 
 def run(cfg, out: Path) -> dict:
     results = train(cfg, out, progress=False) if not (out / "results.json").exists() else \
         json.loads((out / "results.json").read_text())
     _, model, ds = load_model(out)
-    scores = evaluate_samples(model, cfg, ds)
+    scores = evaluate_samples(model, cfg, ds, reference=reference_model)
     return {"fd": scores["fd_classifier_features"], "class_accuracy": scores.get("class_accuracy"),
             "eval_loss": results["eval_loss"], "train_seconds": results["train_seconds"],
             "sampling_seconds_per_image": scores["seconds_per_image"]}

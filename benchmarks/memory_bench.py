@@ -29,10 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from diffusionblocks.config import RunConfig, apply_overrides, load_preset  # noqa: E402
-from diffusionblocks.memory import measure_configuration  # noqa: E402
-from diffusionblocks.plan import DATA_SHAPES, Configuration, Spec, configurations, measure_all, plot_memory  # noqa: E402
-from diffusionblocks.tasks.classify import build_classifier  # noqa: E402
-from diffusionblocks.train import METHODS, _place, resolve_device  # noqa: E402
+from diffusionblocks.methods import METHODS  # noqa: E402
+from diffusionblocks.plan import (  # noqa: E402
+    DATA_SHAPES,
+    Configuration,
+    Spec,
+    configurations,
+    format_table,
+    measure_all,
+    measure_configuration,
+    plot_memory,
+)
+from diffusionblocks.run import new_model, place, resolve_device  # noqa: E402
+from diffusionblocks.tasks.base import ImageShapes  # noqa: E402
 
 MiB = 2**20
 
@@ -66,7 +75,7 @@ def residency_targets(result: dict, spec: Spec) -> list[dict]:
         act = rows[f"dblocks B={B} active"]["measured"]
         cfg = Configuration("dblocks", B).apply(spec.cfg)
         with torch.device("meta"):
-            model = build_classifier(cfg, spec.image_size, spec.channels, spec.num_classes)
+            model = new_model(cfg, spec.shapes)
         shared = sum(p.numel() for p in model.shared_parameters()) * 4 * 4  # params, grads, two moments
         target = 1.2 * e2e["total"] / B + shared
         out.append({"B": B, "dblocks_active_total": act["total"], "e2e_total": e2e["total"], "target": target,
@@ -89,10 +98,10 @@ def swap_overhead(cfg: RunConfig, shape, B: int, steps: int, rounds: int, device
             c = Configuration("dblocks", B, residency).apply(cfg)
             c.dblocks.block_choice = choice
             torch.manual_seed(0)
-            model = build_classifier(c, *shape)
+            model = new_model(c, ImageShapes(*shape))
             # the run is steps * rounds long: sequential visits every block once in it
             method = METHODS["dblocks"](model, c, steps * rounds, device=device, offload_dir=tmp)
-            _place(model, device, method.residency, None)
+            place(model, device, method.residency, None)
             arms[(residency, choice)] = method
     n = cfg.train.batch_size
     gen = torch.Generator().manual_seed(0)
@@ -104,7 +113,7 @@ def swap_overhead(cfg: RunConfig, shape, B: int, steps: int, rounds: int, device
             layers = 0
             t0 = time.perf_counter()
             for _ in range(steps):
-                layers += method.step(x, y)["layers"]
+                layers += method.step((x, y))["layers"]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if r:  # round 0 is warm-up
@@ -154,7 +163,6 @@ def main():
     print("== 2./3. measured table vs planner", flush=True)
     result = measure_all(spec, configurations(cfg.model.depth, blocks), progress=False,
                          offload_dir=Path(args.out).parent)
-    from diffusionblocks.plan import format_table
 
     print(format_table(result), flush=True)
     report["table"] = result
