@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from . import io
 from .compare import compare
 from .config import RunConfig, apply_overrides, load_preset, parse_ints
@@ -103,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"of all blocks with: diffusionblocks merge RUN... --out DIR")
     else:
         print(get_task(cfg.task).summary(results))
+        print(f"evaluate again with: diffusionblocks eval {args.out or args.resume}")
     return 0
 
 
@@ -114,8 +117,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-EVAL_OPTIONS = ("limit", "steps_per_block", "grid", "bridge", "sigma_start", "init", "num", "steps", "sampler",
-                "cfg_scale", "fd_model")
+# every task's `eval` options (each has a flag in _eval_parser)
+EVAL_OPTIONS = tuple(dict.fromkeys(k for task in TASKS.values() for k in task.eval_options))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -124,8 +127,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in EVAL_OPTIONS if getattr(args, k) is not None}
     foreign = [k for k in given if k not in task.eval_options]
     if foreign:
-        raise ValueError(f"{'/'.join('--' + k.replace('_', '-') for k in foreign)} do not apply to a {task.name} "
-                         f"run; it takes {', '.join('--' + k.replace('_', '-') for k in task.eval_options)}")
+        flags = lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys)
+        raise ValueError(f"{flags(foreign)}: not an option of {task.name} runs (they take {flags(task.eval_options)})")
     ev = task.score(model, data, cfg, progress=not args.json, reference=reference_model, **given)
     ev.update(run=str(args.run), method=cfg.train.method, **{k: v for k, v in given.items() if k != "limit"})
     if args.json:
@@ -136,8 +139,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
     cfg, model, _ = load_model(args.run)
     if not isinstance(model, ImageGenerator):
         raise ValueError(f"{args.run} is a {cfg.task} run; sample draws images from an imagegen run")

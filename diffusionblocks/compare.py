@@ -185,7 +185,8 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
                 r["score"] = score
     rows = summarize(runs, key)
     scale = 100 if task.percent else 1
-    label = f"{key} (%)" if scale == 100 else f"{key} ({'higher' if task.higher_is_better else 'lower'} is better)"
+    name = key.replace("_", " ")
+    label = f"{name} (%)" if scale == 100 else f"{name} ({'higher' if task.higher_is_better else 'lower'} is better)"
     extras, lines = task.compare_extras(runs, lambda role: load_model(out / f"{role}-seed{seeds[0]}")[1], base, out)
     report = {"task": task.name, "metric": key, "higher_is_better": task.higher_is_better, "rows": rows,
               "verdict": verdict(rows, key, task), "seeds": seeds, **extras}

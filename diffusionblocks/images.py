@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import zlib
 
 import torch
@@ -66,8 +67,6 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        import sys
-
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return None
     return plt

@@ -334,3 +334,10 @@ def test_the_readme_minimal_use_runs_as_written(capsys):
     assert samples.shape == y.shape and torch.isfinite(samples).all()
     assert (samples - y).norm(dim=1).mean() < 0.3  # it learned: sigma_max noise is 80 away
     assert "mean distance" in capsys.readouterr().out
+
+
+def test_every_task_eval_option_has_an_eval_flag():
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    flags = {a.dest for a in sub["eval"]._actions}
+    missing = {(name, k) for name, task in TASKS.items() for k in task.eval_options if k not in flags}
+    assert missing == set() and len(flags) > 5
