@@ -3,24 +3,10 @@ under its name, so a new method is one new file (its class on the `base.Method` 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from ..registry import discover
 from .base import EMA, BlockModel, EndToEndModel, Method, Optimizer, stream_seed, update
 
-
-def _discover() -> dict[str, type[Method]]:
-    found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        cls = getattr(importlib.import_module(f"{__name__}.{info.name}"), "METHOD", None)
-        if cls is not None:
-            found[cls.name] = cls
-    return found
-
-
-METHODS: dict[str, type[Method]] = _discover()
+METHODS: dict[str, type[Method]] = discover(__name__, __path__, "METHOD")
 
 
 def get_method(name: str) -> type[Method]:

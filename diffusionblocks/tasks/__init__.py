@@ -3,24 +3,10 @@ a new task is one new file (its class on the `base.Task` interface) plus its bac
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from ..registry import discover
 from .base import ImageTask, Task
 
-
-def _discover() -> dict[str, type[Task]]:
-    found = {}
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name == "base" or info.name.startswith("_"):
-            continue
-        cls = getattr(importlib.import_module(f"{__name__}.{info.name}"), "TASK", None)
-        if cls is not None:
-            found[cls.name] = cls
-    return found
-
-
-TASKS: dict[str, type[Task]] = _discover()
+TASKS: dict[str, type[Task]] = discover(__name__, __path__, "TASK")
 
 
 def get_task(name: str) -> Task:
