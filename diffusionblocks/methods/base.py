@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
+from ..noise import Partition
 
 # -- the model's side of the contract -------------------------------------------------------------
 
@@ -38,10 +39,12 @@ class BlockModel(Protocol):
     them: a shared stem/head, or the tied core of a recurrent-depth model, whose blocks then own few or no
     parameters of their own). `block_modules(b)` are the modules that hold block b's own parameters (a
     per-block job leaves the other blocks' modules unmaterialised). `block_layers(b)` counts the layer
-    applications of one step on block b, tied or not: the unit of the layer-update budget.
+    applications of one step on block b, tied or not: the unit of the layer-update budget. `partition` is
+    the noise partition (noise.Partition) the blocks own; per-block jobs record it for `merge`.
     """
 
     num_blocks: int
+    partition: Partition
 
     def block_parameters(self, block: int) -> list[nn.Parameter]: ...
 

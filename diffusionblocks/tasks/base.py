@@ -19,9 +19,9 @@ from torch import nn
 from ..config import RunConfig
 from ..data import Batches, ImageDataset, augment, load_dataset, to_float
 
-# A reference model for sample-quality metrics: reference(cfg, name) returns the model of a run of `cfg`,
-# trained once and cached under `name` (provided by the loop's layer: train.reference_model).
-Reference = Callable[[RunConfig, str], nn.Module]
+# A reference model for sample-quality metrics: reference(cfg, name, progress) returns the model of a run of
+# `cfg`, trained once and cached under `name` (provided by the loop's layer: train.reference_model).
+Reference = Callable[[RunConfig, str, bool], nn.Module]
 
 
 @dataclass(frozen=True)

@@ -204,10 +204,10 @@ def reference_config(dataset: str) -> RunConfig:
     return cfg
 
 
-def reference_classifier(dataset: str, reference: Reference) -> nn.Module:
+def reference_classifier(dataset: str, reference: Reference, progress: bool = False) -> nn.Module:
     """The FD reference classifier for `dataset`, trained once and cached (fd-<dataset>)."""
     name = Path(dataset).stem if dataset.endswith(".npz") else dataset
-    return reference(reference_config(dataset), f"fd-{name}")
+    return reference(reference_config(dataset), f"fd-{name}", progress)
 
 
 def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, reference: Reference, num: int | None = None,
@@ -225,7 +225,7 @@ def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, reference: Re
             "cfg_scale": g.cfg_scale if cfg_scale is None else cfg_scale}
     images, labels, seconds = generate(model, num, batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed + 7,
                                        device=device, progress=progress, **args)
-    classifier = reference_classifier(cfg.data.name, reference)
+    classifier = reference_classifier(cfg.data.name, reference, progress)
     real = to_float(ds.x_test[:num])
     f_gen, pred = features(classifier, images)
     f_real, _ = features(classifier, real)
