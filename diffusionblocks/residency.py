@@ -142,6 +142,10 @@ class Residency:
                 if b != previous:
                     self.evict(b)
 
+    def extra_names(self) -> set[str]:
+        """The names of the extra tensors (e.g. EMA averages) that move with their blocks."""
+        return {n for _, names in self.extra.values() for n in names}
+
     def offloaded_storages(self) -> set[int]:
         return set(self._homes)
 

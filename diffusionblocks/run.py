@@ -74,8 +74,11 @@ def place(model: nn.Module, device, residency=None, ema: EMA | None = None):
         for p in model.parameters():
             if p.device.type != "meta":  # a per-block job's other blocks stay shapes only
                 p.data = p.data.to(device)
-        if ema is not None:
-            ema.shadow = {k: v.to(device) for k, v in ema.shadow.items()}
+    if ema is not None:  # in place: the residency manager holds this very dict for the blocks' averages
+        homed = residency.extra_names() if residency is not None and residency.policy == "active" else set()
+        for k, v in ema.shadow.items():
+            if k not in homed:  # under residency=active the blocks' averages go with their blocks
+                ema.shadow[k] = v.to(device)
     if residency is not None:
         residency.start()
 

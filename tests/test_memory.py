@@ -316,3 +316,35 @@ def test_memory_cli_writes_json_and_plot(tmp_path, capsys):
     assert all("measured" in r for r in result["rows"])
     pytest.importorskip("matplotlib")
     assert (tmp_path / "memory.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("policy", ["all", "active"])
+def test_the_ema_averages_follow_their_parameters_onto_the_device(tmp_path, monkeypatch, policy):
+    """Shared (stem/head) averages are sent to the device under both policies, blocks' averages go with their
+    blocks, and the residency manager keeps working on the EMA's own dict. A CPU has one device, so the test
+    records which tensors went through .to(device)."""
+    from diffusionblocks.methods import EMA
+
+    cfg = tiny(f"dblocks.residency={policy}", "dblocks.num_blocks=2")
+    torch.manual_seed(0)
+    model = new_model(cfg, ImageShapes(*DIGITS))
+    ema = EMA(model, 0.9)
+    method = DBlocks(model, cfg, 10, offload_dir=tmp_path, ema=ema)
+    moved, original = set(), torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        moved.add(id(out))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    _place(model, torch.device("cpu"), method.residency, ema)
+    monkeypatch.undo()
+    shared = {n for n, p in model.named_parameters() if any(p is q for q in method.shared_params)}
+    assert shared and all(id(ema.shadow[n]) in moved for n in shared)
+    assert method.residency.extra[0][0] is ema.shadow
+    block_names = method.residency.extra_names()
+    assert block_names and not block_names & shared
+    if policy == "active":
+        assert all(method.residency.is_offloaded(ema.shadow[n]) for n in block_names)
+    method.residency.close()
