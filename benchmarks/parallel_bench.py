@@ -67,7 +67,7 @@ def main():
                                 "parallel": par_results["test_accuracy"]},
               "gradient_bytes_between_blocks": par_results["gradient_bytes_between_blocks"],
               "process_groups": par_results["process_groups"],
-              "bytes_sent_by_rank0": par_results["bytes_sent_by_this_rank"]}
+              "object_bytes_between_blocks": par_results["object_bytes_between_blocks"]}
     print(json.dumps({k: report[k] for k in ("median_wall_seconds", "speedup", "train_seconds", "weights_identical",
                                               "test_accuracy", "gradient_bytes_between_blocks")}, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

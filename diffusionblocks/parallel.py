@@ -43,7 +43,6 @@ class DataParallel:
 
     def __init__(self, group, index: int, size: int):
         self.group, self.index, self.size = group, index, size
-        self.bytes = 0  # gradient bytes this rank sent inside its block's group
 
     def shard(self, t):
         n = t.shape[0] // self.size
@@ -56,7 +55,6 @@ class DataParallel:
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat, group=self.group)
         flat /= self.size
-        self.bytes += flat.numel() * flat.element_size()
         offset = 0
         for p, g in zip(params, grads):
             p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
@@ -75,32 +73,37 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    comm = Gather(world)
+    meter = CollectiveMeter()
     out = Path(out)
     try:
-        hashes = comm(config_hash(cfg))
-        if len(set(hashes)) > 1:
-            raise ValueError(f"the ranks were started with different configs (hashes {hashes})")
-        B = cfg.dblocks.num_blocks
-        blocks = rank_blocks(B, world, rank)
-        data_parallel = None
-        if world > B:  # one sub-group per block; every rank takes part in creating every group
-            groups = [dist.new_group([b + i * B for i in range(world // B)]) for b in range(B)]
-            data_parallel = DataParallel(groups[rank % B], rank // B, world // B)
-        results = _train_rank(cfg, out, rank, blocks, device, data_parallel, resume, progress)
-        everyone = comm({"rank": rank, "blocks": blocks, "train_seconds": results["train_seconds"],
-                         "steps": results["steps"], "layer_updates": results["layer_updates"],
-                         "gradient_bytes_within_block": data_parallel.bytes if data_parallel else 0})
+        with meter:
+            hashes = _gather(config_hash(cfg), world)
+            if len(set(hashes)) > 1:
+                raise ValueError(f"the ranks were started with different configs (hashes {hashes})")
+            B = cfg.dblocks.num_blocks
+            blocks = rank_blocks(B, world, rank)
+            data_parallel = None
+            if world > B:  # one sub-group per block; every rank takes part in creating every group
+                groups = [dist.new_group([b + i * B for i in range(world // B)]) for b in range(B)]
+                data_parallel = DataParallel(groups[rank % B], rank // B, world // B)
+            results = _train_rank(cfg, out, rank, blocks, device, data_parallel, resume, progress)
+        # what this rank handed to collectives, per process group, measured (the gather below is not in it)
+        everyone = _gather({"rank": rank, "blocks": blocks, "train_seconds": results["train_seconds"],
+                            "steps": results["steps"], "layer_updates": results["layer_updates"],
+                            "collectives": meter.report()}, world)
         dist.barrier()
-        # no process group other than the default one exists, and nothing but the two gathers above and
-        # the barriers uses it: zero bytes of gradients cross a process, by construction
+        block_of = {r["rank"]: set(r["blocks"]) for r in everyone}
+        spans = lambda ranks: len(set().union(*(block_of[r] for r in ranks))) > 1  # a group holding 2+ blocks
+        between = sum(g["tensor_bytes"] for r in everyone for g in r["collectives"] if spans(g["ranks"]))
+        within = sum(g["tensor_bytes"] for r in everyone for g in r["collectives"] if not spans(g["ranks"]))
         summary = {"world_size": world, "rank": rank, "blocks": blocks, "ranks": everyone,
-                   "layer_updates": results["layer_updates"], "gradient_bytes_between_blocks": 0,
-                   "gradient_bytes_within_blocks": sum(r["gradient_bytes_within_block"] for r in everyone),
+                   "layer_updates": results["layer_updates"],
+                   "gradient_bytes_between_blocks": between, "gradient_bytes_within_blocks": within,
+                   "object_bytes_between_blocks": sum(g["object_bytes"] for r in everyone for g in r["collectives"]
+                                                      if spans(g["ranks"])),
                    "process_groups": ["default (config agreement at the start, results at the end)"]
                    + ([f"block {b}: ranks {[b + i * B for i in range(world // B)]} (data-parallel)"
-                       for b in range(B)] if data_parallel else []),
-                   "bytes_sent_by_this_rank": comm.bytes, "object_gathers": comm.count}
+                       for b in range(B)] if data_parallel else [])}
         if rank == 0:
             leaders = range(min(world, B))  # in a data-parallel group, rank b (index 0) holds the block
             summary.update(_merge_and_score(cfg, out, [out / f"rank{r}" for r in leaders], device))
@@ -114,18 +117,61 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
         dist.destroy_process_group()
 
 
-class Gather:
-    """The only communication between blocks: small Python objects gathered from every rank, counted."""
+def _gather(obj, world: int) -> list:
+    """Small Python objects from every rank (the config check at the start, the results at the end)."""
+    objs = [None] * world
+    dist.all_gather_object(objs, obj)
+    return objs
 
-    def __init__(self, world: int):
-        self.world, self.bytes, self.count = world, 0, 0
 
-    def __call__(self, obj) -> list:
-        objs = [None] * self.world
-        dist.all_gather_object(objs, obj)
-        self.bytes += len(pickle.dumps(obj))  # what all_gather_object sends from this rank
-        self.count += 1
-        return objs
+class CollectiveMeter:
+    """Counts, per process group, the bytes this rank hands to torch.distributed collectives while inside
+    the context: tensors (all_reduce, all_gather, broadcast, ...) and pickled objects (all_gather_object,
+    ...). It wraps the functions of torch.distributed, so every caller is counted, not only ours."""
+
+    # the position of the argument holding what this rank sends (a tensor, or a list of them)
+    TENSOR_OPS = {"all_reduce": 0, "broadcast": 0, "reduce": 0, "send": 0, "isend": 0, "gather": 0,
+                  "all_gather": 1, "all_gather_into_tensor": 1, "reduce_scatter": 1, "reduce_scatter_tensor": 1,
+                  "all_to_all": 1, "all_to_all_single": 1, "scatter": 1}
+    OBJECT_OPS = {"all_gather_object": 1, "gather_object": 0, "broadcast_object_list": 0, "scatter_object_list": 1}
+
+    def __init__(self):
+        self.groups: dict[tuple[int, ...], dict[str, int]] = {}
+        self._saved: dict[str, object] = {}
+
+    def _count(self, group, kind: str, nbytes: int):
+        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
+        entry = self.groups.setdefault(ranks, {"tensor_bytes": 0, "object_bytes": 0, "calls": 0})
+        entry[kind] += nbytes
+        entry["calls"] += 1
+
+    def _wrap(self, name: str, fn):
+        def counted(*args, **kwargs):
+            i = self.TENSOR_OPS.get(name, self.OBJECT_OPS.get(name))
+            sent = args[i] if len(args) > i else None  # (passed by keyword: not counted)
+            if name in self.OBJECT_OPS:
+                self._count(kwargs.get("group"), "object_bytes", len(pickle.dumps(sent)))
+            else:
+                tensors = [sent] if torch.is_tensor(sent) else [t for t in sent or () if torch.is_tensor(t)]
+                self._count(kwargs.get("group"), "tensor_bytes", sum(t.numel() * t.element_size() for t in tensors))
+            return fn(*args, **kwargs)
+        return counted
+
+    def __enter__(self):
+        for name in [*self.TENSOR_OPS, *self.OBJECT_OPS]:
+            if hasattr(dist, name):
+                self._saved[name] = getattr(dist, name)
+                setattr(dist, name, self._wrap(name, self._saved[name]))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        self._saved.clear()
+        return False
+
+    def report(self) -> list[dict]:
+        return [{"ranks": list(ranks), **counts} for ranks, counts in sorted(self.groups.items())]
 
 
 def _train_rank(cfg: RunConfig, out: Path, rank: int, blocks: list[int], device, data_parallel, resume: bool,

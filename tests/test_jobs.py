@@ -171,7 +171,13 @@ def test_torchrun_more_ranks_than_blocks_is_data_parallel_inside_each_block(tmp_
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = io.load_json(out / "results.json")
+    # measured at the collectives: the block groups' all_reduce of gradients, nothing between blocks but the
+    # config hashes gathered at the start (objects)
     assert results["gradient_bytes_between_blocks"] == 0 and results["gradient_bytes_within_blocks"] > 0
+    assert 0 < results["object_bytes_between_blocks"] < 10_000
+    per_rank = {r["rank"]: {tuple(g["ranks"]): g for g in r["collectives"]} for r in results["ranks"]}
+    assert per_rank[0][(0, 2)]["tensor_bytes"] == per_rank[2][(0, 2)]["tensor_bytes"] > 0  # both members sent
+    assert per_rank[0][(0, 1, 2, 3)]["tensor_bytes"] == 0
     assert [r["blocks"] for r in results["ranks"]] == [[0], [1], [0], [1]]
     for b in (0, 1):  # the two ranks of a block end with the same weights: their gradients were averaged
         assert same(weights(out / f"rank{b}"), weights(out / f"rank{b + 2}"))
@@ -197,3 +203,12 @@ def test_torchrun_imagegen_merges_and_reports_its_fd(tmp_path):
     assert results["gradient_bytes_between_blocks"] == 0 and [r["blocks"] for r in results["ranks"]] == [[0], [1]]
     assert "FD (classifier features)" in proc.stdout
     assert (cache / "fd-digits" / "model.safetensors").stat().st_mtime_ns == trained_at  # reused, not retrained
+
+
+def test_with_dropout_a_block_still_does_not_depend_on_the_other_blocks(runs, tmp_path):
+    """Dropout draws from each block's own stream: the order the blocks train in changes nothing."""
+    cfg = lambda choice: cfg_with("model.dropout=0.2", f"dblocks.block_choice={choice}")
+    train(cfg("sequential"), tmp_path / "seq", progress=False)
+    train(cfg("round-robin"), tmp_path / "rr", progress=False)
+    assert same(weights(tmp_path / "seq"), weights(tmp_path / "rr"))
+    assert not same(weights(tmp_path / "seq"), weights(runs / "sequential"))  # dropout did act

@@ -132,7 +132,8 @@ def lr_factor(update: int, total: int, warmup: float, min_ratio: float) -> float
 
 class Optimizer:
     """AdamW over some parameters with its own warmup + cosine schedule counted in its own updates.
-    Weight decay applies to matrices only (not to biases, norms, positions)."""
+    Weight decay applies to every parameter of two or more dimensions: weight matrices, convolution kernels,
+    and the learned positions and CLS/label tokens (shaped (1, T, D)); not to biases and norm scales."""
 
     def __init__(self, params: list[nn.Parameter], cfg: RunConfig, total_updates: int):
         t = cfg.train

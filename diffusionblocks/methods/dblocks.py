@@ -15,6 +15,7 @@ parameters stay on the "meta" device). Where the owned blocks live is the reside
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -109,6 +110,8 @@ class DBlocks(Method):
                       for b in self.owned}
         self.next_index = 0  # for round-robin
         self.steps_done = 0  # for sequential
+        self.device, self.member = torch.device(device), member
+        self.block_steps = {b: 0 for b in self.owned}  # steps taken by each block (its dropout stream)
         extra = {b: (ema.shadow, [names[id(p)] for p in params]) if ema is not None else ({}, [])
                  for b, params in self.block_params.items()}
         self.residency = Residency(cfg.dblocks.residency, device, self.block_params,
@@ -142,11 +145,25 @@ class DBlocks(Method):
             p.requires_grad_(train_shared)
         params = self.block_params[block] + (self.shared_params if train_shared else [])
         opts = ([self.opts[block]] if block in self.opts else []) + ([self.shared_opt] if train_shared else [])
-        loss = self.model.block_loss(block, *batch, generator=self.noise[block]).mean()
-        out = update(loss, params, opts, self.cfg.train.clip, self.sync)
+        with self._block_rng(block):
+            loss = self.model.block_loss(block, *batch, generator=self.noise[block]).mean()
+            out = update(loss, params, opts, self.cfg.train.clip, self.sync)
+        self.block_steps[block] += 1
         if out.get("skipped"):
             return dict(out, block=block, layers=0)
         return dict(out, block=block, layers=self.model.block_layers(block), trained=self.trained[block])
+
+    @contextlib.contextmanager
+    def _block_rng(self, block: int):
+        """What draws from the global RNG inside a step (dropout) draws from the block's own stream, seeded by
+        (seed, block, the block's step count): a block's weights then do not depend on the other blocks."""
+        if self.cfg.model.dropout <= 0:
+            yield
+            return
+        seed = stream_seed(self.cfg.train.seed, block) + 3 + 1_000 * self.member
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed((seed + 1_000_003 * self.block_steps[block]) % 2**63)
+            yield  # the global RNG is restored afterwards
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o.opt for o in self.opts.values()] + ([self.shared_opt.opt] if self.shared_opt else [])
@@ -155,7 +172,7 @@ class DBlocks(Method):
         return {"opts": {b: o.state_dict() for b, o in self.opts.items()},
                 "shared_opt": self.shared_opt.state_dict() if self.shared_opt else None,
                 "choice": self.choice.get_state(), "noise": {b: g.get_state() for b, g in self.noise.items()},
-                "next_index": self.next_index, "steps_done": self.steps_done}
+                "next_index": self.next_index, "steps_done": self.steps_done, "block_steps": dict(self.block_steps)}
 
     def load_state_dict(self, state):
         for b, o in self.opts.items():
@@ -166,6 +183,7 @@ class DBlocks(Method):
         for b, g in self.noise.items():
             g.set_state(state["noise"][b])
         self.next_index, self.steps_done = state["next_index"], state["steps_done"]
+        self.block_steps.update(state.get("block_steps", {}))  # absent in runs written before 0.2
 
 
 def _check_ownership(model, blocks: dict[int, list], shared: list):
