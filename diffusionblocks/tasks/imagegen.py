@@ -226,10 +226,13 @@ def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, reference: Re
     images, labels, seconds = generate(model, num, batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed + 7,
                                        device=device, progress=progress, **args)
     classifier = reference_classifier(cfg.data.name, reference, progress)
+    images = images.clamp(-1, 1)  # the range of real images, as the Inception path does
     real = to_float(ds.x_test[:num])
     f_gen, pred = features(classifier, images)
     f_real, _ = features(classifier, real)
+    floor, floor_sets = real_floor(classifier, ds, num, f_real)
     out = {"fd_classifier_features": frechet_distance(f_gen, f_real), "num_generated": num, "num_real": len(real),
+           "fd_real_floor": floor, "fd_real_floor_sets": floor_sets,
            "sampling_seconds": seconds, "seconds_per_image": seconds / num, **args,
            "num_blocks": model.num_blocks, "method": cfg.train.method}
     if scripted is not None:
@@ -240,6 +243,18 @@ def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, reference: Re
         out["per_class_accuracy"] = [float(hit[labels == k].mean()) if bool((labels == k).any()) else None
                                      for k in range(model.num_classes)]
     return out
+
+
+def real_floor(classifier, ds, num: int, f_real: torch.Tensor) -> tuple[float, str]:
+    """FD between the `num` test images the samples are scored against and as many other real images (the
+    next test images, or training images where the test set is too small): what a perfect generator would
+    score at this sample count."""
+    if len(ds.x_test) >= 2 * num:
+        other, where = ds.x_test[num:2 * num], f"test[:{num}] vs test[{num}:{2 * num}]"
+    else:
+        other, where = ds.x_train[:num], f"test[:{num}] vs train[:{num}]"
+    f_other, _ = features(classifier, to_float(other))
+    return frechet_distance(f_other, f_real), where
 
 
 @torch.no_grad()
@@ -307,8 +322,9 @@ class ImageGenTask(ImageTask):
         acc = f"; generated images classified as their class: {100 * score['class_accuracy']:.1f}%" \
             if "class_accuracy" in score else ""
         return (f"FD (classifier features) {score['fd_classifier_features']:.3f} over {score['num_generated']} "
-                f"samples ({score['steps']} {score['sampler']} steps, cfg {score['cfg_scale']}){acc}; sampling "
-                f"{1000 * score['seconds_per_image']:.2f} ms per image")
+                f"samples vs {score['num_real']} test images (real-vs-real floor at this count "
+                f"{score['fd_real_floor']:.3f}; {score['steps']} {score['sampler']} steps, cfg {score['cfg_scale']})"
+                f"{acc}; sampling {1000 * score['seconds_per_image']:.2f} ms per image")
 
     def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
         """Sampling time at equal steps (interleaved, median) and the same noise through both arms' models."""
@@ -328,10 +344,16 @@ class ImageGenTask(ImageTask):
         save_png(both, Path(out) / "samples.png")
         B = runs["dblocks"][0]["num_blocks"]
         ratio = speed["e2e"] / speed["dblocks"]
+        scores = [r["score"] for rs in runs.values() for r in rs if "score" in r]
         acc = {role: [r["score"]["class_accuracy"] for r in rs if "class_accuracy" in r.get("score", {})]
                for role, rs in runs.items()}
+        counts = sorted({(s["num_generated"], s["num_real"]) for s in scores})
+        floors = [s["fd_real_floor"] for s in scores if "fd_real_floor" in s]
         lines = ["generated images classified as their class: " + ", ".join(
             f"{role} {100 * statistics.mean(a):.1f}%" for role, a in acc.items() if a)] if any(acc.values()) else []
+        if counts:
+            lines.insert(0, "FD over " + ", ".join(f"{g} generated vs {r} test images" for g, r in counts)
+                         + (f"; real-vs-real floor at that count {statistics.mean(floors):.3f}" if floors else ""))
         lines += [f"sampling at {steps} steps: DiffusionBlocks (B={B}) is {ratio:.2f}x faster than end-to-end "
                  f"(ideal B = {B}); seconds per batch of 64: e2e {speed['e2e']:.3f}, dblocks {speed['dblocks']:.3f}",
                  "samples.png: e2e left, dblocks right"]
