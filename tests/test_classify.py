@@ -64,10 +64,19 @@ def test_inference_chain_options():
     assert len(m.predict(x, steps_per_block=3, generator=torch.Generator().manual_seed(0))) == 6
     # starting at sigma 5 drops the grid levels above it but keeps one step per block
     assert len(m.predict(x, sigma_start=5.0, generator=torch.Generator().manual_seed(0))) == 2
-    # init zero is deterministic whatever the generator; init noise is not
+    # init zero is deterministic whatever the generator; init noise starts at sigma_max * eps from the generator
     a = m.predict(x, init="zero", bridge="soft", generator=torch.Generator().manual_seed(0))
     b = m.predict(x, init="zero", bridge="soft", generator=torch.Generator().manual_seed(1))
     assert all(torch.equal(p, q) for p, q in zip(a, b))
+    first = []  # the chain's first input z, as the first block sees it
+    denoise = m.stack.denoise
+    m.stack.denoise = lambda block, z, *rest: (first.append(z.clone()), denoise(block, z, *rest))[1]
+    for init, seed in (("zero", 0), ("noise", 0), ("noise", 1)):
+        m.predict(x, init=init, generator=torch.Generator().manual_seed(seed))
+    zero, noise0, noise1 = first[0], first[2], first[4]  # two blocks: two calls per chain
+    assert torch.equal(zero, torch.zeros_like(zero))
+    expected = 80.0 * torch.randn(4, m.labels.table.shape[1], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(noise0, expected) and not torch.allclose(noise0, noise1)
     e2e = model("train.method=e2e", cls=EndToEndClassifier)
     assert e2e.predict(x)[0].shape == (4,)
 
