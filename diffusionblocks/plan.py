@@ -9,7 +9,7 @@ DiffusionBlocks with checkpointing), the four parts of training memory on the de
   on a CPU, a 4-byte step counter per parameter tensor).
 - activations: what autograd saves for backward, from a per-layer formula over the tensors our layers
   save (see `layer_activation_bytes`), checked against the measurement module (`diffusionblocks memory`,
-  tests/test_plan.py). It assumes fused attention (PyTorch's SDPA on CPU, flash or memory-efficient on
+  tests/test_memory.py). It assumes fused attention (PyTorch's SDPA on CPU, flash or memory-efficient on
   GPU); the math fallback also keeps the (T x T) attention matrix, which the formula does not include.
   With checkpointing the activations are the groups' inputs, and `transient` adds the one group that
   backward recomputes at a time.
