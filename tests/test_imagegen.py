@@ -238,6 +238,30 @@ def _tiny_reference(dataset):
     return cfg
 
 
+def test_compare_imagegen_scores_three_arms_on_one_budget(tmp_path, monkeypatch, capsys):
+    """e2e, the one-block-depth control and DiffusionBlocks on one layer-update budget, scored by FD with its
+    floor and count; scores are cached and reused on a second run."""
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("DIFFUSIONBLOCKS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("diffusionblocks.tasks.imagegen.reference_config", _tiny_reference)
+    out = tmp_path / "cmp"
+    args = ["compare", "--task", "imagegen", "--preset", "gen-tiny", "--steps", "10", "--seeds", "0,1", "--out",
+            str(out), "--no-progress", "gen.fd_samples=60"]
+    assert main(args) == 0
+    report = io.load_json(out / "compare.json")
+    rows = report["rows"]
+    assert set(rows) == {"e2e", "control", "dblocks"} and report["metric"] == "fd_classifier_features"
+    assert rows["control"]["depth"] == 2 and rows["e2e"]["depth"] == 4 and rows["dblocks"]["num_blocks"] == 2
+    assert rows["e2e"]["layer_updates"] == rows["control"]["layer_updates"] == rows["dblocks"]["layer_updates"]
+    assert all(len(r["fd_classifier_features"]) == 2 and min(r["fd_classifier_features"]) > 0 for r in rows.values())
+    assert report["sampling_speedup"] > 0 and (out / "samples.png").exists()
+    text = (out / "compare.md").read_text()
+    assert "60 generated vs 60 test images" in text and "real-vs-real floor" in text and "| control |" in text
+    scored = (out / "control-seed1" / "score.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "control-seed1" / "score.json").stat().st_mtime_ns == scored  # reused, not rescored
+
+
 def test_colour_images_and_uneven_sides():
     cfg = gen_cfg("dblocks", "model.patch=3")
     torch.manual_seed(0)

@@ -276,7 +276,7 @@ class ImageGenTask(ImageTask):
 
     name = "imagegen"
     metric, higher_is_better, result_metric, curve_metric = "fd_classifier_features", False, None, "eval_loss"
-    compare_roles = ("e2e", "dblocks")
+    compare_roles = ("e2e", "control", "dblocks")
     presets = {"full": "gen-fashion", "quick": "gen-quick", "offline": "gen-tiny", "offline-quick": "gen-tiny"}
     eval_options = ("num", "steps", "sampler", "grid", "cfg_scale", "fd_model")
 
