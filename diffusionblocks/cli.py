@@ -24,7 +24,7 @@ from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Par
 from .parallel import train_parallel
 from .plan import DATA_SHAPES, Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
 from .run import CONFIG, load_model, resolve_device, validate
-from .tasks import TASKS, get_task
+from .tasks import SPLITS, TASKS, get_task
 from .tasks.imagegen import ImageGenerator, generate
 from .train import reference_model, train
 from .version import __version__
@@ -129,8 +129,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if foreign:
         flags = lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys)
         raise ValueError(f"{flags(foreign)}: not an option of {task.name} runs (they take {flags(task.eval_options)})")
-    ev = task.score(model, data, cfg, progress=not args.json, reference=reference_model, **given)
-    ev.update(run=str(args.run), method=cfg.train.method, **{k: v for k, v in given.items() if k != "limit"})
+    ev = task.score(model, data, cfg, split=args.split, progress=not args.json, reference=reference_model, **given)
+    ev.update(run=str(args.run), method=cfg.train.method, split=args.split,
+              **{k: v for k, v in given.items() if k != "limit"})
     if args.json:
         print(json.dumps(ev, indent=2))
     else:
@@ -350,6 +351,8 @@ def _eval_parser(sub):
     p.add_argument("--bridge", choices=("soft", "hard"), default=None, help="x0 estimate from the logits")
     p.add_argument("--sigma-start", type=float, default=None, help="first level of the grid (default sigma_max)")
     p.add_argument("--init", choices=("noise", "zero"), default=None, help="start from noise or from z = 0")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="evaluate on the test split (default) or on the run's validation split (data.val_size)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--num", type=int, default=None, help="imagegen: samples for the FD (default gen.fd_samples)")
     p.add_argument("--steps", type=int, default=None, help="imagegen: sampling steps (default gen.steps)")

@@ -71,8 +71,8 @@ def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bo
 
 def headline(task: Task, run: Path, results: dict, progress: bool) -> tuple[float, dict | None]:
     """The task's headline metric of a finished run: from results.json when training measured it, else
-    the task's score (cached in run/score.json, recomputed when the config changed)."""
-    if task.result_metric is not None:
+    the task's score on the test split (cached in run/score.json, recomputed when the config changed)."""
+    if task.result_metric is not None and task.result_metric in results:
         return results[task.result_metric], None
     cached = run / "score.json"
     cfg = io.load_json(run / CONFIG)
@@ -81,7 +81,7 @@ def headline(task: Task, run: Path, results: dict, progress: bool) -> tuple[floa
         if score.get("config") == cfg:
             return score[task.metric], score
     cfg_m, model, data = load_model(run)
-    score = task.score(model, data, cfg_m, progress=progress, reference=reference_model)
+    score = task.score(model, data, cfg_m, split="test", progress=progress, reference=reference_model)
     io.save_json(cached, dict(score, config=cfg))
     return score[task.metric], score
 
@@ -177,7 +177,7 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
     task = get_task(base.task)
     roles = roles or task.compare_roles
     runs = train_arms(base, out, seeds, roles, progress)
-    key = task.result_metric or task.metric
+    key = task.result_metric or task.metric  # scored on the test split: compare reports settings chosen before
     for role, results in runs.items():
         for seed, r in zip(seeds, results):
             r[key], score = headline(task, out / f"{role}-seed{seed}", r, progress)

@@ -38,6 +38,9 @@ class DataConfig:
     hflip: bool = True  # only where the dataset says flips make sense
     train_limit: int = 0  # use only the first N training images (0 = all)
     test_limit: int = 0
+    # hold out N training images as a validation split (0 = none). Runs with one evaluate on it only (curves
+    # and results); the test split is for `eval --split test`, once a setting is chosen
+    val_size: int = 0
 
 
 @dataclass
@@ -179,6 +182,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.gen.sigma_data > 0, f"gen.sigma_data={cfg.gen.sigma_data}: must be > 0"),
         (t.budget in ("layer-updates", "steps"), f"train.budget={t.budget!r}: expected 'layer-updates' or 'steps'"),
         (t.steps >= 1, f"train.steps={t.steps}: must be >= 1"),
+        (cfg.data.val_size >= 0, f"data.val_size={cfg.data.val_size}: must be >= 0 (0 = no validation split)"),
         (t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1"),
         (t.lr > 0, f"train.lr={t.lr}: must be > 0"),
         (0 <= t.warmup < 1, f"train.warmup={t.warmup}: must be a fraction in [0, 1)"),

@@ -113,6 +113,8 @@ class ImageDataset:
     y_test: torch.Tensor  # (M,) int64
     num_classes: int
     hflip: bool  # is a horizontal flip a label-preserving augmentation for these images?
+    x_val: torch.Tensor | None = None  # a validation split held out from the training images (hold_out)
+    y_val: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
@@ -151,10 +153,23 @@ class ImageDataset:
 
     def describe(self) -> str:
         h, w = self.image_size
+        val = f" / {len(self.x_val)} validation (held out from train)" if self.x_val is not None else ""
         return (
-            f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test images, "
+            f"{self.name}: {len(self.x_train)} train{val} / {len(self.x_test)} test images, "
             f"{self.channels}x{h}x{w}, {self.num_classes} classes"
         )
+
+    def hold_out(self, size: int, seed: int) -> None:
+        """Move `size` training images, drawn by a permutation seeded with `seed`, to the validation split
+        (both splits keep the original order)."""
+        n = len(self.x_train)
+        if not 0 < size < n:
+            raise DataError(f"{self.name}: cannot hold out {size} of {n} training images for validation "
+                            f"(data.val_size must be in 1..{n - 1})")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        val, keep = perm[:size].sort().values, perm[size:].sort().values
+        self.x_val, self.y_val = self.x_train[val], self.y_train[val]
+        self.x_train, self.y_train = self.x_train[keep], self.y_train[keep]
 
 
 def _chw(shape: tuple[int, ...] | torch.Size) -> str:

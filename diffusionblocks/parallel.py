@@ -21,7 +21,7 @@ from .config import RunConfig, config_hash, save_config
 from .jobs import merge
 from .methods import get_method
 from .run import CONFIG, STATE, load_model, resolve_device
-from .tasks import get_task
+from .tasks import get_task, run_split
 from .train import reference_model, train
 
 
@@ -196,6 +196,7 @@ def _merge_and_score(cfg: RunConfig, out: Path, jobs: list[Path], device) -> dic
     cfg_m, model, data = load_model(out)
     model.to(device)
     task = get_task(cfg_m.task)
-    score = task.score(model, data, cfg_m, device=device, reference=reference_model)
+    split = run_split(cfg_m)
+    score = task.score(model, data, cfg_m, split=split, device=device, reference=reference_model)
     return {"task": cfg.task, "method": cfg.train.method, "num_blocks": cfg.dblocks.num_blocks,
-            "metric": task.metric, **task.results(score)}
+            "metric": task.metric, "eval_split": split, **task.results(score, split)}

@@ -37,7 +37,8 @@ from .run import (
     save_checkpoint,
     validate,
 )
-from .tasks import Task, get_task
+from .tasks import Task, get_task, run_split
+from .tasks.base import VALIDATION_SEED
 
 
 def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
@@ -68,6 +69,7 @@ class Run:
         self.cfg, self.out = cfg, out
         self.task: Task = get_task(cfg.task)
         self.data = self.task.load_data(cfg)
+        self.split = run_split(cfg)  # curves and results: validation when held out, else test
         self.model: nn.Module = build_model(cfg, self.data)
         self.device = resolve_device(cfg.train.device)
         method_cls = get_method(cfg.train.method)
@@ -223,7 +225,8 @@ class Run:
             if self.ema is not None:
                 self.ema.swap(self.model)
             try:
-                return self.task.evaluate(self.model, self.data, self.cfg, limit=limit, device=self.device)
+                return self.task.evaluate(self.model, self.data, self.cfg, split=self.split, limit=limit,
+                                          device=self.device)
             finally:
                 if self.ema is not None:
                     self.ema.swap(self.model)
@@ -235,7 +238,7 @@ class Run:
         io.append_jsonl(self.out / METRICS, {
             "step": state["step"], "layer_updates": state["layer_updates"],
             **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in _metrics(ev).items()
-               if not isinstance(v, list)}, "eval_n": ev["n"]})
+               if not isinstance(v, list)}, "eval_n": ev["n"], "eval_split": self.split})
 
     def activation_bytes(self) -> int:
         """Bytes saved for backward by one training step of this method, at the configured batch size."""
@@ -253,7 +256,9 @@ class Run:
         results = {
             "task": cfg.task, "method": cfg.train.method, "num_blocks": method.num_blocks, "depth": cfg.model.depth,
             "data": cfg.data.name, "seed": cfg.train.seed,
-            **self.task.results(ev),
+            **self.task.results(ev, self.split), "eval_split": self.split,
+            **({"validation": {"size": self.cfg.data.val_size, "seed": VALIDATION_SEED, "held_out_from": "train"}}
+               if self.split == "validation" else {}),
             "steps": state["step"], "layer_updates": state["layer_updates"], "train_seconds": state["train_seconds"],
             "seconds_per_layer_update": state["train_seconds"] / max(1, state["layer_updates"]),
             "skipped_steps": state["skipped"], "block_updates": state["block_updates"],

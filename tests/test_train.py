@@ -196,3 +196,39 @@ def test_compare_argument_errors(tmp_path, capsys):
     assert "--quick" in capsys.readouterr().err
     assert main(["compare", "--preset", "tiny", "--seeds", "0,x", "--out", str(tmp_path)]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_a_validation_split_is_held_out_and_runs_report_on_it(tmp_path, capsys):
+    """data.val_size: the run trains on the rest, its curves and results are on validation; test is for eval."""
+    cfg = tiny("dblocks", train__steps=20, data__val_size=200)
+    results = train(cfg, tmp_path / "val", progress=False)
+    assert results["eval_split"] == "validation" and results["val_n"] == 200 and "test_accuracy" not in results
+    assert results["validation"]["size"] == 200 and 0 <= results["val_accuracy"] <= 1
+    records = [r for r in io.read_jsonl(tmp_path / "val" / "metrics.jsonl") if "eval_accuracy" in r]
+    assert records and all(r["eval_split"] == "validation" and r["eval_n"] == 200 for r in records)
+    cfg_m, model, data = load_model(tmp_path / "val")
+    assert len(data.y_train) == 1437 - 200 and len(data.y_val) == 200
+    train_rows = {tuple(x.flatten().tolist()) for x in data.x_train}
+    assert not any(tuple(x.flatten().tolist()) in train_rows for x in data.x_val[:50])  # disjoint
+    again = evaluate(model, data, cfg_m, split="validation")
+    assert again["accuracy"] == results["val_accuracy"]
+    assert main(["eval", str(tmp_path / "val"), "--split", "test", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"] == "test" and out["n"] == 360
+    cfg2 = tiny("e2e", train__steps=5)
+    train(cfg2, tmp_path / "noval", progress=False)
+    assert main(["eval", str(tmp_path / "noval"), "--split", "validation"]) == 2
+    assert "no validation split" in capsys.readouterr().err
+
+
+def test_the_validation_split_is_fixed_and_checked():
+    from diffusionblocks.tasks.classify import ClassifyTask
+
+    a = ClassifyTask().load_data(tiny("e2e", data__val_size=100, train__seed=1))
+    b = ClassifyTask().load_data(tiny("e2e", data__val_size=100, train__seed=2))
+    assert torch.equal(a.x_val, b.x_val) and torch.equal(a.y_train, b.y_train)  # the same whatever the seed
+    assert len(set(a.y_val.tolist())) == 10  # drawn across the training set, not its first rows
+    with pytest.raises(DataError, match="cannot hold out 5000"):
+        ClassifyTask().load_data(tiny("e2e", data__val_size=5000))
+    with pytest.raises(ValueError, match="data.val_size"):
+        validate(tiny("e2e", data__val_size=-1))

@@ -19,6 +19,26 @@ from torch import nn
 from ..config import RunConfig
 from ..data import Batches, ImageDataset, augment, load_dataset, to_float
 
+SPLITS = ("test", "validation")
+VALIDATION_SEED = 20_261_201  # the validation split is the same for every run seed (data.val_size)
+
+
+def run_split(cfg: RunConfig) -> str:
+    """The split a run evaluates on: its validation split when it holds one out, else the test split."""
+    return "validation" if cfg.data.val_size else "test"
+
+
+def split_arrays(data, split: str):
+    """(inputs, labels) of an evaluation split: "test", or "validation" (held out from training)."""
+    if split == "test":
+        return data.x_test, data.y_test
+    if split == "validation":
+        if getattr(data, "x_val", None) is None:
+            raise ValueError("this run holds out no validation split (train it with data.val_size=N)")
+        return data.x_val, data.y_val
+    raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+
+
 # A reference model for sample-quality metrics: reference(cfg, name, progress) returns the model of a run of
 # `cfg`, trained once and cached under `name` (provided by the loop's layer: train.reference_model).
 Reference = Callable[[RunConfig, str, bool], nn.Module]
@@ -71,19 +91,19 @@ class Task:
         """A training batch of cfg.train.batch_size (for counting saved activations)."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, data, cfg: RunConfig, *, limit: int = 0, device="cpu",
-                 **options) -> dict[str, Any]:
-        """Metrics on the test split (the first `limit` items if > 0), with "n" the items used."""
+    def evaluate(self, model: nn.Module, data, cfg: RunConfig, *, split: str = "test", limit: int = 0,
+                 device="cpu", **options) -> dict[str, Any]:
+        """Metrics on an evaluation split (the first `limit` items if > 0), with "n" the items used."""
         raise NotImplementedError
 
-    def results(self, ev: dict) -> dict:
-        """The entries of results.json that an evaluation gives."""
+    def results(self, ev: dict, split: str = "test") -> dict:
+        """The entries of results.json that an evaluation of `split` gives."""
         return dict(ev)
 
-    def score(self, model: nn.Module, data, cfg: RunConfig, *, device="cpu", progress: bool = False,
-              reference: Reference | None = None, **options) -> dict[str, Any]:
+    def score(self, model: nn.Module, data, cfg: RunConfig, *, split: str = "test", device="cpu",
+              progress: bool = False, reference: Reference | None = None, **options) -> dict[str, Any]:
         """The headline evaluation (`eval`, `compare`, a block-parallel run); holds `metric`."""
-        return self.evaluate(model, data, cfg, device=device, **options)
+        return self.evaluate(model, data, cfg, split=split, device=device, **options)
 
     def summary(self, results: dict) -> str:
         """One line on a finished training run's results."""
@@ -122,10 +142,12 @@ class ImageTask(Task):
 
     def load_data(self, cfg: RunConfig) -> ImageDataset:
         ds = load_dataset(cfg.data.name, root=cfg.data.root or None)
-        if cfg.data.train_limit:
+        if cfg.data.train_limit:  # before the validation split: it comes out of these
             ds.x_train, ds.y_train = ds.x_train[:cfg.data.train_limit], ds.y_train[:cfg.data.train_limit]
         if cfg.data.test_limit:
             ds.x_test, ds.y_test = ds.x_test[:cfg.data.test_limit], ds.y_test[:cfg.data.test_limit]
+        if cfg.data.val_size:
+            ds.hold_out(cfg.data.val_size, VALIDATION_SEED)
         return ds
 
     def stream(self, data: ImageDataset, cfg: RunConfig, seed: int, member: int = 0) -> ImageStream:

@@ -23,7 +23,7 @@ from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, ce_loss
 from ..sample import euler
-from .base import ImageTask, unknown_form
+from .base import ImageTask, split_arrays, unknown_form
 
 
 def layers_of(m) -> list[nn.Module]:
@@ -172,7 +172,8 @@ class ClassifyTask(ImageTask):
         return self.forms[form](cfg, data.image_size, data.channels, data.num_classes)
 
     @torch.no_grad()
-    def evaluate(self, model, data, cfg: RunConfig, *, limit: int = 0, device="cpu", **options) -> dict:
+    def evaluate(self, model, data, cfg: RunConfig, *, split: str = "test", limit: int = 0, device="cpu",
+                 **options) -> dict:
         options = {k: v for k, v in options.items() if v is not None}
         unused = [k for k in options if k not in model.inference_options]
         if unused:
@@ -181,7 +182,9 @@ class ClassifyTask(ImageTask):
                              f"({type(model).__name__})")
         was_training = model.training
         model.eval()
-        x_test, y_test = (data.x_test[:limit], data.y_test[:limit]) if limit else (data.x_test, data.y_test)
+        x_test, y_test = split_arrays(data, split)
+        if limit:
+            x_test, y_test = x_test[:limit], y_test[:limit]
         gen = torch.Generator().manual_seed(cfg.train.seed + 999)
         correct = None
         for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
@@ -192,18 +195,22 @@ class ClassifyTask(ImageTask):
         per_step = (correct.double() / len(y_test)).tolist()
         return {"accuracy": per_step[-1], "accuracy_per_step": per_step, "n": len(y_test)}
 
-    def results(self, ev: dict) -> dict:
+    def results(self, ev: dict, split: str = "test") -> dict:
+        if split == "validation":
+            return {"val_accuracy": ev["accuracy"], "val_accuracy_per_step": ev["accuracy_per_step"], "val_n": ev["n"]}
         return {"test_accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"], "test_n": ev["n"]}
 
     def summary(self, results: dict) -> str:
-        steps = ", ".join(f"{100 * a:.2f}" for a in results["accuracy_per_step"])
-        return (f"{results['method']}: test accuracy {100 * results['test_accuracy']:.2f}% (after each inference "
+        what, key = ("validation", "val_") if "val_accuracy" in results else ("test", "test_")
+        per_step = results["val_accuracy_per_step" if key == "val_" else "accuracy_per_step"]
+        steps = ", ".join(f"{100 * a:.2f}" for a in per_step)
+        return (f"{results['method']}: {what} accuracy {100 * results[key + 'accuracy']:.2f}% (after each inference "
                 f"step: {steps}); {results['layer_updates']} layer-updates in {results['train_seconds']:.1f} s")
 
     def describe_score(self, score: dict) -> str:
         steps = ", ".join(f"{100 * a:.2f}" for a in score["accuracy_per_step"])
-        return (f"test accuracy {100 * score['accuracy']:.2f}% on {score['n']} images (after each inference step: "
-                f"{steps})")
+        return (f"{score.get('split', 'test')} accuracy {100 * score['accuracy']:.2f}% on {score['n']} images "
+                f"(after each inference step: {steps})")
 
     def compare_extras(self, runs, load, base, out) -> tuple[dict, list[str]]:
         """Accuracy after each inference step of the block-wise arm (mean over seeds)."""

@@ -28,7 +28,7 @@ from ..models import DiTHead, DiTStem, vit_layers
 from ..noise import GRID_KINDS, LogNormalLevels, Partition
 from ..precond import EDMPrecond, mse_loss
 from ..sample import SAMPLERS
-from .base import ImageTask, Reference, unknown_form
+from .base import ImageTask, Reference, split_arrays, unknown_form
 
 
 class ImageGenerator(nn.Module):
@@ -210,11 +210,12 @@ def reference_classifier(dataset: str, reference: Reference, progress: bool = Fa
     return reference(reference_config(dataset), f"fd-{name}", progress)
 
 
-def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, reference: Reference, num: int | None = None,
+def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, reference: Reference, split: str = "test",
+                     num: int | None = None,
                      steps: int | None = None, sampler: str | None = None, grid: str | None = None,
                      cfg_scale: float | None = None, device="cpu", progress: bool = False,
                      fd_model: str | None = None) -> dict:
-    """FD (classifier features) of `num` generated images against as many test images, the reference
+    """FD (classifier features) of `num` generated images against as many images of `split`, the reference
     classifier's accuracy on the classes they were generated for, and the sampling time. With `fd_model`
     (a TorchScript feature extractor, e.g. Inception-v3 pool3) also the FD in its features."""
     scripted = ScriptedFeatures(fd_model) if fd_model else None  # fail early on a bad path
@@ -227,11 +228,13 @@ def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, reference: Re
                                        device=device, progress=progress, **args)
     classifier = reference_classifier(cfg.data.name, reference, progress)
     images = images.clamp(-1, 1)  # the range of real images, as the Inception path does
-    real = to_float(ds.x_test[:num])
+    x_split, _ = split_arrays(ds, split)
+    real = to_float(x_split[:num])
     f_gen, pred = features(classifier, images)
     f_real, _ = features(classifier, real)
-    floor, floor_sets = real_floor(classifier, ds, num, f_real)
+    floor, floor_sets = real_floor(classifier, x_split, ds.x_train, num, f_real, split)
     out = {"fd_classifier_features": frechet_distance(f_gen, f_real), "num_generated": num, "num_real": len(real),
+           "split": split,
            "fd_real_floor": floor, "fd_real_floor_sets": floor_sets,
            "sampling_seconds": seconds, "seconds_per_image": seconds / num, **args,
            "num_blocks": model.num_blocks, "method": cfg.train.method}
@@ -245,14 +248,14 @@ def evaluate_samples(model: ImageGenerator, cfg: RunConfig, ds, *, reference: Re
     return out
 
 
-def real_floor(classifier, ds, num: int, f_real: torch.Tensor) -> tuple[float, str]:
-    """FD between the `num` test images the samples are scored against and as many other real images (the
-    next test images, or training images where the test set is too small): what a perfect generator would
+def real_floor(classifier, x_split, x_train, num: int, f_real: torch.Tensor, split: str) -> tuple[float, str]:
+    """FD between the `num` real images the samples are scored against and as many other real images (the
+    split's next ones, or training images where the split is too small): what a perfect generator would
     score at this sample count."""
-    if len(ds.x_test) >= 2 * num:
-        other, where = ds.x_test[num:2 * num], f"test[:{num}] vs test[{num}:{2 * num}]"
+    if len(x_split) >= 2 * num:
+        other, where = x_split[num:2 * num], f"{split}[:{num}] vs {split}[{num}:{2 * num}]"
     else:
-        other, where = ds.x_train[:num], f"test[:{num}] vs train[:{num}]"
+        other, where = x_train[:num], f"{split}[:{num}] vs train[:{num}]"
     f_other, _ = features(classifier, to_float(other))
     return frechet_distance(f_other, f_real), where
 
@@ -287,11 +290,14 @@ class ImageGenTask(ImageTask):
                               num_blocks=1 if form == "end-to-end" else None)
 
     @torch.no_grad()
-    def evaluate(self, model, data, cfg: RunConfig, *, limit: int = 0, device="cpu", **options) -> dict:
+    def evaluate(self, model, data, cfg: RunConfig, *, split: str = "test", limit: int = 0, device="cpu",
+                 **options) -> dict:
         """The denoising loss at fixed levels (`eval_loss`); sample quality is score()'s job."""
         was_training = model.training
         model.eval()
-        x_test, y_test = (data.x_test[:limit], data.y_test[:limit]) if limit else (data.x_test, data.y_test)
+        x_test, y_test = split_arrays(data, split)
+        if limit:
+            x_test, y_test = x_test[:limit], y_test[:limit]
         gen = torch.Generator().manual_seed(cfg.train.seed + 999)
         total = 0.0
         for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
@@ -299,30 +305,33 @@ class ImageGenTask(ImageTask):
         model.train(was_training)
         return {"eval_loss": total / len(y_test), "n": len(y_test)}
 
-    def results(self, ev: dict) -> dict:
+    def results(self, ev: dict, split: str = "test") -> dict:
         out = {k: v for k, v in ev.items() if k != "n"}
+        if split == "validation" and "eval_loss" in out:
+            out["val_loss"] = out.pop("eval_loss")
         if "n" in ev:
-            out["test_n"] = ev["n"]
+            out["val_n" if split == "validation" else "test_n"] = ev["n"]
         return out
 
-    def score(self, model, data, cfg: RunConfig, *, device="cpu", progress: bool = False,
+    def score(self, model, data, cfg: RunConfig, *, split: str = "test", device="cpu", progress: bool = False,
               reference: Reference | None = None, **options) -> dict:
         if reference is None:
             raise ValueError("FD needs a reference classifier: pass reference=train.reference_model")
-        return evaluate_samples(model, cfg, data, reference=reference, device=device, progress=progress,
+        return evaluate_samples(model, cfg, data, reference=reference, split=split, device=device, progress=progress,
                                 **{k: v for k, v in options.items() if v is not None})
 
     def summary(self, results: dict) -> str:
         if self.metric in results:  # a scored run (block-parallel)
             return f"{results['method']}: {self.describe_score(results)}"
-        return (f"{results['method']}: denoising loss on the test set {results['eval_loss']:.4f}; "
+        what, key = ("validation", "val_loss") if "val_loss" in results else ("test", "eval_loss")
+        return (f"{results['method']}: denoising loss on the {what} set {results[key]:.4f}; "
                 f"{results['layer_updates']} layer-updates in {results['train_seconds']:.1f} s")
 
     def describe_score(self, score: dict) -> str:
         acc = f"; generated images classified as their class: {100 * score['class_accuracy']:.1f}%" \
             if "class_accuracy" in score else ""
         return (f"FD (classifier features) {score['fd_classifier_features']:.3f} over {score['num_generated']} "
-                f"samples vs {score['num_real']} test images (real-vs-real floor at this count "
+                f"samples vs {score['num_real']} {score.get('split', 'test')} images (real-vs-real floor at this count "
                 f"{score['fd_real_floor']:.3f}; {score['steps']} {score['sampler']} steps, cfg {score['cfg_scale']})"
                 f"{acc}; sampling {1000 * score['seconds_per_image']:.2f} ms per image")
 
