@@ -50,7 +50,8 @@ def main():
 
     base = apply_overrides(load_preset(args.preset), args.overrides)
     base.train.steps, base.train.seed, base.data.val_size = args.steps, args.seed, args.val_size
-    train(role_config(base, "e2e", args.seed), out / "e2e", progress=False)
+    if not (out / "e2e" / "results.json").exists():
+        train(role_config(base, "e2e", args.seed), out / "e2e", progress=False)
     models = {"e2e": load_model(out / "e2e")}
     e2e_val = evaluate(models["e2e"][1], models["e2e"][2], models["e2e"][0], split="validation")["accuracy"]
     print(f"e2e: validation {100 * e2e_val:.2f}", flush=True)
@@ -60,12 +61,19 @@ def main():
         cfg = role_config(base, "dblocks", args.seed)
         cfg.dblocks.loss_weight, cfg.dblocks.input_flip, cfg.dblocks.input_mix = weight, flip, mix
         run_dir = out / f"dblocks-w{weight}-flip{flip}-mix{mix}"
-        train(cfg, run_dir, progress=False)
+        if not (run_dir / "results.json").exists():  # finished runs and their evaluations are reused
+            train(cfg, run_dir, progress=False)
         setting = {"loss_weight": weight, "input_flip": flip, "input_mix": mix}
         models[json.dumps(setting)] = load_model(run_dir)
         cfg_m, model, ds = models[json.dumps(setting)]
+        cache = run_dir / "val_samplers.json"
+        done = json.loads(cache.read_text()) if cache.exists() else {}
         for sampler in SAMPLERS:
-            ev = evaluate(model, ds, cfg_m, split="validation", **sampler)
+            if json.dumps(sampler) not in done:
+                ev = evaluate(model, ds, cfg_m, split="validation", **sampler)
+                done[json.dumps(sampler)] = {"accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"]}
+                cache.write_text(json.dumps(done, indent=1))
+            ev = done[json.dumps(sampler)]
             report["runs"].append({**setting, **sampler, "val_accuracy": ev["accuracy"],
                                    "val_accuracy_per_step": ev["accuracy_per_step"]})
             steps = " ".join(f"{100 * a:.1f}" for a in ev["accuracy_per_step"])
