@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data import Batches, ImageDataset, augment, load_dataset, to_float
+from ..data import Batches, ImageDataset, augment, iterate_eval, load_dataset, to_float
 
 SPLITS = ("test", "validation")
 VALIDATION_SEED = 20_261_201  # the validation split is the same for every run seed (data.val_size)
@@ -158,6 +158,14 @@ class ImageTask(Task):
         x = augment(to_float(x), generator=stream.aug, crop_padding=cfg.data.crop_padding,
                     hflip=cfg.data.hflip and data.hflip)
         return x.to(device), y.to(device)
+
+    def eval_batches(self, data: ImageDataset, cfg: RunConfig, split: str, limit: int):
+        """(batches of the split's first `limit` images, all if 0; how many; the evaluation's generator)."""
+        x, y = split_arrays(data, split)
+        if limit:
+            x, y = x[:limit], y[:limit]
+        gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+        return iterate_eval(x, y, cfg.train.eval_batch_size), len(y), gen
 
     def probe_batch(self, data: ImageDataset, cfg: RunConfig, device) -> tuple:
         n = min(cfg.train.batch_size, len(data.y_train))

@@ -18,12 +18,12 @@ from torch import nn
 
 from ..blocks import BlockStack
 from ..config import RunConfig, allocation_of
-from ..data import iterate_eval, to_float
+from ..data import to_float
 from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, ce_loss
 from ..sample import euler
-from .base import ImageTask, split_arrays, unknown_form
+from .base import ImageTask, unknown_form
 
 
 def layers_of(m) -> list[nn.Module]:
@@ -182,18 +182,15 @@ class ClassifyTask(ImageTask):
                              f"({type(model).__name__})")
         was_training = model.training
         model.eval()
-        x_test, y_test = split_arrays(data, split)
-        if limit:
-            x_test, y_test = x_test[:limit], y_test[:limit]
-        gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+        batches, n, gen = self.eval_batches(data, cfg, split, limit)
         correct = None
-        for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
+        for xb, yb in batches:
             preds = model.predict(to_float(xb).to(device), generator=gen, **options)
             hits = torch.stack([(p.cpu() == yb).sum() for p in preds])
             correct = hits if correct is None else correct + hits
         model.train(was_training)
-        per_step = (correct.double() / len(y_test)).tolist()
-        return {"accuracy": per_step[-1], "accuracy_per_step": per_step, "n": len(y_test)}
+        per_step = (correct.double() / n).tolist()
+        return {"accuracy": per_step[-1], "accuracy_per_step": per_step, "n": n}
 
     def results(self, ev: dict, split: str = "test") -> dict:
         if split == "validation":

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..blocks import BlockStack
 from ..config import RunConfig, allocation_of, load_preset
-from ..data import iterate_eval, to_float
+from ..data import to_float
 from ..fd import ScriptedFeatures, features, frechet_distance
 from ..images import grid, save_png, to_uint8
 from ..models import DiTHead, DiTStem, vit_layers
@@ -295,15 +295,12 @@ class ImageGenTask(ImageTask):
         """The denoising loss at fixed levels (`eval_loss`); sample quality is score()'s job."""
         was_training = model.training
         model.eval()
-        x_test, y_test = split_arrays(data, split)
-        if limit:
-            x_test, y_test = x_test[:limit], y_test[:limit]
-        gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+        batches, n, gen = self.eval_batches(data, cfg, split, limit)
         total = 0.0
-        for xb, yb in iterate_eval(x_test, y_test, cfg.train.eval_batch_size):
+        for xb, yb in batches:
             total += model.denoising_loss(to_float(xb).to(device), yb.to(device), generator=gen) * len(yb)
         model.train(was_training)
-        return {"eval_loss": total / len(y_test), "n": len(y_test)}
+        return {"eval_loss": total / n, "n": n}
 
     def results(self, ev: dict, split: str = "test") -> dict:
         out = {k: v for k, v in ev.items() if k != "n"}
