@@ -104,3 +104,17 @@ def test_activation_checkpointing_same_gradients_fewer_saved_bytes(method):
         assert grads[every].keys() == grads[0].keys()
         assert all(torch.allclose(grads[every][n], grads[0][n], atol=1e-6) for n in grads[0])
         assert saved[every] < saved[0]
+
+
+def test_a_learned_label_table_is_a_shared_parameter():
+    from diffusionblocks.run import validate
+
+    fixed = model()
+    assert "labels.table" in dict(fixed.named_buffers()) and not any("labels" in n for n, _ in fixed.named_parameters())
+    learned = model("dblocks.label_table=learned")
+    assert any(p is learned.labels.table for p in learned.shared_parameters())
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    learned.block_loss(1, x, y, torch.Generator().manual_seed(0)).mean().backward()
+    assert learned.labels.table.grad is not None and learned.labels.table.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="label_table=learned.*shared_stem_head=true"):
+        validate(apply_overrides(preset_tiny(), ["dblocks.label_table=learned", "dblocks.shared_stem_head=false"]))

@@ -61,7 +61,7 @@ class DiffusionClassifier(nn.Module):
         self.cfg = d
         self.partition = Partition.create(LogNormalLevels(), d.num_blocks, kind=d.partition, gamma=d.gamma)
         gen = torch.Generator().manual_seed(1234)  # the label table is fixed, and the same in every run
-        self.labels = ClassEmbedding(num_classes, label_dim, generator=gen)
+        self.labels = ClassEmbedding(num_classes, label_dim, learnable=d.label_table == "learned", generator=gen)
         self.stack = BlockStack(layers_of(m),
                                 LabelStem(image_size, channels, m.patch, m.width, label_dim),
                                 LabelHead(m.width, label_dim), self.partition,
@@ -97,7 +97,7 @@ class DiffusionClassifier(nn.Module):
         """What every block trains (empty when stem/head are replicated)."""
         if not self.cfg.shared_stem_head:
             return []
-        return list(self.stack.shared_parameters()) + list(self.readout.parameters())
+        return list(self.stack.shared_parameters()) + list(self.readout.parameters()) + list(self.labels.parameters())
 
     def block_loss(self, block: int, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
         """Per-sample loss (N,) of `block` alone; no other block runs."""
@@ -165,6 +165,12 @@ class ClassifyTask(ImageTask):
     presets = {"full": "fashion", "quick": "quick", "offline": "digits", "offline-quick": "digits-quick"}
     eval_options = ("limit", *DiffusionClassifier.inference_options)
     forms = {"end-to-end": EndToEndClassifier, "blocks": DiffusionClassifier}
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        if cfg.dblocks.label_table == "learned" and not cfg.dblocks.shared_stem_head:
+            raise ValueError("dblocks.label_table=learned is trained by every block (a shared parameter): it needs "
+                             "dblocks.shared_stem_head=true; independent blocks share the fixed table")
 
     def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
         if form not in self.forms:
