@@ -9,6 +9,7 @@ between them).
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 from pathlib import Path
@@ -129,7 +130,7 @@ class CollectiveMeter:
     the context: tensors (all_reduce, all_gather, broadcast, ...) and pickled objects (all_gather_object,
     ...). It wraps the functions of torch.distributed, so every caller is counted, not only ours."""
 
-    # the position of the argument holding what this rank sends (a tensor, or a list of them)
+    # the position of the parameter holding what this rank sends (a tensor, or a list of them)
     TENSOR_OPS = {"all_reduce": 0, "broadcast": 0, "reduce": 0, "send": 0, "isend": 0, "gather": 0,
                   "all_gather": 1, "all_gather_into_tensor": 1, "reduce_scatter": 1, "reduce_scatter_tensor": 1,
                   "all_to_all": 1, "all_to_all_single": 1, "scatter": 1}
@@ -146,14 +147,17 @@ class CollectiveMeter:
         entry["calls"] += 1
 
     def _wrap(self, name: str, fn):
+        signature = inspect.signature(fn)
+        what = list(signature.parameters)[self.TENSOR_OPS.get(name, self.OBJECT_OPS.get(name))]
+
         def counted(*args, **kwargs):
-            i = self.TENSOR_OPS.get(name, self.OBJECT_OPS.get(name))
-            sent = args[i] if len(args) > i else None  # (passed by keyword: not counted)
+            given = signature.bind_partial(*args, **kwargs).arguments  # by position or by keyword alike
+            sent, group = given.get(what), given.get("group")
             if name in self.OBJECT_OPS:
-                self._count(kwargs.get("group"), "object_bytes", len(pickle.dumps(sent)))
+                self._count(group, "object_bytes", len(pickle.dumps(sent)))
             else:
                 tensors = [sent] if torch.is_tensor(sent) else [t for t in sent or () if torch.is_tensor(t)]
-                self._count(kwargs.get("group"), "tensor_bytes", sum(t.numel() * t.element_size() for t in tensors))
+                self._count(group, "tensor_bytes", sum(t.numel() * t.element_size() for t in tensors))
             return fn(*args, **kwargs)
         return counted
 
