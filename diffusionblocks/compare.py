@@ -161,9 +161,10 @@ def plot(runs: dict[str, list[dict]], task: Task, path: Path) -> bool:
         label = LABELS[role] + (f" (B={results[0]['num_blocks']})" if role == "dblocks" else "")
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set_xlabel("layer-updates")
-    ax.set_ylabel(f"test {key}" + (" (%)" if scale == 100 else ""))
-    n = next(iter(runs.values()))[0].get("curve_n", "?")
-    ax.set_title(f"{key} on the first {n} test items, mean over seeds", fontsize=9)
+    first = next(iter(runs.values()))[0]
+    split, n = first.get("eval_split", "test"), first.get("curve_n", "?")
+    ax.set_ylabel(f"{split} {key}" + (" (%)" if scale == 100 else ""))
+    ax.set_title(f"{key} on the first {n} {split} items, mean over seeds", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

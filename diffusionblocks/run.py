@@ -115,7 +115,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, object
 
 
 def evaluate(model: nn.Module, data, cfg: RunConfig, limit: int = 0, device="cpu", **options) -> dict:
-    """The task's evaluation of `model` on the test split (see Task.evaluate)."""
+    """The task's evaluation of `model` (the test split unless split="validation"; see Task.evaluate)."""
     return get_task(cfg.task).evaluate(model, data, cfg, limit=limit, device=device, **options)
 
 

@@ -97,7 +97,7 @@ class Run:
             io.atomic_write_text(out / CONFIG, save_config(cfg))
             io.atomic_write_text(out / METRICS, "")
         if method.partial:
-            io.save_json(out / JOB, job_record(cfg, self.model, method.owned, self.total // len(method.owned)))
+            self.write_job()
         place(self.model, self.device, method.residency, self.ema)
         n_params = sum(p.numel() for p in self.model.parameters() if p.device.type != "meta")
         print(f"{cfg.train.method}: {self.data.describe()}; {n_params:,} parameters; budget: {self.rule}"
@@ -108,13 +108,17 @@ class Run:
             self.loop(progress)
             self.checkpoint()
             if method.partial:
-                io.save_json(out / JOB, job_record(cfg, self.model, method.owned, self.total // len(method.owned),
-                                                   finished=True))
+                self.write_job(finished=True)
                 return self.finish_job()
             return self.finish()
         finally:  # the offload files go, whatever happened (the checkpoint holds the weights)
             if method.residency is not None:
                 method.residency.close()
+
+    def write_job(self, finished: bool = False):
+        """job.json of a per-block job: what `merge` checks, and whether the job has finished."""
+        owned = self.method.owned
+        io.save_json(self.out / JOB, job_record(self.cfg, self.model, owned, self.total // len(owned), finished))
 
     def checkpoint(self):
         positions = {b: st.state_dict() for b, st in self.streams.items()}

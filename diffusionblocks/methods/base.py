@@ -167,8 +167,7 @@ def update(loss: torch.Tensor, params: list[nn.Parameter], optimizers: list[Opti
     A non-finite loss or gradient norm skips the step: the gradients are cleared and the weights stay as
     they were. Returns {"loss", "grad_norm", "lr"} or {"skipped": True, "loss"}. With `sync`, every member
     of the group sees the same gradients and takes (or skips) the same step."""
-    for p in params:
-        p.grad = None
+    free_grads(params)
     if sync is None and not torch.isfinite(loss):
         return {"skipped": True, "loss": loss.item()}
     loss.backward()

@@ -64,9 +64,9 @@ class Task:
     percent: ClassVar[bool] = False  # the headline is a fraction, shown in percent (differences in points)
     paper_gap: ClassVar[str] = ""  # the paper's DiffusionBlocks - e2e difference, quoted beside ours
     compare_roles: ClassVar[tuple[str, ...]] = ("e2e", "dblocks")  # the arms of `compare`
-    eval_options: ClassVar[tuple[str, ...]] = ()
+    eval_options: ClassVar[tuple[str, ...]] = ()  # keyword options evaluate()/score() take (CLI `eval` flags)
     # config presets `compare` starts from: "full", "quick", and "offline"/"offline-quick" without Fashion-MNIST
-    presets: ClassVar[dict[str, str]] = {}  # keyword options evaluate()/score() take (CLI `eval` flags)
+    presets: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
