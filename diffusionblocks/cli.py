@@ -219,11 +219,15 @@ def _plan_spec(args: argparse.Namespace) -> Spec:
     return Spec(cfg, tuple(image_size), channels, classes, dtype=args.dtype, optimizer=args.optimizer, device=device)
 
 
+def _configurations(args: argparse.Namespace, spec: Spec) -> list:
+    """The rows `plan` and `memory` cover: e2e (with checkpointing) and dblocks at each --blocks value."""
+    return configurations(spec.cfg.model.depth, tuple(parse_ints(args.blocks, "--blocks", "2,3,4,6")), args.checkpoint)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = _plan_spec(args)
     budget = parse_bytes(args.device_memory) if args.device_memory else None
-    blocks = parse_ints(args.blocks, "--blocks", "2,3,4,6")
-    result = plan(spec, configurations(spec.cfg.model.depth, tuple(blocks), args.checkpoint), budget)
+    result = plan(spec, _configurations(args, spec), budget)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -243,8 +247,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         raise ValueError("memory measures float32 training (the trainer's dtype); plan predicts other dtypes")
     if spec.optimizer != "adamw":
         raise ValueError("memory measures the trainer's optimizer (adamw); plan predicts other optimizers")
-    confs = configurations(spec.cfg.model.depth, tuple(parse_ints(args.blocks, "--blocks", "2,3,4,6")),
-                           args.checkpoint)
+    confs = _configurations(args, spec)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = measure_all(spec, confs, progress=not args.no_progress, offload_dir=out)
@@ -353,7 +356,7 @@ def _eval_parser(sub):
     p.add_argument("--init", choices=("noise", "zero"), default=None, help="start from noise or from z = 0")
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="evaluate on the test split (default) or on the run's validation split (data.val_size)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the split's first N images only")
     p.add_argument("--num", type=int, default=None, help="imagegen: samples for the FD (default gen.fd_samples)")
     p.add_argument("--steps", type=int, default=None, help="imagegen: sampling steps (default gen.steps)")
     p.add_argument("--sampler", choices=("euler", "heun"), default=None, help="imagegen: ODE sampler")
