@@ -46,7 +46,8 @@ def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
 
 def run_arm(cfg: RunConfig, out: Path, progress: bool) -> dict:
     """Train one arm, reusing a finished run and resuming an interrupted one in the same directory."""
-    same_config = (out / CONFIG).exists() and io.load_json(out / CONFIG) == cfg.to_dict()
+    # through from_dict: a run written before a setting existed holds that setting's default
+    same_config = (out / CONFIG).exists() and RunConfig.from_dict(io.load_json(out / CONFIG)).to_dict() == cfg.to_dict()
     if same_config and (out / RESULTS).exists():
         print(f"reusing finished run {out}", file=sys.stderr)
         return io.load_json(out / RESULTS)

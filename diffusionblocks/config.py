@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from .noise import GRID_KINDS
+
 
 @dataclass
 class ModelConfig:
@@ -28,6 +30,8 @@ class ModelConfig:
     checkpoint: int = 0  # activation checkpointing: recompute each group of this many layers (0 = off)
     layer: str = "adaln"  # "adaln" (noise-conditioned, both methods) or "prenorm" (a plain ViT layer; e2e only)
     gate_recompute: bool = True  # adaLN-zero keeps no more activations than a plain layer (one extra matmul)
+    noise_scale: float = 1000.0  # c_noise = ln(sigma)/4 is multiplied by this before the sinusoidal features
+    label_head: str = "plain"  # classification's label head: "plain" (LayerNorm + Linear) or "adaln"
 
 
 @dataclass
@@ -57,7 +61,7 @@ class DBlocksConfig:
     residency: str = "all"  # "all" blocks on the device, or only the "active" one (idle blocks offloaded)
     loss_weight: str = "none"  # "none": plain CE per sample; "edm": w(sigma) * CE (Eq. 2). See benchmarks/README
     steps_per_block: int = 1  # inference Euler steps per block
-    grid: str = "equiprob"  # inference grid: "equiprob" or "karras"
+    grid: str = "equiprob"  # inference grid: "equiprob", "cdf" or "karras" (noise.Partition.inference_grid)
     bridge: str = "soft"  # x0 estimate from logits: "soft" (softmax @ E) or "hard" (E[argmax])
     sigma_start: float = 0.0  # first level of the inference grid (0 = sigma_max, the paper)
     init: str = "zero"  # inference starts from z = 0 ("zero") or z = sigma_start * eps ("noise", the paper)
@@ -77,6 +81,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup: float = 0.05  # fraction of each optimizer's updates
     weight_decay: float = 0.05
+    beta2: float = 0.99  # AdamW's second-moment decay (beta1 is 0.9)
     clip: float = 1.0  # gradient-norm clipping (0 = off)
     ema: float = 0.0  # EMA decay of the weights used for evaluation (0 = off)
     seed: int = 0
@@ -101,7 +106,7 @@ class GenConfig:
     sigma_data: float = 0.5  # EDM's data scale (images are in [-1, 1])
     steps: int = 18  # sampling steps (a multiple of B gives every block the same number)
     sampler: str = "euler"  # "euler" or "heun"
-    grid: str = "equiprob"  # "equiprob" (equal training mass between levels) or "karras"
+    grid: str = "equiprob"  # "equiprob" (each block's levels), "cdf" (the partition's not used) or "karras"
     cfg_scale: float = 1.0  # classifier-free guidance scale at sampling (1 = none)
     fd_samples: int = 1000  # generated images for the Frechet distance
 
@@ -180,7 +185,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 <= cfg.gen.label_dropout < 1, f"gen.label_dropout={cfg.gen.label_dropout}: must be in [0, 1)"),
         (cfg.gen.steps >= 1, f"gen.steps={cfg.gen.steps}: must be >= 1"),
         (cfg.gen.sampler in ("euler", "heun"), f"gen.sampler={cfg.gen.sampler!r}: expected 'euler' or 'heun'"),
-        (cfg.gen.grid in ("equiprob", "karras"), f"gen.grid={cfg.gen.grid!r}: expected 'equiprob' or 'karras'"),
+        (cfg.gen.grid in GRID_KINDS, f"gen.grid={cfg.gen.grid!r}: expected one of {', '.join(GRID_KINDS)}"),
         (cfg.gen.sigma_data > 0, f"gen.sigma_data={cfg.gen.sigma_data}: must be > 0"),
         (t.budget in ("layer-updates", "steps"), f"train.budget={t.budget!r}: expected 'layer-updates' or 'steps'"),
         (t.steps >= 1, f"train.steps={t.steps}: must be >= 1"),
@@ -193,6 +198,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         (m.width % m.heads == 0, f"model.width={m.width} must be divisible by model.heads={m.heads}"),
         (m.checkpoint >= 0, f"model.checkpoint={m.checkpoint}: must be >= 0 (0 = off)"),
         (m.layer in ("adaln", "prenorm"), f"model.layer={m.layer!r}: expected 'adaln' or 'prenorm'"),
+        (m.noise_scale > 0, f"model.noise_scale={m.noise_scale}: must be > 0"),
+        (m.label_head in ("plain", "adaln"), f"model.label_head={m.label_head!r}: expected 'plain' or 'adaln'"),
+        (0 <= t.beta2 < 1, f"train.beta2={t.beta2}: must be in [0, 1)"),
         (d.block_choice in ("random", "round-robin", "sequential"),
          f"dblocks.block_choice={d.block_choice!r}: expected 'random', 'round-robin' or 'sequential'"),
         (d.residency in ("all", "active"), f"dblocks.residency={d.residency!r}: expected 'all' or 'active'"),

@@ -80,12 +80,13 @@ class LabelStem(nn.Module):
     (z_in (N, Dy), c_noise (N,), images (N, C, H, W)) -> h (N, 1+T, D), c = noise embedding (N, D)
     """
 
-    def __init__(self, image_size, channels: int, patch: int, width: int, label_dim: int):
+    def __init__(self, image_size, channels: int, patch: int, width: int, label_dim: int,
+                 noise_scale: float = 1000.0):
         super().__init__()
         self.patches = PatchEmbed(image_size, channels, patch, width)
         self.label_in = nn.Linear(label_dim, width)
         self.label_pos = nn.Parameter(0.02 * torch.randn(1, 1, width))
-        self.noise = NoiseEmbedding(width)
+        self.noise = NoiseEmbedding(width, scale=noise_scale)
 
     def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, images: torch.Tensor):
         label = self.label_in(z_in)[:, None] + self.label_pos  # (N, 1, D)
@@ -93,15 +94,28 @@ class LabelStem(nn.Module):
 
 
 class LabelHead(nn.Module):
-    """h (N, 1+T, D) -> F (N, Dy), read at the label token."""
+    """h (N, 1+T, D) -> F (N, Dy), read at the label token. "plain": LayerNorm then Linear; "adaln": the
+    LayerNorm's shift and scale come from the noise embedding c (DiT's final layer; zero-initialised, so it
+    starts as a LayerNorm without affine)."""
 
-    def __init__(self, width: int, label_dim: int):
+    def __init__(self, width: int, label_dim: int, kind: str = "plain"):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        if kind not in ("plain", "adaln"):
+            raise ValueError(f"unknown label head {kind!r}; expected 'plain' or 'adaln'")
+        self.kind = kind
+        self.norm = nn.LayerNorm(width, elementwise_affine=kind == "plain")
+        if kind == "adaln":
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+            nn.init.zeros_(self.modulation[1].weight)
+            nn.init.zeros_(self.modulation[1].bias)
         self.out = nn.Linear(width, label_dim)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(h[:, 0].contiguous()))  # a copy: backward must not keep all of h alive
+        h = self.norm(h[:, 0].contiguous())  # a copy: backward must not keep all of h alive
+        if self.kind == "adaln":
+            shift, scale = self.modulation(c).chunk(2, dim=-1)
+            h = torch.addcmul(shift, h, 1 + scale)
+        return self.out(h)
 
 
 # -- DiT: the image denoiser (Peebles & Xie 2023) under the block wrapper ------------------------
@@ -112,10 +126,11 @@ class DiTStem(nn.Module):
     conditioning c = noise embedding + class embedding (N, D). Label `num_classes` is the null class of
     classifier-free guidance; an unconditional stem (num_classes 0) takes labels None."""
 
-    def __init__(self, image_size, channels: int, patch: int, width: int, num_classes: int = 0):
+    def __init__(self, image_size, channels: int, patch: int, width: int, num_classes: int = 0,
+                 noise_scale: float = 1000.0):
         super().__init__()
         self.patches = PatchEmbed(image_size, channels, patch, width)
-        self.noise = NoiseEmbedding(width)
+        self.noise = NoiseEmbedding(width, scale=noise_scale)
         self.num_classes = num_classes
         if num_classes:
             self.classes = nn.Embedding(num_classes + 1, width)

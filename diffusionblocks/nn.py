@@ -25,18 +25,20 @@ from torch.utils.checkpoint import checkpoint
 class NoiseEmbedding(nn.Module):
     """c_noise (N,) -> conditioning vector (N, dim): sinusoidal features, then a 2-layer MLP."""
 
-    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10_000.0):
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10_000.0, scale: float = 1000.0):
         super().__init__()
         if freq_dim % 2:
             raise ValueError(f"freq_dim must be even, got {freq_dim}")
-        self.freq_dim, self.max_period = freq_dim, max_period
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.freq_dim, self.max_period, self.scale = freq_dim, max_period, scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=c_noise.device) / half)
-        # c_noise = ln(sigma)/4 is O(1); scale it up so the low frequencies still resolve it
-        args = 1000.0 * c_noise.float()[:, None] * freqs[None]  # (N, half)
+        # c_noise = ln(sigma)/4 is O(1); scaled up (model.noise_scale) so the low frequencies still resolve it
+        args = self.scale * c_noise.float()[:, None] * freqs[None]  # (N, half)
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 

@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 
 PARTITION_KINDS = ("equiprob", "uniform-log")
-GRID_KINDS = ("equiprob", "karras")
+GRID_KINDS = ("equiprob", "cdf", "karras")
 
 
 def _f64(x) -> torch.Tensor:
@@ -267,8 +267,10 @@ class Partition:
 
         "equiprob": each block's interval split into steps_per_block equal parts of training mass, the
         block's first step exactly at its upper edge (for an equi-probability partition this is the grid
-        equally spaced in the truncated CDF). "karras": the EDM rho-schedule between the range ends
-        (blocks may get unequal step counts; routing picks the owner of each level).
+        equally spaced in the truncated CDF). "cdf": equally spaced in the truncated CDF over the whole range,
+        whatever the partition (the same grid for every partition of the same levels). "karras": the EDM
+        rho-schedule between the range ends. With "cdf" and "karras" blocks may get unequal step counts;
+        routing picks the owner of each level.
         """
         if isinstance(steps_per_block, bool) or not isinstance(steps_per_block, int) or steps_per_block < 1:
             raise ValueError(f"steps_per_block must be an integer >= 1, got {steps_per_block!r}")
@@ -283,6 +285,11 @@ class Partition:
                 part[0] = hi  # exactly on the edge, so routing sends it to this block
                 parts.append(part)
             grid = torch.cat(parts)
+        elif kind == "cdf":
+            # fractions j / n of the training mass, as `create` computes an equi-probability partition's
+            # edges: where j / n = b / B the level is that partition's edge bit for bit (and routes like it)
+            grid = self.levels.icdf(torch.arange(n, 0, -1, dtype=torch.float64, device="cpu") / n)
+            grid[0] = self.levels.hi
         elif kind == "karras":
             i = torch.arange(n, dtype=torch.float64, device="cpu")
             lo, hi = self.levels.lo, self.levels.hi

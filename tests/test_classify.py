@@ -32,9 +32,9 @@ def test_training_target_paper_flip_and_mix():
     assert 0.3 < is_vertex.float().mean() < 0.7
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_a_block_step_touches_only_its_block(shared):
-    m = model(f"dblocks.shared_stem_head={shared}")
+@pytest.mark.parametrize("shared,head", [(True, "plain"), (False, "plain"), (True, "adaln"), (False, "adaln")])
+def test_a_block_step_touches_only_its_block(shared, head):
+    m = model(f"dblocks.shared_stem_head={shared}", f"model.label_head={head}")
     with torch.no_grad():  # leave the zero init, so every parameter gets a gradient
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -118,3 +118,30 @@ def test_a_learned_label_table_is_a_shared_parameter():
     assert learned.labels.table.grad is not None and learned.labels.table.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="label_table=learned.*shared_stem_head=true"):
         validate(apply_overrides(preset_tiny(), ["dblocks.label_table=learned", "dblocks.shared_stem_head=false"]))
+
+
+def test_the_paper_side_settings():
+    """model.label_head=adaln (modulated by the noise embedding, as the official head), model.noise_scale
+    and train.beta2 reach the model and the optimizer; bad values are refused by name."""
+    from diffusionblocks.config import validate
+    from diffusionblocks.methods.base import Optimizer
+    from diffusionblocks.models import LabelHead
+
+    head = LabelHead(16, 8, "adaln")
+    h, c1, c2 = torch.randn(4, 5, 16), torch.randn(4, 16), torch.randn(4, 16)
+    assert torch.equal(head(h, c1), head(h, c2))  # zero-initialised: a LayerNorm without affine at first
+    with torch.no_grad():
+        head.modulation[1].weight.normal_()
+    assert not torch.allclose(head(h, c1), head(h, c2))
+    assert not hasattr(LabelHead(16, 8), "modulation")
+    assert model("model.label_head=adaln").stack.head.kind == "adaln"
+    assert model("model.noise_scale=1").stack.stem.noise.scale == 1.0
+    assert model().stack.stem.noise.scale == 1000.0
+    opt = Optimizer([torch.nn.Parameter(torch.zeros(2, 2))], apply_overrides(preset_tiny(), ["train.beta2=0.999"]), 10)
+    assert opt.opt.defaults["betas"] == (0.9, 0.999)
+    for bad, key in (("model.label_head=mlp", "model.label_head"), ("model.noise_scale=0", "model.noise_scale"),
+                     ("train.beta2=1", "train.beta2")):
+        with pytest.raises(ValueError, match=key):
+            validate(apply_overrides(preset_tiny(), [bad]))
+    with pytest.raises(ValueError, match="label head"):
+        LabelHead(16, 8, "mlp")

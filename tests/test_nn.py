@@ -34,6 +34,16 @@ def test_noise_embedding_distinguishes_levels():
         NoiseEmbedding(8, freq_dim=7)
 
 
+def test_noise_embedding_scale_is_a_setting():
+    torch.manual_seed(0)
+    paper, plain = NoiseEmbedding(32, freq_dim=64), NoiseEmbedding(32, freq_dim=64, scale=1.0)
+    plain.load_state_dict(paper.state_dict())  # the same weights: only the scale differs
+    c_noise = torch.log(torch.tensor([0.01, 0.5, 80.0])) / 4
+    assert not torch.allclose(paper(c_noise), plain(c_noise))
+    with pytest.raises(ValueError, match="scale"):
+        NoiseEmbedding(8, scale=0.0)
+
+
 def test_attention_mask_and_shape_errors():
     attn = Attention(8, heads=2)
     x = torch.randn(1, 4, 8)

@@ -123,6 +123,22 @@ def test_equiprob_grid_gives_each_block_its_steps(steps_per_block):
     assert torch.diff(u).tolist() == pytest.approx([-1 / (3 * steps_per_block)] * (3 * steps_per_block - 1))
 
 
+def test_cdf_grid_is_the_same_for_every_partition():
+    """The shared grid of the partition ablation: equal training mass between levels over the whole range,
+    equal to an equi-probability partition's own grid, and not the uniform-in-log partition's own grid."""
+    levels = LogNormalLevels()
+    equi, uniform = Partition.create(levels, 3), Partition.create(levels, 3, kind="uniform-log")
+    cdf = uniform.inference_grid(6, kind="cdf")
+    assert torch.equal(cdf, equi.inference_grid(6, kind="cdf")) and cdf.numel() == 19
+    assert cdf[0].item() == 80.0 and cdf[-1].item() == 0.0
+    assert torch.allclose(cdf, equi.inference_grid(6), rtol=1e-12, atol=0)
+    u = levels.cdf(cdf[:-1])
+    assert torch.diff(u).tolist() == pytest.approx([float(u[1] - u[0])] * 17)
+    own = uniform.inference_grid(6)
+    assert (own[1] - cdf[1]).abs() > 1.0  # uniform-in-log's own grid: 80 -> 5.6, the shared one 80 -> 2.0
+    assert equi.route(cdf[:-1]).tolist() == [b for b in range(3) for _ in range(6)]
+
+
 def test_karras_grid():
     part = Partition.create(LogNormalLevels(), 3)
     grid = part.inference_grid(4, kind="karras")

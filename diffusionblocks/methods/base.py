@@ -140,7 +140,7 @@ class Optimizer:
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, 0.99))
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, t.beta2))
         self.params, self.cfg, self.total, self.updates = params, t, max(1, total_updates), 0
 
     def step(self) -> float:

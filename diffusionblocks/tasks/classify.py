@@ -63,8 +63,8 @@ class DiffusionClassifier(nn.Module):
         gen = torch.Generator().manual_seed(1234)  # the label table is fixed, and the same in every run
         self.labels = ClassEmbedding(num_classes, label_dim, learnable=d.label_table == "learned", generator=gen)
         self.stack = BlockStack(layers_of(m),
-                                LabelStem(image_size, channels, m.patch, m.width, label_dim),
-                                LabelHead(m.width, label_dim), self.partition,
+                                LabelStem(image_size, channels, m.patch, m.width, label_dim, m.noise_scale),
+                                LabelHead(m.width, label_dim, m.label_head), self.partition,
                                 allocation=allocation_of(cfg), shared_stem_head=d.shared_stem_head,
                                 checkpoint_every=m.checkpoint)
         if d.shared_stem_head:

@@ -44,7 +44,7 @@ class ImageGenerator(nn.Module):
         self.partition = Partition.create(LogNormalLevels(), B, kind=d.partition, gamma=d.gamma if B > 1 else 0.0)
         self.stack = BlockStack(
             vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, recompute_gate=m.gate_recompute),
-            DiTStem(image_size, channels, m.patch, m.width, self.num_classes),
+            DiTStem(image_size, channels, m.patch, m.width, self.num_classes, m.noise_scale),
             DiTHead(image_size, channels, m.patch, m.width), self.partition,
             allocation=allocation_of(cfg) if B > 1 else None, shared_stem_head=d.shared_stem_head or B == 1,
             precond=EDMPrecond(g.sigma_data), checkpoint_every=m.checkpoint)
@@ -100,8 +100,10 @@ class ImageGenerator(nn.Module):
     # -- sampling ---------------------------------------------------------------------------------
 
     def grid(self, steps: int, kind: str = "equiprob") -> torch.Tensor:
-        """`steps` descending levels and a final 0. "equiprob": equal training mass between levels; with
-        steps a multiple of B every block gets steps / B of them, its first on its upper edge."""
+        """`steps` descending levels and a final 0. "equiprob": with steps a multiple of B every block gets
+        steps / B levels, equally spaced in training mass within its interval, its first on its upper edge
+        (otherwise "cdf"). "cdf": equally spaced in training mass over the whole range, the same for every
+        partition (for an equi-probability partition it is the "equiprob" grid). "karras": EDM's schedule."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if kind not in GRID_KINDS:
@@ -109,8 +111,8 @@ class ImageGenerator(nn.Module):
         B = self.num_blocks
         if kind == "equiprob" and steps % B == 0:
             return self.partition.inference_grid(steps // B, "equiprob")
-        return Partition.create(self.partition.levels, steps if kind == "equiprob" else 1, gamma=0.0) \
-            .inference_grid(1 if kind == "equiprob" else steps, kind)
+        return Partition.create(self.partition.levels, 1, gamma=0.0) \
+            .inference_grid(steps, "cdf" if kind == "equiprob" else kind)
 
     def check_classes(self, classes) -> torch.Tensor | None:
         if classes is None:
