@@ -67,6 +67,7 @@ class DBlocksConfig:
     init: str = "zero"  # inference starts from z = 0 ("zero") or z = sigma_start * eps ("noise", the paper)
     input_flip: float = 0.2  # training: fraction of samples whose noised label embedding is a wrong class's
     input_mix: float = 0.5  # training: fraction of samples whose noised point is a random soft label mixture
+    input_clean: float = 0.0  # training: fraction of samples fed their clean point, un-noised (the chain's kind)
     label_table: str = "fixed"  # the class-label embedding: a "fixed" random table, or "learned" (the paper's;
     # a shared parameter, so it needs a shared stem/head)
 
@@ -214,6 +215,7 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"dblocks.label_table={d.label_table!r}: expected 'fixed' or 'learned'"),
         (0 <= d.input_flip <= 1, f"dblocks.input_flip={d.input_flip}: must be a fraction in [0, 1]"),
         (0 <= d.input_mix <= 1, f"dblocks.input_mix={d.input_mix}: must be a fraction in [0, 1]"),
+        (0 <= d.input_clean <= 1, f"dblocks.input_clean={d.input_clean}: must be a fraction in [0, 1]"),
         (d.sigma_start >= 0, f"dblocks.sigma_start={d.sigma_start}: must be >= 0 (0 = sigma_max)"),
     ]
     for ok, message in checks:

@@ -145,3 +145,22 @@ def test_the_paper_side_settings():
             validate(apply_overrides(preset_tiny(), [bad]))
     with pytest.raises(ValueError, match="label head"):
         LabelHead(16, 8, "mlp")
+
+
+@pytest.mark.parametrize("clean", [0.0, 1.0])
+def test_input_clean_feeds_the_unnoised_point(clean):
+    m = model(f"dblocks.input_clean={clean}", "dblocks.input_flip=0", "dblocks.input_mix=0")
+    seen = {}
+    denoise = m.stack.denoise
+
+    def spy(block, z, sigma, x):
+        seen["z"] = z
+        return denoise(block, z, sigma, x)
+
+    m.stack.denoise = spy
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    m.block_loss(1, x, y, torch.Generator().manual_seed(0))
+    assert torch.allclose(seen["z"], m.labels(y)) == (clean == 1.0)
+    with pytest.raises(ValueError, match="dblocks.input_clean"):
+        from diffusionblocks.config import validate
+        validate(apply_overrides(preset_tiny(), ["dblocks.input_clean=1.5"]))

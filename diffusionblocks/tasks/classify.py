@@ -101,7 +101,11 @@ class DiffusionClassifier(nn.Module):
 
     def block_loss(self, block: int, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
         """Per-sample loss (N,) of `block` alone; no other block runs."""
-        z, sigma = self.stack.noisy_input(block, self.training_target(y, generator), generator)
+        target = self.training_target(y, generator)
+        z, sigma = self.stack.noisy_input(block, target, generator)
+        if self.cfg.input_clean:  # the noise-free kind of point the inference chain hands a block
+            clean = torch.rand(y.shape[0], 1, generator=generator).to(y.device) < self.cfg.input_clean
+            z = torch.where(clean, target, z)
         logits = self.readout_of(block)(self.stack.denoise(block, z, sigma, x))  # the target stays y
         weight = self.stack.precond.weight(sigma) if self.cfg.loss_weight == "edm" else None
         return ce_loss(logits, y, weight)
@@ -114,7 +118,9 @@ class DiffusionClassifier(nn.Module):
         input_flip: a fraction of labels replaced by a uniformly drawn *other* class, so that a block
         learns to check the label it can read at low noise against the image instead of copying it;
         input_mix: a fraction of points replaced by a random soft mixture softmax(k * onehot(label) + g) @ E
-        (k ~ U(0, 6), g ~ N(0, I)), the kind of point that the inference chain hands to later blocks.
+        (k ~ U(0, 6), g ~ N(0, I)): an ambiguous estimate to denoise towards the true class. (It does not
+        make the noised input look like the point the chain hands over, which is 3 to 6 times shorter;
+        dblocks.input_clean feeds that kind of point: see block_loss.)
         """
         d, V = self.cfg, self.labels.table.shape[0]
         if d.input_flip:
