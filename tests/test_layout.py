@@ -28,7 +28,7 @@ ROOT = PACKAGE.parent
 # or the rows above, and nothing forms a circle
 LAYERS = [
     {"noise", "precond", "blocks", "sample", "nn"},
-    {"models", "data", "config", "io", "images", "fd", "memory", "residency", "registry", "version"},
+    {"models", "data", "config", "io", "images", "fd", "text", "memory", "residency", "registry", "version"},
     {"tasks", "methods"},
     {"run"},
     {"train"},
