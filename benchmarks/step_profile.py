@@ -1,5 +1,6 @@
 """Where a training step's time goes: one end-to-end step against the B DiffusionBlocks steps that make
-the same layer-updates (one per block), profiled side by side in one process with torch.profiler.
+the same layer-updates (one per block), profiled side by side in one process with torch.profiler. A step
+is what the training loop runs: the unit's next batch, its augmentation, then the method's step.
 
 Prints, per arm, the ops with the most self CPU time (per e2e step / per cycle of B block steps) and the
 difference between the arms op by op, and writes JSON. Use it to find the fixed per-step costs that
@@ -21,9 +22,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from diffusionblocks.config import apply_overrides, load_preset  # noqa: E402
-from diffusionblocks.data import load_dataset, to_float  # noqa: E402
 from diffusionblocks.methods import METHODS  # noqa: E402
 from diffusionblocks.run import build_model  # noqa: E402
+from diffusionblocks.tasks import get_task  # noqa: E402
 
 
 def self_times(fn, steps: int) -> tuple[dict[str, float], float]:
@@ -49,13 +50,17 @@ def main():
     for method in ("e2e", "dblocks"):
         cfg = apply_overrides(load_preset(args.preset), args.overrides)
         cfg.train.method = method
-        ds = load_dataset(cfg.data.name)
-        arms[method] = (cfg, METHODS[method](build_model(cfg, ds), cfg, 10_000))
-    n = arms["e2e"][0].train.batch_size
-    batch = (to_float(ds.x_train[:n]), ds.y_train[:n])
-    B = arms["dblocks"][0].dblocks.num_blocks
-    fns = {"e2e": lambda: arms["e2e"][1].step(batch),
-           "dblocks": lambda: [arms["dblocks"][1].step(batch, b) for b in range(B)]}
+        task = get_task(cfg.task)
+        ds = task.load_data(cfg)
+        m = METHODS[method](build_model(cfg, ds), cfg, 10_000)
+        arms[method] = (m, {b: task.stream(ds, cfg, seed) for b, seed in m.stream_seeds().items()})
+    B = cfg.dblocks.num_blocks
+
+    def full(method, streams, block):  # as train.Run.step: the unit's batch, prepared, then the step
+        stream = streams[block]
+        method.step(task.prepare(next(stream), stream, cfg, ds, "cpu"), block)
+
+    fns = {"e2e": lambda: full(*arms["e2e"], 0), "dblocks": lambda: [full(*arms["dblocks"], b) for b in range(B)]}
     for _ in range(args.warmup):
         for fn in fns.values():
             fn()
