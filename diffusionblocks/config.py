@@ -107,7 +107,7 @@ class GenConfig:
     sigma_data: float = 0.5  # EDM's data scale (images are in [-1, 1])
     steps: int = 18  # sampling steps (a multiple of B gives every block the same number)
     sampler: str = "euler"  # "euler" or "heun"
-    grid: str = "equiprob"  # "equiprob" (each block's levels), "cdf" (the partition's not used) or "karras"
+    grid: str = "equiprob"  # "equiprob" (each block's levels), "cdf" (whatever the partition) or "karras"
     cfg_scale: float = 1.0  # classifier-free guidance scale at sampling (1 = none)
     fd_samples: int = 1000  # generated images for the Frechet distance
 
