@@ -24,8 +24,9 @@ from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Par
 from .parallel import train_parallel
 from .plan import DATA_SHAPES, Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
 from .run import CONFIG, load_model, resolve_device, validate
-from .tasks import SPLITS, TASKS, get_task
+from .tasks import SPLITS, TASKS, ImageTask, get_task
 from .tasks.imagegen import ImageGenerator, generate
+from .tasks.lm import LMTask
 from .train import reference_model, train
 from .version import __version__
 
@@ -82,6 +83,13 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     return validate(apply_overrides(cfg, args.overrides))
 
 
+def _default_preset(task: str | None) -> str:
+    """Without --preset: 'fashion' (an image config) for image tasks; another task's own full preset."""
+    if task is None or isinstance(get_task(task), ImageTask):
+        return "fashion"
+    return get_task(task).presets["full"]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         config = Path(args.resume) / CONFIG
@@ -95,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ValueError("--out DIR is required (or --resume DIR to continue a run)")
+        args.preset = args.preset or _default_preset(args.task)
         cfg = _run_config(args)
         run = train_parallel if cfg.train.parallel == "blocks" else train
         results = run(cfg, args.out, progress=not args.no_progress)
@@ -139,10 +148,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SAMPLE_FLAGS = ("sampler", "grid", "cfg_scale", "classes", "nrow", "npz")
+TEXT_SAMPLE_FLAGS = ("length", "prompt")
+
+
+def _refuse(args: argparse.Namespace, flags: tuple[str, ...], what: str):
+    given = [f for f in flags if getattr(args, f) not in (None, False)]
+    if given:
+        raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in given)}: options of {what}")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    cfg, model, _ = load_model(args.run)
+    cfg, model, data = load_model(args.run)
+    task = get_task(cfg.task)
+    if isinstance(task, LMTask):  # text: the task samples and writes
+        _refuse(args, IMAGE_SAMPLE_FLAGS, "image generation")
+        print(task.write_samples(model, data, cfg, args.out, num=args.num, length=args.length or cfg.data.seq_len,
+                                 prompt=args.prompt or "", seed=args.seed, steps=args.steps))
+        return 0
+    _refuse(args, TEXT_SAMPLE_FLAGS, "language models")
     if not isinstance(model, ImageGenerator):
-        raise ValueError(f"{args.run} is a {cfg.task} run; sample draws images from an imagegen run")
+        raise ValueError(f"{args.run} is a {cfg.task} run; sample draws images from an imagegen run or text from "
+                         f"a language-model run")
     if not args.out.lower().endswith(".png"):
         raise ValueError(f"--out {args.out!r}: expected a .png path")
     classes = parse_ints(args.classes, "--classes", "0,1,2") if args.classes else None
@@ -169,6 +196,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.quick and args.preset is not None:
         raise ValueError("--quick picks its own preset; use either --quick or --preset")
     task = get_task(args.task or (load_preset(args.preset).task if args.preset else "classify"))
+    if args.preset is None and not isinstance(task, ImageTask):
+        args.preset = task.presets["quick" if args.quick else "full"]
     if args.preset is None:
         try:
             load_dataset("fashion-mnist", download=False)
@@ -178,7 +207,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             args.preset = task.presets["offline-quick" if args.quick else "offline"]
     preset_task = load_preset(args.preset).task
-    if preset_task != task.name:
+    if preset_task != task.name and args.preset not in task.presets.values():  # arlm runs on the lm-* presets
         raise ValueError(f"preset {args.preset!r} is a {preset_task} preset; --task {task.name} needs one of its "
                          f"own (e.g. {task.presets['full']})")
     cfg = _run_config(args)
@@ -285,7 +314,8 @@ def _add_size_args(p: argparse.ArgumentParser):
 def _add_run_args(p: argparse.ArgumentParser, preset_default: str | None):
     p.add_argument("--preset", default=preset_default, help="starting config (see diffusionblocks.config.PRESETS)")
     p.add_argument("--num-blocks", type=int, default=None, help="number of blocks B")
-    p.add_argument("--data", default=None, help="fashion-mnist, digits, cifar10, cifar100, or PATH.npz")
+    p.add_argument("--data", default=None, help="fashion-mnist, digits, cifar10, cifar100, or PATH.npz; text tasks: "
+                                                "shakespeare, python, text8, or PATH.txt / a folder of .txt files")
     p.add_argument("--steps", type=int, default=None, help="budget in end-to-end steps (train.steps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
@@ -319,7 +349,8 @@ def _train_parser(sub):
                        description="Train one run into --out DIR: config.json, metrics.jsonl, model.safetensors, "
                                    "state.pt (resume), results.json.")
     p.add_argument("--task", choices=tuple(TASKS), default=None,
-                   help="default: the preset's (classify, or imagegen for the gen-* presets)")
+                   help="default: the preset's (classify, or imagegen for the gen-* presets, mdlm for lm-*); "
+                        "without --preset a text task (mdlm, arlm) starts from lm-cpu")
     p.add_argument("--method", choices=tuple(METHODS), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="run directory")
@@ -328,7 +359,7 @@ def _train_parser(sub):
                    help="dblocks: train only these blocks, e.g. 0,2 (a per-block job; merge the jobs afterwards)")
     p.add_argument("--parallel", choices=("none", "blocks"), default=None,
                    help="blocks: under torchrun, spread the blocks over the processes")
-    _add_run_args(p, "fashion")
+    _add_run_args(p, None)  # default: fashion, or a text task's own preset (_default_preset)
     p.set_defaults(func=cmd_train)
 
 
@@ -356,7 +387,10 @@ def _eval_parser(sub):
     p.add_argument("--init", choices=("noise", "zero"), default=None, help="start from noise or from z = 0")
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="evaluate on the test split (default) or on the run's validation split (data.val_size)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on the split's first N images only")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on the split's first N images (text: windows) only")
+    p.add_argument("--eval-t", type=int, default=None,
+                   help="mdlm: stratified masking times per window in the bound (default mdlm.eval_t)")
     p.add_argument("--num", type=int, default=None, help="imagegen: samples for the FD (default gen.fd_samples)")
     p.add_argument("--steps", type=int, default=None, help="imagegen: sampling steps (default gen.steps)")
     p.add_argument("--sampler", choices=("euler", "heun"), default=None, help="imagegen: ODE sampler")
@@ -369,12 +403,17 @@ def _eval_parser(sub):
 
 
 def _sample_parser(sub):
-    p = sub.add_parser("sample", help="draw images from an image-generation run",
-                       description="Sample with the run's denoiser (DiffusionBlocks: one block per step) and write "
-                                   "a PNG grid (and with --npz the raw uint8 samples and their classes).")
-    p.add_argument("run", help="run directory (task imagegen)")
+    p = sub.add_parser("sample", help="draw images or text from a trained run",
+                       description="Sample with the run's model (DiffusionBlocks: one block per step). Image "
+                                   "generation: a PNG grid (and with --npz the raw uint8 samples and their classes). "
+                                   "Language models: a text file of --num samples of --length tokens.")
+    p.add_argument("run", help="run directory (task imagegen, mdlm or arlm)")
     p.add_argument("--num", type=int, default=64)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default gen.steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default gen.steps; mdlm: mdlm.sample_steps)")
+    p.add_argument("--length", type=int, default=None, help="text: tokens per sample, the prompt's included "
+                                                              "(default data.seq_len)")
+    p.add_argument("--prompt", default=None, help="text: the start of every sample")
     p.add_argument("--sampler", choices=("euler", "heun"), default=None)
     p.add_argument("--grid", choices=GRID_KINDS, default=None)
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (conditional models)")
@@ -382,7 +421,7 @@ def _sample_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
     p.add_argument("--npz", action="store_true", help="also write the samples as OUT.npz")
-    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--out", required=True, help="the PNG (images) or text file to write")
     p.set_defaults(func=cmd_sample)
 
 
@@ -392,7 +431,8 @@ def _compare_parser(sub):
                                    "depth on the same layer-update budget; print a table, write compare.json, "
                                    "compare.md and compare.png. Finished arms are reused, interrupted ones resumed.")
     p.add_argument("--task", choices=tuple(TASKS), default=None,
-                   help="imagegen: end-to-end DiT vs DiffusionBlocks, FD, sample grids, sampling time "
+                   help="imagegen: end-to-end DiT vs DiffusionBlocks, FD, sample grids, sampling time; mdlm: masked "
+                        "diffusion arms and the autoregressive floor, bits per character "
                         "(default: the preset's task, classify)")
     p.add_argument("--quick", action="store_true", help="a one-minute version")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")

@@ -2,7 +2,9 @@
 the task lists it) an end-to-end control with only one block's depth (does stacking the blocks add anything
 over one of them?). Every arm over the same seeds; the task's headline metric with its spread; the
 task's own extras (classification: accuracy after each inference step; image generation: sampling time
-and sample grids)."""
+and sample grids). A role that names another registered task is that task's end-to-end model on the same
+config (same data, size and budget) and must report the same headline: masked diffusion's autoregressive
+floor, role "arlm"."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from . import io
 from .config import RunConfig, save_config
 from .images import pyplot
 from .run import CONFIG, RESULTS, STATE, load_model
-from .tasks import Task, get_task
+from .tasks import TASKS, Task, get_task
 from .train import reference_model, train
 
 ROLES = ("e2e", "control", "dblocks")
@@ -39,6 +41,9 @@ def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
         cfg.train.method = "e2e"
         cfg.model.depth = base.model.depth // B
         cfg.train.steps = base.train.steps * B
+    elif role in TASKS:  # another task's model of the same size on the same data, end to end
+        cfg.task = role
+        cfg.train.method = "e2e"
     else:
         raise ValueError(f"unknown role {role!r}")
     return cfg
@@ -159,7 +164,8 @@ def plot(runs: dict[str, list[dict]], task: Task, path: Path) -> bool:
     for role, results in runs.items():
         xs = [p["layer_updates"] for p in results[0]["curve"]]
         ys = [scale * statistics.mean(r["curve"][i][key] for r in results) for i in range(len(xs))]
-        label = LABELS[role] + (f" (B={results[0]['num_blocks']})" if role == "dblocks" else "")
+        label = LABELS.get(role, f"{role}, end-to-end")  # another task's arm is named by its task
+        label += f" (B={results[0]['num_blocks']})" if role == "dblocks" else ""
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set_xlabel("layer-updates")
     first = next(iter(runs.values()))[0]
@@ -178,8 +184,13 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
     out = Path(out_dir)
     task = get_task(base.task)
     roles = roles or task.compare_roles
-    runs = train_arms(base, out, seeds, roles, progress)
     key = task.result_metric or task.metric  # scored on the test split: compare reports settings chosen before
+    for role in roles:
+        other = get_task(role) if role in TASKS else task
+        if (other.result_metric or other.metric) != key:
+            raise ValueError(f"role {role!r} reports {other.result_metric or other.metric}, not {key}: an arm of "
+                             f"another task must report the same headline")
+    runs = train_arms(base, out, seeds, roles, progress)
     for role, results in runs.items():
         for seed, r in zip(seeds, results):
             r[key], score = headline(task, out / f"{role}-seed{seed}", r, progress)

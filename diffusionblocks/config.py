@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from .noise import GRID_KINDS
+from .text import TOKENIZERS
 
 
 @dataclass
@@ -36,15 +37,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion-mnist"  # a built-in name or a path to an .npz
+    name: str = "fashion-mnist"  # a built-in name or a path to an .npz (text tasks: a corpus, a .txt or a folder)
     root: str = ""  # where to look first ("" = the standard places)
     crop_padding: int = 2
     hflip: bool = True  # only where the dataset says flips make sense
     train_limit: int = 0  # use only the first N training images (0 = all)
     test_limit: int = 0
     # hold out N training images as a validation split (0 = none). Runs with one evaluate on it only (curves
-    # and results); the test split is for `eval --split test`, once a setting is chosen
+    # and results); the test split is for `eval --split test`, once a setting is chosen. Text tasks: evaluate
+    # on the first N windows of the corpus's own validation split (train_limit: tokens; test_limit: windows)
     val_size: int = 0
+    tokenizer: str = "bytes"  # text tasks: "bytes", "chars", "text8" (27 symbols) or "bpe"
+    bpe_vocab: int = 4096  # text tasks, tokenizer=bpe: vocabulary size
+    seq_len: int = 128  # text tasks: tokens per training window and per evaluation window
 
 
 @dataclass
@@ -113,6 +118,16 @@ class GenConfig:
 
 
 @dataclass
+class MDLMConfig:
+    """Masked-diffusion language modelling (task=mdlm, MD4): the schedule, the bound's estimator, sampling."""
+
+    schedule: str = "linear"  # alpha(t): "linear" 1 - t, or "cosine" cos(pi t / 2) (noise.MaskLevels)
+    eps: float = 1e-4  # MD4's shift: alpha = (1 - 2 eps) alpha(t) + eps, so 0 < 1 - alpha < 1 at both ends
+    eval_t: int = 4  # K: stratified masking times per held-out window in the bound
+    sample_steps: int = 128  # ancestral sampling steps (a multiple of B gives every block as many)
+
+
+@dataclass
 class RunConfig:
     task: str = "classify"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -120,6 +135,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dblocks: DBlocksConfig = field(default_factory=DBlocksConfig)
     gen: GenConfig = field(default_factory=GenConfig)
+    mdlm: MDLMConfig = field(default_factory=MDLMConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -217,6 +233,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 <= d.input_mix <= 1, f"dblocks.input_mix={d.input_mix}: must be a fraction in [0, 1]"),
         (0 <= d.input_clean <= 1, f"dblocks.input_clean={d.input_clean}: must be a fraction in [0, 1]"),
         (d.sigma_start >= 0, f"dblocks.sigma_start={d.sigma_start}: must be >= 0 (0 = sigma_max)"),
+        (cfg.data.tokenizer in TOKENIZERS,
+         f"data.tokenizer={cfg.data.tokenizer!r}: expected one of {', '.join(TOKENIZERS)}"),
+        (cfg.data.bpe_vocab >= 256, f"data.bpe_vocab={cfg.data.bpe_vocab}: must be >= 256 (the byte alphabet)"),
+        (cfg.data.seq_len >= 2, f"data.seq_len={cfg.data.seq_len}: must be >= 2"),
+        (cfg.mdlm.schedule in ("linear", "cosine"),
+         f"mdlm.schedule={cfg.mdlm.schedule!r}: expected 'linear' or 'cosine'"),
+        (0 < cfg.mdlm.eps < 0.5, f"mdlm.eps={cfg.mdlm.eps}: must be in (0, 0.5)"),
+        (cfg.mdlm.eval_t >= 1, f"mdlm.eval_t={cfg.mdlm.eval_t}: must be >= 1"),
+        (cfg.mdlm.sample_steps >= 1, f"mdlm.sample_steps={cfg.mdlm.sample_steps}: must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -344,10 +369,67 @@ def preset_gen_quick() -> RunConfig:
     return cfg
 
 
+def preset_lm_tiny() -> RunConfig:
+    """Seconds on a CPU (tests, smoke runs): masked diffusion, 2 layers of width 32, B = 2, windows of 32 tokens of
+    Shakespeare in the text8 alphabet; evaluated on the first 16 test windows, K = 2."""
+    cfg = RunConfig(task="mdlm")
+    cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=32, test_limit=16)
+    cfg.model = ModelConfig(depth=2, width=32, heads=2, mlp_ratio=2.0)
+    cfg.dblocks.num_blocks = 2
+    cfg.train = TrainConfig(steps=30, batch_size=16, lr=3e-3, weight_decay=0.03, eval_limit=8, eval_batch_size=64,
+                            log_every=10, ckpt_every=1000)
+    cfg.mdlm = MDLMConfig(eval_t=2, sample_steps=8)
+    return cfg
+
+
+def preset_lm_cpu() -> RunConfig:
+    """The language compare on a 2-core CPU (`compare --task mdlm`: four arms in under 15 minutes): Shakespeare
+    in the text8 alphabet, windows of 128, 6 layers of width 192 (3 heads, MLP x2), B = 3, gamma 0.05, 320
+    end-to-end steps of 32 windows (1.3M tokens, a third of an epoch of the 4.1M training characters). The
+    bound on the whole test split (2,029 windows) with K = 2. Sized from step and evaluation timings taken on a
+    busy machine and scaled to a quiet one (an estimate of about 11 minutes, not a measured run)."""
+    cfg = RunConfig(task="mdlm")
+    cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=128)
+    cfg.model = ModelConfig(depth=6, width=192, heads=3, mlp_ratio=2.0)
+    cfg.dblocks.num_blocks, cfg.dblocks.gamma = 3, 0.05
+    cfg.train = TrainConfig(steps=320, batch_size=32, lr=1e-3, weight_decay=0.03, eval_limit=64, eval_batch_size=64,
+                            log_every=20, ckpt_every=500)
+    cfg.mdlm = MDLMConfig(eval_t=2, sample_steps=126)
+    return cfg
+
+
+def preset_lm_quick() -> RunConfig:
+    """About a minute for the four arms of the language compare: the CPU preset on 16 steps, scored on the first
+    64 test windows, sampling time at 12 steps."""
+    cfg = preset_lm_cpu()
+    cfg.train.steps = 16
+    cfg.train.eval_limit = 16
+    cfg.data.test_limit = 64
+    cfg.mdlm.sample_steps = 12
+    return cfg
+
+
+def preset_lm_text8() -> RunConfig:
+    """The paper's masked-diffusion setting for a GPU (Table 3): text8, windows of 256, 12 layers of width 768 with
+    12 heads, batch 256, AdamW 3e-4 with weight decay 0.03 and 2k warm-up steps, B = 3, gamma 0.05. The steps
+    are 100 epochs of text8's 90M training characters (the paper's budget); set train.steps for a shorter run
+    (the warm-up is a fraction of the steps: set train.warmup = 2000 / steps to keep 2k)."""
+    cfg = RunConfig(task="mdlm")
+    cfg.data = DataConfig(name="text8", tokenizer="text8", seq_len=256)
+    cfg.model = ModelConfig(depth=12, width=768, heads=12, mlp_ratio=4.0)
+    cfg.dblocks.num_blocks, cfg.dblocks.gamma = 3, 0.05
+    steps = 100 * 90_000_000 // (256 * 256)
+    cfg.train = TrainConfig(steps=steps, batch_size=256, lr=3e-4, weight_decay=0.03, warmup=2000 / steps,
+                            eval_limit=512, eval_batch_size=256, ckpt_every=2000, device="auto")
+    cfg.mdlm = MDLMConfig(eval_t=4, sample_steps=255)
+    return cfg
+
+
 PRESETS = {"tiny": preset_tiny, "fashion": preset_fashion, "quick": preset_quick, "digits": preset_digits,
            "digits-quick": preset_digits_quick, "vit12": preset_vit12, "vit-s": preset_vit_s,
            "gen-tiny": preset_gen_tiny, "gen-fashion": preset_gen_fashion, "gen-quick": preset_gen_quick,
-           "gen-dit-s": preset_gen_dit_s}
+           "gen-dit-s": preset_gen_dit_s, "lm-tiny": preset_lm_tiny, "lm-cpu": preset_lm_cpu,
+           "lm-quick": preset_lm_quick, "lm-text8": preset_lm_text8}
 
 
 def load_preset(name: str) -> RunConfig:

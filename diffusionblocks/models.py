@@ -1,6 +1,6 @@
 """Backbones: the ViT pieces (patch embedding, a plain end-to-end classifier, and the stem and head that
-make the same layers a label denoiser under the block wrapper), the DiT stem and head, and the smallest
-stem and head, for vectors."""
+make the same layers a label denoiser under the block wrapper), the DiT stem and head, the smallest
+stem and head, for vectors, and the language-model pieces (token stem with an attention mask, tied head)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import NoiseEmbedding, PreNormLayer, TransformerLayer, run_layers
+from .nn import NoiseEmbedding, PreNormLayer, SequenceLayer, TransformerLayer, run_layers
 
 
 def vit_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, *,
@@ -195,3 +195,63 @@ class VectorHead(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.out(h)
+
+
+# -- language models: token stem and tied head around SequenceLayer stacks (tasks mdlm, arlm) ---------------
+
+
+def lm_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, *,
+              recompute_gate: bool = True) -> list[nn.Module]:
+    """`depth` adaLN-zero transformer layers that take (c, attention mask) as their conditioning."""
+    return [SequenceLayer(width, heads, width, mlp_ratio, dropout, recompute_gate) for _ in range(depth)]
+
+
+def attention_mask(seq_len: int, causal: bool, pad: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Boolean mask (True = may attend) for SequenceLayer: lower-triangular (T, T) when causal, the keys of
+    padding hidden (N, 1, 1, T) when `pad` (N, T) marks any; None when neither (attention's fast path)."""
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril() if causal else None
+    if pad is not None and bool(pad.any()):
+        keys = ~pad[:, None, None, :]  # (N, 1, 1, T)
+        mask = keys if mask is None else keys & mask
+    return mask
+
+
+class TokenStem(nn.Module):
+    """(tokens (N, T) int, c_noise (N,) or None, pad (N, T) bool or None) -> h (N, T, D), (c (N, D), mask).
+
+    h = token embedding + learned position. The table has `num_embeddings` rows: the vocabulary and the task's
+    extra ids ([MASK] for masked diffusion, [BOS] for autoregression). c is the embedded noise level (the
+    masking time t) when `conditioned`, else zeros: the adaLN-zero modulation then reduces to learned per-layer
+    shift/scale/gate, as in ViTClassifier. The attention mask is causal when `causal` and hides padding keys.
+    """
+
+    def __init__(self, num_embeddings: int, seq_len: int, width: int, *, causal: bool = False,
+                 conditioned: bool = True, noise_scale: float = 1000.0):
+        super().__init__()
+        self.width, self.seq_len, self.causal = width, seq_len, causal
+        self.embed = nn.Embedding(num_embeddings, width)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, seq_len, width))
+        self.noise = NoiseEmbedding(width, scale=noise_scale) if conditioned else None
+
+    def forward(self, tokens: torch.Tensor, c_noise: torch.Tensor | None = None, pad: torch.Tensor | None = None):
+        N, T = tokens.shape
+        if tokens.shape[1] > self.seq_len:
+            raise ValueError(f"a sequence of {T} tokens is longer than the model's {self.seq_len} positions")
+        h = self.embed(tokens) + self.pos[:, :T]  # (N, T, D)
+        c = self.noise(c_noise) if self.noise is not None else h.new_zeros(N, self.width)
+        return h, (c, attention_mask(T, self.causal, pad, tokens.device))
+
+
+class TokenHead(nn.Module):
+    """h (N, T, D) -> logits (N, T, V) over the vocabulary: a final LayerNorm, then the input embedding
+    transposed (tied weights; the rows of the extra ids are never predicted). `embed` is the stem's table: the
+    same module, so state dicts list it under both names and checkpoints save it once (io.TIED_KEY)."""
+
+    def __init__(self, embed: nn.Embedding, width: int, vocab_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.embed, self.vocab_size = embed, vocab_size
+
+    def forward(self, h: torch.Tensor, cond=None) -> torch.Tensor:
+        return F.linear(self.norm(h), self.embed.weight[:self.vocab_size])

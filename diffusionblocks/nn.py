@@ -119,12 +119,14 @@ class AdaLNZero(nn.Module):
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # h (N, T, D) or (N, D); c (N, Dc) -> shift, scale, gate (N, 1, D) or (N, D)
         shift, scale, gate = self.modulation(c).chunk(3, dim=-1)
         if h.ndim == 3:
             shift, scale, gate = shift[:, None], scale[:, None], gate[:, None]
-        x = self.branch.features(ModulatedNorm.apply(h, shift, scale, self.eps))
+        normed = ModulatedNorm.apply(h, shift, scale, self.eps)
+        # an attention mask goes to an attention branch (SequenceLayer); other branches take none
+        x = self.branch.features(normed) if mask is None else self.branch.features(normed, mask)
         if not self.recompute_gate:
             return torch.addcmul(h, gate, self.branch.out(x))
         return GatedResidual.apply(h, gate, x, self.branch.out.weight, self.branch.out.bias)
@@ -176,6 +178,17 @@ class TransformerLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.attn(h, c), c)
+
+
+class SequenceLayer(TransformerLayer):
+    """A TransformerLayer whose conditioning also carries the attention mask: layer(h, (c, mask)) -> h, with c
+    (N, Dc) and mask None (every token sees every token) or boolean, broadcastable to (N, heads, T, T), True =
+    may attend (causal for autoregression, keys of padding hidden). The stem builds the pair once per forward,
+    so a BlockStack passes it to every layer unchanged."""
+
+    def forward(self, h: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        c, mask = cond
+        return self.mlp(self.attn(h, c, mask), c)
 
 
 class PreNormLayer(nn.Module):

@@ -83,11 +83,19 @@ def place(model: nn.Module, device, residency=None, ema: EMA | None = None):
         residency.start()
 
 
+def tied_names(model: nn.Module, names: set[str]) -> set[str]:
+    """`names` of parameters and every other name the same parameters have (a tied weight, e.g. an LM's embedding
+    and output head, is one parameter under several names; named_parameters() lists only the first)."""
+    ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in names}
+    return set(names) | {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
+
+
 def load_weights(model: nn.Module, path: Path, ignore: set[str] = frozenset(), strict: bool = True):
     """Load a weights file into `model`, with a clear error (naming the version that wrote the file) when
     it does not fit the model. `ignore`: entries the file may lack (blocks of other per-block jobs)."""
     weights, meta = io.load_safetensors(path)
     own = model.state_dict()
+    ignore = tied_names(model, ignore) if ignore else ignore
     unexpected, missing = set(weights) - set(own), set(own) - set(weights) - set(ignore)
     wrong = [k for k in set(weights) & set(own) if tuple(weights[k].shape) != tuple(own[k].shape)]
     if unexpected or missing or wrong:
@@ -123,8 +131,9 @@ def evaluate(model: nn.Module, data, cfg: RunConfig, limit: int = 0, device="cpu
 
 
 def model_state(model: nn.Module, method: Method) -> dict:
-    """The weights this run holds (a per-block job leaves out the blocks it does not own)."""
-    return {k: v for k, v in model.state_dict().items() if k not in method.unowned_names}
+    """The weights this run holds (a per-block job leaves out the blocks it does not own, under all their names)."""
+    unowned = tied_names(model, method.unowned_names) if method.unowned_names else set()
+    return {k: v for k, v in model.state_dict().items() if k not in unowned}
 
 
 def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None, state: dict):
@@ -134,7 +143,11 @@ def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None
     meta = {"step": str(state["step"]), "writer": WRITER}
     io.save_safetensors(weights, out / WEIGHTS, metadata=meta)
     if ema is not None:  # the evaluation weights: the state dict with parameters replaced by their averages
-        averaged = dict(weights, **{k: v for k, v in ema.shadow.items() if k in weights})
+        # a tied parameter has several names and one average (under its first name): every name gets that same
+        # tensor, so the file keeps the tie (saved once) and loading cannot overwrite the average with raw weights
+        first: dict[int, str] = {}
+        average_of = {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+        averaged = dict(weights, **{k: ema.shadow[src] for k, src in average_of.items() if k in weights})
         io.save_safetensors(averaged, out / EMA_WEIGHTS, metadata=meta)
     full = dict(state, method=method.state_dict(), torch_rng=torch.get_rng_state(),
                 ema={k: v for k, v in ema.shadow.items() if k in weights} if ema is not None else None)
@@ -153,4 +166,4 @@ def job_record(cfg: RunConfig, model, blocks: list[int], steps_per_block: int, f
 
 __all__ = ["CONFIG", "EMA_WEIGHTS", "JOB", "METRICS", "RESULTS", "STATE", "WEIGHTS", "Task", "build_model",
            "build_model_for", "evaluate", "job_record", "load_model", "load_weights", "new_model", "place",
-           "resolve_device", "save_checkpoint", "validate"]
+           "resolve_device", "save_checkpoint", "tied_names", "validate"]

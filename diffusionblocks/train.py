@@ -260,9 +260,9 @@ class Run:
         results = {
             "task": cfg.task, "method": cfg.train.method, "num_blocks": method.num_blocks, "depth": cfg.model.depth,
             "data": cfg.data.name, "seed": cfg.train.seed,
-            **self.task.results(ev, self.split), "eval_split": self.split,
             **({"validation": {"size": self.cfg.data.val_size, "seed": VALIDATION_SEED, "held_out_from": "train"}}
                if self.split == "validation" else {}),
+            **self.task.results(ev, self.split), "eval_split": self.split,  # a task may say what its validation is
             "steps": state["step"], "layer_updates": state["layer_updates"], "train_seconds": state["train_seconds"],
             "seconds_per_layer_update": state["train_seconds"] / max(1, state["layer_updates"]),
             "skipped_steps": state["skipped"], "block_updates": state["block_updates"],

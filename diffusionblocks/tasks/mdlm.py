@@ -1,0 +1,263 @@
+"""Masked-diffusion language modelling (MD4, Shi et al. 2024), end to end and as DiffusionBlocks (paper App. D;
+METHOD.md sections 3 and 7).
+
+Forward process: each token of a window is kept with probability alpha(t), else replaced by [MASK] (an extra
+id, V). alpha is noise.MaskLevels' schedule (linear 1 - t, or cosine cos(pi t / 2)) with MD4's shift,
+alpha(t) = (1 - 2 eps) a(t) + eps, so that 1 - alpha stays in [eps, 1 - eps]: the weight below stays finite at
+t = 0 and p(z_1) needs no infinitely unlikely event. (MD4's own "cosine" is 1 - cos(pi (1 - t) / 2); ours is
+the MaskLevels one.)
+
+The bound, in nats per window of n tokens (continuous time):
+    -log p(x) <= E_t~U[0,1][ (-alpha'(t) / (1 - alpha(t))) * sum over masked i of CE(f(z_t, t)_i, x_i) ]
+                 + n eps ln V        (reconstruction: a token still masked at t = 0, eps of them, costs ln V)
+                 + n eps ln V        (prior: KL(q(z_1 | x) || p(z_1)) with p(z_1) masking each token with
+                                      probability 1 - eps, else a uniform token; MD4 counts this term as 0)
+The weight is 1/t for the linear schedule as eps -> 0. We draw t uniformly in the mass of a(t) (the training
+mass of MaskLevels, which the block partition cuts into equal parts), i.e. t ~ p(t) = |a'(t)|; then
+w(t) / p(t) = (1 - 2 eps) / (1 - alpha(t)) for either schedule, and that is the per-sample weight (for the
+linear schedule p is uniform and this is MD4's weight). Training draws t antithetically across the batch
+(t_j from (u + j / N) mod 1 in the mass, u uniform). Padding is never masked and never scored, and hidden from
+attention. Training loss: nats per token of the first term (the constants do not train anything).
+
+DiffusionBlocks: MaskLevels' equal-mass partition, block 0 owning the most masked end (t near 1); overlap
+gamma widens block b's interval [lo, hi] to [lo - gamma (hi - lo), hi + gamma (hi - lo)] in t, clamped to
+[0, 1]. Each block trains alone on t drawn (antithetically) in its widened interval. The model of B blocks is
+still one model: evaluation draws K stratified t per window over the whole of [0, 1] and routes each t to the
+block that owns it, so e2e and DiffusionBlocks are scored by the same bound.
+
+Sampling is ancestral over a descending grid 1 = t_0 > ... > t_S = 0, equally spaced in mass: at each step a
+masked token is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t), its value drawn from the softmax;
+the last step reveals every token still masked (MD4's decode). Each step is one call of the block that owns t.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..blocks import BlockStack
+from ..config import RunConfig, allocation_of
+from ..models import TokenHead, TokenStem, lm_layers
+from ..noise import MaskLevels, Partition
+from ..precond import PlainPrecond
+from .base import unknown_form
+from .lm import LMTask, TextData
+
+
+def masked_ce(logits: torch.Tensor, x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Sum over the scored positions of the cross-entropy: logits (N, T, V), x (N, T), scored (N, T) -> (N,)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="none").view(x.shape)
+    return (ce * scored).sum(1)
+
+
+class MaskedDiffusionLM(nn.Module):
+    """A masked-diffusion LM as B blocks over the masking time t (num_blocks=1: end to end, MD4 itself)."""
+
+    def __init__(self, cfg: RunConfig, vocab_size: int, num_blocks: int | None = None):
+        super().__init__()
+        m, d, md = cfg.model, cfg.dblocks, cfg.mdlm
+        B = d.num_blocks if num_blocks is None else num_blocks
+        self.vocab_size, self.mask_id, self.seq_len = vocab_size, vocab_size, cfg.data.seq_len
+        self.eps, self.eval_t, self.sample_steps = md.eps, md.eval_t, md.sample_steps
+        self.partition = Partition.create(MaskLevels(md.schedule), B, kind=d.partition, gamma=d.gamma if B > 1 else 0.0)
+        shared = d.shared_stem_head or B == 1
+        stem = TokenStem(vocab_size + 1, cfg.data.seq_len, m.width, noise_scale=m.noise_scale)
+        self.stack = BlockStack(
+            lm_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, recompute_gate=m.gate_recompute),
+            stem, TokenHead(stem.embed, m.width, vocab_size), self.partition,
+            allocation=allocation_of(cfg) if B > 1 else None, shared_stem_head=shared, precond=PlainPrecond(),
+            checkpoint_every=m.checkpoint)
+        if not shared:  # BlockStack deep-copies stem and head apart: tie each block's head to its own stem again
+            for blk in self.stack.blocks:
+                blk.head.embed = blk.stem.embed
+
+    @property
+    def num_blocks(self) -> int:
+        return self.partition.num_blocks
+
+    @property
+    def num_layers(self) -> int:
+        return sum(self.stack.allocation)
+
+    # -- what each block trains (the trainer's interface) --------------------------------------------
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        return list(self.stack.block_parameters(block, include_shared=False))
+
+    def block_modules(self, block: int) -> list[nn.Module]:
+        return [self.stack.blocks[block]]
+
+    def block_layers(self, block: int) -> int:
+        return self.stack.allocation[block]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(dict.fromkeys(self.stack.shared_parameters()))  # the tied table once, not as stem and head
+
+    # -- the forward process and the bound ------------------------------------------------------------
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability that a token is still clean at time t, MD4-shifted (float64)."""
+        return (1 - 2 * self.eps) * self.partition.levels.alpha(t) + self.eps
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(-alpha'(t) / (1 - alpha(t))) / p(t) for t drawn uniformly in the mass: (1 - 2 eps) / (1 - alpha(t))."""
+        return (1 - 2 * self.eps) / (1 - self.alpha(t))
+
+    def constant(self, n_tokens: torch.Tensor | int) -> torch.Tensor | float:
+        """Reconstruction + prior terms of the bound, nats: 2 n eps ln V."""
+        return 2 * self.eps * math.log(self.vocab_size) * n_tokens
+
+    def corrupt(self, x: torch.Tensor, t: torch.Tensor, pad: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_t: each token kept with probability alpha(t), else [MASK]; padding always kept. Returns (z, masked),
+        both (N, T); masked marks the positions the bound scores."""
+        u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+        keep = u < self.alpha(t).to(x.device)[:, None]
+        if pad is not None:
+            keep = keep | pad
+        return torch.where(keep, x, torch.full_like(x, self.mask_id)), ~keep
+
+    def training_times(self, block: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n masking times in the block's widened interval, uniform in its mass, antithetic: the j-th at mass
+        fraction (u + j / n) mod 1 of the interval. float64 (n,)."""
+        levels = self.partition.levels
+        lo, hi = self.partition.training_interval(block)
+        m_lo, m_hi = (levels.cdf(torch.tensor(v, dtype=torch.float64)) for v in (lo, hi))
+        u = torch.rand((), generator=generator, dtype=torch.float64).cpu()
+        frac = (u + torch.arange(n, dtype=torch.float64) / n) % 1.0
+        return levels.icdf(m_lo + frac * (m_hi - m_lo)).clamp(lo, hi)
+
+    def block_loss(self, block: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Nats per token (N,) of the bound's diffusion term on `block`'s own masking times; no other block runs."""
+        t = self.training_times(block, x.shape[0], generator)
+        z, masked = self.corrupt(x, t, None, generator)
+        logits = self.stack.denoise(block, z, t.to(x.device))
+        return self.weight(t).to(x.device, torch.float32) * masked_ce(logits, x, masked) / x.shape[1]
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """End to end: the one block over all of [0, 1]."""
+        return self.block_loss(0, x)
+
+    def sequence_nats(self, x: torch.Tensor, pad: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      eval_t: int | None = None) -> torch.Tensor:
+        """The bound on -log p(window) in nats, (N,) float64: K = eval_t stratified times per window (the k-th
+        uniform in the k-th K-th of the mass), each run by the block that owns it."""
+        K = eval_t or self.eval_t
+        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+            raise ValueError(f"eval_t={K!r}: expected an integer >= 1")
+        levels = self.partition.levels
+        total = torch.zeros(x.shape[0], dtype=torch.float64)
+        for k in range(K):
+            t = levels.icdf((k + torch.rand(x.shape[0], generator=generator, dtype=torch.float64).cpu()) / K)
+            z, masked = self.corrupt(x, t, pad, generator)
+            logits = self.stack(z, t.to(x.device), pad)  # routed: each t to its owning block
+            total += self.weight(t) * masked_ce(logits, x, masked).double().cpu() / K
+        n = torch.full_like(total, x.shape[1]) if pad is None else (~pad).sum(1).double().cpu()
+        return total + self.constant(n)
+
+    # -- sampling ---------------------------------------------------------------------------------------
+
+    def grid(self, steps: int) -> torch.Tensor:
+        """`steps` + 1 descending times from 1 to 0, equally spaced in mass (the same for every partition; with
+        steps a multiple of B every block gets steps / B of them, the first on its upper edge)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        return Partition.create(self.partition.levels, 1, gamma=0.0).inference_grid(steps, "cdf")
+
+    @torch.no_grad()
+    def sample(self, num: int, length: int, prompt: torch.Tensor | None = None, *, steps: int | None = None,
+               generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
+        """`num` windows of `length` tokens (N, length), the first positions fixed to `prompt` (never masked)."""
+        if length > self.seq_len:
+            raise ValueError(f"--length {length}: a masked-diffusion sample is one window, at most {self.seq_len} "
+                             f"tokens (data.seq_len)")
+        grid = self.grid(steps or self.sample_steps)
+        z = torch.full((num, length), self.mask_id, dtype=torch.long, device=device)
+        if prompt is not None and len(prompt):
+            z[:, :len(prompt)] = prompt.to(device)
+        was_training = self.training
+        self.eval()
+        try:
+            for i in range(len(grid) - 1):
+                t, s = grid[i:i + 2]
+                masked = z == self.mask_id
+                logits = self.stack(z, torch.full((num,), t.item(), dtype=torch.float64, device=device))
+                probs = logits.float().softmax(-1).flatten(0, 1).cpu()
+                drawn = torch.multinomial(probs, 1, generator=generator).view(num, length).to(device)
+                a_t, a_s = self.alpha(t), self.alpha(s)
+                p = 1.0 if i == len(grid) - 2 else ((a_s - a_t) / (1 - a_t)).item()  # the last step reveals all
+                reveal = torch.rand((num, length), generator=generator).to(device) < p
+                z = torch.where(masked & reveal, drawn, z)
+        finally:
+            self.train(was_training)
+        return z
+
+
+class MDLMTask(LMTask):
+    """Masked-diffusion language modelling, scored by the bound in bits per character; compared against an
+    autoregressive model of the same size on the same data (the `arlm` arm: exact bits per character, a floor)."""
+
+    name = "mdlm"
+    paper_gap = "paper, text8: 1.45 - 1.56 = -0.11"
+    compare_roles = ("e2e", "control", "dblocks", "arlm")  # "arlm": another task's e2e model (compare.py)
+    presets = {"full": "lm-cpu", "quick": "lm-quick", "offline": "lm-cpu", "offline-quick": "lm-quick"}
+    eval_options = ("limit", "eval_t")
+    sample_options = ("steps",)
+
+    def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
+        if form not in ("end-to-end", "blocks"):
+            raise unknown_form(self.name, form, ("end-to-end", "blocks"))
+        return MaskedDiffusionLM(cfg, data.vocab_size, num_blocks=1 if form == "end-to-end" else None)
+
+    def estimator(self, model, options: dict) -> dict:
+        if not isinstance(model, MaskedDiffusionLM):  # compare scores the autoregressive arm through this task
+            return {}
+        return {"eval_t": options.get("eval_t") or model.eval_t}  # K: the bound's stratified times per window
+
+    def _how(self, ev: dict) -> str:
+        return f" (an upper bound, {ev['eval_t']} stratified t per window)" if "eval_t" in ev else ""
+
+    def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
+        """The autoregressive floor beside each masked-diffusion arm, and sampling time at equal steps."""
+        extras, lines = {}, []
+        key = self.result_metric
+        if "arlm" in runs:
+            floor = statistics.mean(r[key] for r in runs["arlm"])
+            gaps = {role: statistics.mean(r[key] for r in rs) - floor for role, rs in runs.items() if role != "arlm"}
+            extras["gap_to_autoregressive"] = gaps
+            lines.append(f"autoregressive floor (exact, same size, data and budget): {floor:.4f} bits per character; "
+                         "masked diffusion above it (a bound): "
+                         + ", ".join(f"{role} +{gap:.4f}" for role, gap in gaps.items()))
+        if {"e2e", "dblocks"} <= set(runs):
+            steps = base.mdlm.sample_steps
+            speed = sampling_speed({role: load(role) for role in ("e2e", "dblocks")}, steps, batch=8,
+                                   length=base.data.seq_len)
+            ratio = speed["e2e"] / speed["dblocks"]
+            B = runs["dblocks"][0]["num_blocks"]
+            extras.update(sampling_seconds_per_batch_of_8=speed, sampling_speedup=ratio)
+            lines.append(f"sampling {base.data.seq_len} tokens in {steps} steps: DiffusionBlocks (B={B}) is "
+                         f"{ratio:.2f}x faster than end-to-end (ideal B = {B}); seconds per batch of 8: e2e "
+                         f"{speed['e2e']:.3f}, dblocks {speed['dblocks']:.3f}")
+        return extras, lines
+
+
+@torch.no_grad()
+def sampling_speed(models: dict, steps: int, batch: int, length: int, repeats: int = 3) -> dict:
+    """Seconds per sample() call of `batch` windows over `steps` steps, models interleaved, median."""
+    times = {k: [] for k in models}
+    for i in range(repeats + 1):
+        for name, model in models.items():
+            gen = torch.Generator().manual_seed(i)
+            t0 = time.perf_counter()
+            model.sample(batch, length, steps=steps, generator=gen)
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+TASK = MDLMTask
