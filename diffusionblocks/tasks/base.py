@@ -44,6 +44,23 @@ def split_arrays(data, split: str):
 Reference = Callable[[RunConfig, str, bool], nn.Module]
 
 
+class StackBlocks:
+    """The BlockModel interface (methods/base.py) of a model whose blocks are a BlockStack `self.stack`: a
+    block's own parameters and modules, its layer count, and the shared stem/head (a tied parameter once)."""
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        return list(self.stack.block_parameters(block, include_shared=False))
+
+    def block_modules(self, block: int) -> list[nn.Module]:
+        return [self.stack.blocks[block]]
+
+    def block_layers(self, block: int) -> int:
+        return self.stack.allocation[block]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(dict.fromkeys(self.stack.shared_parameters()))
+
+
 @dataclass(frozen=True)
 class ImageShapes:
     """The shapes an image task builds its model from, without loading data (the memory planner)."""

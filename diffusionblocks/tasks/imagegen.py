@@ -28,10 +28,10 @@ from ..models import DiTHead, DiTStem, vit_layers
 from ..noise import GRID_KINDS, LogNormalLevels, Partition
 from ..precond import EDMPrecond, mse_loss
 from ..sample import SAMPLERS
-from .base import ImageTask, Reference, split_arrays, unknown_form
+from .base import ImageTask, Reference, StackBlocks, split_arrays, unknown_form
 
 
-class ImageGenerator(nn.Module):
+class ImageGenerator(StackBlocks, nn.Module):
     """An EDM denoiser D(z, sigma, label) over images, as B blocks (num_blocks=1: end-to-end, plain EDM;
     default: dblocks.num_blocks)."""
 
@@ -60,20 +60,6 @@ class ImageGenerator(nn.Module):
     @property
     def null_class(self) -> int:
         return self.num_classes
-
-    # -- what each block trains (the trainer's interface) --------------------------------------------
-
-    def block_parameters(self, block: int) -> list[nn.Parameter]:
-        return list(self.stack.block_parameters(block, include_shared=False))
-
-    def block_modules(self, block: int) -> list[nn.Module]:
-        return [self.stack.blocks[block]]
-
-    def block_layers(self, block: int) -> int:
-        return self.stack.allocation[block]
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.stack.shared_parameters())
 
     # -- training ---------------------------------------------------------------------------------
 

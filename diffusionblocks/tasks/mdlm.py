@@ -45,7 +45,7 @@ from ..config import RunConfig, allocation_of
 from ..models import TokenHead, TokenStem, lm_layers
 from ..noise import MaskLevels, Partition
 from ..precond import PlainPrecond
-from .base import unknown_form
+from .base import StackBlocks, unknown_form
 from .lm import LMTask, TextData
 
 
@@ -55,7 +55,7 @@ def masked_ce(logits: torch.Tensor, x: torch.Tensor, scored: torch.Tensor) -> to
     return (ce * scored).sum(1)
 
 
-class MaskedDiffusionLM(nn.Module):
+class MaskedDiffusionLM(StackBlocks, nn.Module):
     """A masked-diffusion LM as B blocks over the masking time t (num_blocks=1: end to end, MD4 itself)."""
 
     def __init__(self, cfg: RunConfig, vocab_size: int, num_blocks: int | None = None):
@@ -83,20 +83,6 @@ class MaskedDiffusionLM(nn.Module):
     @property
     def num_layers(self) -> int:
         return sum(self.stack.allocation)
-
-    # -- what each block trains (the trainer's interface) --------------------------------------------
-
-    def block_parameters(self, block: int) -> list[nn.Parameter]:
-        return list(self.stack.block_parameters(block, include_shared=False))
-
-    def block_modules(self, block: int) -> list[nn.Module]:
-        return [self.stack.blocks[block]]
-
-    def block_layers(self, block: int) -> int:
-        return self.stack.allocation[block]
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return list(dict.fromkeys(self.stack.shared_parameters()))  # the tied table once, not as stem and head
 
     # -- the forward process and the bound ------------------------------------------------------------
 
