@@ -386,8 +386,9 @@ def preset_lm_cpu() -> RunConfig:
     """The language compare on a 2-core CPU (`compare --task mdlm`: four arms in under 15 minutes): Shakespeare
     in the text8 alphabet, windows of 128, 6 layers of width 192 (3 heads, MLP x2), B = 3, gamma 0.05, 320
     end-to-end steps of 32 windows (1.3M tokens, a third of an epoch of the 4.1M training characters). The
-    bound on the whole test split (2,029 windows) with K = 2. Sized from step and evaluation timings taken on a
-    busy machine and scaled to a quiet one (an estimate of about 11 minutes, not a measured run)."""
+    bound on the whole test split (2,029 windows) with K = 2. Sized from a short timing at 2 threads (e2e step
+    0.47 s, block step 0.15 s, bound on 64 windows 0.26 s per t): about 12 minutes, an estimate, not a measured
+    compare run."""
     cfg = RunConfig(task="mdlm")
     cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=128)
     cfg.model = ModelConfig(depth=6, width=192, heads=3, mlp_ratio=2.0)
@@ -399,10 +400,10 @@ def preset_lm_cpu() -> RunConfig:
 
 
 def preset_lm_quick() -> RunConfig:
-    """About a minute for the four arms of the language compare: the CPU preset on 16 steps, scored on the first
-    64 test windows, sampling time at 12 steps."""
+    """Under a minute for the four arms of the language compare (a smoke run): the CPU preset on 12 steps, scored
+    on the first 64 test windows, sampling time at 12 steps."""
     cfg = preset_lm_cpu()
-    cfg.train.steps = 16
+    cfg.train.steps = 12
     cfg.train.eval_limit = 16
     cfg.data.test_limit = 64
     cfg.mdlm.sample_steps = 12
