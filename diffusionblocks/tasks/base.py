@@ -45,8 +45,18 @@ Reference = Callable[[RunConfig, str, bool], nn.Module]
 
 
 class StackBlocks:
-    """The BlockModel interface (methods/base.py) of a model whose blocks are a BlockStack `self.stack`: a
-    block's own parameters and modules, its layer count, and the shared stem/head (a tied parameter once)."""
+    """The BlockModel interface (methods/base.py) of a model whose blocks are a BlockStack `self.stack` over the
+    noise partition `self.partition`: the number of blocks and of layers, a block's own parameters and modules,
+    its layer count, and the shared stem/head (a tied parameter once)."""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.partition.num_blocks  # known before the stack is built
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of one pass through every block (the end-to-end step's layer-updates)."""
+        return sum(self.stack.allocation)
 
     def block_parameters(self, block: int) -> list[nn.Parameter]:
         return list(self.stack.block_parameters(block, include_shared=False))

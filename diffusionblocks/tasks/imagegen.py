@@ -50,14 +50,6 @@ class ImageGenerator(StackBlocks, nn.Module):
             precond=EDMPrecond(g.sigma_data), checkpoint_every=m.checkpoint)
 
     @property
-    def num_blocks(self) -> int:
-        return self.partition.num_blocks
-
-    @property
-    def num_layers(self) -> int:
-        return sum(self.stack.allocation)
-
-    @property
     def null_class(self) -> int:
         return self.num_classes
 

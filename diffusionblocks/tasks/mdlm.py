@@ -76,14 +76,6 @@ class MaskedDiffusionLM(StackBlocks, nn.Module):
             for blk in self.stack.blocks:
                 blk.head.embed = blk.stem.embed
 
-    @property
-    def num_blocks(self) -> int:
-        return self.partition.num_blocks
-
-    @property
-    def num_layers(self) -> int:
-        return sum(self.stack.allocation)
-
     # -- the forward process and the bound ------------------------------------------------------------
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
