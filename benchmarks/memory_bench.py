@@ -31,7 +31,6 @@ import torch  # noqa: E402
 from diffusionblocks.config import RunConfig, apply_overrides, load_preset  # noqa: E402
 from diffusionblocks.methods import METHODS  # noqa: E402
 from diffusionblocks.plan import (  # noqa: E402
-    DATA_SHAPES,
     Configuration,
     Spec,
     configurations,
@@ -41,29 +40,30 @@ from diffusionblocks.plan import (  # noqa: E402
     plot_memory,
 )
 from diffusionblocks.run import new_model, place, resolve_device  # noqa: E402
-from diffusionblocks.tasks.base import ImageShapes  # noqa: E402
+from diffusionblocks.tasks import get_task  # noqa: E402
 
 MiB = 2**20
 
 
-def activation_ratios(cfg: RunConfig, shape, blocks) -> list[dict]:
-    full = measure_configuration(Configuration("e2e").apply(cfg), *shape).activations
+def activation_ratios(cfg: RunConfig, shapes, blocks) -> list[dict]:
+    full = measure_configuration(Configuration("e2e").apply(cfg), shapes).activations
     rows = []
     for B in blocks:
-        db = measure_configuration(Configuration("dblocks", B).apply(cfg), *shape).activations
+        db = measure_configuration(Configuration("dblocks", B).apply(cfg), shapes).activations
         same = {}
-        for layer in ("adaln", "prenorm"):
+        for layer in ("adaln", "prenorm") if cfg.task == "classify" else ("adaln",):  # pre-norm: the ViT only
             c = Configuration("e2e").apply(cfg)
             c.model.depth, c.model.layer = cfg.model.depth // B, layer
-            same[layer] = measure_configuration(c, *shape).activations
-        rows.append({"B": B, "dblocks_activations": db, "e2e_same_layers_adaln": same["adaln"],
-                     "e2e_same_layers_prenorm": same["prenorm"], "e2e_full": full,
-                     "ratio_vs_same_adaln": db / same["adaln"], "ratio_vs_same_prenorm": db / same["prenorm"],
-                     "e2e_over_dblocks": full / db})
+            same[layer] = measure_configuration(c, shapes).activations
+        row = {"B": B, "dblocks_activations": db, "e2e_full": full, "e2e_over_dblocks": full / db}
+        for layer, n in same.items():
+            row[f"e2e_same_layers_{layer}"], row[f"ratio_vs_same_{layer}"] = n, db / n
+        rows.append(row)
+        kinds = {"adaln": "adaLN", "prenorm": "pre-norm"}
         print(f"B={B}: dblocks step {db / MiB:.1f} MiB; same {cfg.model.depth // B} layers e2e "
-              f"{same['adaln'] / MiB:.1f} (adaLN) / {same['prenorm'] / MiB:.1f} (pre-norm) -> "
-              f"ratio {db / same['adaln']:.3f} / "
-              f"{db / same['prenorm']:.3f}; full e2e / dblocks = {full / db:.2f}", flush=True)
+              + " / ".join(f"{n / MiB:.1f} ({kinds[k]})" for k, n in same.items()) + " -> ratio "
+              + " / ".join(f"{db / n:.3f}" for n in same.values()) + f"; full e2e / dblocks = {full / db:.2f}",
+              flush=True)
     return rows
 
 
@@ -89,7 +89,7 @@ def residency_targets(result: dict, spec: Spec) -> list[dict]:
     return out
 
 
-def swap_overhead(cfg: RunConfig, shape, B: int, steps: int, rounds: int, device) -> dict:
+def swap_overhead(cfg: RunConfig, shapes, B: int, steps: int, rounds: int, device) -> dict:
     """Seconds per layer-update for residency all/active x block choice random/sequential."""
     arms = {}
     tmp = tempfile.mkdtemp(prefix="membench-", dir=".")
@@ -98,22 +98,19 @@ def swap_overhead(cfg: RunConfig, shape, B: int, steps: int, rounds: int, device
             c = Configuration("dblocks", B, residency).apply(cfg)
             c.dblocks.block_choice = choice
             torch.manual_seed(0)
-            model = new_model(c, ImageShapes(*shape))
+            model = new_model(c, shapes)
             # the run is steps * rounds long: sequential visits every block once in it
             method = METHODS["dblocks"](model, c, steps * rounds, device=device, offload_dir=tmp)
             place(model, device, method.residency, None)
             arms[(residency, choice)] = method
-    n = cfg.train.batch_size
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(n, shape[1], *shape[0], generator=gen).to(device)
-    y = torch.randint(shape[2], (n,), generator=gen).to(device)
+    batch = tuple(t.to(device) for t in get_task(cfg.task).random_batch(cfg, shapes, torch.Generator().manual_seed(0)))
     times = {k: [] for k in arms}
     for r in range(rounds):
         for key, method in arms.items():
             layers = 0
             t0 = time.perf_counter()
             for _ in range(steps):
-                layers += method.step((x, y))["layers"]
+                layers += method.step(batch)["layers"]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if r:  # round 0 is warm-up
@@ -151,15 +148,15 @@ def main():
     cfg = apply_overrides(load_preset(args.preset), args.overrides)
     cfg.train.device = args.device
     device = resolve_device(args.device)
-    shape = DATA_SHAPES[cfg.data.name]
+    shapes = get_task(cfg.task).plan_shapes(cfg)
     blocks = tuple(int(b) for b in args.blocks.split(","))
-    spec = Spec(cfg, *shape, device=device.type)
+    spec = Spec(cfg, shapes, device=device.type)
     report = {"preset": args.preset, "device": str(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "model": cfg.model.__dict__, "batch_size": cfg.train.batch_size}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
     print("== 1. activations: dblocks step vs the same layers end to end", flush=True)
-    report["activations"] = activation_ratios(cfg, shape, blocks)
+    report["activations"] = activation_ratios(cfg, shapes, blocks)
     print("== 2./3. measured table vs planner", flush=True)
     result = measure_all(spec, configurations(cfg.model.depth, blocks), progress=False,
                          offload_dir=Path(args.out).parent)
@@ -176,7 +173,7 @@ def main():
     print("== 2. residency=active vs the target", flush=True)
     report["residency"] = residency_targets(result, spec)
     print("== 4. swap overhead", flush=True)
-    report["overhead"] = swap_overhead(cfg, shape, args.overhead_blocks, args.overhead_steps,
+    report["overhead"] = swap_overhead(cfg, shapes, args.overhead_blocks, args.overhead_steps,
                                        args.overhead_rounds + 1, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -22,7 +22,7 @@ from .jobs import merge
 from .methods import METHODS
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Partition
 from .parallel import train_parallel
-from .plan import DATA_SHAPES, Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
+from .plan import Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
 from .run import CONFIG, load_model, resolve_device, validate
 from .tasks import SPLITS, TASKS, ImageTask, get_task
 from .tasks.imagegen import ImageGenerator, generate
@@ -231,21 +231,21 @@ def _plan_spec(args: argparse.Namespace) -> Spec:
     cfg = apply_overrides(cfg, args.overrides)
     if getattr(args, "device", None) and args.command == "memory":
         cfg.train.device = args.device
-    image_size, channels, classes = DATA_SHAPES.get(cfg.data.name, (None, None, None))
+    given = {}
     if args.image_size:
         parts = parse_ints(args.image_size.lower().replace("x", ","), "--image-size", "28 or 32x32")
         if len(parts) not in (1, 2):
             raise ValueError(f"--image-size {args.image_size!r}: expected N or HxW")
-        image_size = (parts[0], parts[-1])
-    channels = args.channels if args.channels is not None else channels
-    classes = args.classes if args.classes is not None else classes
-    if image_size is None or channels is None or classes is None:
-        raise ValueError(f"data {cfg.data.name!r} has no known shape; give --image-size, --channels and --classes")
+        given["image_size"] = (parts[0], parts[-1])
+    for key, value in (("channels", args.channels), ("classes", args.classes)):
+        if value is not None:
+            given[key] = value
+    shapes = get_task(cfg.task).plan_shapes(cfg, **given)
     if args.command == "memory":  # measured here: where the steps will actually run
         device = resolve_device(cfg.train.device).type
     else:
         device = "cuda" if (args.device or cfg.train.device).startswith("cuda") else "cpu"
-    return Spec(cfg, tuple(image_size), channels, classes, dtype=args.dtype, optimizer=args.optimizer, device=device)
+    return Spec(cfg, shapes, dtype=args.dtype, optimizer=args.optimizer, device=device)
 
 
 def _configurations(args: argparse.Namespace, spec: Spec) -> list:
@@ -261,8 +261,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     m = result["model"]
-    print(f"{m['depth']}-layer ViT, width {m['width']}, {m['heads']} heads, MLP x{m['mlp_ratio']}, {m['tokens']} "
-          f"tokens; batch {result['batch_size']}, {result['dtype']}, {result['optimizer']}")
+    print(f"{result['task']}: {m['depth']} layers, width {m['width']}, {m['heads']} heads, MLP x{m['mlp_ratio']}, "
+          f"{m['tokens']} tokens; batch {result['batch_size']}, {result['dtype']}, {result['optimizer']}")
     print(format_table(result))
     if budget:
         fits = [r["name"] for r in result["rows"] if r["fits"]]
@@ -299,7 +299,8 @@ def _add_size_args(p: argparse.ArgumentParser):
     p.add_argument("--mlp-ratio", type=float, default=None)
     p.add_argument("--patch", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--data", default=None, help="dataset whose image shape to use (fashion-mnist, digits, cifar10...)")
+    p.add_argument("--data", default=None, help="dataset whose shape to use (fashion-mnist, digits, cifar10...; "
+                   "text presets: shakespeare, text8...)")
     p.add_argument("--image-size", default=None, help="N or HxW (with --channels and --classes, for other data)")
     p.add_argument("--channels", type=int, default=None)
     p.add_argument("--classes", type=int, default=None)

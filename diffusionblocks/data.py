@@ -24,6 +24,9 @@ from .io import atomic_file
 # constants
 
 # where the Debian/Ubuntu package `dataset-fashion-mnist` installs the original IDX files
+# (image size, channels, classes) of the named datasets, for the memory planner (no data loaded)
+DATA_SHAPES = {"fashion-mnist": ((28, 28), 1, 10), "digits": ((8, 8), 1, 10), "cifar10": ((32, 32), 3, 10),
+               "cifar100": ((32, 32), 3, 100)}
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_ENV_VAR = "DIFFUSIONBLOCKS_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/diffusionblocks")

@@ -8,9 +8,12 @@ DiffusionBlocks with checkpointing), the four parts of training memory on the de
   so every parameter is counted as the real model has it; AdamW keeps two moments per parameter (and,
   on a CPU, a 4-byte step counter per parameter tensor).
 - activations: what autograd saves for backward, from a per-layer formula over the tensors our layers
-  save (see `layer_activation_bytes`), checked against the measurement module (`diffusionblocks memory`,
-  tests/test_memory.py). It assumes fused attention (PyTorch's SDPA on CPU, flash or memory-efficient on
-  GPU); the math fallback also keeps the (T x T) attention matrix, which the formula does not include.
+  save (see `layer_activation_bytes`) plus the task's formula for its stem, head and loss
+  (`Task.plan_outer_bytes`: the ViT classifier; the language models, with the tied head, the log-softmax
+  over the vocabulary and a causal mask), checked against the measurement module (`diffusionblocks memory`,
+  tests/test_memory.py, tests/test_lm.py). Image generation is not covered yet. It assumes fused
+  attention (PyTorch's SDPA on CPU, flash or memory-efficient on GPU); the math fallback also keeps the
+  (T x T) attention matrix, which the formula does not include.
   With checkpointing the activations are the groups' inputs, and `transient` adds the one group that
   backward recomputes at a time.
 
@@ -26,20 +29,19 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .config import RunConfig, allocation_of, validate
+from .config import RunConfig, allocation_of
 from .images import pyplot
 from .memory import StepMemory, measure_step
 from .methods import get_method
-from .run import new_model, place, resolve_device
-from .tasks.base import ImageShapes
+from .run import new_model, place, resolve_device, validate
+from .tasks import get_task
 
 DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 OPTIMIZERS = {"adamw": 2, "adam": 2, "momentum": 1, "sgd": 0}  # state tensors per parameter
-DATA_SHAPES = {"fashion-mnist": ((28, 28), 1, 10), "digits": ((8, 8), 1, 10), "cifar10": ((32, 32), 3, 10),
-               "cifar100": ((32, 32), 3, 100)}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -58,12 +60,12 @@ def parse_bytes(text: str) -> int:
 
 @dataclass
 class Spec:
-    """What the planner needs: the run config (model sizes, method settings, batch) and the data shape."""
+    """What the planner needs: the run config (model sizes, method settings, batch) and the data's shapes (what
+    the task's build_model reads: tasks.base.ImageShapes for images, tasks.lm.TextShapes for text; the task's
+    `plan_shapes` gives them from a config)."""
 
     cfg: RunConfig
-    image_size: tuple[int, int]
-    channels: int
-    num_classes: int
+    shapes: Any
     dtype: str = "float32"
     optimizer: str = "adamw"
     device: str = "cpu"  # where AdamW's step counters live matters for exactness on a CPU only
@@ -73,11 +75,6 @@ class Spec:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-        h, w = self.image_size
-        for name, value in (("image height", h), ("image width", w), ("channels", self.channels),
-                            ("classes", self.num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         m = self.cfg.model
         for name in ("depth", "width", "heads", "patch"):
             value = getattr(m, name)
@@ -88,23 +85,24 @@ class Spec:
         if self.cfg.train.batch_size < 1:
             raise ValueError(f"batch size {self.cfg.train.batch_size}: must be >= 1")
         validate(self.cfg)
-        if self.cfg.task != "classify":
-            raise ValueError(f"the planner's activation formula covers the ViT classifier (task=classify), not "
-                             f"task={self.cfg.task!r} yet; `diffusionblocks memory` does not need it")
+
+    @classmethod
+    def of(cls, cfg: RunConfig, **options) -> Spec:
+        """The spec of a config, its shapes from the task (e.g. an image dataset's known shape)."""
+        return cls(cfg, get_task(cfg.task).plan_shapes(cfg), **options)
+
+    @property
+    def task(self):
+        return get_task(self.cfg.task)
 
     @property
     def bytes_per_element(self) -> int:
         return DTYPES[self.dtype]
 
     @property
-    def shapes(self) -> ImageShapes:
-        return ImageShapes(tuple(self.image_size), self.channels, self.num_classes)
-
-    @property
     def tokens(self) -> int:
-        """Sequence length through the layers: patches plus the CLS / label token."""
-        p = self.cfg.model.patch
-        return math.ceil(self.image_size[0] / p) * math.ceil(self.image_size[1] / p) + 1
+        """Sequence length through the layers (the task's: patches plus a token, a text window)."""
+        return self.task.plan_tokens(self.cfg, self.shapes)
 
 
 @dataclass(frozen=True)
@@ -174,7 +172,8 @@ def layer_activation_bytes(spec: Spec) -> int:
     as a view), MLP its hidden pre- and post-activation (2 * hidden). Per token also the norms' mean and
     rstd (float32) and attention's log-sum-exp per head (float32). adaLN-zero adds, per sample, the SiLU
     of the conditioning and the (shift, scale, gate) projection for each sublayer; without gate
-    recomputation it keeps each branch's output too (2D per token)."""
+    recomputation it keeps each branch's output too (2D per token). Plus what the task's layers keep besides
+    (Task.plan_layer_bytes: a causal mask made additive)."""
     m, s = spec.cfg.model, spec.bytes_per_element
     N, T, D = spec.cfg.train.batch_size, spec.tokens, m.width
     hidden = int(D * m.mlp_ratio)
@@ -186,26 +185,7 @@ def layer_activation_bytes(spec: Spec) -> int:
             per_token += 2 * s * D
     if m.dropout > 0:  # the MLP's dropout keeps a 1-byte mask (attention dropout is not modelled)
         per_token += hidden
-    return N * (T * per_token + per_sample)
-
-
-def stem_head_activation_bytes(spec: Spec, method: str) -> int:
-    """Bytes the parts around the layers save: the image for the patch convolution, the head's norm
-    and linear on the read token, the loss; for dblocks also the label embedding's input and the noise
-    embedding's MLP."""
-    m, s = spec.cfg.model, spec.bytes_per_element
-    N, D = spec.cfg.train.batch_size, m.width
-    h, w = spec.image_size
-    image = N * spec.channels * h * w * s
-    head = N * (2 * D * s + 8) + N * spec.num_classes * s  # LN input copy + stats, LN output; log-softmax
-    if method == "e2e":
-        cond = N * D * s if m.layer == "adaln" else 0  # the zero conditioning vector, once for all layers
-        return image + head + cond
-    label_dim = m.label_dim or D
-    noise_embedding = N * (256 + 3 * D) * s  # sinusoidal features, hidden (SiLU input and output), c
-    label = N * label_dim * s  # label_in's input
-    readout = N * label_dim * s  # D(z) into the readout
-    return image + head + noise_embedding + label + readout
+    return N * (T * per_token + per_sample) + spec.task.plan_layer_bytes(spec.cfg, spec.shapes, s)
 
 
 def predict(spec: Spec, conf: Configuration) -> dict:
@@ -225,7 +205,7 @@ def predict(spec: Spec, conf: Configuration) -> dict:
     if conf.method == "e2e":
         params = list(model.parameters())
         acts, transient = layer_part(depth)
-        acts += stem_head_activation_bytes(spec, "e2e")
+        acts += spec.task.plan_outer_bytes(cfg, spec.shapes, model, s)
         resident, trained, with_state = params, params, params
         block_layers = depth
     else:
@@ -235,7 +215,7 @@ def predict(spec: Spec, conf: Configuration) -> dict:
         big = max(range(B), key=lambda b: (model.block_layers(b), sum(p.numel() for p in blocks[b])))
         block_layers = model.block_layers(big)
         acts, transient = layer_part(block_layers)
-        acts += stem_head_activation_bytes(spec, "dblocks")
+        acts += spec.task.plan_outer_bytes(cfg, spec.shapes, model, s)
         trained = blocks[big] + shared
         if conf.residency == "all":
             resident = with_state = [p for params in blocks for p in params] + shared
@@ -263,7 +243,7 @@ def plan(spec: Spec, confs: list[Configuration], device_memory: int | None = Non
     m = spec.cfg.model
     return {"model": {"depth": m.depth, "width": m.width, "heads": m.heads, "mlp_ratio": m.mlp_ratio,
                       "patch": m.patch, "tokens": spec.tokens, "layer": m.layer},
-            "data": {"image_size": list(spec.image_size), "channels": spec.channels, "classes": spec.num_classes},
+            "task": spec.cfg.task, "data": dataclasses.asdict(spec.shapes),
             "batch_size": spec.cfg.train.batch_size, "dtype": spec.dtype, "optimizer": spec.optimizer,
             "device_memory": device_memory, "rows": rows}
 
@@ -296,8 +276,7 @@ def measure_all(spec: Spec, confs: list[Configuration], progress: bool = True, o
     for i, (conf, row) in enumerate(zip(confs, result["rows"])):
         t0 = time.perf_counter()
         cfg = conf.apply(spec.cfg)
-        row["measured"] = measure_configuration(cfg, spec.image_size, spec.channels, spec.num_classes,
-                                                offload_dir=offload_dir).to_dict()
+        row["measured"] = measure_configuration(cfg, spec.shapes, offload_dir=offload_dir).to_dict()
         if progress:
             print(f"[memory] {i + 1}/{len(confs)} {conf.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return result
@@ -334,8 +313,8 @@ def plot_memory(result: dict, path) -> bool:
     ax.set_xlabel("number of blocks B")
     ax.set_ylabel(f"training memory per step, MiB ({what})")
     m = result["model"]
-    ax.set_title(f"{m['depth']}-layer ViT, width {m['width']}, {m['tokens']} tokens, batch {result['batch_size']} "
-                 f"({result['dtype']}); x and dotted: planner", fontsize=10)
+    ax.set_title(f"{result['task']}: {m['depth']} layers, width {m['width']}, {m['tokens']} tokens, "
+                 f"batch {result['batch_size']} ({result['dtype']}); x and dotted: planner", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -344,28 +323,24 @@ def plot_memory(result: dict, path) -> bool:
     return True
 
 
-def measure_configuration(cfg: RunConfig, image_size, channels: int, num_classes: int, *, warmup: int | None = None,
-                          offload_dir=None) -> StepMemory:
-    """Build the model `cfg` describes (random weights, random images of the data's shape: memory does
-    not depend on values) and measure one steady-state training step on cfg.train.device. Block-wise
-    steps go round-robin through the blocks during warm-up, twice, so that every block has optimizer state
-    and (residency=active) an off-device home already; the measured step trains block 0 after block B-1,
+def measure_configuration(cfg: RunConfig, shapes, *, warmup: int | None = None, offload_dir=None) -> StepMemory:
+    """Build the model `cfg` describes for data of these shapes (random weights, a random batch from the task:
+    memory does not depend on values) and measure one steady-state training step on cfg.train.device.
+    Block-wise steps go round-robin through the blocks during warm-up, twice, so that every block has optimizer
+    state and (residency=active) an off-device home already; the measured step trains block 0 after block B-1,
     so under residency=active it includes a swap."""
     cfg = RunConfig.from_dict(cfg.to_dict())
     cfg.dblocks.block_choice = "round-robin"
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
-    model = new_model(cfg, ImageShapes(tuple(image_size), channels, num_classes))
+    model = new_model(cfg, shapes)
     method_cls = get_method(cfg.train.method)
     method = method_cls(model, cfg, method_cls.budget(cfg)[0], device=device, offload_dir=offload_dir)
     residency = method.residency
     place(model, device, residency, None)
-    gen = torch.Generator().manual_seed(0)
-    n = cfg.train.batch_size
-    x = torch.rand(n, channels, *image_size, generator=gen).to(device)
-    y = torch.randint(num_classes, (n,), generator=gen).to(device)
+    batch = tuple(t.to(device) for t in get_task(cfg.task).random_batch(cfg, shapes, torch.Generator().manual_seed(0)))
     try:
-        return measure_step(lambda: method.step((x, y), method.next_block()), model, method.optimizers,
+        return measure_step(lambda: method.step(batch, method.next_block()), model, method.optimizers,
                             device=device, offloaded=residency.offloaded_storages if residency else set,
                             warmup=2 * method.num_blocks if warmup is None else warmup)
     finally:

@@ -264,3 +264,33 @@ def test_compare_has_the_autoregressive_floor(corpus, tmp_path):
     assert report["rows"]["arlm"]["method"] == "e2e" and report["rows"]["arlm"]["depth"] == 2
     assert set(report["gap_to_autoregressive"]) == {"e2e", "control", "dblocks"}
     assert "autoregressive floor" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("task", ["mdlm", "arlm"])
+def test_planner_predicts_language_models(task):
+    """Parameters, gradients and optimizer state exact, and saved activations to the byte (within 2% with
+    checkpointing): the tied head, the vocabulary's log-softmax and, for arlm, the causal mask each layer keeps."""
+    from diffusionblocks.plan import Configuration, Spec, configurations, measure_all
+
+    cfg = apply_overrides(load_preset("lm-tiny"), ["train.batch_size=4"])
+    cfg.task = task
+    confs = configurations(2, (2,)) if task == "mdlm" else [Configuration("e2e"), Configuration("e2e", checkpoint=1)]
+    result = measure_all(Spec.of(cfg), confs, progress=False)
+    assert result["data"] == {"vocab_size": V} and result["model"]["tokens"] == cfg.data.seq_len
+    for row in result["rows"]:
+        m = row["measured"]
+        assert (row["params"], row["grads"], row["optimizer"]) == (m["params"], m["grads"], m["optimizer"]), row
+        if row["checkpoint"]:  # recomputation's bookkeeping is not modelled
+            assert abs(row["activations"] / m["activations"] - 1) < 0.02, row["name"]
+        else:
+            assert row["activations"] == m["activations"], row["name"]
+
+
+def test_plan_cli_for_a_text_preset(capsys):
+    assert main(["plan", "--preset", "lm-tiny", "--blocks", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "mdlm" and [r["name"] for r in out["rows"]][:3] == ["e2e", "e2e+ckpt1", "dblocks B=2 all"]
+    assert main(["plan", "--preset", "lm-tiny", "--image-size", "32"]) == 2
+    assert "--image-size: image options" in capsys.readouterr().err
+    assert main(["plan", "--preset", "lm-tiny", "model.layer=prenorm"]) == 2
+    assert "adaLN-zero layers only" in capsys.readouterr().err

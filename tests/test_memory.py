@@ -24,8 +24,9 @@ from diffusionblocks.residency import Residency
 from diffusionblocks.run import new_model
 from diffusionblocks.run import place as _place
 from diffusionblocks.tasks.base import ImageShapes
+from diffusionblocks.tasks.classify import ClassifyTask
 
-DIGITS = ((8, 8), 1, 10)
+DIGITS = ImageShapes((8, 8), 1, 10)
 
 
 def tiny(*overrides, batch=8):
@@ -96,11 +97,11 @@ def test_one_more_layer_costs_exactly_the_formula():
     for depth in (2, 3):
         cfg = tiny(f"model.depth={depth}", "train.method=e2e")
         torch.manual_seed(0)
-        model = new_model(cfg, ImageShapes(*DIGITS))
+        model = new_model(cfg, DIGITS)
         x, y = torch.rand(8, 1, 8, 8), torch.randint(10, (8,))
         measured[depth], _ = saved_activation_bytes(lambda m=model, x=x, y=y: m.loss(x, y).mean(),
                                                     list(model.parameters()))
-    assert measured[3] - measured[2] == layer_activation_bytes(Spec(tiny(), *DIGITS))
+    assert measured[3] - measured[2] == layer_activation_bytes(Spec(tiny(), DIGITS))
 
 
 def test_dblocks_step_saves_what_the_same_layers_save_end_to_end():
@@ -110,7 +111,7 @@ def test_dblocks_step_saves_what_the_same_layers_save_end_to_end():
                             ("e2e, 2 layers", ("train.method=e2e", "model.depth=2")),
                             ("e2e prenorm, 2 layers", ("train.method=e2e", "model.depth=2", "model.layer=prenorm")),
                             ("e2e, 4 layers", ("train.method=e2e",))):
-        counts[name] = measure_configuration(tiny(*overrides), *DIGITS).activations
+        counts[name] = measure_configuration(tiny(*overrides), DIGITS).activations
     assert counts["dblocks B=2"] <= 1.10 * counts["e2e, 2 layers"]
     assert counts["dblocks B=2"] <= 1.10 * counts["e2e prenorm, 2 layers"]
     assert counts["e2e, 4 layers"] / counts["dblocks B=2"] > 1.8  # B = 2: about half
@@ -118,9 +119,9 @@ def test_dblocks_step_saves_what_the_same_layers_save_end_to_end():
 
 def test_measured_step_parts_are_exact():
     cfg = tiny("train.method=e2e")
-    m = measure_configuration(cfg, *DIGITS)
+    m = measure_configuration(cfg, DIGITS)
     torch.manual_seed(0)
-    model = new_model(cfg, ImageShapes(*DIGITS))
+    model = new_model(cfg, DIGITS)
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = len(list(model.parameters()))
     assert m.params == m.grads == 4 * n_params
@@ -153,8 +154,8 @@ def test_saved_tensors_counts_each_storage_once_and_skips_parameters():
 
 def test_checkpointing_reduces_saved_bytes_in_both_methods():
     for method in ("e2e", "dblocks"):
-        plain = measure_configuration(tiny(f"train.method={method}"), *DIGITS).activations
-        ckpt = measure_configuration(tiny(f"train.method={method}", "model.checkpoint=1"), *DIGITS).activations
+        plain = measure_configuration(tiny(f"train.method={method}"), DIGITS).activations
+        ckpt = measure_configuration(tiny(f"train.method={method}", "model.checkpoint=1"), DIGITS).activations
         assert ckpt < plain / 2, method
 
 
@@ -164,7 +165,7 @@ def test_checkpointing_reduces_saved_bytes_in_both_methods():
 def test_active_residency_keeps_idle_blocks_off_the_device(tmp_path):
     cfg = tiny("dblocks.residency=active", "dblocks.num_blocks=2", "dblocks.block_choice=round-robin")
     torch.manual_seed(0)
-    model = new_model(cfg, ImageShapes(*DIGITS))
+    model = new_model(cfg, DIGITS)
     method = DBlocks(model, cfg, 10, offload_dir=tmp_path)
     res = method.residency
     _place(model, torch.device("cpu"), res, None)
@@ -208,7 +209,7 @@ def test_active_residency_trains_exactly_like_all(tmp_path, choice):
 def test_sequential_loads_each_block_once_and_freezes_the_shared_parts_after_block_0():
     cfg = tiny("dblocks.residency=active", "dblocks.num_blocks=2", "dblocks.block_choice=sequential")
     torch.manual_seed(0)
-    model = new_model(cfg, ImageShapes(*DIGITS))
+    model = new_model(cfg, DIGITS)
     method = DBlocks(model, cfg, 6)
     _place(model, torch.device("cpu"), method.residency, None)
     x, y = torch.rand(8, 1, 8, 8), torch.randint(10, (8,))
@@ -230,9 +231,9 @@ def test_residency_rejects_unknown_policy():
 
 
 def test_measure_step_counts_only_resident_bytes_under_active():
-    all_ = measure_configuration(tiny("dblocks.num_blocks=4", "model.depth=4"), *DIGITS)
+    all_ = measure_configuration(tiny("dblocks.num_blocks=4", "model.depth=4"), DIGITS)
     active = measure_configuration(tiny("dblocks.num_blocks=4", "model.depth=4", "dblocks.residency=active"),
-                                   *DIGITS)
+                                   DIGITS)
     assert active.params < all_.params and active.optimizer < all_.optimizer
     assert active.grads == all_.grads and active.activations == all_.activations
     assert active.offloaded > 0 and all_.offloaded == 0
@@ -242,7 +243,7 @@ def test_measure_step_counts_only_resident_bytes_under_active():
 
 
 def test_planner_is_exact_on_params_grads_optimizer_and_close_on_activations():
-    spec = Spec(tiny(), *DIGITS)
+    spec = Spec(tiny(), DIGITS)
     result = measure_all(spec, configurations(4, (2, 4)), progress=False)
     assert len(result["rows"]) == 2 + 2 * 3
     for row in result["rows"]:
@@ -252,7 +253,7 @@ def test_planner_is_exact_on_params_grads_optimizer_and_close_on_activations():
 
 
 def test_planner_reports_fit_and_the_orders_that_must_hold():
-    spec = Spec(apply_overrides(preset_tiny(), ["model.depth=12"]), *DIGITS)
+    spec = Spec(apply_overrides(preset_tiny(), ["model.depth=12"]), DIGITS)
     rows = {r["name"]: r for r in plan(spec, configurations(12, (2, 3, 6)), device_memory=parse_bytes("3MB"))["rows"]}
     assert rows["dblocks B=6 active"]["total"] < rows["dblocks B=3 active"]["total"] < rows["e2e"]["total"]
     assert rows["dblocks B=3 active"]["params"] < rows["dblocks B=3 all"]["params"] == rows["dblocks B=6 all"]["params"]
@@ -263,8 +264,8 @@ def test_planner_reports_fit_and_the_orders_that_must_hold():
 
 def test_planner_dtype_and_optimizer():
     cfg = tiny()
-    fp32 = plan(Spec(cfg, *DIGITS), [Configuration("e2e")])["rows"][0]
-    bf16 = plan(Spec(cfg, *DIGITS, dtype="bf16", optimizer="sgd", device="cuda"), [Configuration("e2e")])["rows"][0]
+    fp32 = plan(Spec(cfg, DIGITS), [Configuration("e2e")])["rows"][0]
+    bf16 = plan(Spec(cfg, DIGITS, dtype="bf16", optimizer="sgd", device="cuda"), [Configuration("e2e")])["rows"][0]
     assert bf16["params"] * 2 == fp32["params"] and bf16["optimizer"] == 0
 
 
@@ -282,13 +283,13 @@ def test_parse_bytes_rejects_nonsense(text):
 
 def test_impossible_plans_are_clear_errors():
     with pytest.raises(ValueError, match="dtype"):
-        Spec(tiny(), *DIGITS, dtype="float8")
+        Spec(tiny(), DIGITS, dtype="float8")
     with pytest.raises(ValueError, match="optimizer"):
-        Spec(tiny(), *DIGITS, optimizer="lion")
+        Spec(tiny(), DIGITS, optimizer="lion")
     with pytest.raises(ValueError, match="model.width"):
-        Spec(tiny("model.width=-4"), *DIGITS)
+        Spec(tiny("model.width=-4"), DIGITS)
     with pytest.raises(ValueError, match="channels"):
-        Spec(tiny(), (8, 8), 0, 10)
+        ClassifyTask().plan_shapes(tiny(), image_size=(8, 8), channels=0, classes=10)
     with pytest.raises(ValueError, match="B=5"):
         configurations(4, (2, 5))
 
@@ -327,7 +328,7 @@ def test_the_ema_averages_follow_their_parameters_onto_the_device(tmp_path, monk
 
     cfg = tiny(f"dblocks.residency={policy}", "dblocks.num_blocks=2")
     torch.manual_seed(0)
-    model = new_model(cfg, ImageShapes(*DIGITS))
+    model = new_model(cfg, DIGITS)
     ema = EMA(model, 0.9)
     method = DBlocks(model, cfg, 10, offload_dir=tmp_path, ema=ema)
     moved, original = set(), torch.Tensor.to

@@ -91,6 +91,11 @@ class ARLMTask(LMTask):
                              f"(training form {form!r}) is not built yet")
         return AutoregressiveLM(cfg, data.vocab_size)
 
+    def plan_layer_bytes(self, cfg: RunConfig, shapes, element: int) -> int:
+        """Attention converts the boolean causal mask into an additive (T, T) mask of the model's dtype, and
+        every layer keeps its own."""
+        return cfg.data.seq_len ** 2 * element
+
     def _how(self, ev: dict) -> str:
         return " (exact)"
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..data import Batches, ImageDataset, augment, iterate_eval, load_dataset, to_float
+from ..data import DATA_SHAPES, Batches, ImageDataset, augment, iterate_eval, load_dataset, to_float
 
 SPLITS = ("test", "validation")
 VALIDATION_SEED = 20_261_201  # the validation split is the same for every run seed (data.val_size)
@@ -132,6 +132,31 @@ class Task:
         """The headline evaluation (`eval`, `compare`, a block-parallel run); holds `metric`."""
         return self.evaluate(model, data, cfg, split=split, device=device, **options)
 
+    # -- the memory planner (plan.py) and `diffusionblocks memory`: shapes and formulas, no data --------------
+
+    def plan_shapes(self, cfg: RunConfig, **given) -> Any:
+        """What build_model reads of the data (e.g. ImageShapes), without loading it; `given` (from the command
+        line) overrides what the config implies."""
+        raise ValueError(f"the memory planner does not cover task={self.name!r} yet")
+
+    def random_batch(self, cfg: RunConfig, shapes, generator: torch.Generator) -> tuple:
+        """A training batch of cfg.train.batch_size with random values (what a step saves does not depend on
+        them), for measuring a step without data."""
+        raise ValueError(f"`diffusionblocks memory` does not cover task={self.name!r} yet")
+
+    def plan_tokens(self, cfg: RunConfig, shapes) -> int:
+        """Tokens per sample through the transformer layers."""
+        raise ValueError(f"the planner's activation formula does not cover task={self.name!r} yet")
+
+    def plan_layer_bytes(self, cfg: RunConfig, shapes, element: int) -> int:
+        """Bytes each layer saves beyond the transformer layer's formula (plan.layer_activation_bytes)."""
+        return 0
+
+    def plan_outer_bytes(self, cfg: RunConfig, shapes, model: nn.Module, element: int) -> int:
+        """Bytes autograd saves outside the layers in one training step of `model` (as build_model made it, on
+        the meta device): stem, head and loss, at cfg.train.batch_size and `element` bytes per element."""
+        raise ValueError(f"the planner's activation formula does not cover task={self.name!r} yet")
+
     def summary(self, results: dict) -> str:
         """One line on a finished training run's results."""
         raise NotImplementedError
@@ -193,6 +218,23 @@ class ImageTask(Task):
             x, y = x[:limit], y[:limit]
         gen = torch.Generator().manual_seed(cfg.train.seed + 999)
         return iterate_eval(x, y, cfg.train.eval_batch_size), len(y), gen
+
+    def plan_shapes(self, cfg: RunConfig, image_size=None, channels=None, classes=None) -> ImageShapes:
+        known = DATA_SHAPES.get(cfg.data.name, (None, None, None))
+        image_size, channels, classes = (v if v is not None else k
+                                         for v, k in zip((image_size, channels, classes), known))
+        if image_size is None or channels is None or classes is None:
+            raise ValueError(f"data {cfg.data.name!r} has no known shape; give --image-size, --channels and --classes")
+        for name, value in (("image height", image_size[0]), ("image width", image_size[-1]), ("channels", channels),
+                            ("classes", classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return ImageShapes((image_size[0], image_size[-1]), channels, classes)
+
+    def random_batch(self, cfg: RunConfig, shapes: ImageShapes, generator: torch.Generator) -> tuple:
+        n = cfg.train.batch_size
+        return (torch.rand(n, shapes.channels, *shapes.image_size, generator=generator),
+                torch.randint(shapes.num_classes, (n,), generator=generator))
 
     def probe_batch(self, data: ImageDataset, cfg: RunConfig, device) -> tuple:
         n = min(cfg.train.batch_size, len(data.y_train))

@@ -13,6 +13,8 @@ README and benchmarks/README.md): each can be set back to the paper's value.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -23,7 +25,7 @@ from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, ce_loss
 from ..sample import euler
-from .base import ImageTask, unknown_form
+from .base import ImageShapes, ImageTask, unknown_form
 
 
 def layers_of(m) -> list[nn.Module]:
@@ -182,6 +184,28 @@ class ClassifyTask(ImageTask):
         if form not in self.forms:
             raise unknown_form(self.name, form, tuple(self.forms))
         return self.forms[form](cfg, data.image_size, data.channels, data.num_classes)
+
+    def plan_tokens(self, cfg: RunConfig, shapes: ImageShapes) -> int:
+        """Patches plus the CLS / label token."""
+        p = cfg.model.patch
+        return math.ceil(shapes.image_size[0] / p) * math.ceil(shapes.image_size[1] / p) + 1
+
+    def plan_outer_bytes(self, cfg: RunConfig, shapes: ImageShapes, model: nn.Module, element: int) -> int:
+        """The image for the patch convolution, the head's norm and linear on the read token, the loss; for
+        dblocks also the label embedding's input and the noise embedding's MLP."""
+        m, s = cfg.model, element
+        N, D = cfg.train.batch_size, m.width
+        h, w = shapes.image_size
+        image = N * shapes.channels * h * w * s
+        head = N * (2 * D * s + 8) + N * shapes.num_classes * s  # LN input copy + stats, LN output; log-softmax
+        if not isinstance(model, DiffusionClassifier):  # end to end
+            cond = N * D * s if m.layer == "adaln" else 0  # the zero conditioning vector, once for all layers
+            return image + head + cond
+        label_dim = m.label_dim or D
+        noise_embedding = N * (256 + 3 * D) * s  # sinusoidal features, hidden (SiLU input and output), c
+        label = N * label_dim * s  # label_in's input
+        readout = N * label_dim * s  # D(z) into the readout
+        return image + head + noise_embedding + label + readout
 
     @torch.no_grad()
     def evaluate(self, model, data, cfg: RunConfig, *, split: str = "test", limit: int = 0, device="cpu",

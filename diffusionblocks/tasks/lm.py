@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +40,13 @@ from .base import Task
 
 LN2 = math.log(2.0)
 EVAL_SPLITS = ("validation", "test")
+
+
+@dataclass(frozen=True)
+class TextShapes:
+    """What a language model is built from, without loading the text (the memory planner): the vocabulary."""
+
+    vocab_size: int
 
 
 class TextData:
@@ -135,8 +143,45 @@ class LMTask(Task):
     eval_options: ClassVar[tuple[str, ...]] = ("limit",)
     sample_options: ClassVar[tuple[str, ...]] = ()  # keyword options of the model's sample() (CLI `sample` flags)
 
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        if cfg.model.layer != "adaln":
+            raise ValueError(f"model.layer={cfg.model.layer!r}: the language models are built of adaLN-zero layers "
+                             "only (model.layer=adaln)")
+
     def load_data(self, cfg: RunConfig) -> TextData:
         return load_text(cfg)
+
+    # -- the memory planner: windows of data.seq_len tokens over the tokenizer's vocabulary
+
+    def plan_shapes(self, cfg: RunConfig, **given) -> TextShapes:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{flags}: image options; task {self.name!r} takes its shapes from data.tokenizer "
+                             "and data.seq_len")
+        vocab = getattr(TOKENIZERS[cfg.data.tokenizer], "vocab_size", None)  # fixed by the kind (bytes, text8)
+        if vocab is None:  # from the training split (chars, bpe): prepared once, cached
+            vocab = load_text(cfg).vocab_size
+        return TextShapes(vocab)
+
+    def random_batch(self, cfg: RunConfig, shapes: TextShapes, generator: torch.Generator) -> tuple:
+        return (torch.randint(shapes.vocab_size, (cfg.train.batch_size, cfg.data.seq_len), generator=generator),)
+
+    def plan_tokens(self, cfg: RunConfig, shapes: TextShapes) -> int:
+        return cfg.data.seq_len
+
+    def plan_outer_bytes(self, cfg: RunConfig, shapes: TextShapes, model: nn.Module, element: int) -> int:
+        """What every language model saves outside its layers: the stem's token ids (int64); the head's
+        LayerNorm input, statistics (float32) and output (the tied linear's input; its weight is a parameter);
+        the loss's log-softmax over the vocabulary (float32 whatever the dtype) and its targets (int64); two
+        float32 scalars (the cross-entropy's weight total, and the loss, which the update's finiteness check
+        keeps). The task adds its own (`_plan_extra_bytes`)."""
+        N, T, D, V = cfg.train.batch_size, cfg.data.seq_len, cfg.model.width, shapes.vocab_size
+        per_token = 8 + 2 * D * element + 8 + 4 * V + 8
+        return N * T * per_token + 8 + self._plan_extra_bytes(cfg, shapes, model, element)
+
+    def _plan_extra_bytes(self, cfg: RunConfig, shapes: TextShapes, model: nn.Module, element: int) -> int:
+        return 0
 
     def stream(self, data: TextData, cfg: RunConfig, seed: int, member: int = 0) -> TokenWindows:
         return TokenWindows(data.splits["train"], cfg.train.batch_size, cfg.data.seq_len, seed)

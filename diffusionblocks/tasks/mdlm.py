@@ -192,6 +192,12 @@ class MDLMTask(LMTask):
             raise unknown_form(self.name, form, ("end-to-end", "blocks"))
         return MaskedDiffusionLM(cfg, data.vocab_size, num_blocks=1 if form == "end-to-end" else None)
 
+    def _plan_extra_bytes(self, cfg: RunConfig, shapes, model: nn.Module, element: int) -> int:
+        """The masking time's embedding (sinusoidal features, the MLP's hidden before and after SiLU, c), which
+        positions are scored (bool) and the per-sample weight (float32); the same end to end and per block."""
+        N, T, D = cfg.train.batch_size, cfg.data.seq_len, cfg.model.width
+        return N * (256 + 3 * D) * element + N * T + 4 * N
+
     def estimator(self, model, options: dict) -> dict:
         if not isinstance(model, MaskedDiffusionLM):  # compare scores the autoregressive arm through this task
             return {}
