@@ -33,6 +33,7 @@ class ModelConfig:
     gate_recompute: bool = True  # adaLN-zero keeps no more activations than a plain layer (one extra matmul)
     noise_scale: float = 1000.0  # c_noise = ln(sigma)/4 is multiplied by this before the sinusoidal features
     label_head: str = "plain"  # classification's label head: "plain" (LayerNorm + Linear) or "adaln"
+    positions: str = "learned"  # language models: "learned" absolute positions or "rope" (rotary, in attention)
 
 
 @dataclass
@@ -217,6 +218,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (m.layer in ("adaln", "prenorm"), f"model.layer={m.layer!r}: expected 'adaln' or 'prenorm'"),
         (m.noise_scale > 0, f"model.noise_scale={m.noise_scale}: must be > 0"),
         (m.label_head in ("plain", "adaln"), f"model.label_head={m.label_head!r}: expected 'plain' or 'adaln'"),
+        (m.positions in ("learned", "rope"), f"model.positions={m.positions!r}: expected 'learned' or 'rope'"),
         (0 <= t.beta2 < 1, f"train.beta2={t.beta2}: must be in [0, 1)"),
         (d.block_choice in ("random", "round-robin", "sequential"),
          f"dblocks.block_choice={d.block_choice!r}: expected 'random', 'round-robin' or 'sequential'"),
@@ -374,7 +376,7 @@ def preset_lm_tiny() -> RunConfig:
     Shakespeare in the text8 alphabet; evaluated on the first 16 test windows, K = 2."""
     cfg = RunConfig(task="mdlm")
     cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=32, test_limit=16)
-    cfg.model = ModelConfig(depth=2, width=32, heads=2, mlp_ratio=2.0)
+    cfg.model = ModelConfig(depth=2, width=32, heads=2, mlp_ratio=2.0, positions="rope")
     cfg.dblocks.num_blocks = 2
     cfg.train = TrainConfig(steps=30, batch_size=16, lr=3e-3, weight_decay=0.03, eval_limit=8, eval_batch_size=64,
                             log_every=10, ckpt_every=1000)
@@ -391,7 +393,7 @@ def preset_lm_cpu() -> RunConfig:
     compare run."""
     cfg = RunConfig(task="mdlm")
     cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=128)
-    cfg.model = ModelConfig(depth=6, width=192, heads=3, mlp_ratio=2.0)
+    cfg.model = ModelConfig(depth=6, width=192, heads=3, mlp_ratio=2.0, positions="rope")
     cfg.dblocks.num_blocks, cfg.dblocks.gamma = 3, 0.05
     cfg.train = TrainConfig(steps=320, batch_size=32, lr=1e-3, weight_decay=0.03, eval_limit=64, eval_batch_size=64,
                             log_every=20, ckpt_every=500)
@@ -417,7 +419,7 @@ def preset_lm_text8() -> RunConfig:
     (the warm-up is a fraction of the steps: set train.warmup = 2000 / steps to keep 2k)."""
     cfg = RunConfig(task="mdlm")
     cfg.data = DataConfig(name="text8", tokenizer="text8", seq_len=256)
-    cfg.model = ModelConfig(depth=12, width=768, heads=12, mlp_ratio=4.0)
+    cfg.model = ModelConfig(depth=12, width=768, heads=12, mlp_ratio=4.0, positions="rope")
     cfg.dblocks.num_blocks, cfg.dblocks.gamma = 3, 0.05
     steps = 100 * 90_000_000 // (256 * 256)
     cfg.train = TrainConfig(steps=steps, batch_size=256, lr=3e-4, weight_decay=0.03, warmup=2000 / steps,

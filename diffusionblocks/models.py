@@ -201,9 +201,10 @@ class VectorHead(nn.Module):
 
 
 def lm_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, *,
-              recompute_gate: bool = True) -> list[nn.Module]:
-    """`depth` adaLN-zero transformer layers that take (c, attention mask) as their conditioning."""
-    return [SequenceLayer(width, heads, width, mlp_ratio, dropout, recompute_gate) for _ in range(depth)]
+              recompute_gate: bool = True, rope: bool = False) -> list[nn.Module]:
+    """`depth` adaLN-zero transformer layers that take (c, attention mask) as their conditioning; `rope`: rotary
+    positions in attention."""
+    return [SequenceLayer(width, heads, width, mlp_ratio, dropout, recompute_gate, rope) for _ in range(depth)]
 
 
 def attention_mask(seq_len: int, causal: bool, pad: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -219,26 +220,30 @@ def attention_mask(seq_len: int, causal: bool, pad: torch.Tensor | None, device)
 class TokenStem(nn.Module):
     """(tokens (N, T) int, c_noise (N,) or None, pad (N, T) bool or None) -> h (N, T, D), (c (N, D), mask).
 
-    h = token embedding + learned position. The table has `num_embeddings` rows: the vocabulary and the task's
+    h = token embedding + learned position (none when the layers rotate queries and keys, model.positions=rope).
+    The table has `num_embeddings` rows: the vocabulary and the task's
     extra ids ([MASK] for masked diffusion, [BOS] for autoregression). c is the embedded noise level (the
     masking time t) when `conditioned`, else zeros: the adaLN-zero modulation then reduces to learned per-layer
     shift/scale/gate, as in ViTClassifier. The attention mask is causal when `causal` and hides padding keys.
     """
 
     def __init__(self, num_embeddings: int, seq_len: int, width: int, *, causal: bool = False,
-                 conditioned: bool = True, noise_scale: float = 1000.0):
+                 conditioned: bool = True, noise_scale: float = 1000.0, learned_positions: bool = True):
         super().__init__()
         self.width, self.seq_len, self.causal = width, seq_len, causal
         self.embed = nn.Embedding(num_embeddings, width)
         nn.init.normal_(self.embed.weight, std=0.02)
-        self.pos = nn.Parameter(0.02 * torch.randn(1, seq_len, width))
+        # learned absolute positions, or none here (the layers' attention rotates queries and keys: rope)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, seq_len, width)) if learned_positions else None
         self.noise = NoiseEmbedding(width, scale=noise_scale) if conditioned else None
 
     def forward(self, tokens: torch.Tensor, c_noise: torch.Tensor | None = None, pad: torch.Tensor | None = None):
         N, T = tokens.shape
         if tokens.shape[1] > self.seq_len:
             raise ValueError(f"a sequence of {T} tokens is longer than the model's {self.seq_len} positions")
-        h = self.embed(tokens) + self.pos[:, :T]  # (N, T, D)
+        h = self.embed(tokens)  # (N, T, D)
+        if self.pos is not None:
+            h = h + self.pos[:, :T]
         c = self.noise(c_noise) if self.noise is not None else h.new_zeros(N, self.width)
         return h, (c, attention_mask(T, self.causal, pad, tokens.device))
 

@@ -132,20 +132,66 @@ class AdaLNZero(nn.Module):
         return GatedResidual.apply(h, gate, x, self.branch.out.weight, self.branch.out.bias)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over (N, T, D), optional boolean mask (True = may attend)."""
+_ROTARY_TABLES: dict = {}
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+
+def rotary_tables(seq_len: int, head_dim: int, device, dtype, base: float = 10_000.0):
+    """(cos, sin), each (T, Dh / 2): the angle p * base^(-2i / Dh) of pair i at position p (cached)."""
+    key = (seq_len, head_dim, str(device), dtype, base)
+    if key not in _ROTARY_TABLES:
+        inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angle = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv[None]
+        _ROTARY_TABLES[key] = (angle.cos().to(device, dtype), angle.sin().to(device, dtype))
+    return _ROTARY_TABLES[key]
+
+
+def _rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    out = qkv.clone()
+    c, s = cos[:, None], sin[:, None]  # (T, 1, Dh / 2): broadcast over heads
+    for j in (0, 1):  # q and k; v is copied as it is
+        x1, x2 = qkv[:, :, j, :, 0::2], qkv[:, :, j, :, 1::2]
+        out[:, :, j, :, 0::2] = x1 * c - x2 * s
+        out[:, :, j, :, 1::2] = x1 * s + x2 * c
+    return out
+
+
+class Rotary(torch.autograd.Function):
+    """Rotary position embedding (RoPE, Su et al. 2021) of queries and keys: qkv (N, T, 3, H, Dh) -> the same
+    with each pair (x_2i, x_2i+1) of q and k at position p turned by the angle p * base^(-2i / Dh), so that
+    q_p . k_r depends on p - r only. Backward turns the gradient back (the transpose of a rotation is the
+    rotation by the opposite angle): nothing is saved for backward, so a layer keeps what it keeps without it."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.tables = (cos, sin)  # constants (no gradient), not activations
+        return _rotate(qkv, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.tables
+        return _rotate(grad, cos, -sin), None, None
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over (N, T, D), optional boolean mask (True = may attend); with `rope`, rotary
+    position embedding of queries and keys (the positions are then relative, and the stem adds none)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, rope: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by the number of heads {heads}")
-        self.heads, self.dropout = heads, dropout
+        if rope and (dim // heads) % 2:
+            raise ValueError(f"rotary positions need an even head width, got {dim} / {heads} = {dim / heads:g}")
+        self.heads, self.dropout, self.rope = heads, dropout, rope
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
     def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         N, T, D = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (N, H, T, Dh)
+        qkv = self.qkv(x).view(N, T, 3, self.heads, D // self.heads)
+        if self.rope:
+            qkv = Rotary.apply(qkv, *rotary_tables(T, D // self.heads, x.device, x.dtype))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, H, T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return y.transpose(1, 2).reshape(N, T, D)
@@ -170,10 +216,10 @@ class TransformerLayer(nn.Module):
     """Pre-norm transformer layer, both sublayers adaLN-zero conditioned: layer(h, c) -> h."""
 
     def __init__(self, dim: int, heads: int, cond_dim: int | None = None, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, recompute_gate: bool = True):
+                 dropout: float = 0.0, recompute_gate: bool = True, rope: bool = False):
         super().__init__()
         cond_dim = cond_dim or dim
-        self.attn = AdaLNZero(Attention(dim, heads, dropout), dim, cond_dim, recompute_gate=recompute_gate)
+        self.attn = AdaLNZero(Attention(dim, heads, dropout, rope), dim, cond_dim, recompute_gate=recompute_gate)
         self.mlp = AdaLNZero(Mlp(dim, int(dim * mlp_ratio), dropout), dim, cond_dim, recompute_gate=recompute_gate)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

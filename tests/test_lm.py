@@ -18,6 +18,7 @@ from diffusionblocks.config import RunConfig, apply_overrides, load_preset, vali
 from diffusionblocks.jobs import merge
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.run import load_model
+from diffusionblocks.run import validate as validate_run
 from diffusionblocks.tasks import get_task
 from diffusionblocks.tasks.arlm import AutoregressiveLM
 from diffusionblocks.tasks.lm import TextData, eval_windows
@@ -129,6 +130,40 @@ def test_bidirectional_attention_sees_everything_and_causal_cannot_see_the_futur
         a, b = ar.logits(x), ar.logits(later)
     assert torch.allclose(a[:, :11], b[:, :11], atol=1e-6)  # position i reads [BOS] + x_<i: 0..10 see no change
     assert not torch.allclose(a[:, 11:], b[:, 11:])
+
+
+def test_rotary_positions_are_relative_exact_in_gradient_and_save_nothing():
+    from diffusionblocks.memory import saved_activation_bytes
+    from diffusionblocks.nn import Attention, Rotary, rotary_tables
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 6, 3, 2, 4, dtype=torch.float64, requires_grad=True, generator=g)
+    cos, sin = rotary_tables(6, 4, "cpu", torch.float64)
+    assert torch.autograd.gradcheck(lambda t: Rotary.apply(t, cos, sin), (qkv,))
+    # the same query and key at every position: q_p . k_r depends on p - r only, and not on p alone
+    x = torch.zeros(1, 6, 3, 1, 4, dtype=torch.float64)
+    x[:, :, 0, 0], x[:, :, 1, 0] = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g,
+                                                                                                dtype=torch.float64)
+    r = Rotary.apply(x, cos, sin)[0, :, :, 0]
+    dots = r[:, 0] @ r[:, 1].T  # (positions of q, positions of k)
+    for offset in (-2, 0, 3):
+        diag = torch.diagonal(dots, offset)
+        assert torch.allclose(diag, diag[0].expand_as(diag))
+    assert not torch.allclose(dots[0, 0], dots[0, 3])
+    # rope changes what attention computes, not what it keeps for backward
+    h = torch.randn(3, 6, 8, requires_grad=True)
+    plain, rope = Attention(8, 2), Attention(8, 2, rope=True)
+    rope.load_state_dict(plain.state_dict())
+    saved = [saved_activation_bytes(lambda m=m: m(h).sum(), list(m.parameters()))[0] for m in (plain, rope)]
+    assert saved[0] == saved[1]
+    assert not torch.allclose(plain(h), rope(h))
+    # positions: an image model refuses rope, a language model with rope has no learned position table
+    with pytest.raises(ValueError, match="learned positions"):
+        validate_run(apply_overrides(load_preset("tiny"), ["model.positions=rope"]))
+    has_table = lambda model: any(name.endswith("stem.pos") for name, _ in model.named_parameters())
+    assert not has_table(MaskedDiffusionLM(model_cfg("model.positions=rope"), V))
+    assert has_table(MaskedDiffusionLM(model_cfg("model.positions=learned"), V))
+    assert not has_table(AutoregressiveLM(model_cfg("model.positions=rope"), V))
 
 
 def test_padding_is_never_masked_scored_or_seen():

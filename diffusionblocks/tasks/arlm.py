@@ -28,9 +28,10 @@ class AutoregressiveLM(nn.Module):
         m = cfg.model
         self.vocab_size, self.bos, self.seq_len = vocab_size, vocab_size, cfg.data.seq_len
         self.num_layers, self.checkpoint_every = m.depth, m.checkpoint
-        self.stem = TokenStem(vocab_size + 1, cfg.data.seq_len, m.width, causal=True, conditioned=False)
+        self.stem = TokenStem(vocab_size + 1, cfg.data.seq_len, m.width, causal=True, conditioned=False,
+                              learned_positions=m.positions == "learned")
         self.layers = nn.ModuleList(lm_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout,
-                                              recompute_gate=m.gate_recompute))
+                                              recompute_gate=m.gate_recompute, rope=m.positions == "rope"))
         self.head = TokenHead(self.stem.embed, m.width, vocab_size)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -192,6 +192,12 @@ class ImageStream:
 class ImageTask(Task):
     """Labelled images (data.py): uint8 batches made float in [-1, 1] and augmented per unit stream."""
 
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        if cfg.model.positions != "learned":
+            raise ValueError(f"model.positions={cfg.model.positions!r}: the image models use learned positions "
+                             "(rotary positions are for the language models)")
+
     def load_data(self, cfg: RunConfig) -> ImageDataset:
         ds = load_dataset(cfg.data.name, root=cfg.data.root or None)
         if cfg.data.train_limit:  # before the validation split: it comes out of these

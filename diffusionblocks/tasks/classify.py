@@ -176,6 +176,7 @@ class ClassifyTask(ImageTask):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
+        super().check(cfg)
         if cfg.dblocks.label_table == "learned" and not cfg.dblocks.shared_stem_head:
             raise ValueError("dblocks.label_table=learned is trained by every block (a shared parameter): it needs "
                              "dblocks.shared_stem_head=true; independent blocks share the fixed table")

@@ -66,9 +66,11 @@ class MaskedDiffusionLM(StackBlocks, nn.Module):
         self.eps, self.eval_t, self.sample_steps = md.eps, md.eval_t, md.sample_steps
         self.partition = Partition.create(MaskLevels(md.schedule), B, kind=d.partition, gamma=d.gamma if B > 1 else 0.0)
         shared = d.shared_stem_head or B == 1
-        stem = TokenStem(vocab_size + 1, cfg.data.seq_len, m.width, noise_scale=m.noise_scale)
+        stem = TokenStem(vocab_size + 1, cfg.data.seq_len, m.width, noise_scale=m.noise_scale,
+                         learned_positions=m.positions == "learned")
         self.stack = BlockStack(
-            lm_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, recompute_gate=m.gate_recompute),
+            lm_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, recompute_gate=m.gate_recompute,
+                      rope=m.positions == "rope"),
             stem, TokenHead(stem.embed, m.width, vocab_size), self.partition,
             allocation=allocation_of(cfg) if B > 1 else None, shared_stem_head=shared, precond=PlainPrecond(),
             checkpoint_every=m.checkpoint)
