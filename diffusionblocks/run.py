@@ -116,7 +116,9 @@ def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, object
     if cfg.train.blocks.strip():
         raise ValueError(f"{run} is a per-block job (blocks {cfg.train.blocks}): merge the jobs of all blocks "
                          f"first (diffusionblocks merge RUN... --out DIR), then evaluate the merged run")
-    data = get_task(cfg.task).load_data(cfg)
+    task = get_task(cfg.task)
+    data = task.load_data(cfg)
+    task.check_run(data, run)
     model = build_model(cfg, data)
     load_weights(model, run / (EMA_WEIGHTS if (run / EMA_WEIGHTS).exists() else WEIGHTS))
     return cfg, model, data

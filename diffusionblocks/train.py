@@ -96,6 +96,7 @@ class Run:
                 print(f"warning: {out} holds an earlier run; starting afresh over it", file=sys.stderr)
             io.atomic_write_text(out / CONFIG, save_config(cfg))
             io.atomic_write_text(out / METRICS, "")
+            self.task.save_with_run(self.data, out)
         if method.partial:
             self.write_job()
         place(self.model, self.device, method.residency, self.ema)

@@ -228,6 +228,15 @@ def test_per_block_jobs_of_a_tied_model_merge(corpus, tmp_path):
     assert all(blk.stem.embed.weight is blk.head.embed.weight for blk in model.stack.blocks)
 
 
+def test_autoregressive_sampling_with_and_without_a_prompt():
+    model = AutoregressiveLM(model_cfg(), V)
+    g = torch.Generator().manual_seed(0)
+    assert model.sample(2, 5, generator=g).shape == (2, 5)  # no prompt: the first token reads [BOS] alone
+    prompt = torch.tensor([3, 4, 5])
+    out = model.sample(2, 40, prompt, generator=g)  # past seq_len (32): a sliding window
+    assert out.shape == (2, 40) and (out[:, :3] == prompt).all() and int(out.max()) < V
+
+
 def test_one_block_call_per_sampling_step():
     model = MaskedDiffusionLM(model_cfg("dblocks.num_blocks=2", "data.seq_len=16"), V)
     calls = []
@@ -261,6 +270,13 @@ def test_both_tasks_train_and_write_bits_per_character(corpus, tmp_path):
     assert held["validation"]["from"] == "the corpus's validation split"
     with pytest.raises(ValueError, match="trains end to end only"):
         train(tiny(corpus, "dblocks", "arlm"), tmp_path / "ar-db", progress=False)
+    # the tokenizer is saved with the run, and a run whose text changed since is refused, not decoded wrongly
+    run = tmp_path / "mdlm-e2e"
+    assert io.load_json(run / "tokenizer.json") == {"kind": "text8"}
+    load_model(run)
+    io.save_json(run / "tokenizer.json", {"kind": "chars", "chars": "abc"})
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        load_model(run)
 
 
 def test_config_keys_are_checked_and_old_configs_load():

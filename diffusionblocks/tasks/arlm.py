@@ -71,7 +71,7 @@ class AutoregressiveLM(nn.Module):
             while out.shape[1] < length:
                 context = out[:, max(0, out.shape[1] - self.seq_len + 1):]
                 # append a placeholder: the logits at the last position read [BOS] + the whole context
-                window = torch.cat([context, torch.zeros_like(out[:, :1])], dim=1)
+                window = torch.cat([context, out.new_zeros(num, 1)], dim=1)
                 probs = self.logits(window)[:, -1].float().softmax(-1).cpu()
                 out = torch.cat([out, torch.multinomial(probs, 1, generator=generator).to(device)], dim=1)
         finally:

@@ -106,6 +106,12 @@ class Task:
         """The model in the form a method trains ("end-to-end" or "blocks")."""
         raise NotImplementedError
 
+    def save_with_run(self, data, out) -> None:
+        """Write what a run keeps beside its weights to rebuild its outputs (text: the tokenizer)."""
+
+    def check_run(self, data, run) -> None:
+        """Raise ValueError when `data`, loaded now for the run in directory `run`, is not what it trained on."""
+
     def stream(self, data, cfg: RunConfig, seed: int, member: int = 0):
         """A resumable iterator of raw training batches (tuples of tensors) with its own randomness."""
         raise NotImplementedError

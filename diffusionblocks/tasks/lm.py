@@ -39,6 +39,7 @@ from ..text import (
 from .base import Task
 
 LN2 = math.log(2.0)
+TOKENIZER_FILE = "tokenizer.json"  # saved in every language-model run directory
 EVAL_SPLITS = ("validation", "test")
 
 
@@ -151,6 +152,18 @@ class LMTask(Task):
 
     def load_data(self, cfg: RunConfig) -> TextData:
         return load_text(cfg)
+
+    def save_with_run(self, data: TextData, out) -> None:
+        data.tokenizer.save(Path(out) / TOKENIZER_FILE)
+
+    def check_run(self, data: TextData, run) -> None:
+        """The tokenizer rebuilt from the data must be the one the run trained with (a user's corpus may have
+        changed since: its ids would decode into other text)."""
+        saved = Path(run) / TOKENIZER_FILE
+        if saved.exists() and io.load_json(saved) != data.tokenizer.to_dict():
+            raise ValueError(f"{saved}: the run's tokenizer differs from the one built now from data "
+                             f"{data.name!r} ({data.tokenizer.kind}); the text changed since training, so its ids "
+                             f"would decode into other text. Point data.name / data.root at the text it trained on")
 
     # -- the memory planner: windows of data.seq_len tokens over the tokenizer's vocabulary
 
