@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import NoiseEmbedding, PreNormLayer, SequenceLayer, TransformerLayer, run_layers
+from .nn import AttentionLayout, NoiseEmbedding, PreNormLayer, SequenceLayer, TransformerLayer, run_layers
 
 
 def vit_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, *,
@@ -215,6 +215,20 @@ def attention_mask(seq_len: int, causal: bool, pad: torch.Tensor | None, device)
         keys = ~pad[:, None, None, :]  # (N, 1, 1, T)
         mask = keys if mask is None else keys & mask
     return mask
+
+
+def noisy_clean_layout(seq_len: int, device=None) -> AttentionLayout:
+    """Attention over a noisy copy and a clean copy of a sequence laid end to end, [z_1..z_T ; x_1..x_T] (block
+    diffusion with blocks of one token, paper App. E.4): z_i sees itself and x_<i, x_i sees x_<=i, nothing else
+    (so the clean half is an ordinary causal transformer, and no clean token ever reads a noisy one); both copies
+    of position i carry position id i."""
+    i = torch.arange(seq_len, device=device)
+    earlier = i[None, :] < i[:, None]  # (query i, key j): j < i
+    mask = torch.zeros(2 * seq_len, 2 * seq_len, dtype=torch.bool, device=device)
+    mask[:seq_len, :seq_len] = torch.eye(seq_len, dtype=torch.bool, device=device)  # z_i -> z_i
+    mask[:seq_len, seq_len:] = earlier  # z_i -> x_<i
+    mask[seq_len:, seq_len:] = earlier | torch.eye(seq_len, dtype=torch.bool, device=device)  # x_i -> x_<=i
+    return AttentionLayout(mask, torch.cat([i, i]))
 
 
 class TokenStem(nn.Module):

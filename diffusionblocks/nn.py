@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,15 @@ class Rotary(torch.autograd.Function):
         return _rotate(grad, cos, -sin), None, None
 
 
+class AttentionLayout(NamedTuple):
+    """What attention may be told besides the tokens: a boolean mask (True = may attend, broadcastable to
+    (N, heads, T, T); None: every token sees every token) and each token's position id for rotary positions
+    ((T,) int, ids below T; None: 0..T-1). Two copies of a sequence laid end to end share their ids this way."""
+
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over (N, T, D), optional boolean mask (True = may attend); with `rope`, rotary
     position embedding of queries and keys (the positions are then relative, and the stem adds none)."""
@@ -186,11 +196,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, mask: torch.Tensor | AttentionLayout | None = None) -> torch.Tensor:
         N, T, D = x.shape
+        mask, positions = mask if isinstance(mask, AttentionLayout) else (mask, None)
         qkv = self.qkv(x).view(N, T, 3, self.heads, D // self.heads)
         if self.rope:
-            qkv = Rotary.apply(qkv, *rotary_tables(T, D // self.heads, x.device, x.dtype))
+            cos, sin = rotary_tables(T, D // self.heads, x.device, x.dtype)
+            if positions is not None:
+                cos, sin = cos[positions], sin[positions]
+            qkv = Rotary.apply(qkv, cos, sin)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, H, T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)

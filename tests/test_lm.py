@@ -166,6 +166,40 @@ def test_rotary_positions_are_relative_exact_in_gradient_and_save_nothing():
     assert not has_table(AutoregressiveLM(model_cfg("model.positions=rope"), V))
 
 
+def test_noisy_clean_layout_sees_what_block_diffusion_allows_and_shares_position_ids():
+    """Issue 13's attention: [z ; x] with z_i -> {z_i, x_<i} and x_i -> x_<=i; both copies of i at position i."""
+    from diffusionblocks.models import noisy_clean_layout
+    from diffusionblocks.nn import SequenceLayer
+
+    torch.manual_seed(0)
+    T, D = 6, 16
+    layers = [randomized(SequenceLayer(D, 2, D, 2.0, rope=True)).eval() for _ in range(2)]
+    layout = noisy_clean_layout(T)
+    c = torch.randn(1, D)
+
+    def run(z, x):
+        h = torch.cat([z, x], dim=1)
+        for layer in layers:
+            h = layer(h, (c, layout))
+        return h[:, :T], h[:, T:]
+
+    z, x = torch.randn(1, T, D), torch.randn(1, T, D)
+    with torch.no_grad():
+        out_z, out_x = run(z, x)
+        i = 3
+        later = x.clone()
+        later[:, i:] += torch.randn(1, T - i, D)  # x_j for j >= i (random: LayerNorm would erase a constant)
+        assert torch.allclose(run(z, later)[0][:, i], out_z[:, i], atol=1e-6)  # z_i does not see x_>=i
+        earlier = x.clone()
+        earlier[:, i - 1] += torch.randn(1, D)
+        assert not torch.allclose(run(z, earlier)[0][:, i], out_z[:, i])  # z_i sees x_<i
+        assert torch.allclose(run(torch.randn(1, T, D), x)[1], out_x, atol=1e-6)  # no clean token reads a noisy one
+        # shared ids: with z = x, z_i sees {x_i, x_<i} at the same positions as x_i sees x_<=i: equal outputs
+        same_z, same_x = run(x, x)
+        assert torch.allclose(same_z, same_x, atol=1e-5)
+    assert layout.positions.tolist() == list(range(T)) * 2
+
+
 def test_padding_is_never_masked_scored_or_seen():
     cfg = model_cfg("data.seq_len=16")
     x = torch.randint(V, (4, 16))
