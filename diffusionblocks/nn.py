@@ -137,13 +137,17 @@ _ROTARY_TABLES: dict = {}
 
 
 def rotary_tables(seq_len: int, head_dim: int, device, dtype, base: float = 10_000.0):
-    """(cos, sin), each (T, Dh / 2): the angle p * base^(-2i / Dh) of pair i at position p (cached)."""
-    key = (seq_len, head_dim, str(device), dtype, base)
-    if key not in _ROTARY_TABLES:
+    """(cos, sin), each (T, Dh / 2): the angle p * base^(-2i / Dh) of pair i at position p. One table per head
+    width, device and dtype is kept, grown to the next power of two when a longer sequence comes; views of it
+    are returned."""
+    key = (head_dim, str(device), dtype, base)
+    if key not in _ROTARY_TABLES or len(_ROTARY_TABLES[key][0]) < seq_len:
+        length = 1 << max(0, seq_len - 1).bit_length()
         inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angle = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv[None]
+        angle = torch.arange(length, dtype=torch.float64)[:, None] * inv[None]
         _ROTARY_TABLES[key] = (angle.cos().to(device, dtype), angle.sin().to(device, dtype))
-    return _ROTARY_TABLES[key]
+    cos, sin = _ROTARY_TABLES[key]
+    return cos[:seq_len], sin[:seq_len]
 
 
 def _rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
