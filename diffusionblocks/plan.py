@@ -9,9 +9,9 @@ DiffusionBlocks with checkpointing), the four parts of training memory on the de
   on a CPU, a 4-byte step counter per parameter tensor).
 - activations: what autograd saves for backward, from a per-layer formula over the tensors our layers
   save (see `layer_activation_bytes`) plus the task's formula for its stem, head and loss
-  (`Task.plan_outer_bytes`: the ViT classifier; the language models, with the tied head, the log-softmax
-  over the vocabulary and a causal mask), checked against the measurement module (`diffusionblocks memory`,
-  tests/test_memory.py, tests/test_lm.py). Image generation is not covered yet. It assumes fused
+  (`Task.plan_outer_bytes`: the ViT classifier; the DiT of image generation; the language models, with the
+  tied head, the log-softmax over the vocabulary and a causal mask), checked against the measurement module
+  (`diffusionblocks memory`, tests/test_memory.py, tests/test_lm.py). It assumes fused
   attention (PyTorch's SDPA on CPU, flash or memory-efficient on GPU); the math fallback also keeps the
   (T x T) attention matrix, which the formula does not include.
   With checkpointing the activations are the groups' inputs, and `transient` adds the one group that

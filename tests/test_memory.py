@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.config import apply_overrides, load_preset, preset_tiny
 from diffusionblocks.memory import AllocationPeak, SavedTensors, saved_activation_bytes
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.nn import AdaLNZero, GatedResidual, Mlp, ModulatedNorm, PreNormLayer, TransformerLayer
@@ -250,6 +250,22 @@ def test_planner_is_exact_on_params_grads_optimizer_and_close_on_activations():
         m = row["measured"]
         assert (row["params"], row["grads"], row["optimizer"]) == (m["params"], m["grads"], m["optimizer"]), row["name"]
         assert abs(row["activations"] / m["activations"] - 1) < 0.02, row["name"]
+
+
+@pytest.mark.parametrize("conditional", ["true", "false"])
+def test_planner_predicts_image_generation(conditional):
+    """The DiT under EDM: parameters, gradients and optimizer state exact, saved activations to the byte (the
+    patch embedding's input, DiT's final layer, EDM's scalings and the loss included), end to end and per block."""
+    cfg = apply_overrides(load_preset("gen-tiny"), ["train.batch_size=4", f"gen.conditional={conditional}"])
+    result = measure_all(Spec.of(cfg), configurations(cfg.model.depth, (2,)), progress=False)
+    assert result["task"] == "imagegen" and result["model"]["tokens"] == 16
+    for row in result["rows"]:
+        m = row["measured"]
+        assert (row["params"], row["grads"], row["optimizer"]) == (m["params"], m["grads"], m["optimizer"]), row
+        if row["checkpoint"]:
+            assert abs(row["activations"] / m["activations"] - 1) < 0.02, row["name"]
+        else:
+            assert row["activations"] == m["activations"], row["name"]
 
 
 def test_planner_reports_fit_and_the_orders_that_must_hold():

@@ -11,6 +11,7 @@ step runs one block: B times cheaper than a step of the end-to-end model.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -28,7 +29,7 @@ from ..models import DiTHead, DiTStem, vit_layers
 from ..noise import GRID_KINDS, LogNormalLevels, Partition
 from ..precond import EDMPrecond, mse_loss
 from ..sample import SAMPLERS
-from .base import ImageTask, Reference, StackBlocks, split_arrays, unknown_form
+from .base import ImageShapes, ImageTask, Reference, StackBlocks, split_arrays, unknown_form
 
 
 class ImageGenerator(StackBlocks, nn.Module):
@@ -268,6 +269,25 @@ class ImageGenTask(ImageTask):
             raise unknown_form(self.name, form, ("end-to-end", "blocks"))
         return ImageGenerator(cfg, data.image_size, data.channels, data.num_classes,
                               num_blocks=1 if form == "end-to-end" else None)
+
+    def plan_tokens(self, cfg: RunConfig, shapes: ImageShapes) -> int:
+        """The patches (the class and the noise level condition through adaLN, not as tokens)."""
+        p = cfg.model.patch
+        return math.ceil(shapes.image_size[0] / p) * math.ceil(shapes.image_size[1] / p)
+
+    def plan_outer_bytes(self, cfg: RunConfig, shapes: ImageShapes, model: nn.Module, element: int) -> int:
+        """The same end to end and per block: the scaled input for the patch embedding, the class ids (int64,
+        when conditional), the noise embedding (sinusoidal features, the MLP's hidden before and after SiLU, and
+        c); DiT's final layer (its LayerNorm's input, statistics and output, the modulated input of its linear,
+        SiLU(c) and the scale); EDM's per-sample output scale (float32), the loss's difference image and
+        per-sample weight (float32), and the loss scalar the update's finiteness check keeps."""
+        N, D, s = cfg.train.batch_size, cfg.model.width, element
+        image = N * shapes.channels * shapes.image_size[0] * shapes.image_size[1] * s
+        T = self.plan_tokens(cfg, shapes)
+        labels = 8 * N if cfg.gen.conditional else 0
+        noise_embedding = N * (256 + 3 * D) * s
+        head = 3 * N * T * D * s + 8 * N * T + 2 * N * D * s
+        return 2 * image + labels + noise_embedding + head + 4 * N + 4 * N + 4
 
     @torch.no_grad()
     def evaluate(self, model, data, cfg: RunConfig, *, split: str = "test", limit: int = 0, device="cpu",
