@@ -1,6 +1,6 @@
 """Autoregressive language modelling, end to end: a causal transformer of the same layers, sizes and data as the
 masked-diffusion model, scored by its exact likelihood. It is the floor of `compare --task mdlm` (its
-DiffusionBlocks version, a denoiser of next-token embeddings, is issue 12's part 2: METHOD.md section 7).
+DiffusionBlocks version, a denoiser of next-token embeddings, is issue 13: METHOD.md section 7).
 
 Each window is modelled on its own, like masked diffusion's: position i reads [BOS] followed by x_<i (causal
 attention; [BOS] is an extra id, V) and predicts x_i, so every token of a held-out window is scored, the first
@@ -11,13 +11,12 @@ with no context. -log p(window) = sum over its tokens of the cross-entropy, exac
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import RunConfig
 from ..models import TokenHead, TokenStem, lm_layers
 from ..nn import run_layers
-from .lm import LMTask, TextData
+from .lm import LMTask, TextData, token_ce
 
 
 class AutoregressiveLM(nn.Module):
@@ -42,8 +41,7 @@ class AutoregressiveLM(nn.Module):
 
     def token_nats(self, x: torch.Tensor) -> torch.Tensor:
         """-log p(x_i | x_<i), (N, T)."""
-        logits = self.logits(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="none").view(x.shape)
+        return token_ce(self.logits(x), x)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """Nats per token (N,)."""

@@ -9,6 +9,8 @@ headline metric, `metric`, better when `higher_is_better`). The loop never asks 
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -252,6 +254,21 @@ class ImageTask(Task):
         n = min(cfg.train.batch_size, len(data.y_train))
         # copies, as a training batch is: a slice would make the whole label tensor's storage count as saved
         return to_float(data.x_train[:n]).to(device), data.y_train[:n].clone().to(device)
+
+
+@torch.no_grad()
+def interleaved_seconds(calls: dict[str, Callable[[int], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each call over `repeats` rounds, the calls interleaved within a round (a shared, noisy
+    machine slows them alike); a round 0 before them warms up and is not timed. Each call gets its round's index
+    (e.g. for a seed)."""
+    times = {k: [] for k in calls}
+    for i in range(repeats + 1):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call(i)
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def unknown_form(task: str, form: str, known: tuple[str, ...]) -> ValueError:

@@ -29,7 +29,7 @@ from ..models import DiTHead, DiTStem, vit_layers
 from ..noise import GRID_KINDS, LogNormalLevels, Partition
 from ..precond import EDMPrecond, mse_loss
 from ..sample import SAMPLERS
-from .base import ImageShapes, ImageTask, Reference, StackBlocks, split_arrays, unknown_form
+from .base import ImageShapes, ImageTask, Reference, StackBlocks, interleaved_seconds, split_arrays, unknown_form
 
 
 class ImageGenerator(StackBlocks, nn.Module):
@@ -241,19 +241,6 @@ def real_floor(classifier, x_split, x_train, num: int, f_real: torch.Tensor, spl
     return frechet_distance(f_other, f_real), where
 
 
-@torch.no_grad()
-def sampling_speed(models: dict, steps: int, batch: int, repeats: int = 7) -> dict:
-    """Seconds per sampling call of `batch` images over `steps` steps, models interleaved, median."""
-    times = {k: [] for k in models}
-    for i in range(repeats + 1):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            model.sample(batch, steps, generator=torch.Generator().manual_seed(i))
-            if i:  # the first round warms up
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 class ImageGenTask(ImageTask):
     """Class-conditional image generation (DiT under EDM). Evaluated during training by the denoising loss
     at fixed levels; scored by FD (classifier features) of generated samples, lower is better."""
@@ -338,7 +325,9 @@ class ImageGenTask(ImageTask):
             return {}, []
         models = {role: load(role) for role in ("e2e", "dblocks")}
         steps = base.gen.steps
-        speed = sampling_speed(models, steps, batch=64)
+        speed = interleaved_seconds({role: lambda i, m=model: m.sample(64, steps,
+                                                                       generator=torch.Generator().manual_seed(i))
+                                     for role, model in models.items()}, repeats=7)
         grids = []
         for model in models.values():
             x, _ = model.sample(40, steps, classes=list(range(model.num_classes)) or None,

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import io
@@ -41,6 +42,11 @@ from .base import Task
 LN2 = math.log(2.0)
 TOKENIZER_FILE = "tokenizer.json"  # saved in every language-model run directory
 EVAL_SPLITS = ("validation", "test")
+
+
+def token_ce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in nats of every token, in float32: logits (N, T, V), x (N, T) -> (N, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="none").view(x.shape)
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import BlockStack
@@ -45,14 +43,13 @@ from ..config import RunConfig, allocation_of
 from ..models import TokenHead, TokenStem, lm_layers
 from ..noise import MaskLevels, Partition
 from ..precond import PlainPrecond
-from .base import StackBlocks, unknown_form
-from .lm import LMTask, TextData
+from .base import StackBlocks, interleaved_seconds, unknown_form
+from .lm import LMTask, TextData, token_ce
 
 
 def masked_ce(logits: torch.Tensor, x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
     """Sum over the scored positions of the cross-entropy: logits (N, T, V), x (N, T), scored (N, T) -> (N,)."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), x.flatten(), reduction="none").view(x.shape)
-    return (ce * scored).sum(1)
+    return (token_ce(logits, x) * scored).sum(1)
 
 
 class MaskedDiffusionLM(StackBlocks, nn.Module):
@@ -221,8 +218,10 @@ class MDLMTask(LMTask):
                          + ", ".join(f"{role} +{gap:.4f}" for role, gap in gaps.items()))
         if {"e2e", "dblocks"} <= set(runs):
             steps = base.mdlm.sample_steps
-            speed = sampling_speed({role: load(role) for role in ("e2e", "dblocks")}, steps, batch=8,
-                                   length=base.data.seq_len)
+            models = {role: load(role) for role in ("e2e", "dblocks")}
+            speed = interleaved_seconds({role: lambda i, m=model: m.sample(8, base.data.seq_len, steps=steps,
+                                                                           generator=torch.Generator().manual_seed(i))
+                                         for role, model in models.items()}, repeats=3)
             ratio = speed["e2e"] / speed["dblocks"]
             B = runs["dblocks"][0]["num_blocks"]
             extras.update(sampling_seconds_per_batch_of_8=speed, sampling_speedup=ratio)
@@ -230,20 +229,6 @@ class MDLMTask(LMTask):
                          f"{ratio:.2f}x faster than end-to-end (ideal B = {B}); seconds per batch of 8: e2e "
                          f"{speed['e2e']:.3f}, dblocks {speed['dblocks']:.3f}")
         return extras, lines
-
-
-@torch.no_grad()
-def sampling_speed(models: dict, steps: int, batch: int, length: int, repeats: int = 3) -> dict:
-    """Seconds per sample() call of `batch` windows over `steps` steps, models interleaved, median."""
-    times = {k: [] for k in models}
-    for i in range(repeats + 1):
-        for name, model in models.items():
-            gen = torch.Generator().manual_seed(i)
-            t0 = time.perf_counter()
-            model.sample(batch, length, steps=steps, generator=gen)
-            if i:  # the first round warms up
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 TASK = MDLMTask
