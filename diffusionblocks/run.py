@@ -83,19 +83,11 @@ def place(model: nn.Module, device, residency=None, ema: EMA | None = None):
         residency.start()
 
 
-def tied_names(model: nn.Module, names: set[str]) -> set[str]:
-    """`names` of parameters and every other name the same parameters have (a tied weight, e.g. an LM's embedding
-    and output head, is one parameter under several names; named_parameters() lists only the first)."""
-    ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in names}
-    return set(names) | {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
-
-
 def load_weights(model: nn.Module, path: Path, ignore: set[str] = frozenset(), strict: bool = True):
     """Load a weights file into `model`, with a clear error (naming the version that wrote the file) when
     it does not fit the model. `ignore`: entries the file may lack (blocks of other per-block jobs)."""
     weights, meta = io.load_safetensors(path)
     own = model.state_dict()
-    ignore = tied_names(model, ignore) if ignore else ignore
     unexpected, missing = set(weights) - set(own), set(own) - set(weights) - set(ignore)
     wrong = [k for k in set(weights) & set(own) if tuple(weights[k].shape) != tuple(own[k].shape)]
     if unexpected or missing or wrong:
@@ -134,8 +126,7 @@ def evaluate(model: nn.Module, data, cfg: RunConfig, limit: int = 0, device="cpu
 
 def model_state(model: nn.Module, method: Method) -> dict:
     """The weights this run holds (a per-block job leaves out the blocks it does not own, under all their names)."""
-    unowned = tied_names(model, method.unowned_names) if method.unowned_names else set()
-    return {k: v for k, v in model.state_dict().items() if k not in unowned}
+    return {k: v for k, v in model.state_dict().items() if k not in method.unowned_names}
 
 
 def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None, state: dict):
@@ -168,4 +159,4 @@ def job_record(cfg: RunConfig, model, blocks: list[int], steps_per_block: int, f
 
 __all__ = ["CONFIG", "EMA_WEIGHTS", "JOB", "METRICS", "RESULTS", "STATE", "WEIGHTS", "Task", "build_model",
            "build_model_for", "evaluate", "job_record", "load_model", "load_weights", "new_model", "place",
-           "resolve_device", "save_checkpoint", "tied_names", "validate"]
+           "resolve_device", "save_checkpoint", "validate"]

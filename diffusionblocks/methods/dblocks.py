@@ -92,8 +92,11 @@ class DBlocks(Method):
         self.shared_params = list(model.shared_parameters())
         all_blocks = {b: list(model.block_parameters(b)) for b in range(B)}
         _check_ownership(model, all_blocks, self.shared_params)
+        # every state-dict name of an unowned parameter (a tied weight, e.g. an LM's embedding and output head, is
+        # one parameter under several names)
         names = {id(p): n for n, p in model.named_parameters()}
-        self.unowned_names = {names[id(p)] for b in range(B) if b not in self.owned for p in all_blocks[b]}
+        unowned = {id(p) for b in range(B) if b not in self.owned for p in all_blocks[b]}
+        self.unowned_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in unowned}
         for b in range(B):
             if b not in self.owned:  # not trained here: shapes only, no memory
                 for module in model.block_modules(b):
