@@ -239,9 +239,8 @@ class LMTask(Task):
 
     def results(self, ev: dict, split: str = "test") -> dict:
         prefix = "val_" if split == "validation" else "test_"
-        out = {prefix + k: v for k, v in ev.items() if k in ("bpc", "bpt", "nats", "chars", "tokens")}
-        out[prefix + "n"] = ev["n"]  # windows
-        out.update({k: v for k, v in ev.items() if k not in ("bpc", "bpt", "nats", "chars", "tokens", "n")})
+        measured = ("bpc", "bpt", "nats", "chars", "tokens", "n")  # n: windows
+        out = {(prefix + k if k in measured else k): v for k, v in ev.items()}
         if split == "validation":
             out["validation"] = {"windows": ev["n"], "from": "the corpus's validation split"}
         return out
