@@ -187,7 +187,7 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
     key = task.result_metric or task.metric  # scored on the test split: compare reports settings chosen before
     for role in roles:
         other = get_task(role) if role in TASKS else task
-        if (other.result_metric or other.metric) != key:
+        if (other.result_metric or other.metric) != key and key not in other.shared_metrics:
             raise ValueError(f"role {role!r} reports {other.result_metric or other.metric}, not {key}: an arm of "
                              f"another task must report the same headline")
     runs = train_arms(base, out, seeds, roles, progress)

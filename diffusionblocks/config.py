@@ -129,6 +129,20 @@ class MDLMConfig:
 
 
 @dataclass
+class ARLMConfig:
+    """Autoregressive language modelling as DiffusionBlocks (task=arlm, train.method=dblocks; paper App. E.4): how
+    the noise level reaches the denoiser, and the evaluation's and the sampler's own settings. The Euler chain's
+    settings are dblocks.* (steps_per_block, grid, bridge, init, loss_weight), as for classification."""
+
+    noise_level: str = "token"  # "token": every noisy token its own sigma, embedded into its input (the clean
+    # stream never sees sigma: one key/value cache per block); "window": one sigma per window, given to every
+    # layer by adaLN (the paper's conditioning; the clean stream then depends on sigma)
+    eval_draws: int = 4  # M: chains per token in the chain cross-entropy (with dblocks.init=zero the chain is
+    # deterministic and one draw is used)
+    temperature: float = 1.0  # sampling: the last step's softmax temperature (0: greedy)
+
+
+@dataclass
 class RunConfig:
     task: str = "classify"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -137,6 +151,7 @@ class RunConfig:
     dblocks: DBlocksConfig = field(default_factory=DBlocksConfig)
     gen: GenConfig = field(default_factory=GenConfig)
     mdlm: MDLMConfig = field(default_factory=MDLMConfig)
+    arlm: ARLMConfig = field(default_factory=ARLMConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,6 +259,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 < cfg.mdlm.eps < 0.5, f"mdlm.eps={cfg.mdlm.eps}: must be in (0, 0.5)"),
         (cfg.mdlm.eval_t >= 1, f"mdlm.eval_t={cfg.mdlm.eval_t}: must be >= 1"),
         (cfg.mdlm.sample_steps >= 1, f"mdlm.sample_steps={cfg.mdlm.sample_steps}: must be >= 1"),
+        (cfg.arlm.noise_level in ("token", "window"),
+         f"arlm.noise_level={cfg.arlm.noise_level!r}: expected 'token' or 'window'"),
+        (cfg.arlm.eval_draws >= 1, f"arlm.eval_draws={cfg.arlm.eval_draws}: must be >= 1"),
+        (cfg.arlm.temperature >= 0 and cfg.arlm.temperature != float("inf"),
+         f"arlm.temperature={cfg.arlm.temperature}: must be finite and >= 0 (0: greedy)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -427,11 +447,48 @@ def preset_lm_text8() -> RunConfig:
     return cfg
 
 
+def preset_lm_ar_cpu() -> RunConfig:
+    """The autoregressive compare on a 2-core CPU (`compare --task arlm`: e2e, the 2-layer control, DiffusionBlocks):
+    lm-cpu's data, model and budget (Shakespeare in the text8 alphabet, windows of 128, 6 layers of width 192,
+    320 end-to-end steps of 32 windows, AdamW 1e-3) with B = 3 and the paper's text overlap gamma 0.1; scored on
+    the first 512 test windows (of 2,029)."""
+    cfg = preset_lm_cpu()
+    cfg.task = "arlm"
+    cfg.dblocks.gamma = 0.1
+    cfg.dblocks.input_flip = cfg.dblocks.input_mix = 0.0  # classification's departures: not measured for text
+    cfg.data.test_limit = 512
+    return cfg
+
+
+def preset_lm_ar_quick() -> RunConfig:
+    """Under a minute for the three arms of the autoregressive compare (a smoke run): 12 steps, 64 test windows."""
+    cfg = preset_lm_ar_cpu()
+    cfg.train.steps = 12
+    cfg.train.eval_limit = 16
+    cfg.data.test_limit = 64
+    return cfg
+
+
+def preset_lm_ar_lm1b() -> RunConfig:
+    """The paper's autoregressive setting for a GPU (App. E.4): LM1B (through HF `datasets`), windows of 256, 12
+    layers of width 768 with 12 heads, B = 4, gamma 0.1, AdamW 3e-4, batch 256. The tokenizer is a BPE of 8,192
+    symbols trained on the corpus (data.bpe_vocab). Set train.steps for the budget you have."""
+    cfg = RunConfig(task="arlm")
+    cfg.data = DataConfig(name="lm1b", tokenizer="bpe", bpe_vocab=8192, seq_len=256)
+    cfg.model = ModelConfig(depth=12, width=768, heads=12, mlp_ratio=4.0, positions="rope")
+    cfg.dblocks.num_blocks, cfg.dblocks.gamma = 4, 0.1
+    cfg.dblocks.input_flip = cfg.dblocks.input_mix = 0.0
+    cfg.train = TrainConfig(steps=100_000, batch_size=256, lr=3e-4, weight_decay=0.03, warmup=0.02, eval_limit=512,
+                            eval_batch_size=128, ckpt_every=2000, device="auto")
+    return cfg
+
+
 PRESETS = {"tiny": preset_tiny, "fashion": preset_fashion, "quick": preset_quick, "digits": preset_digits,
            "digits-quick": preset_digits_quick, "vit12": preset_vit12, "vit-s": preset_vit_s,
            "gen-tiny": preset_gen_tiny, "gen-fashion": preset_gen_fashion, "gen-quick": preset_gen_quick,
            "gen-dit-s": preset_gen_dit_s, "lm-tiny": preset_lm_tiny, "lm-cpu": preset_lm_cpu,
-           "lm-quick": preset_lm_quick, "lm-text8": preset_lm_text8}
+           "lm-quick": preset_lm_quick, "lm-text8": preset_lm_text8, "lm-ar-cpu": preset_lm_ar_cpu,
+           "lm-ar-quick": preset_lm_ar_quick, "lm-ar-lm1b": preset_lm_ar_lm1b}
 
 
 def load_preset(name: str) -> RunConfig:

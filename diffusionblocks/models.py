@@ -261,6 +261,18 @@ class TokenStem(nn.Module):
         c = self.noise(c_noise) if self.noise is not None else h.new_zeros(N, self.width)
         return h, (c, attention_mask(T, self.causal, pad, tokens.device))
 
+    def decode(self, tokens: torch.Tensor, cache) -> tuple[torch.Tensor, tuple]:
+        """A causal, unconditioned stem's decoding call: tokens (N, C) after the cache's -> h, (c, layout)."""
+        if not self.causal or self.noise is not None:
+            raise ValueError("a key/value cache is for a causal stem without noise conditioning")
+        past, C = cache.length, tokens.shape[1]
+        if past + C > self.seq_len:
+            raise ValueError(f"position {past + C - 1} is past the model's {self.seq_len} positions")
+        h = self.embed(tokens)
+        if self.pos is not None:
+            h = h + self.pos[:, past:past + C]
+        return h, (h.new_zeros(tokens.shape[0], self.width), decode_layout(past, C, False, cache, tokens.device))
+
 
 class TokenHead(nn.Module):
     """h (N, T, D) -> logits (N, T, V) over the vocabulary: a final LayerNorm, then the input embedding
@@ -274,3 +286,86 @@ class TokenHead(nn.Module):
 
     def forward(self, h: torch.Tensor, cond=None) -> torch.Tensor:
         return F.linear(self.norm(h), self.embed.weight[:self.vocab_size])
+
+
+def decode_layout(past: int, new: int, noisy: bool, cache, device=None) -> AttentionLayout:
+    """The layout of a decoding call with a key/value cache of `past` clean tokens: `new` clean tokens (positions
+    past..past+new-1; each sees the cache and the new clean tokens up to itself), then, if `noisy`, one noisy
+    token at position past+new that sees every clean token and itself. The keys are the cached tokens followed
+    by the call's tokens, in that order; the cache keeps the new clean tokens."""
+    queries, keys = new + noisy, past + new + noisy
+    q = torch.arange(queries, device=device)[:, None]
+    k = torch.arange(keys, device=device)[None, :]
+    mask = k <= past + q  # clean query j sees keys up to its own, past + j
+    if noisy:
+        mask[-1] = True  # the noisy token: every clean token, and itself (its key is the last)
+    positions = torch.arange(past, past + queries, device=device)
+    cache.keep = new
+    return AttentionLayout(mask, positions, cache)
+
+
+class NoisyCleanStem(nn.Module):
+    """Autoregressive DiffusionBlocks' stem (paper App. E.4): (z_in (N, T, Dy), c_noise, x (N, T)) -> h (N, 2T, D) =
+    [noisy ; clean] and (c (N, D), the noisy/clean layout). The noisy token i is a linear map of c_in z_i, the
+    clean token i the embedding of x_i; with learned positions both get position i's vector (rotary positions:
+    both carry id i). The noise level: `noise_level`="token": c_noise (N, T), one level per noisy token, its
+    embedding added to that token, and c = 0 (the clean stream never sees a level); "window": c_noise (N,), one
+    level per window, c its embedding, given to every layer of every token by adaLN."""
+
+    def __init__(self, vocab_size: int, seq_len: int, width: int, label_dim: int, *, noise_level: str = "token",
+                 noise_scale: float = 1000.0, learned_positions: bool = True):
+        super().__init__()
+        if noise_level not in ("token", "window"):
+            raise ValueError(f"noise_level={noise_level!r}: expected 'token' or 'window'")
+        self.width, self.seq_len, self.noise_level = width, seq_len, noise_level
+        self.embed = nn.Embedding(vocab_size, width)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.noisy_in = nn.Linear(label_dim, width)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, seq_len, width)) if learned_positions else None
+        self.noise = NoiseEmbedding(width, scale=noise_scale)
+
+    def _noisy(self, z_in: torch.Tensor, c_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noisy tokens (N, Tz, D) and c (N, D)."""
+        h = self.noisy_in(z_in)
+        if self.noise_level == "token":
+            level = self.noise(c_noise.reshape(-1)).view(*z_in.shape[:2], self.width)
+            return h + level.to(h.dtype), h.new_zeros(h.shape[0], self.width)
+        return h, self.noise(c_noise.reshape(-1)).to(h.dtype)
+
+    def _at(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return h if self.pos is None else h + self.pos[:, positions]
+
+    def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, x: torch.Tensor):
+        N, T = x.shape
+        if T > self.seq_len:
+            raise ValueError(f"a sequence of {T} tokens is longer than the model's {self.seq_len} positions")
+        noisy, c = self._noisy(z_in, c_noise)
+        i = torch.arange(T, device=x.device)
+        h = torch.cat([self._at(noisy, i), self._at(self.embed(x), i)], dim=1)
+        return h, (c, noisy_clean_layout(T, x.device))
+
+    def decode(self, z_in: torch.Tensor, c_noise: torch.Tensor, x_new: torch.Tensor, cache):
+        """One decoding call: the clean tokens x_new (N, C) after the cache's, then the noisy token z_in (N, 1, Dy)
+        at the next position -> h (N, C + 1, D), (c, layout with the cache)."""
+        past, C = cache.length, x_new.shape[1]
+        if past + C >= self.seq_len:
+            raise ValueError(f"position {past + C} is past the model's {self.seq_len} positions")
+        noisy, c = self._noisy(z_in, c_noise)
+        positions = torch.arange(past, past + C + 1, device=x_new.device)
+        h = self._at(torch.cat([self.embed(x_new), noisy], dim=1), positions)
+        return h, (c, decode_layout(past, C, True, cache, x_new.device))
+
+
+class NoisyHead(nn.Module):
+    """h (N, 2T, D) = [noisy ; clean] -> F (N, T, Dy), read at the noisy tokens: LayerNorm, then Linear."""
+
+    def __init__(self, width: int, label_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, label_dim)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(h))
+
+    def forward(self, h: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.project(h[:, :h.shape[1] // 2].contiguous())  # a copy: backward must not keep all of h

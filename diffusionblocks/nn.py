@@ -177,13 +177,39 @@ class Rotary(torch.autograd.Function):
         return _rotate(grad, cos, -sin), None, None
 
 
+class KVCache:
+    """Keys and values of earlier tokens, one entry per attention module, for decoding a token at a time: a call
+    attends from its new tokens to the cached ones followed by the new ones, and appends the new tokens' first
+    `keep` keys and values (the others, e.g. a noisy token that nothing else reads, are seen by this call only).
+    `length` counts the cached tokens (every module holds as many)."""
+
+    def __init__(self, keep: int = 0):
+        self.kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length, self.keep = 0, keep
+
+    def attend(self, module: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (N, H, T_new, Dh) -> the keys and values to attend to, (N, H, length + T_new, Dh)."""
+        past = self.kv.get(module)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        if self.keep:
+            kept = self.length + self.keep
+            self.kv[module] = (keys[:, :, :kept], values[:, :, :kept])
+        return keys, values
+
+    def advance(self) -> None:
+        """After a forward pass through every layer: the kept tokens are now cached."""
+        self.length, self.keep = self.length + self.keep, 0
+
+
 class AttentionLayout(NamedTuple):
     """What attention may be told besides the tokens: a boolean mask (True = may attend, broadcastable to
-    (N, heads, T, T); None: every token sees every token) and each token's position id for rotary positions
-    ((T,) int, ids below T; None: 0..T-1). Two copies of a sequence laid end to end share their ids this way."""
+    (N, heads, T, T); None: every token sees every token), each token's position id for rotary positions
+    ((T,) int; None: 0..T-1), and a key/value cache of earlier tokens (then the mask's keys are the cached
+    tokens followed by the new ones). Two copies of a sequence laid end to end share their ids this way."""
 
     mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    cache: KVCache | None = None
 
 
 class Attention(nn.Module):
@@ -202,14 +228,17 @@ class Attention(nn.Module):
 
     def features(self, x: torch.Tensor, mask: torch.Tensor | AttentionLayout | None = None) -> torch.Tensor:
         N, T, D = x.shape
-        mask, positions = mask if isinstance(mask, AttentionLayout) else (mask, None)
+        mask, positions, cache = mask if isinstance(mask, AttentionLayout) else (mask, None, None)
         qkv = self.qkv(x).view(N, T, 3, self.heads, D // self.heads)
         if self.rope:
-            cos, sin = rotary_tables(T, D // self.heads, x.device, x.dtype)
+            span = T if positions is None else int(positions.max()) + 1
+            cos, sin = rotary_tables(span, D // self.heads, x.device, x.dtype)
             if positions is not None:
                 cos, sin = cos[positions], sin[positions]
             qkv = Rotary.apply(qkv, cos, sin)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, H, T, Dh)
+        if cache is not None:
+            k, v = cache.attend(self, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return y.transpose(1, 2).reshape(N, T, D)

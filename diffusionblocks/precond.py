@@ -161,3 +161,23 @@ class ClassEmbedding(nn.Module):
 
     def hard(self, logits: torch.Tensor) -> torch.Tensor:
         return self.normalized[logits.argmax(-1)]
+
+
+def label_target(labels: ClassEmbedding, y: torch.Tensor, flip: float = 0.0, mix: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The clean points a training step noises for labels y (any shape) -> (*y.shape, Dy): the labels' normalised
+    embeddings, with two optional departures (DiffusionClassifier.training_target says why): a fraction `flip`
+    of the labels replaced by a uniformly drawn other label, and a fraction `mix` of the points replaced by a
+    random soft mixture softmax(k * onehot(label) + g) @ E (k ~ U(0, 6), g ~ N(0, I))."""
+    V = labels.table.shape[0]
+    if flip:
+        flipped = torch.rand(y.shape, generator=generator).to(y.device) < flip
+        y = torch.where(flipped, (y + torch.randint(1, V, y.shape, generator=generator).to(y.device)) % V, y)
+    target = labels(y)
+    if mix:
+        k = 6.0 * torch.rand(*y.shape, 1, generator=generator).to(y.device)
+        g = torch.randn(*y.shape, V, generator=generator).to(y.device)
+        mixed = (k * F.one_hot(y, V) + g).softmax(-1) @ labels.normalized
+        pick = torch.rand(*y.shape, 1, generator=generator).to(y.device) < mix
+        target = torch.where(pick, mixed, target)
+    return target

@@ -13,10 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import RunConfig
-from ..models import TokenHead, TokenStem, lm_layers
-from ..nn import run_layers
-from .lm import LMTask, TextData, token_ce
+from ..blocks import BlockStack
+from ..config import RunConfig, allocation_of
+from ..models import NoisyCleanStem, NoisyHead, TokenHead, TokenStem, lm_layers
+from ..nn import KVCache, run_layers
+from ..noise import LogNormalLevels, Partition
+from ..precond import ClassEmbedding, EDMPrecond, label_target
+from .base import StackBlocks, unknown_form
+from .lm import EVAL_SPLITS, LN2, LMTask, TextData, eval_windows, token_ce
 
 
 class AutoregressiveLM(nn.Module):
@@ -55,48 +59,406 @@ class AutoregressiveLM(nn.Module):
             nats = nats * ~pad
         return nats.sum(1).cpu()
 
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (N, C, V) of `tokens` (N, C) read after the cache's tokens; the cache then holds them too."""
+        h, c = self.stem.decode(tokens, cache)
+        h = run_layers(self.layers, h, c)
+        cache.advance()
+        return self.head(h, c)
+
     @torch.no_grad()
-    def sample(self, num: int, length: int, prompt: torch.Tensor | None = None, *,
+    def sample(self, num: int, length: int, prompt: torch.Tensor | None = None, *, temperature: float = 1.0,
                generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
-        """`num` continuations of `prompt` to `length` tokens (N, length), one token per forward pass; past
-        seq_len the model reads the last seq_len - 1 tokens after [BOS], a window as in training."""
+        """`num` continuations of `prompt` to `length` tokens (N, length), one token per forward pass of the new
+        token, the earlier ones' keys and values cached. Past one window the model reads the last seq_len - 1
+        tokens after [BOS], a window as in training, recomputed for every token. Temperature 0: greedy."""
+        out = torch.empty(num, 0, dtype=torch.long, device=device)
+        if prompt is not None and len(prompt):
+            out = prompt.to(device).expand(num, -1).clone()
+        bos = torch.full((num, 1), self.bos, dtype=torch.long, device=device)
+        was_training = self.training
+        self.eval()
+        cache = None
+        try:
+            while out.shape[1] < length:
+                n = out.shape[1]
+                if n >= self.seq_len:  # a sliding window: its positions move, so nothing cached is valid
+                    cache, new = KVCache(), torch.cat([bos, out[:, n - self.seq_len + 1:]], dim=1)
+                elif cache is None:
+                    cache, new = KVCache(), torch.cat([bos, out], dim=1)
+                else:
+                    new = out[:, -1:]
+                logits = self.decode(new, cache)[:, -1]
+                out = torch.cat([out, draw(logits, temperature, generator).to(device)], dim=1)
+        finally:
+            self.train(was_training)
+        return out
+
+
+def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A token per row of logits (N, V) -> (N, 1): the argmax at temperature 0, else drawn from
+    softmax(logits / temperature) (on the CPU, so a seeded generator gives the same text on any device)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = (logits.float() / temperature).softmax(-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+class ARDiffusionLM(StackBlocks, nn.Module):
+    """Autoregressive language modelling as DiffusionBlocks (paper App. E.4; METHOD.md section 7): B blocks, each a
+    denoiser of the next token's normalised embedding on its own range of sigma, reading the clean earlier tokens.
+
+    A window x (N, T) is laid out twice, [z_1..z_T ; x_1..x_T]: z_i = e_hat(x_i) + sigma eps (e_hat a fixed random
+    table of unit rows, as classification's labels) sees itself and x_<i, x_i sees x_<=i (models.noisy_clean_layout;
+    both copies of position i carry position id i). D_i = c_skip z_i + c_out F_i is read out to logits over the
+    vocabulary; the loss is the cross-entropy of every token (times w(sigma) with dblocks.loss_weight=edm). The
+    noise level reaches the denoiser per token or per window (arlm.noise_level; NoisyCleanStem).
+
+    Inference per token: dblocks.steps_per_block Euler steps per block from sigma_max (init: z = 0 or sigma_max
+    eps), the x0 estimate between steps the bridge softmax(logits) @ e_hat (soft) or e_hat[argmax] (hard); the
+    last step's logits give the token. All positions of a window can run the chain at once (the clean stream is
+    the true text): that is how it is evaluated. Generation runs it a token at a time, each block's clean stream
+    cached (the clean stream of block b is an ordinary causal transformer: keys and values of earlier tokens do
+    not change)."""
+
+    inference_options = ("steps_per_block", "grid", "bridge", "init")
+
+    def __init__(self, cfg: RunConfig, vocab_size: int):
+        super().__init__()
+        m, d, a = cfg.model, cfg.dblocks, cfg.arlm
+        self.cfg, self.noise_level, self.eval_draws, self.temperature = d, a.noise_level, a.eval_draws, a.temperature
+        self.vocab_size, self.seq_len = vocab_size, cfg.data.seq_len
+        label_dim = m.label_dim or m.width
+        self.partition = Partition.create(LogNormalLevels(), d.num_blocks, kind=d.partition, gamma=d.gamma)
+        gen = torch.Generator().manual_seed(1234)  # the token table is fixed, and the same in every run
+        self.labels = ClassEmbedding(vocab_size, label_dim, learnable=d.label_table == "learned", generator=gen)
+        stem = NoisyCleanStem(vocab_size, cfg.data.seq_len, m.width, label_dim, noise_level=a.noise_level,
+                              noise_scale=m.noise_scale, learned_positions=m.positions == "learned")
+        self.stack = BlockStack(
+            lm_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, recompute_gate=m.gate_recompute,
+                      rope=m.positions == "rope"),
+            stem, NoisyHead(m.width, label_dim), self.partition, allocation=allocation_of(cfg),
+            shared_stem_head=d.shared_stem_head, precond=EDMPrecond(), checkpoint_every=m.checkpoint)
+        if d.shared_stem_head:
+            self.readout = nn.Linear(label_dim, vocab_size)
+        else:
+            self.readouts = nn.ModuleList(nn.Linear(label_dim, vocab_size) for _ in range(d.num_blocks))
+
+    # -- what each block owns (replicated stem, head and readout are a block's own) ---------------------------
+
+    def readout_of(self, block: int) -> nn.Module:
+        return self.readout if self.cfg.shared_stem_head else self.readouts[block]
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        own = super().block_parameters(block)
+        return own if self.cfg.shared_stem_head else own + list(self.readouts[block].parameters())
+
+    def block_modules(self, block: int) -> list[nn.Module]:
+        return super().block_modules(block) + ([] if self.cfg.shared_stem_head else [self.readouts[block]])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        if not self.cfg.shared_stem_head:
+            return []
+        return super().shared_parameters() + list(self.readout.parameters()) + list(self.labels.parameters())
+
+    # -- the denoiser and its loss --------------------------------------------------------------------------
+
+    def denoise(self, block: int, z: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """D (N, T, Dy) of block `block` for noisy z (N, T, Dy) at sigma ((N, T) per token or (N,) per window)
+        reading the clean window x (N, T)."""
+        p = self.stack.precond
+        s = sigma.to(z.dtype).reshape(z.shape[0], -1, 1)
+        return p.c_skip(s) * z + p.c_out(s) * self.stack.net(block, p.c_in(s) * z, p.c_noise(sigma), x)
+
+    def levels_like(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """One level per noisy token (N, T) or per window (N,), all `sigma`."""
+        shape = x.shape if self.noise_level == "token" else x.shape[:1]
+        return torch.full(shape, float(sigma), device=x.device)
+
+    def block_loss(self, block: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Nats per token (N,) of `block` alone, on its own levels: every token's cross-entropy."""
+        d = self.cfg
+        N, T = x.shape
+        target = label_target(self.labels, x, d.input_flip, d.input_mix, generator)  # (N, T, Dy)
+        n = N * T if self.noise_level == "token" else N
+        sigma = self.partition.sample(block, n, generator, device=x.device).to(target.dtype)
+        if self.noise_level == "token":
+            sigma = sigma.view(N, T)
+        eps = torch.randn(target.shape, generator=generator, dtype=target.dtype,
+                          device=generator.device if generator is not None else x.device).to(x.device)
+        z = target + sigma.reshape(N, -1, 1) * eps
+        ce = token_ce(self.readout_of(block)(self.denoise(block, z, sigma, x)), x)  # (N, T)
+        if d.loss_weight == "edm":
+            ce = ce * self.stack.precond.weight(sigma).reshape(N, -1)
+        return ce.mean(1)
+
+    # -- the Euler chain --------------------------------------------------------------------------------------
+
+    def steps(self, steps_per_block: int | None = None, grid: str | None = None) -> list[tuple[float, float, int]]:
+        """The chain's (sigma, sigma_next, block) steps, from sigma_max down to 0."""
+        g = self.partition.inference_grid(steps_per_block or self.cfg.steps_per_block, grid or self.cfg.grid)
+        return [(g[k].item(), g[k + 1].item(), int(self.partition.route(g[k]))) for k in range(len(g) - 1)]
+
+    def start(self, shape, sigma_max: float, init: str | None, generator, device) -> torch.Tensor:
+        init = init or self.cfg.init
+        if init not in ("zero", "noise"):
+            raise ValueError(f"init={init!r}: expected 'zero' or 'noise'")
+        if init == "zero":
+            return torch.zeros(shape, device=device)
+        return sigma_max * torch.randn(shape, generator=generator).to(device)
+
+    def bridge(self, logits: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """The x0 estimate from logits: softmax(logits) @ e_hat ("soft") or e_hat[argmax] ("hard"), the same
+        normalised rows as the training targets."""
+        kind = kind or self.cfg.bridge
+        if kind not in ("soft", "hard"):
+            raise ValueError(f"bridge={kind!r}: expected 'soft' or 'hard'")
+        return self.labels.expected(logits) if kind == "soft" else self.labels.hard(logits)
+
+    def chain(self, x: torch.Tensor, generator: torch.Generator | None = None, *, steps_per_block: int | None = None,
+              grid: str | None = None, bridge: str | None = None, init: str | None = None, record=None):
+        """The chain run at every position of windows x (N, T) at once (the clean stream reads the true text):
+        the last step's logits (N, T, V), float32. record(k, sigma, logits, estimate) sees every step."""
+        steps = self.steps(steps_per_block, grid)
+        z = self.start((*x.shape, self.labels.table.shape[1]), steps[0][0], init, generator, x.device)
+        for k, (s, s_next, block) in enumerate(steps):
+            logits = self.readout_of(block)(self.denoise(block, z, self.levels_like(x, s), x)).float()
+            estimate = self.bridge(logits, bridge)
+            if record is not None:
+                record(k, s, logits, estimate)
+            z = (s_next / s) * z + (1 - s_next / s) * estimate
+        return logits
+
+    def draws(self, init: str | None = None, draws: int | None = None) -> int:
+        """M, the chains per token of the chain cross-entropy: one when the chain is deterministic (init zero)."""
+        return 1 if (init or self.cfg.init) == "zero" else (draws or self.eval_draws)
+
+    @torch.no_grad()
+    def window_stats(self, x: torch.Tensor, pad: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                     draws: int | None = None, **options) -> dict[str, torch.Tensor]:
+        """Sums over the scored tokens of windows x (N, T) (padding not scored): the cross-entropy at sigma_max
+        (block 0 once, from pure noise); the chain cross-entropy -log((1/M) sum_m p_m(x_i)) over M chains; the
+        greedy hits of the last step's argmax (per chain, summed over chains) and after every step; the last
+        step's top-1 probability and entropy (and the top-1 probability at temperature 2), and the bridge's norm
+        ||estimate|| after every step. `tokens`: how many were scored."""
+        scored = torch.ones_like(x, dtype=torch.bool) if pad is None else ~pad
+        w = scored.float()
+        s_max = self.partition.levels.hi
+        noise = self.start((*x.shape, self.labels.table.shape[1]), s_max, "noise", generator, x.device)
+        first = self.readout_of(0)(self.denoise(0, noise, self.levels_like(x, s_max), x))
+        out = {"ce_sigma_max": (token_ce(first, x) * w).sum().double(), "tokens": w.sum().double()}
+        M = self.draws(options.get("init"), draws)
+        prob = 0.0
+        steps = len(self.steps(options.get("steps_per_block"), options.get("grid")))
+        per_step = {"hits_per_step": torch.zeros(steps, dtype=torch.float64),
+                    "bridge_norm_per_step": torch.zeros(steps, dtype=torch.float64)}
+
+        def record(k, s, logits, estimate):
+            per_step["hits_per_step"][k] += ((logits.argmax(-1) == x).float() * w).sum().double().cpu() / M
+            per_step["bridge_norm_per_step"][k] += (estimate.norm(dim=-1) * w).sum().double().cpu() / M
+
+        hits = top1 = top1_t2 = entropy = 0.0
+        for _ in range(M):
+            logits = self.chain(x, generator, record=record, **options)
+            logp = logits.log_softmax(-1)
+            prob = prob + logp.gather(-1, x[..., None]).squeeze(-1).exp().double()
+            hits += ((logits.argmax(-1) == x).float() * w).sum().double()
+            top1 += (logp.max(-1).values.exp() * w).sum().double()
+            entropy += (-(logp.exp() * logp).sum(-1) * w).sum().double()
+            top1_t2 += ((logits / 2).softmax(-1).max(-1).values * w).sum().double()
+        chain_nats = -(prob / M).clamp_min(1e-300).log()
+        out.update(chain_ce=(chain_nats * w.double()).sum(), hits=hits / M, top1_last=top1 / M,
+                   entropy_last=entropy / M, top1_last_t2=top1_t2 / M, **per_step)
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+    # -- generation, a token at a time --------------------------------------------------------------------------
+
+    def decode_step(self, block: int, z: torch.Tensor, sigma: float, x_new: torch.Tensor, cache: KVCache):
+        """D (N, 1, Dy) of `block` for the noisy next token z (N, 1, Dy) at `sigma`, reading the clean tokens
+        x_new (N, C) after the cache's (which then holds them too)."""
+        p = self.stack.precond
+        stem, head = self.stack.stem_head(block)
+        s = torch.full((z.shape[0], 1, 1), sigma, dtype=z.dtype, device=z.device)
+        h, cond = stem.decode(p.c_in(s) * z, p.c_noise(s).reshape(-1), x_new, cache)
+        h = run_layers(self.stack.blocks[block].layers, h, cond)
+        cache.advance()
+        return p.c_skip(s) * z + p.c_out(s) * head.project(h[:, -1:])
+
+    @torch.no_grad()
+    def sample(self, num: int, length: int, prompt: torch.Tensor | None = None, *, temperature: float | None = None,
+               steps_per_block: int | None = None, grid: str | None = None, bridge: str | None = None,
+               init: str | None = None, generator: torch.Generator | None = None, device="cpu",
+               record=None) -> torch.Tensor:
+        """`num` continuations of `prompt` to `length` tokens (N, length): per token the Euler chain, one block call
+        per step, the last step's softmax (temperature arlm.temperature; 0: greedy) drawn from. Each block's clean
+        stream is cached (one cache per block; with noise_level=window the clean stream depends on sigma, so one
+        per step). Past one window the last seq_len - 1 tokens are the context, recomputed for every token.
+        record(k, sigma, logits, estimate) sees every step of every token."""
+        temperature = self.temperature if temperature is None else temperature
+        steps = self.steps(steps_per_block, grid)
         out = torch.empty(num, 0, dtype=torch.long, device=device)
         if prompt is not None and len(prompt):
             out = prompt.to(device).expand(num, -1).clone()
         was_training = self.training
         self.eval()
+        caches: dict = {}
         try:
             while out.shape[1] < length:
-                context = out[:, max(0, out.shape[1] - self.seq_len + 1):]
-                # append a placeholder: the logits at the last position read [BOS] + the whole context
-                window = torch.cat([context, out.new_zeros(num, 1)], dim=1)
-                probs = self.logits(window)[:, -1].float().softmax(-1).cpu()
-                out = torch.cat([out, torch.multinomial(probs, 1, generator=generator).to(device)], dim=1)
+                n = out.shape[1]
+                context = out[:, n - self.seq_len + 1:] if n >= self.seq_len else out
+                if n >= self.seq_len:
+                    caches = {}  # a sliding window: its positions move, so nothing cached is valid
+                z = self.start((num, 1, self.labels.table.shape[1]), steps[0][0], init, generator, device)
+                for k, (s, s_next, block) in enumerate(steps):
+                    cache = caches.setdefault(block if self.noise_level == "token" else k, KVCache())
+                    D = self.decode_step(block, z, s, context[:, cache.length:], cache)
+                    logits = self.readout_of(block)(D).float()
+                    estimate = self.bridge(logits, bridge)
+                    if record is not None:
+                        record(k, s, logits, estimate)
+                    z = (s_next / s) * z + (1 - s_next / s) * estimate
+                out = torch.cat([out, draw(logits[:, 0], temperature, generator).to(device)], dim=1)
         finally:
             self.train(was_training)
         return out
 
 
 class ARLMTask(LMTask):
-    """Autoregressive language modelling (end to end only in this issue), exact bits per character."""
+    """Autoregressive language modelling: end to end (a causal transformer, exact bits per character) or as
+    DiffusionBlocks (a denoiser of next-token embeddings, which has no likelihood: the cross-entropy at sigma_max,
+    the chain cross-entropy, a Monte-Carlo estimate, and greedy next-token accuracy). The headline every form
+    reports is next-token accuracy; the two kinds of cross-entropy never share a column."""
 
     name = "arlm"
-    compare_roles = ("e2e", "control")
-    presets = {"full": "lm-cpu", "quick": "lm-quick", "offline": "lm-cpu", "offline-quick": "lm-quick"}
+    metric, higher_is_better, result_metric, curve_metric = ("next_token_accuracy", True, "test_next_token_accuracy",
+                                                             "next_token_accuracy")
+    percent = True
+    shared_metrics = ("test_bpc",)  # what the end-to-end model reports for another task's compare (mdlm's floor)
+    compare_roles = ("e2e", "control", "dblocks")
+    presets = {"full": "lm-ar-cpu", "quick": "lm-ar-quick", "offline": "lm-ar-cpu", "offline-quick": "lm-ar-quick"}
+    eval_options = ("limit", *ARDiffusionLM.inference_options)
+    sample_options = ("temperature", *ARDiffusionLM.inference_options)
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        super().check(cfg)
+        if cfg.train.method != "e2e" and cfg.dblocks.label_table == "learned" and not cfg.dblocks.shared_stem_head:
+            raise ValueError("dblocks.label_table=learned is trained by every block (a shared parameter): it needs "
+                             "dblocks.shared_stem_head=true; independent blocks share the fixed table")
 
     def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
-        if form != "end-to-end":
-            raise ValueError(f"task 'arlm' trains end to end only (train.method=e2e); its DiffusionBlocks version "
-                             f"(training form {form!r}) is not built yet")
-        return AutoregressiveLM(cfg, data.vocab_size)
+        if form == "end-to-end":
+            return AutoregressiveLM(cfg, data.vocab_size)
+        if form == "blocks":
+            return ARDiffusionLM(cfg, data.vocab_size)
+        raise unknown_form(self.name, form, ("end-to-end", "blocks"))
+
+    def plan_tokens(self, cfg: RunConfig, shapes) -> int:
+        """The window, twice over for DiffusionBlocks (noisy and clean copies)."""
+        return cfg.data.seq_len * (1 if cfg.train.method == "e2e" else 2)
 
     def plan_layer_bytes(self, cfg: RunConfig, shapes, element: int) -> int:
-        """Attention converts the boolean causal mask into an additive (T, T) mask of the model's dtype, and
-        every layer keeps its own."""
-        return cfg.data.seq_len ** 2 * element
+        """Attention converts the boolean mask into an additive (T, T) mask of the model's dtype, and every layer
+        keeps its own (T: the window, or both copies of it)."""
+        return self.plan_tokens(cfg, shapes) ** 2 * element
+
+    def plan_outer_bytes(self, cfg: RunConfig, shapes, model: nn.Module, element: int) -> int:
+        if not isinstance(model, ARDiffusionLM):
+            return super().plan_outer_bytes(cfg, shapes, model, element)
+        N, T, D, V = cfg.train.batch_size, cfg.data.seq_len, cfg.model.width, shapes.vocab_size
+        Dy = cfg.model.label_dim or D
+        per_token = (8  # the clean token ids (embedding)
+                     + Dy * element  # c_in z, the noisy input's linear
+                     + 2 * D * element + 8 + Dy * element  # the head: LayerNorm input copy and stats, its linear input
+                     + Dy * element  # D into the readout
+                     + 4 * V + 8)  # log-softmax (float32) and targets
+        noise = N * (256 + 3 * D) * element * (T if cfg.arlm.noise_level == "token" else 1)
+        return N * T * per_token + noise + 8
 
     def _how(self, ev: dict) -> str:
         return " (exact)"
+
+    @torch.no_grad()
+    def evaluate(self, model, data: TextData, cfg: RunConfig, *, split: str = "test", limit: int = 0, device="cpu",
+                 **options) -> dict:
+        """End to end: bits per character and per token, the exact cross-entropy in nats per token (`ce`) and
+        greedy next-token accuracy. DiffusionBlocks: `ce_sigma_max`, `chain_ce` (nats per token, M = `eval_draws`
+        chains), `next_token_accuracy`, accuracy and the bridge's norm after every step, the last step's top-1
+        probability (also at temperature 2) and entropy. On the split's windows as LMTask.evaluate cuts them."""
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split={split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+        options = {k: v for k, v in options.items() if v is not None}
+        blocks = isinstance(model, ARDiffusionLM)
+        unused = [k for k in options if k not in (model.inference_options if blocks else ())]
+        if unused:
+            raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: sampler options of a "
+                             f"DiffusionBlocks language model; this run is {type(model).__name__}")
+        cap = cfg.data.val_size if split == "validation" else cfg.data.test_limit
+        limit = min((v for v in (limit, cap) if v), default=0)
+        batches, windows, covered = eval_windows(data.splits[split], cfg.data.seq_len, cfg.train.eval_batch_size,
+                                                 limit)
+        gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+        was_training = model.training
+        model.eval()
+        sums: dict = {}
+        try:
+            for x, pad in batches:
+                x, pad = x.to(device), pad.to(device)
+                if blocks:
+                    part = model.window_stats(x, pad, gen, **options)
+                else:
+                    logits = model.logits(x)
+                    scored = ~pad
+                    part = {"nats": (token_ce(logits, x) * scored).sum().double().cpu(),
+                            "hits": ((logits.argmax(-1) == x) & scored).sum().double().cpu(),
+                            "tokens": scored.sum().double().cpu()}
+                for k, v in part.items():
+                    sums[k] = sums[k] + v if k in sums else v
+        finally:
+            model.train(was_training)
+        n_tok = sums["tokens"].item()
+        out = {"next_token_accuracy": sums["hits"].item() / n_tok, "tokens": covered, "n": windows}
+        if not blocks:
+            chars = data.chars_of(split, covered)
+            nats = sums["nats"].item()
+            return {"bpc": nats / (chars * LN2), "bpt": nats / (n_tok * LN2), "ce": nats / n_tok, "nats": nats,
+                    "chars": chars, **out}
+        steps = model.steps(options.get("steps_per_block"), options.get("grid"))
+        return {"ce_sigma_max": sums["ce_sigma_max"].item() / n_tok, "chain_ce": sums["chain_ce"].item() / n_tok,
+                **out, "accuracy_per_step": (sums["hits_per_step"] / n_tok).tolist(),
+                "bridge_norm_per_step": (sums["bridge_norm_per_step"] / n_tok).tolist(),
+                "top1_last": sums["top1_last"].item() / n_tok, "top1_last_t2": sums["top1_last_t2"].item() / n_tok,
+                "entropy_last": sums["entropy_last"].item() / n_tok, "eval_draws": model.draws(options.get("init")),
+                "sigma_per_step": [s for s, _, _ in steps]}
+
+    MEASURED = ("bpc", "bpt", "ce", "nats", "chars", "tokens", "n", "next_token_accuracy", "ce_sigma_max", "chain_ce",
+                "accuracy_per_step", "bridge_norm_per_step", "top1_last", "top1_last_t2", "entropy_last")
+
+    def results(self, ev: dict, split: str = "test") -> dict:
+        prefix = "val_" if split == "validation" else "test_"
+        out = {(prefix + k if k in self.MEASURED else k): v for k, v in ev.items()}
+        if split == "validation":
+            out["validation"] = {"windows": ev["n"], "from": "the corpus's validation split"}
+        return out
+
+    def score(self, model, data, cfg: RunConfig, *, split: str = "test", device="cpu", progress: bool = False,
+              reference=None, **options) -> dict:
+        return dict(self.evaluate(model, data, cfg, split=split, device=device, **options), split=split)
+
+    def describe_score(self, score: dict) -> str:
+        what = f"{score.get('split', 'test')}, {score['n']} windows: next-token accuracy " \
+               f"{100 * score['next_token_accuracy']:.2f}%"
+        if "bpc" in score:
+            return f"{what}; bits per character {score['bpc']:.4f} (exact; {score['ce']:.4f} nats per token)"
+        return (f"{what}; cross-entropy at sigma_max {score['ce_sigma_max']:.4f} and chain cross-entropy "
+                f"{score['chain_ce']:.4f} nats per token (M = {score['eval_draws']}; an estimate, not a likelihood)")
+
+    def summary(self, results: dict) -> str:
+        key = "val_" if "val_next_token_accuracy" in results else "test_"
+        score = {k[len(key):]: v for k, v in results.items() if k.startswith(key)}
+        score.update(split="validation" if key == "val_" else "test", eval_draws=results.get("eval_draws"))
+        return (f"{results['method']}: {self.describe_score(score)}; {results['layer_updates']} layer-updates in "
+                f"{results['train_seconds']:.1f} s")
 
 
 TASK = ARLMTask

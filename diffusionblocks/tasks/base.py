@@ -93,6 +93,8 @@ class Task:
     percent: ClassVar[bool] = False  # the headline is a fraction, shown in percent (differences in points)
     paper_gap: ClassVar[str] = ""  # the paper's DiffusionBlocks - e2e difference, quoted beside ours
     compare_roles: ClassVar[tuple[str, ...]] = ("e2e", "dblocks")  # the arms of `compare`
+    shared_metrics: ClassVar[tuple[str, ...]] = ()  # results keys besides result_metric that its e2e runs hold,
+    # so another task's compare may take this task as an arm reporting that key (arlm's test_bpc for mdlm)
     eval_options: ClassVar[tuple[str, ...]] = ()  # keyword options evaluate()/score() take (CLI `eval` flags)
     # config presets `compare` starts from: "full", "quick", and "offline"/"offline-quick" without Fashion-MNIST
     presets: ClassVar[dict[str, str]] = {}

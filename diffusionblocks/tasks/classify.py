@@ -23,7 +23,7 @@ from ..config import RunConfig, allocation_of
 from ..data import to_float
 from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
 from ..noise import LogNormalLevels, Partition
-from ..precond import ClassEmbedding, ce_loss
+from ..precond import ClassEmbedding, ce_loss, label_target
 from ..sample import euler
 from .base import ImageShapes, ImageTask, unknown_form
 
@@ -124,18 +124,7 @@ class DiffusionClassifier(nn.Module):
         make the noised input look like the point the chain hands over, which is 3 to 6 times shorter;
         dblocks.input_clean feeds that kind of point: see block_loss.)
         """
-        d, V = self.cfg, self.labels.table.shape[0]
-        if d.input_flip:
-            flip = torch.rand(y.shape, generator=generator).to(y.device) < d.input_flip
-            y = torch.where(flip, (y + torch.randint(1, V, y.shape, generator=generator).to(y.device)) % V, y)
-        target = self.labels(y)
-        if d.input_mix:
-            k = 6.0 * torch.rand(y.shape[0], 1, generator=generator).to(y.device)
-            g = torch.randn(y.shape[0], V, generator=generator).to(y.device)
-            mixed = (k * torch.nn.functional.one_hot(y, V) + g).softmax(-1) @ self.labels.normalized
-            pick = torch.rand(y.shape[0], 1, generator=generator).to(y.device) < d.input_mix
-            target = torch.where(pick, mixed, target)
-        return target
+        return label_target(self.labels, y, self.cfg.input_flip, self.cfg.input_mix, generator)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, *, steps_per_block: int | None = None, grid: str | None = None,
