@@ -4,6 +4,13 @@ task's validation figure (masked diffusion: the bound in bits per character, sam
 here reads the test split; the chosen setting then goes into the preset and `compare` reports test once.
 
     python benchmarks/lm_settings.py --preset lm-cpu --arms "lr 1e-3,lr 2e-3,lr 4e-3" --out runs/lm-settings
+
+Autoregressive DiffusionBlocks (issue 13; the validation split capped at 512 windows, the sampler's own settings
+evaluated on the first arm's DiffusionBlocks run with --inference):
+
+    python benchmarks/lm_settings.py --preset lm-ar-cpu --arms base --inference --out runs/ar-settings data.val_size=512
+    python benchmarks/lm_settings.py --preset lm-ar-cpu --roles dblocks \\
+        --arms "noise per window,edm weight,gamma 0,B 2,B 6" --out runs/ar-settings2 data.val_size=512
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from diffusionblocks.tasks import get_task  # noqa: E402
 from diffusionblocks.train import train  # noqa: E402
 
 ARMS = {
+    "base": [],
     "lr 5e-4": ["train.lr=5e-4"],
     "lr 1e-3": ["train.lr=1e-3"],
     "lr 2e-3": ["train.lr=2e-3"],
@@ -29,7 +37,16 @@ ARMS = {
     "learned positions": ["model.positions=learned"],
     "cosine schedule": ["mdlm.schedule=cosine"],
     "no weight decay": ["train.weight_decay=0"],
+    "noise per window": ["arlm.noise_level=window"],
+    "edm weight": ["dblocks.loss_weight=edm"],
+    "gamma 0": ["dblocks.gamma=0"],
+    "B 2": ["dblocks.num_blocks=2"],
+    "B 6": ["dblocks.num_blocks=6"],
 }
+# the sampler's settings of a trained DiffusionBlocks model (--inference: evaluated on the first arm's run)
+INFERENCE = {"init noise": {"init": "noise"}, "hard bridge": {"bridge": "hard"},
+             "2 steps per block": {"steps_per_block": 2}}
+EXTRA = ("ce_sigma_max", "chain_ce", "ce", "bpc")  # also recorded where the task reports them
 
 
 def main():
@@ -39,6 +56,8 @@ def main():
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--arms", default="", help="comma-separated arm names (default: all)")
     ap.add_argument("--out", default="runs/lm-settings")
+    ap.add_argument("--inference", action="store_true", help="also the sampler's settings (INFERENCE) on the first "
+                                                              "arm's DiffusionBlocks run")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out, seeds = Path(args.out), parse_ints(args.seeds, "--seeds", "0,1")
@@ -60,9 +79,18 @@ def main():
                 if not (run / "results.json").exists():
                     train(cfg, run, progress=False)
                 cfg_m, model, data = load_model(run)
-                value = evaluate(model, data, cfg_m, split="validation")[task.metric]
-                rows.append({"seed": seed, "value": value, "run": str(run)})
-                print(f"{name} / {role} (seed {seed}): validation {task.metric} {value:.4f}", flush=True)
+                ev = evaluate(model, data, cfg_m, split="validation")
+                value, extra = ev[task.metric], {k: ev[k] for k in EXTRA if k in ev}
+                rows.append({"seed": seed, "value": value, "run": str(run), **extra})
+                print(f"{name} / {role} (seed {seed}): validation {task.metric} {value:.4f} {extra}", flush=True)
+                if args.inference and role == "dblocks" and name == names[0]:
+                    for what, options in INFERENCE.items():
+                        ev = evaluate(model, data, cfg_m, split="validation", **options)
+                        report.setdefault("inference", {})[what] = {
+                            "options": options, "seed": seed, task.metric: ev[task.metric],
+                            **{k: ev[k] for k in EXTRA if k in ev}}
+                        print(f"  sampler {what}: validation {task.metric} {ev[task.metric]:.4f} "
+                              f"{ {k: ev[k] for k in EXTRA if k in ev} }", flush=True)
             arm["roles"][role] = {"runs": rows, "mean": sum(r["value"] for r in rows) / len(rows)}
         (out / "settings.json").write_text(json.dumps(report, indent=2) + "\n")  # after every arm: nothing lost
 

@@ -336,13 +336,13 @@ class NoisyCleanStem(nn.Module):
         return h if self.pos is None else h + self.pos[:, positions]
 
     def forward(self, z_in: torch.Tensor, c_noise: torch.Tensor, x: torch.Tensor):
-        N, T = x.shape
-        if T > self.seq_len:
-            raise ValueError(f"a sequence of {T} tokens is longer than the model's {self.seq_len} positions")
+        length = x.shape[1]
+        if length > self.seq_len:
+            raise ValueError(f"a sequence of {length} tokens is longer than the model's {self.seq_len} positions")
         noisy, c = self._noisy(z_in, c_noise)
-        i = torch.arange(T, device=x.device)
+        i = torch.arange(length, device=x.device)
         h = torch.cat([self._at(noisy, i), self._at(self.embed(x), i)], dim=1)
-        return h, (c, noisy_clean_layout(T, x.device))
+        return h, (c, noisy_clean_layout(length, x.device))
 
     def decode(self, z_in: torch.Tensor, c_noise: torch.Tensor, x_new: torch.Tensor, cache):
         """One decoding call: the clean tokens x_new (N, C) after the cache's, then the noisy token z_in (N, 1, Dy)

@@ -193,7 +193,8 @@ def predict(spec: Spec, conf: Configuration) -> dict:
     cfg = conf.apply(spec.cfg)
     model = _meta_model(spec, cfg)
     s, depth = spec.bytes_per_element, cfg.model.depth
-    layer = layer_activation_bytes(dataclasses.replace(spec, cfg=cfg))
+    spec = dataclasses.replace(spec, cfg=cfg)  # the method's tokens (autoregressive DiffusionBlocks: twice the window)
+    layer = layer_activation_bytes(spec)
     N, T, D = cfg.train.batch_size, spec.tokens, cfg.model.width
 
     def layer_part(n_layers: int) -> tuple[int, int]:
@@ -228,7 +229,7 @@ def predict(spec: Spec, conf: Configuration) -> dict:
         # idle blocks' step counters are 0-d CPU tensors: they stay where they are
         optimizer += 4 * (len(list(model.parameters())) - len(with_state))
     out = {"name": conf.name, "method": conf.method, "num_blocks": conf.num_blocks, "residency": conf.residency,
-           "checkpoint": conf.checkpoint, "layers_per_step": block_layers,
+           "checkpoint": conf.checkpoint, "layers_per_step": block_layers, "tokens": T,
            "params": numel(resident) * s, "grads": numel(trained) * s, "optimizer": optimizer,
            "activations": acts, "transient": transient}
     out["total"] = out["params"] + out["grads"] + out["optimizer"] + out["activations"] + transient

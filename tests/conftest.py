@@ -1,5 +1,9 @@
-"""Tiny models shared by the tests: a vector denoiser built from the library's own layers."""
+"""What the tests share: a vector denoiser built from the library's own layers; a small text corpus."""
 
+import os
+import random
+
+import pytest
 import torch
 
 from diffusionblocks.models import VectorHead, VectorStem
@@ -10,3 +14,23 @@ def vector_parts(num_layers=6, dz=4, dim=16, dx=3):
     torch.manual_seed(0)
     layers = [ResidualMLP(dim, hidden=2 * dim) for _ in range(num_layers)]
     return layers, VectorStem(dz, dim, dx), VectorHead(dim, dz)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small .txt file (about 23,000 characters of made-up sentences) and a token cache of the tests' own."""
+    root = tmp_path_factory.mktemp("text")
+    rng = random.Random(0)
+    words = ["the", "king", "and", "queen", "of", "a", "fair", "land", "spoke", "to", "their", "people", "with",
+             "grace", "wit", "while", "fool", "sang", "songs", "love", "war", "bread"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + rng.choice(".!?,")
+             for _ in range(600)]
+    path = root / "tiny.txt"
+    path.write_text("\n".join(lines) + "\n")
+    before = os.environ.get("DIFFUSIONBLOCKS_CACHE")
+    os.environ["DIFFUSIONBLOCKS_CACHE"] = str(root / "cache")
+    yield path
+    if before is None:
+        del os.environ["DIFFUSIONBLOCKS_CACHE"]
+    else:
+        os.environ["DIFFUSIONBLOCKS_CACHE"] = before

@@ -10,17 +10,23 @@ with no context. -log p(window) = sum over its tokens of the cross-entropy, exac
 
 from __future__ import annotations
 
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
+from .. import io
 from ..blocks import BlockStack
 from ..config import RunConfig, allocation_of
 from ..models import NoisyCleanStem, NoisyHead, TokenHead, TokenStem, lm_layers
 from ..nn import KVCache, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond, label_target
-from .base import StackBlocks, unknown_form
-from .lm import EVAL_SPLITS, LN2, LMTask, TextData, eval_windows, token_ce
+from .base import StackBlocks, interleaved_seconds, unknown_form
+from .lm import EVAL_SPLITS, LN2, LMTask, TextData, eval_windows, load_text, token_ce
 
 
 class AutoregressiveLM(nn.Module):
@@ -366,14 +372,19 @@ class ARLMTask(LMTask):
         if not isinstance(model, ARDiffusionLM):
             return super().plan_outer_bytes(cfg, shapes, model, element)
         N, T, D, V = cfg.train.batch_size, cfg.data.seq_len, cfg.model.width, shapes.vocab_size
-        Dy = cfg.model.label_dim or D
-        per_token = (8  # the clean token ids (embedding)
-                     + Dy * element  # c_in z, the noisy input's linear
-                     + 2 * D * element + 8 + Dy * element  # the head: LayerNorm input copy and stats, its linear input
-                     + Dy * element  # D into the readout
-                     + 4 * V + 8)  # log-softmax (float32) and targets
-        noise = N * (256 + 3 * D) * element * (T if cfg.arlm.noise_level == "token" else 1)
-        return N * T * per_token + noise + 8
+        Dy, s = cfg.model.label_dim or D, element
+        per_token = (8  # the window's ids: the clean embedding's indices and the loss's targets are one tensor
+                     + Dy * s  # c_in z, the noisy input's linear
+                     + 2 * D * s + 8  # the head's LayerNorm: its input (a copy of the noisy half), output, stats
+                     + Dy * s  # D, into the readout
+                     + 4 * V)  # the log-softmax (float32)
+        # per noisy token, or per window: c_out (for c_out F) and the noise embedding's MLP; per window also c,
+        # which every layer's adaLN reads
+        token = cfg.arlm.noise_level == "token"
+        extra = (N * T if token else N) * (s + (256 + (2 if token else 3) * D) * s)
+        if cfg.model.positions == "learned":  # the position ids that index the learned table (int64)
+            extra += 8 * T
+        return N * T * per_token + extra + 8
 
     def _how(self, ev: dict) -> str:
         return " (exact)"
@@ -459,6 +470,86 @@ class ARLMTask(LMTask):
         score.update(split="validation" if key == "val_" else "test", eval_draws=results.get("eval_draws"))
         return (f"{results['method']}: {self.describe_score(score)}; {results['layer_updates']} layer-updates in "
                 f"{results['train_seconds']:.1f} s")
+
+    def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
+        """Each kind of cross-entropy on its own line; the DiffusionBlocks chain's diagnostics (the published
+        negative findings: accuracy and the bridge's norm after every step, the last step's confidence); for each
+        arm's seed-0 model: samples (written to out/samples-ROLE.txt), their distinct-n, a generative perplexity
+        scored by the end-to-end model, and generation time per token (cached, interleaved, median of 3)."""
+        extras, lines = {}, []
+        mean = lambda role, key: statistics.mean(r[key] for r in runs[role])
+        for role in runs:
+            if "test_bpc" in runs[role][0]:
+                lines.append(f"{role}: exact cross-entropy {mean(role, 'test_ce'):.4f} nats per token, "
+                             f"{mean(role, 'test_bpc'):.4f} bits per character (a likelihood)")
+        if "dblocks" in runs:
+            r = runs["dblocks"]
+            diag = {k: mean("dblocks", "test_" + k) for k in ("ce_sigma_max", "chain_ce", "top1_last",
+                                                               "top1_last_t2", "entropy_last")}
+            for key in ("accuracy_per_step", "bridge_norm_per_step"):
+                diag[key] = [statistics.mean(v) for v in zip(*(x["test_" + key] for x in r))]
+            diag["sigma_per_step"], diag["eval_draws"] = r[0]["sigma_per_step"], r[0]["eval_draws"]
+            extras["dblocks_chain"] = diag
+            lines.append(f"dblocks: cross-entropy at sigma_max {diag['ce_sigma_max']:.4f}, chain cross-entropy "
+                         f"{diag['chain_ce']:.4f} nats per token (M = {diag['eval_draws']}; estimates, not "
+                         f"likelihoods; a published 124M rebuild: 5.08 at sigma_max vs 4.00 autoregressive)")
+            steps = ", ".join(f"sigma {s:.3g}: {100 * a:.2f}% / {n:.3f}" for s, a, n in
+                              zip(diag["sigma_per_step"], diag["accuracy_per_step"], diag["bridge_norm_per_step"]))
+            lines.append(f"dblocks chain, accuracy / bridge norm after each step: {steps}; last step: mean top-1 "
+                         f"probability {diag['top1_last']:.3f} ({diag['top1_last_t2']:.3f} at temperature 2), "
+                         f"entropy {diag['entropy_last']:.3f} nats")
+        models = {role: load(role) for role in runs}
+        if not models:
+            return extras, lines
+        num, length = 8, base.data.seq_len
+        gen = lambda i: torch.Generator().manual_seed(1000 + i)
+        samples = {role: m.sample(num, length, generator=gen(0)) for role, m in models.items()}
+        if "dblocks" in models:
+            for t in (0.5, 2.0):
+                samples[f"dblocks-t{t:g}"] = models["dblocks"].sample(num, length, temperature=t, generator=gen(0))
+        data = load_text(base)
+        real = torch.from_numpy(np.asarray(data.splits["test"][:num * length], dtype=np.int64)).view(num, length)
+        gen_stats = {"real test text": {"distinct": distinct_n(real)}}
+        scorer = models.get("e2e")
+        for name, tokens in samples.items():
+            io.atomic_write_text(Path(out) / f"samples-{name}.txt", "".join(
+                f"=== sample {i} ===\n{data.tokenizer.decode(row.numpy())}\n\n" for i, row in enumerate(tokens)))
+            gen_stats[name] = {"distinct": distinct_n(tokens)}
+        if scorer is not None:
+            for name, st in gen_stats.items():
+                tokens = real if name == "real test text" else samples[name]
+                with torch.no_grad():
+                    st["perplexity_by_e2e"] = math.exp(scorer.token_nats(tokens).mean().item())
+        extras["generation"] = gen_stats
+        lines.append(f"generated text ({num} samples of {length} tokens from no prompt, seed-0 models): "
+                     "distinct-1/2/3/4"
+                     + (" and generative perplexity scored by the end-to-end model (same budget and data; it favours "
+                        "its own samples)" if scorer is not None else "") + ": "
+                     + "; ".join(f"{name} " + "/".join(f"{d:.2f}" for d in st["distinct"])
+                                 + (f", {st['perplexity_by_e2e']:.2f}" if "perplexity_by_e2e" in st else "")
+                                 for name, st in gen_stats.items()))
+        timed = {role: m for role, m in models.items() if role in ("e2e", "dblocks")}
+        if len(timed) == 2:
+            seconds = interleaved_seconds({role: lambda i, m=m: m.sample(num, length, generator=gen(i))
+                                           for role, m in timed.items()}, repeats=3)
+            per_token = {role: t / length for role, t in seconds.items()}
+            extras.update(generation_seconds_per_token=per_token,
+                          generation_slowdown=per_token["dblocks"] / per_token["e2e"])
+            B = runs["dblocks"][0]["num_blocks"]
+            lines.append(f"generation, batch of {num}, key/value cache: {1000 * per_token['e2e']:.2f} ms per token "
+                         f"end-to-end vs {1000 * per_token['dblocks']:.2f} ms DiffusionBlocks (B = {B}, "
+                         f"{len(models['dblocks'].steps())} block calls per token): "
+                         f"{extras['generation_slowdown']:.2f}x the time")
+        return extras, lines
+
+
+def distinct_n(tokens: torch.Tensor, orders=(1, 2, 3, 4)) -> list[float]:
+    """Distinct-n of a set of samples (N, T): unique n-grams over all n-grams, pooled over the samples, for each n."""
+    out = []
+    for n in orders:
+        grams = [tuple(row[i:i + n]) for row in tokens.tolist() for i in range(len(row) - n + 1)]
+        out.append(len(set(grams)) / max(1, len(grams)))
+    return out
 
 
 TASK = ARLMTask

@@ -1,0 +1,242 @@
+"""Autoregressive language modelling as DiffusionBlocks (issue 13): the noisy/clean layout, the denoiser and its
+loss, the Euler chain and its bridge, generation with key/value caches, the metrics a run reports, the planner,
+and `compare --task arlm`, on the tests' small corpus (lm-tiny sizes: seconds)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusionblocks.compare import compare
+from diffusionblocks.config import apply_overrides, load_preset, validate
+from diffusionblocks.methods.dblocks import DBlocks
+from diffusionblocks.models import NoisyCleanStem, noisy_clean_layout
+from diffusionblocks.nn import KVCache
+from diffusionblocks.plan import Spec, configurations, measure_all
+from diffusionblocks.run import load_model
+from diffusionblocks.tasks.arlm import ARDiffusionLM, AutoregressiveLM, distinct_n
+from diffusionblocks.train import train
+
+V = 27  # the text8 alphabet
+
+
+def model_cfg(*overrides):
+    cfg = load_preset("lm-tiny")
+    cfg.task = "arlm"
+    return apply_overrides(cfg, ["data.seq_len=12", "dblocks.input_flip=0", "dblocks.input_mix=0", *overrides])
+
+
+def randomized(model, std=0.2):
+    """Every weight drawn at random: a fresh adaLN-zero layer is the identity, which would hide attention."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+LEVELS = ["token", "window"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_noisy_tokens_see_themselves_and_earlier_clean_tokens_only(level):
+    """Perturbing x_j for j >= i leaves z_i's output unchanged; for j < i it changes it; perturbing any noisy
+    token leaves every clean output unchanged (the clean stream never reads a noisy token)."""
+    model = randomized(ARDiffusionLM(model_cfg(f"arlm.noise_level={level}"), V)).eval()
+    T, Dy = 12, model.labels.table.shape[1]
+    x = torch.randint(V, (2, T), generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, T, Dy, generator=torch.Generator().manual_seed(1))
+    sigma = model.levels_like(x, 1.0)
+    stem = model.stack.stem
+
+    def hidden(x, z):
+        h, cond = stem(z, torch.log(sigma) / 4, x)
+        for layer in model.stack.blocks[0].layers:
+            h = layer(h, cond)
+        return h  # (N, 2T, D): noisy half, then clean half
+
+    base = hidden(x, z)
+    for j in (0, 5, T - 1):
+        x2 = x.clone()
+        x2[:, j] = (x2[:, j] + 1) % V
+        out = hidden(x2, z)
+        noisy_diff = (out[:, :T] - base[:, :T]).abs().amax(dim=(0, 2))
+        assert torch.all(noisy_diff[:j + 1] == 0), (j, noisy_diff)  # z_i with i <= j does not see x_j
+        assert torch.all(noisy_diff[j + 1:] > 1e-6), (j, noisy_diff)  # z_i with i > j does
+        z2 = z.clone()
+        z2[:, j] += 1.0
+        out = hidden(x, z2)
+        assert torch.equal(out[:, T:], base[:, T:])  # no clean output reads a noisy token
+        changed = (out[:, :T] - base[:, :T]).abs().amax(dim=(0, 2)) > 0
+        assert changed.tolist() == [i == j for i in range(T)]  # a noisy token is read by itself only
+
+
+def test_both_copies_of_a_position_share_its_id():
+    layout = noisy_clean_layout(5)
+    assert layout.positions.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    stem = NoisyCleanStem(V, 5, 8, 4, learned_positions=True)
+    with torch.no_grad():
+        stem.noisy_in.weight.zero_()
+        stem.noisy_in.bias.zero_()
+        stem.embed.weight.zero_()
+        stem.noise.mlp[2].weight.zero_()
+        stem.noise.mlp[2].bias.zero_()
+    h, _ = stem(torch.zeros(1, 5, 4), torch.zeros(1, 5), torch.zeros(1, 5, dtype=torch.long))
+    assert torch.equal(h[0, :5], stem.pos[0]) and torch.equal(h[0, 5:], stem.pos[0])
+
+
+def test_the_bridge_uses_the_normalised_rows():
+    model = ARDiffusionLM(model_cfg(), V)
+    with torch.no_grad():
+        model.labels.table.mul_(torch.linspace(0.5, 3.0, V)[:, None])  # rows of many norms
+    logits = torch.randn(4, 3, V)
+    unit = F.normalize(model.labels.table, dim=-1)
+    assert torch.allclose(model.bridge(logits, "soft"), logits.softmax(-1) @ unit, atol=1e-6)
+    assert torch.allclose(model.bridge(logits, "hard"), unit[logits.argmax(-1)])
+    sure = F.one_hot(torch.tensor([7]), V).float() * 100
+    assert math.isclose(model.bridge(sure, "soft").norm().item(), 1.0, abs_tol=1e-5)  # not row 7's raw norm
+    assert model.bridge(torch.zeros(1, V), "soft").norm() < 0.5  # a flat softmax shrinks the estimate
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_one_block_per_euler_step_per_token(level):
+    cfg = model_cfg(f"arlm.noise_level={level}", "dblocks.num_blocks=2", "dblocks.steps_per_block=2")
+    model = randomized(ARDiffusionLM(cfg, V))
+    calls, real = [], model.decode_step
+
+    def counted(block, z, sigma, x_new, cache):
+        calls.append((block, sigma))
+        return real(block, z, sigma, x_new, cache)
+
+    model.decode_step = counted
+    out = model.sample(3, 7, torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 7) and out[:, :2].tolist() == [[1, 2]] * 3
+    steps = model.steps()
+    assert len(steps) == 4 and [b for _, _, b in steps] == [0, 0, 1, 1]
+    assert calls == [(b, s) for _ in range(5) for s, _, b in steps]  # 5 new tokens x 4 steps, one block each
+    assert all(int(model.partition.route(torch.tensor(s, dtype=torch.float64))) == b for b, s in calls)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_the_cache_gives_the_logits_of_a_full_forward_pass(level):
+    """DiffusionBlocks: D of a noisy token decoded after cached clean tokens equals D at that position of the whole
+    window's forward pass; greedy generation is what the teacher-forced chain predicts. End to end: the same."""
+    model = randomized(ARDiffusionLM(model_cfg(f"arlm.noise_level={level}"), V)).eval()
+    T, Dy = 12, model.labels.table.shape[1]
+    x = torch.randint(V, (2, T), generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, T, Dy, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for block in (0, 1):
+            full = model.denoise(block, z, model.levels_like(x, 0.7), x)  # (N, T, Dy)
+            cache = KVCache()
+            for i in (0, 1, 2, 3, 7, 8, T - 1):  # the clean tokens one at a time, and several at once (3 -> 7)
+                d = model.decode_step(block, z[:, i:i + 1], 0.7, x[:, cache.length:i], cache)
+                assert cache.length == i
+                assert torch.allclose(d[:, 0], full[:, i], atol=1e-5), (block, i)
+    greedy = model.sample(2, T, temperature=0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.chain(greedy).argmax(-1), greedy)
+    e2e = randomized(AutoregressiveLM(model_cfg(), V)).eval()
+    tokens = e2e.sample(2, T + 3, temperature=0)  # past the window: recomputed, not cached
+    assert torch.equal(e2e.logits(tokens[:, :T]).argmax(-1), tokens[:, :T])
+    cache, logits = KVCache(), e2e.logits(tokens[:, :T])
+    with torch.no_grad():
+        first = e2e.decode(torch.cat([torch.full((2, 1), V), tokens[:, :4]], 1), cache)  # [BOS] + 4 tokens
+        rest = torch.cat([e2e.decode(tokens[:, i:i + 1], cache) for i in range(4, T - 1)], 1)
+    assert torch.allclose(torch.cat([first, rest], 1), logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_block_step_trains_its_own_block_on_its_own_levels(level):
+    cfg = model_cfg(f"arlm.noise_level={level}", "dblocks.shared_stem_head=false")
+    model = randomized(ARDiffusionLM(cfg, V), std=0.05)
+    drawn = []
+    real = model.partition.sample
+    model.partition.sample = lambda b, n, g=None, device=None: drawn.append((b, n)) or real(b, n, g, device)
+    x = torch.randint(V, (4, 12))
+    loss = model.block_loss(1, x, torch.Generator().manual_seed(0))
+    assert loss.shape == (4,) and torch.isfinite(loss).all()
+    assert drawn == [(1, 48 if level == "token" else 4)]  # a level per noisy token, or per window
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    DBlocks(model, cfg, 4).step((x,), block=1)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("stack.blocks.1.", "readouts.1.")) for n in changed), changed
+
+
+def test_the_loss_weight_is_a_setting():
+    x = torch.randint(V, (4, 12))
+    losses = {}
+    for weight in ("none", "edm"):
+        model = randomized(ARDiffusionLM(model_cfg(f"dblocks.loss_weight={weight}"), V), std=0.05)
+        losses[weight] = model.block_loss(0, x, torch.Generator().manual_seed(0))
+    # block 0 owns the largest sigma, where w = 1 / c_out^2 is about 4: the weighted loss is larger
+    assert torch.all(losses["edm"] > 2 * losses["none"])
+
+
+def test_runs_report_their_own_metrics(corpus, tmp_path):
+    """A DiffusionBlocks arlm run reports the cross-entropy at sigma_max and next-token accuracy (never bits per
+    character: it has no likelihood); an end-to-end run exact bits per character and the same accuracy."""
+    common = [f"data.name={corpus}", "train.steps=30", "data.test_limit=8"]
+    db = train(apply_overrides(model_cfg("train.method=dblocks"), common), tmp_path / "db", progress=False)
+    for key in ("test_ce_sigma_max", "test_chain_ce", "test_next_token_accuracy", "test_accuracy_per_step",
+                "test_bridge_norm_per_step", "test_top1_last"):
+        assert key in db, key
+    assert "test_bpc" not in db and db["eval_draws"] == 1  # init zero: one deterministic chain
+    assert db["test_ce_sigma_max"] < math.log(V) and 0 < db["test_next_token_accuracy"] <= 1
+    assert len(db["test_accuracy_per_step"]) == 2 and db["test_accuracy_per_step"][-1] == db["test_next_token_accuracy"]
+    e2e = train(apply_overrides(model_cfg("train.method=e2e"), common), tmp_path / "e2e", progress=False)
+    assert {"test_bpc", "test_ce", "test_next_token_accuracy"} <= set(e2e) and "test_ce_sigma_max" not in e2e
+    assert e2e["test_bpc"] < math.log2(V) - 0.3
+    noisy = get_eval(tmp_path / "db", init="noise")
+    assert noisy["eval_draws"] == 4  # arlm.eval_draws chains of a random start
+    with pytest.raises(ValueError, match="--init"):
+        get_eval(tmp_path / "e2e", init="noise")
+
+
+def get_eval(run, **options):
+    from diffusionblocks.run import evaluate
+
+    cfg, model, data = load_model(run)
+    return evaluate(model, data, cfg, **options)
+
+
+def test_settings_are_checked():
+    for override, key in (("arlm.noise_level=layer", "arlm.noise_level"), ("arlm.eval_draws=0", "arlm.eval_draws"),
+                          ("arlm.temperature=-1", "arlm.temperature")):
+        with pytest.raises(ValueError, match=key):
+            validate(model_cfg(override))
+
+
+def test_distinct_n():
+    assert distinct_n(torch.tensor([[1, 1, 1, 1]]), (1, 2)) == [0.25, 1 / 3]
+    assert distinct_n(torch.tensor([[1, 2, 3], [3, 2, 1]]), (1, 3)) == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("overrides", [[], ["arlm.noise_level=window"], ["model.positions=learned",
+                                                                         "dblocks.shared_stem_head=false"]])
+def test_planner_predicts_autoregressive_blocks(overrides):
+    """Twice the window through every layer, the (2T)^2 mask, the stem, head, readout and noise embedding: the
+    activations to the byte (within 2% with checkpointing)."""
+    cfg = apply_overrides(model_cfg("train.batch_size=4", "data.seq_len=32"), overrides)
+    result = measure_all(Spec.of(cfg), configurations(2, (2,)), progress=False)
+    for row in result["rows"]:
+        m = row["measured"]
+        assert (row["params"], row["grads"], row["optimizer"]) == (m["params"], m["grads"], m["optimizer"]), row
+        if row["checkpoint"]:
+            assert abs(row["activations"] / m["activations"] - 1) < 0.02, row["name"]
+        else:
+            assert row["activations"] == m["activations"], row["name"]
+
+
+def test_compare_runs_the_three_arms_and_measures_generation(corpus, tmp_path):
+    base = apply_overrides(model_cfg(), [f"data.name={corpus}", "train.steps=4", "data.test_limit=4"])
+    report = compare(base, tmp_path / "cmp", [0], progress=False)
+    assert list(report["rows"]) == ["e2e", "control", "dblocks"] and report["metric"] == "test_next_token_accuracy"
+    assert report["generation_slowdown"] > 0 and set(report["generation_seconds_per_token"]) == {"e2e", "dblocks"}
+    gen = report["generation"]
+    assert {"real test text", "e2e", "control", "dblocks", "dblocks-t0.5", "dblocks-t2"} == set(gen)
+    assert all(len(g["distinct"]) == 4 and g["perplexity_by_e2e"] > 1 for g in gen.values())
+    assert len(report["dblocks_chain"]["bridge_norm_per_step"]) == 2
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "cross-entropy at sigma_max" in md and "exact cross-entropy" in md
+    assert (tmp_path / "cmp" / "samples-dblocks.txt").read_text().startswith("=== sample 0 ===")
