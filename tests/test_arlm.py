@@ -118,11 +118,11 @@ def test_one_block_per_euler_step_per_token(level):
     assert all(int(model.partition.route(torch.tensor(s, dtype=torch.float64))) == b for b, s in calls)
 
 
-@pytest.mark.parametrize("level", LEVELS)
-def test_the_cache_gives_the_logits_of_a_full_forward_pass(level):
+@pytest.mark.parametrize("level,positions", [("token", "rope"), ("window", "rope"), ("token", "learned")])
+def test_the_cache_gives_the_logits_of_a_full_forward_pass(level, positions):
     """DiffusionBlocks: D of a noisy token decoded after cached clean tokens equals D at that position of the whole
     window's forward pass; greedy generation is what the teacher-forced chain predicts. End to end: the same."""
-    model = randomized(ARDiffusionLM(model_cfg(f"arlm.noise_level={level}"), V)).eval()
+    model = randomized(ARDiffusionLM(model_cfg(f"arlm.noise_level={level}", f"model.positions={positions}"), V)).eval()
     T, Dy = 12, model.labels.table.shape[1]
     x = torch.randint(V, (2, T), generator=torch.Generator().manual_seed(0))
     z = torch.randn(2, T, Dy, generator=torch.Generator().manual_seed(1))
@@ -136,7 +136,7 @@ def test_the_cache_gives_the_logits_of_a_full_forward_pass(level):
                 assert torch.allclose(d[:, 0], full[:, i], atol=1e-5), (block, i)
     greedy = model.sample(2, T, temperature=0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.chain(greedy).argmax(-1), greedy)
-    e2e = randomized(AutoregressiveLM(model_cfg(), V)).eval()
+    e2e = randomized(AutoregressiveLM(model_cfg(f"model.positions={positions}"), V)).eval()
     tokens = e2e.sample(2, T + 3, temperature=0)  # past the window: recomputed, not cached
     assert torch.equal(e2e.logits(tokens[:, :T]).argmax(-1), tokens[:, :T])
     cache, logits = KVCache(), e2e.logits(tokens[:, :T])
