@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 IMAGE_SAMPLE_FLAGS = ("sampler", "grid", "cfg_scale", "classes", "nrow", "npz")
-TEXT_SAMPLE_FLAGS = ("length", "prompt")
+TEXT_SAMPLE_FLAGS = ("length", "prompt", "temperature")
 
 
 def _refuse(args: argparse.Namespace, flags: tuple[str, ...], what: str):
@@ -164,7 +164,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if isinstance(task, LMTask):  # text: the task samples and writes
         _refuse(args, IMAGE_SAMPLE_FLAGS, "image generation")
         print(task.write_samples(model, data, cfg, args.out, num=args.num, length=args.length or cfg.data.seq_len,
-                                 prompt=args.prompt or "", seed=args.seed, steps=args.steps))
+                                 prompt=args.prompt or "", seed=args.seed, steps=args.steps,
+                                 temperature=args.temperature))
         return 0
     _refuse(args, TEXT_SAMPLE_FLAGS, "language models")
     if not isinstance(model, ImageGenerator):
@@ -415,6 +416,9 @@ def _sample_parser(sub):
     p.add_argument("--length", type=int, default=None, help="text: tokens per sample, the prompt's included "
                                                               "(default data.seq_len)")
     p.add_argument("--prompt", default=None, help="text: the start of every sample")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="arlm: the softmax temperature of each drawn token, 0 = greedy (default 1; DiffusionBlocks: "
+                        "arlm.temperature, applied at the chain's last step)")
     p.add_argument("--sampler", choices=("euler", "heun"), default=None)
     p.add_argument("--grid", choices=GRID_KINDS, default=None)
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (conditional models)")

@@ -2,12 +2,14 @@
 loss, the Euler chain and its bridge, generation with key/value caches, the metrics a run reports, the planner,
 and `compare --task arlm`, on the tests' small corpus (lm-tiny sizes: seconds)."""
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusionblocks.cli import main
 from diffusionblocks.compare import compare
 from diffusionblocks.config import apply_overrides, load_preset, validate
 from diffusionblocks.methods.dblocks import DBlocks
@@ -240,3 +242,22 @@ def test_compare_runs_the_three_arms_and_measures_generation(corpus, tmp_path):
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "cross-entropy at sigma_max" in md and "exact cross-entropy" in md
     assert (tmp_path / "cmp" / "samples-dblocks.txt").read_text().startswith("=== sample 0 ===")
+
+
+def test_cli_trains_evaluates_and_samples_autoregressive_blocks(corpus, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "--task", "arlm", "--method", "dblocks", "--preset", "lm-tiny", "--data", str(corpus),
+                 "--out", run, "--no-progress", "train.steps=4", "data.test_limit=4"]) == 0
+    capsys.readouterr()
+    assert main(["eval", run, "--json", "--init", "noise", "--steps-per-block", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["eval_draws"] == 4 and len(out["accuracy_per_step"]) == 4 and "ce_sigma_max" in out
+    text = tmp_path / "s.txt"
+    assert main(["sample", run, "--num", "2", "--length", "40", "--prompt", "the king", "--temperature", "0",
+                 "--out", str(text)]) == 0  # past the 32-token window
+    samples = text.read_text().split("=== sample ")[1:]
+    assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("the king") for s in samples)
+    assert samples[0].split("\n", 1)[1] == samples[1].split("\n", 1)[1]  # greedy: the same text
+    for flags, message in ((["--temperature", "-1"], "temperature"), (["--steps", "3"], "--steps: not an option")):
+        assert main(["sample", run, "--out", str(text), *flags]) == 2
+        assert message in capsys.readouterr().err

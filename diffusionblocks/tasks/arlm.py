@@ -104,6 +104,8 @@ class AutoregressiveLM(nn.Module):
 def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     """A token per row of logits (N, V) -> (N, 1): the argmax at temperature 0, else drawn from
     softmax(logits / temperature) (on the CPU, so a seeded generator gives the same text on any device)."""
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature {temperature!r}: expected a finite number >= 0 (0: greedy)")
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     probs = (logits.float() / temperature).softmax(-1).cpu()
@@ -343,7 +345,7 @@ class ARLMTask(LMTask):
     compare_roles = ("e2e", "control", "dblocks")
     presets = {"full": "lm-ar-cpu", "quick": "lm-ar-quick", "offline": "lm-ar-cpu", "offline-quick": "lm-ar-quick"}
     eval_options = ("limit", *ARDiffusionLM.inference_options)
-    sample_options = ("temperature", *ARDiffusionLM.inference_options)
+    sample_options = ("temperature",)
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
