@@ -42,10 +42,13 @@ ARMS = {
     "gamma 0": ["dblocks.gamma=0"],
     "B 2": ["dblocks.num_blocks=2"],
     "B 6": ["dblocks.num_blocks=6"],
+    "sigma_max share 0.25": ["arlm.sigma_max_share=0.25"],
+    "sigma_max share 0.5": ["arlm.sigma_max_share=0.5"],
 }
 # the sampler's settings of a trained DiffusionBlocks model (--inference: evaluated on the first arm's run)
-INFERENCE = {"init noise": {"init": "noise"}, "hard bridge": {"bridge": "hard"},
-             "2 steps per block": {"steps_per_block": 2}}
+INFERENCE = {"init noise": {"init": "noise"}, "hard bridge": {"bridge": "hard"}, "unit bridge": {"bridge": "unit"},
+             "2 steps per block": {"steps_per_block": 2},
+             "init noise, unit bridge": {"init": "noise", "bridge": "unit"}}
 EXTRA = ("ce_sigma_max", "chain_ce", "ce", "bpc")  # also recorded where the task reports them
 
 

@@ -23,6 +23,7 @@ from .methods import METHODS
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Partition
 from .parallel import train_parallel
 from .plan import Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
+from .precond import BRIDGES
 from .run import CONFIG, load_model, resolve_device, validate
 from .tasks import SPLITS, TASKS, ImageTask, get_task
 from .tasks.imagegen import ImageGenerator, generate
@@ -384,7 +385,8 @@ def _eval_parser(sub):
     p.add_argument("run", help="run directory")
     p.add_argument("--steps-per-block", type=int, default=None, help="Euler steps per block")
     p.add_argument("--grid", choices=GRID_KINDS, default=None)
-    p.add_argument("--bridge", choices=("soft", "hard"), default=None, help="x0 estimate from the logits")
+    p.add_argument("--bridge", choices=BRIDGES, default=None,
+                   help="x0 estimate from the logits: soft, hard, or unit (the soft one at unit norm)")
     p.add_argument("--sigma-start", type=float, default=None, help="first level of the grid (default sigma_max)")
     p.add_argument("--init", choices=("noise", "zero"), default=None, help="start from noise or from z = 0")
     p.add_argument("--split", choices=SPLITS, default="test",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from .noise import GRID_KINDS
+from .precond import BRIDGES
 from .text import TOKENIZERS
 
 
@@ -68,7 +69,8 @@ class DBlocksConfig:
     loss_weight: str = "none"  # "none": plain CE per sample; "edm": w(sigma) * CE (Eq. 2). See benchmarks/README
     steps_per_block: int = 1  # inference Euler steps per block
     grid: str = "equiprob"  # inference grid: "equiprob", "cdf" or "karras" (noise.Partition.inference_grid)
-    bridge: str = "soft"  # x0 estimate from logits: "soft" (softmax @ E) or "hard" (E[argmax])
+    bridge: str = "soft"  # x0 estimate from logits: "soft" (softmax @ E), "hard" (E[argmax]) or "unit" (soft, at
+    # unit norm)
     sigma_start: float = 0.0  # first level of the inference grid (0 = sigma_max, the paper)
     init: str = "zero"  # inference starts from z = 0 ("zero") or z = sigma_start * eps ("noise", the paper)
     input_flip: float = 0.2  # training: fraction of samples whose noised label embedding is a wrong class's
@@ -137,6 +139,9 @@ class ARLMConfig:
     noise_level: str = "token"  # "token": every noisy token its own sigma, embedded into its input (the clean
     # stream never sees sigma: one key/value cache per block); "window": one sigma per window, given to every
     # layer by adaLN (the paper's conditioning; the clean stream then depends on sigma)
+    sigma_max_share: float = 0.0  # training: this fraction of the noisiest block's noise levels set to sigma_max,
+    # where every chain starts (the truncated log-normal puts well under 1% of block 0's levels above sigma = 10);
+    # only that block's own training changes. 0: the paper
     eval_draws: int = 4  # M: chains per token in the chain cross-entropy (with dblocks.init=zero the chain is
     # deterministic and one draw is used)
     temperature: float = 1.0  # sampling: the last step's softmax temperature (0: greedy)
@@ -242,7 +247,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda"),
          f"train.device={t.device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto'"),
         (d.loss_weight in ("edm", "none"), f"dblocks.loss_weight={d.loss_weight!r}: expected 'edm' or 'none'"),
-        (d.bridge in ("soft", "hard"), f"dblocks.bridge={d.bridge!r}: expected 'soft' or 'hard'"),
+        (d.bridge in BRIDGES, f"dblocks.bridge={d.bridge!r}: expected one of {', '.join(BRIDGES)}"),
         (d.init in ("noise", "zero"), f"dblocks.init={d.init!r}: expected 'noise' or 'zero'"),
         (d.label_table in ("fixed", "learned"),
          f"dblocks.label_table={d.label_table!r}: expected 'fixed' or 'learned'"),
@@ -262,6 +267,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.arlm.noise_level in ("token", "window"),
          f"arlm.noise_level={cfg.arlm.noise_level!r}: expected 'token' or 'window'"),
         (cfg.arlm.eval_draws >= 1, f"arlm.eval_draws={cfg.arlm.eval_draws}: must be >= 1"),
+        (0 <= cfg.arlm.sigma_max_share <= 1, f"arlm.sigma_max_share={cfg.arlm.sigma_max_share}: must be in [0, 1]"),
         (cfg.arlm.temperature >= 0 and cfg.arlm.temperature != float("inf"),
          f"arlm.temperature={cfg.arlm.temperature}: must be finite and >= 0 (0: greedy)"),
     ]

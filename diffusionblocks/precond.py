@@ -162,6 +162,21 @@ class ClassEmbedding(nn.Module):
     def hard(self, logits: torch.Tensor) -> torch.Tensor:
         return self.normalized[logits.argmax(-1)]
 
+    def estimate(self, logits: torch.Tensor, kind: str = "soft") -> torch.Tensor:
+        """The x0 estimate a sampler hands to the next step: "soft" softmax(logits) @ E_normalised, "hard" the
+        argmax's row, or "unit" the soft estimate scaled back to unit norm (the norm of a clean target: a
+        spread softmax shrinks the soft estimate towards 0)."""
+        if kind == "soft":
+            return self.expected(logits)
+        if kind == "hard":
+            return self.hard(logits)
+        if kind == "unit":
+            return F.normalize(self.expected(logits), dim=-1)
+        raise ValueError(f"bridge={kind!r}: expected one of {', '.join(BRIDGES)}")
+
+
+BRIDGES = ("soft", "hard", "unit")
+
 
 def label_target(labels: ClassEmbedding, y: torch.Tensor, flip: float = 0.0, mix: float = 0.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:

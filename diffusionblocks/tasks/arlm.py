@@ -135,6 +135,7 @@ class ARDiffusionLM(StackBlocks, nn.Module):
         super().__init__()
         m, d, a = cfg.model, cfg.dblocks, cfg.arlm
         self.cfg, self.noise_level, self.eval_draws, self.temperature = d, a.noise_level, a.eval_draws, a.temperature
+        self.sigma_max_share = a.sigma_max_share
         self.vocab_size, self.seq_len = vocab_size, cfg.data.seq_len
         label_dim = m.label_dim or m.width
         self.partition = Partition.create(LogNormalLevels(), d.num_blocks, kind=d.partition, gamma=d.gamma)
@@ -190,6 +191,9 @@ class ARDiffusionLM(StackBlocks, nn.Module):
         target = label_target(self.labels, x, d.input_flip, d.input_mix, generator)  # (N, T, Dy)
         n = N * T if self.noise_level == "token" else N
         sigma = self.partition.sample(block, n, generator, device=x.device).to(target.dtype)
+        if self.sigma_max_share and block == 0:  # the noisiest block: some levels at sigma_max, the chain's start
+            top = torch.rand(n, generator=generator).to(x.device) < self.sigma_max_share
+            sigma = torch.where(top, self.partition.levels.hi, sigma)
         if self.noise_level == "token":
             sigma = sigma.view(N, T)
         eps = torch.randn(target.shape, generator=generator, dtype=target.dtype,
@@ -216,12 +220,9 @@ class ARDiffusionLM(StackBlocks, nn.Module):
         return sigma_max * torch.randn(shape, generator=generator).to(device)
 
     def bridge(self, logits: torch.Tensor, kind: str | None = None) -> torch.Tensor:
-        """The x0 estimate from logits: softmax(logits) @ e_hat ("soft") or e_hat[argmax] ("hard"), the same
-        normalised rows as the training targets."""
-        kind = kind or self.cfg.bridge
-        if kind not in ("soft", "hard"):
-            raise ValueError(f"bridge={kind!r}: expected 'soft' or 'hard'")
-        return self.labels.expected(logits) if kind == "soft" else self.labels.hard(logits)
+        """The x0 estimate from logits (ClassEmbedding.estimate): softmax(logits) @ e_hat ("soft"), e_hat[argmax]
+        ("hard") or the soft one at unit norm ("unit"), from the same normalised rows as the training targets."""
+        return self.labels.estimate(logits, kind or self.cfg.bridge)
 
     def chain(self, x: torch.Tensor, generator: torch.Generator | None = None, *, steps_per_block: int | None = None,
               grid: str | None = None, bridge: str | None = None, init: str | None = None, record=None):

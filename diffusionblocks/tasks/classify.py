@@ -136,7 +136,7 @@ class DiffusionClassifier(nn.Module):
         if sigma_start:  # start lower: drop the levels above sigma_start
             grid = torch.cat([grid.new_tensor([min(sigma_start, grid[0].item())]), grid[grid < sigma_start]])
         bridge, init = bridge or self.cfg.bridge, init or self.cfg.init
-        estimate = self.labels.expected if bridge == "soft" else self.labels.hard  # x0 from logits, (N, Dy)
+        estimate = lambda logits: self.labels.estimate(logits, bridge)  # x0 from logits, (N, Dy)
         preds = []
 
         def denoiser(z, sigma, images):
