@@ -51,6 +51,8 @@ class DataConfig:
     val_size: int = 0
     tokenizer: str = "bytes"  # text tasks: "bytes", "chars", "text8" (27 symbols) or "bpe"
     bpe_vocab: int = 4096  # text tasks, tokenizer=bpe: vocabulary size
+    tokenizer_file: str = ""  # text tasks, tokenizer=bpe: a Hugging Face tokenizer.json to use instead of training
+    # one on the corpus (e.g. GPT-2's, as a local file; nothing is downloaded)
     seq_len: int = 128  # text tasks: tokens per training window and per evaluation window
 
 
@@ -257,6 +259,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         (d.sigma_start >= 0, f"dblocks.sigma_start={d.sigma_start}: must be >= 0 (0 = sigma_max)"),
         (cfg.data.tokenizer in TOKENIZERS,
          f"data.tokenizer={cfg.data.tokenizer!r}: expected one of {', '.join(TOKENIZERS)}"),
+        (not cfg.data.tokenizer_file or cfg.data.tokenizer == "bpe",
+         f"data.tokenizer_file is a BPE tokenizer's JSON: it needs data.tokenizer=bpe, not {cfg.data.tokenizer!r}"),
         (cfg.data.bpe_vocab >= 256, f"data.bpe_vocab={cfg.data.bpe_vocab}: must be >= 256 (the byte alphabet)"),
         (cfg.data.seq_len >= 2, f"data.seq_len={cfg.data.seq_len}: must be >= 2"),
         (cfg.mdlm.schedule in ("linear", "cosine"),
@@ -478,7 +482,8 @@ def preset_lm_ar_quick() -> RunConfig:
 def preset_lm_ar_lm1b() -> RunConfig:
     """The paper's autoregressive setting for a GPU (App. E.4): LM1B (through HF `datasets`), windows of 256, 12
     layers of width 768 with 12 heads, B = 4, gamma 0.1, AdamW 3e-4, batch 256. The tokenizer is a BPE of 8,192
-    symbols trained on the corpus (data.bpe_vocab). Set train.steps for the budget you have."""
+    symbols trained on the corpus (data.bpe_vocab), or a local tokenizer.json (data.tokenizer_file=PATH, e.g. GPT-2's
+    for OpenWebText). Set train.steps for the budget you have."""
     cfg = RunConfig(task="arlm")
     cfg.data = DataConfig(name="lm1b", tokenizer="bpe", bpe_vocab=8192, seq_len=256)
     cfg.model = ModelConfig(depth=12, width=768, heads=12, mlp_ratio=4.0, positions="rope")

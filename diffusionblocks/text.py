@@ -558,6 +558,18 @@ class BPETokenizer(Tokenizer):
         return cls(tokenizer)
 
     @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
+        """A tokenizer saved by Hugging Face ``tokenizers`` (a tokenizer.json, e.g. GPT-2's), read from disk."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise TextDataError(f"{path}: no such tokenizer file (data.tokenizer_file: a Hugging Face tokenizer.json)")
+        tk = _optional("tokenizers", "the bpe tokenizer")
+        try:
+            return cls(tk.Tokenizer.from_file(str(path)))
+        except Exception as e:  # the tokenizers package raises its own errors on a malformed file
+            raise TextDataError(f"{path}: not a Hugging Face tokenizer file ({type(e).__name__}: {e})") from None
+
+    @classmethod
     def from_dict(cls, d: dict) -> BPETokenizer:
         return cls(_optional("tokenizers", "the bpe tokenizer").Tokenizer.from_str(d["json"]))
 

@@ -96,6 +96,10 @@ def test_the_bridge_uses_the_normalised_rows():
     unit = F.normalize(model.labels.table, dim=-1)
     assert torch.allclose(model.bridge(logits, "soft"), logits.softmax(-1) @ unit, atol=1e-6)
     assert torch.allclose(model.bridge(logits, "hard"), unit[logits.argmax(-1)])
+    assert torch.allclose(model.bridge(logits, "unit"), F.normalize(logits.softmax(-1) @ unit, dim=-1), atol=1e-6)
+    assert torch.allclose(model.bridge(logits, "unit").norm(dim=-1), torch.ones(4, 3))
+    with pytest.raises(ValueError, match="bridge='raw'"):
+        model.bridge(logits, "raw")
     sure = F.one_hot(torch.tensor([7]), V).float() * 100
     assert math.isclose(model.bridge(sure, "soft").norm().item(), 1.0, abs_tol=1e-5)  # not row 7's raw norm
     assert model.bridge(torch.zeros(1, V), "soft").norm() < 0.5  # a flat softmax shrinks the estimate
@@ -261,3 +265,42 @@ def test_cli_trains_evaluates_and_samples_autoregressive_blocks(corpus, tmp_path
     for flags, message in ((["--temperature", "-1"], "temperature"), (["--steps", "3"], "--steps: not an option")):
         assert main(["sample", run, "--out", str(text), *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_sigma_max_share_moves_only_the_noisiest_blocks_levels():
+    model = ARDiffusionLM(model_cfg("arlm.sigma_max_share=0.25", "dblocks.num_blocks=2"), V)
+    seen = []
+    real = model.denoise
+    model.denoise = lambda block, z, sigma, x: seen.append(sigma) or real(block, z, sigma, x)
+    x = torch.randint(V, (64, 12))
+    top = model.partition.levels.hi
+    for block in (0, 1):
+        model.block_loss(block, x, torch.Generator().manual_seed(0))
+        lo, hi = model.partition.training_interval(block)
+        at_top = (seen[-1] == top).float().mean().item()
+        if block == 0:
+            assert 0.2 < at_top < 0.3  # a quarter of the 768 noisy tokens
+        else:
+            assert at_top == 0 and bool((seen[-1] <= hi + 1e-6).all())
+    model.sigma_max_share = 0.0
+    model.block_loss(0, x, torch.Generator().manual_seed(0))
+    assert (seen[-1] == top).float().mean().item() < 0.01  # the paper's density: (almost) never there
+
+
+def test_a_local_tokenizer_file_replaces_the_trained_bpe(corpus, tmp_path):
+    """data.tokenizer_file: a Hugging Face tokenizer.json read from disk (the GPU preset's GPT-2 tokenizer, say)."""
+    from diffusionblocks.tasks.lm import load_text
+    from diffusionblocks.text import BPETokenizer, TextDataError, load_corpus
+
+    trained = BPETokenizer.from_corpus(load_corpus(str(corpus)), vocab_size=300)
+    path = tmp_path / "tokenizer.json"
+    trained.tokenizer.save(str(path))
+    cfg = model_cfg(f"data.name={corpus}", "data.tokenizer=bpe", f"data.tokenizer_file={path}", "data.bpe_vocab=999")
+    data = load_text(cfg)
+    assert data.vocab_size == 300 and data.tokenizer.to_dict() == trained.to_dict()
+    with pytest.raises(ValueError, match="needs data.tokenizer=bpe"):
+        validate(model_cfg(f"data.tokenizer_file={path}"))
+    (tmp_path / "bad.json").write_text("{}")
+    for bad, message in ((tmp_path / "missing.json", "no such tokenizer file"), (tmp_path / "bad.json", "not a Hug")):
+        with pytest.raises(TextDataError, match=message):
+            load_text(model_cfg(f"data.name={corpus}", "data.tokenizer=bpe", f"data.tokenizer_file={bad}"))

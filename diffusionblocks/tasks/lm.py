@@ -30,6 +30,7 @@ from ..config import RunConfig
 from ..text import (
     CORPORA,
     TOKENIZERS,
+    BPETokenizer,
     Tokenizer,
     check_length,
     load_corpus,
@@ -89,7 +90,10 @@ def load_text(cfg: RunConfig) -> TextData:
     # a user's files that are not UTF-8 text load for the tokenizer that takes any bytes (the others refuse them)
     any_bytes = {"any_bytes": True} if TOKENIZERS[d.tokenizer].any_bytes and d.name not in CORPORA else {}
     corpus = load_corpus(d.name, root=d.root, **any_bytes)
-    tokenizer = make_tokenizer(d.tokenizer, corpus, **({"vocab_size": d.bpe_vocab} if d.tokenizer == "bpe" else {}))
+    if d.tokenizer_file:  # a given BPE (e.g. GPT-2's), not one trained on this corpus
+        tokenizer = BPETokenizer.from_file(d.tokenizer_file)
+    else:
+        tokenizer = make_tokenizer(d.tokenizer, corpus, **({"vocab_size": d.bpe_vocab} if d.tokenizer == "bpe" else {}))
     splits, chars = {}, {}
     for split in ("train", *EVAL_SPLITS):
         tokens = prepare_tokens(corpus, tokenizer, split)
