@@ -236,6 +236,14 @@ def predict(spec: Spec, conf: Configuration) -> dict:
     return out
 
 
+def _token_counts(rows: list[dict]) -> int | str:
+    """Tokens per sample through the layers: one number, or per method where they differ (autoregressive
+    DiffusionBlocks runs a noisy and a clean copy of the window)."""
+    counts = {r["method"]: r["tokens"] for r in rows}
+    return next(iter(counts.values())) if len(set(counts.values())) == 1 else \
+        " / ".join(f"{n} ({method})" for method, n in counts.items())
+
+
 def plan(spec: Spec, confs: list[Configuration], device_memory: int | None = None) -> dict:
     rows = [predict(spec, c) for c in confs]
     if device_memory is not None:
@@ -243,7 +251,7 @@ def plan(spec: Spec, confs: list[Configuration], device_memory: int | None = Non
             r["fits"] = r["total"] <= device_memory
     m = spec.cfg.model
     return {"model": {"depth": m.depth, "width": m.width, "heads": m.heads, "mlp_ratio": m.mlp_ratio,
-                      "patch": m.patch, "tokens": spec.tokens, "layer": m.layer},
+                      "patch": m.patch, "tokens": _token_counts(rows), "layer": m.layer},
             "task": spec.cfg.task, "data": dataclasses.asdict(spec.shapes),
             "batch_size": spec.cfg.train.batch_size, "dtype": spec.dtype, "optimizer": spec.optimizer,
             "device_memory": device_memory, "rows": rows}

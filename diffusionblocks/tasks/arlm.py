@@ -1,11 +1,15 @@
-"""Autoregressive language modelling, end to end: a causal transformer of the same layers, sizes and data as the
-masked-diffusion model, scored by its exact likelihood. It is the floor of `compare --task mdlm` (its
-DiffusionBlocks version, a denoiser of next-token embeddings, is issue 13: METHOD.md section 7).
+"""Autoregressive language modelling, end to end and as DiffusionBlocks (issue 13; docs/METHOD.md section 7).
 
-Each window is modelled on its own, like masked diffusion's: position i reads [BOS] followed by x_<i (causal
-attention; [BOS] is an extra id, V) and predicts x_i, so every token of a held-out window is scored, the first
-with no context. -log p(window) = sum over its tokens of the cross-entropy, exactly; padding is never scored
-(and, being at the end of a window, never seen by a real token).
+End to end: a causal transformer of the same layers, sizes and data as the masked-diffusion model, scored by its
+exact likelihood (the floor of `compare --task mdlm`). Each window is modelled on its own, like masked
+diffusion's: position i reads [BOS] followed by x_<i (causal attention; [BOS] is an extra id, V) and predicts x_i,
+so every token of a held-out window is scored, the first with no context. -log p(window) = sum over its tokens of
+the cross-entropy, exactly; padding is never scored (and, being at the end of a window, never seen by a real
+token).
+
+DiffusionBlocks (ARDiffusionLM): B denoisers of the next token's normalised embedding over a noisy and a clean
+copy of the window; it has no likelihood, so it is scored by next-token accuracy (the headline both forms share)
+and its own labelled estimators. Both forms generate with a key/value cache.
 """
 
 from __future__ import annotations

@@ -183,7 +183,11 @@ class LMTask(Task):
             raise ValueError(f"{flags}: image options; task {self.name!r} takes its shapes from data.tokenizer "
                              "and data.seq_len")
         vocab = getattr(TOKENIZERS[cfg.data.tokenizer], "vocab_size", None)  # fixed by the kind (bytes, text8)
-        if vocab is None:  # from the training split (chars, bpe): prepared once, cached
+        if cfg.data.tokenizer_file:
+            vocab = BPETokenizer.from_file(cfg.data.tokenizer_file).vocab_size
+        elif cfg.data.tokenizer == "bpe":  # the size it is trained to (planning a GPU run needs no download)
+            vocab = cfg.data.bpe_vocab
+        elif vocab is None:  # from the training split (chars): prepared once, cached
             vocab = load_text(cfg).vocab_size
         return TextShapes(vocab)
 
