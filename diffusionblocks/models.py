@@ -312,7 +312,7 @@ class NoisyCleanStem(nn.Module):
     embedding added to that token, and c = 0 (the clean stream never sees a level); "window": c_noise (N,), one
     level per window, c its embedding, given to every layer of every token by adaLN."""
 
-    def __init__(self, vocab_size: int, seq_len: int, width: int, label_dim: int, *, noise_level: str = "token",
+    def __init__(self, vocab_size: int, seq_len: int, width: int, label_dim: int, *, noise_level: str = "window",
                  noise_scale: float = 1000.0, learned_positions: bool = True):
         super().__init__()
         if noise_level not in ("token", "window"):

@@ -268,7 +268,7 @@ def test_cli_trains_evaluates_and_samples_autoregressive_blocks(corpus, tmp_path
 
 
 def test_sigma_max_share_moves_only_the_noisiest_blocks_levels():
-    model = ARDiffusionLM(model_cfg("arlm.sigma_max_share=0.25", "dblocks.num_blocks=2"), V)
+    model = ARDiffusionLM(model_cfg("arlm.sigma_max_share=0.25", "dblocks.num_blocks=2", "arlm.noise_level=token"), V)
     seen = []
     real = model.denoise
     model.denoise = lambda block, z, sigma, x: seen.append(sigma) or real(block, z, sigma, x)
