@@ -102,7 +102,12 @@ class Spec:
     @property
     def tokens(self) -> int:
         """Sequence length through the layers (the task's: patches plus a token, a text window)."""
-        return self.task.plan_tokens(self.cfg, self.shapes)
+        return self.task.plan_tokens(self.cfg, self.shapes, self.form)
+
+    @property
+    def form(self) -> str:
+        """The model form the config's method trains ("end-to-end" or "blocks")."""
+        return get_method(self.cfg.train.method).model_form
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,7 @@ def layer_activation_bytes(spec: Spec) -> int:
             per_token += 2 * s * D
     if m.dropout > 0:  # the MLP's dropout keeps a 1-byte mask (attention dropout is not modelled)
         per_token += hidden
-    return N * (T * per_token + per_sample) + spec.task.plan_layer_bytes(spec.cfg, spec.shapes, s)
+    return N * (T * per_token + per_sample) + spec.task.plan_layer_bytes(spec.cfg, spec.shapes, s, spec.form)
 
 
 def predict(spec: Spec, conf: Configuration) -> dict:

@@ -355,7 +355,7 @@ class ARLMTask(LMTask):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         super().check(cfg)
-        if cfg.train.method != "e2e" and cfg.dblocks.label_table == "learned" and not cfg.dblocks.shared_stem_head:
+        if cfg.dblocks.label_table == "learned" and not cfg.dblocks.shared_stem_head:
             raise ValueError("dblocks.label_table=learned is trained by every block (a shared parameter): it needs "
                              "dblocks.shared_stem_head=true; independent blocks share the fixed table")
 
@@ -366,14 +366,14 @@ class ARLMTask(LMTask):
             return ARDiffusionLM(cfg, data.vocab_size)
         raise unknown_form(self.name, form, ("end-to-end", "blocks"))
 
-    def plan_tokens(self, cfg: RunConfig, shapes) -> int:
+    def plan_tokens(self, cfg: RunConfig, shapes, form: str = "end-to-end") -> int:
         """The window, twice over for DiffusionBlocks (noisy and clean copies)."""
-        return cfg.data.seq_len * (1 if cfg.train.method == "e2e" else 2)
+        return cfg.data.seq_len * (2 if form == "blocks" else 1)
 
-    def plan_layer_bytes(self, cfg: RunConfig, shapes, element: int) -> int:
+    def plan_layer_bytes(self, cfg: RunConfig, shapes, element: int, form: str = "end-to-end") -> int:
         """Attention converts the boolean mask into an additive (T, T) mask of the model's dtype, and every layer
         keeps its own (T: the window, or both copies of it)."""
-        return self.plan_tokens(cfg, shapes) ** 2 * element
+        return self.plan_tokens(cfg, shapes, form) ** 2 * element
 
     def plan_outer_bytes(self, cfg: RunConfig, shapes, model: nn.Module, element: int) -> int:
         if not isinstance(model, ARDiffusionLM):

@@ -154,11 +154,11 @@ class Task:
         them), for measuring a step without data."""
         raise ValueError(f"`diffusionblocks memory` does not cover task={self.name!r} yet")
 
-    def plan_tokens(self, cfg: RunConfig, shapes) -> int:
-        """Tokens per sample through the transformer layers."""
+    def plan_tokens(self, cfg: RunConfig, shapes, form: str = "end-to-end") -> int:
+        """Tokens per sample through the transformer layers of the model in `form` (Method.model_form)."""
         raise ValueError(f"the planner's activation formula does not cover task={self.name!r} yet")
 
-    def plan_layer_bytes(self, cfg: RunConfig, shapes, element: int) -> int:
+    def plan_layer_bytes(self, cfg: RunConfig, shapes, element: int, form: str = "end-to-end") -> int:
         """Bytes each layer saves beyond the transformer layer's formula (plan.layer_activation_bytes)."""
         return 0
 

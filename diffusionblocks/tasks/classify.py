@@ -175,7 +175,7 @@ class ClassifyTask(ImageTask):
             raise unknown_form(self.name, form, tuple(self.forms))
         return self.forms[form](cfg, data.image_size, data.channels, data.num_classes)
 
-    def plan_tokens(self, cfg: RunConfig, shapes: ImageShapes) -> int:
+    def plan_tokens(self, cfg: RunConfig, shapes: ImageShapes, form: str = "end-to-end") -> int:
         """Patches plus the CLS / label token."""
         p = cfg.model.patch
         return math.ceil(shapes.image_size[0] / p) * math.ceil(shapes.image_size[1] / p) + 1

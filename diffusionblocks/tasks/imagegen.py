@@ -257,7 +257,7 @@ class ImageGenTask(ImageTask):
         return ImageGenerator(cfg, data.image_size, data.channels, data.num_classes,
                               num_blocks=1 if form == "end-to-end" else None)
 
-    def plan_tokens(self, cfg: RunConfig, shapes: ImageShapes) -> int:
+    def plan_tokens(self, cfg: RunConfig, shapes: ImageShapes, form: str = "end-to-end") -> int:
         """The patches (the class and the noise level condition through adaLN, not as tokens)."""
         p = cfg.model.patch
         return math.ceil(shapes.image_size[0] / p) * math.ceil(shapes.image_size[1] / p)

@@ -194,7 +194,7 @@ class LMTask(Task):
     def random_batch(self, cfg: RunConfig, shapes: TextShapes, generator: torch.Generator) -> tuple:
         return (torch.randint(shapes.vocab_size, (cfg.train.batch_size, cfg.data.seq_len), generator=generator),)
 
-    def plan_tokens(self, cfg: RunConfig, shapes: TextShapes) -> int:
+    def plan_tokens(self, cfg: RunConfig, shapes: TextShapes, form: str = "end-to-end") -> int:
         return cfg.data.seq_len
 
     def plan_outer_bytes(self, cfg: RunConfig, shapes: TextShapes, model: nn.Module, element: int) -> int:
