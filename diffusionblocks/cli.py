@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 IMAGE_SAMPLE_FLAGS = ("sampler", "grid", "cfg_scale", "classes", "nrow", "npz")
-TEXT_SAMPLE_FLAGS = ("length", "prompt", "temperature")
+TEXT_SAMPLE_FLAGS = ("length", "prompt", "temperature", "init")
 
 
 def _refuse(args: argparse.Namespace, flags: tuple[str, ...], what: str):
@@ -166,7 +166,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _refuse(args, IMAGE_SAMPLE_FLAGS, "image generation")
         print(task.write_samples(model, data, cfg, args.out, num=args.num, length=args.length or cfg.data.seq_len,
                                  prompt=args.prompt or "", seed=args.seed, steps=args.steps,
-                                 temperature=args.temperature))
+                                 temperature=args.temperature, init=args.init))
         return 0
     _refuse(args, TEXT_SAMPLE_FLAGS, "language models")
     if not isinstance(model, ImageGenerator):
@@ -421,6 +421,9 @@ def _sample_parser(sub):
     p.add_argument("--temperature", type=float, default=None,
                    help="arlm: the softmax temperature of each drawn token, 0 = greedy (default 1; DiffusionBlocks: "
                         "arlm.temperature, applied at the chain's last step)")
+    p.add_argument("--init", choices=("zero", "noise"), default=None,
+                   help="arlm DiffusionBlocks: start each token's Euler chain from z = 0 (deterministic) or from "
+                        "sigma_max noise (default dblocks.init; free generation needs noise: benchmarks/README.md)")
     p.add_argument("--sampler", choices=("euler", "heun"), default=None)
     p.add_argument("--grid", choices=GRID_KINDS, default=None)
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (conditional models)")

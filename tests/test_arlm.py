@@ -197,6 +197,7 @@ def test_runs_report_their_own_metrics(corpus, tmp_path):
     assert noisy["eval_draws"] == 4  # arlm.eval_draws chains of a random start
     with pytest.raises(ValueError, match="--init"):
         get_eval(tmp_path / "e2e", init="noise")
+    assert main(["sample", str(tmp_path / "e2e"), "--init", "noise", "--out", str(tmp_path / "s.txt")]) == 2
 
 
 def get_eval(run, **options):
@@ -240,7 +241,7 @@ def test_compare_runs_the_three_arms_and_measures_generation(corpus, tmp_path):
     assert list(report["rows"]) == ["e2e", "control", "dblocks"] and report["metric"] == "test_next_token_accuracy"
     assert report["generation_slowdown"] > 0 and set(report["generation_seconds_per_token"]) == {"e2e", "dblocks"}
     gen = report["generation"]
-    assert {"real test text", "e2e", "control", "dblocks", "dblocks-t0.5", "dblocks-t2"} == set(gen)
+    assert {"real test text", "e2e", "control", "dblocks", "dblocks-noise", "dblocks-t0.5", "dblocks-t2"} == set(gen)
     assert all(len(g["distinct"]) == 4 and g["perplexity_by_e2e"] > 1 for g in gen.values())
     assert len(report["dblocks_chain"]["bridge_norm_per_step"]) == 2
     md = (tmp_path / "cmp" / "compare.md").read_text()
@@ -262,6 +263,7 @@ def test_cli_trains_evaluates_and_samples_autoregressive_blocks(corpus, tmp_path
     samples = text.read_text().split("=== sample ")[1:]
     assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("the king") for s in samples)
     assert samples[0].split("\n", 1)[1] == samples[1].split("\n", 1)[1]  # greedy: the same text
+    assert main(["sample", run, "--num", "2", "--length", "10", "--init", "noise", "--out", str(text)]) == 0
     for flags, message in ((["--temperature", "-1"], "temperature"), (["--steps", "3"], "--steps: not an option")):
         assert main(["sample", run, "--out", str(text), *flags]) == 2
         assert message in capsys.readouterr().err

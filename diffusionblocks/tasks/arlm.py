@@ -350,7 +350,7 @@ class ARLMTask(LMTask):
     compare_roles = ("e2e", "control", "dblocks")
     presets = {"full": "lm-ar-cpu", "quick": "lm-ar-quick", "offline": "lm-ar-cpu", "offline-quick": "lm-ar-quick"}
     eval_options = ("limit", *ARDiffusionLM.inference_options)
-    sample_options = ("temperature",)
+    sample_options = ("temperature", "init")  # init: DiffusionBlocks runs only
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -478,6 +478,11 @@ class ARLMTask(LMTask):
         return (f"{results['method']}: {self.describe_score(score)}; {results['layer_updates']} layer-updates in "
                 f"{results['train_seconds']:.1f} s")
 
+    def write_samples(self, model, data: TextData, cfg: RunConfig, out, **kwargs) -> str:
+        if kwargs.get("init") is not None and not isinstance(model, ARDiffusionLM):
+            raise ValueError("--init: the start of a DiffusionBlocks run's Euler chain; this run is end to end")
+        return super().write_samples(model, data, cfg, out, **kwargs)
+
     def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
         """Each kind of cross-entropy on its own line; the DiffusionBlocks chain's diagnostics (the published
         negative findings: accuracy and the bridge's norm after every step, the last step's confidence); for each
@@ -511,7 +516,8 @@ class ARLMTask(LMTask):
         num, length = 8, base.data.seq_len
         gen = lambda i: torch.Generator().manual_seed(1000 + i)
         samples = {role: m.sample(num, length, generator=gen(0)) for role, m in models.items()}
-        if "dblocks" in models:
+        if "dblocks" in models:  # the chain from sigma_max noise (zero start: deterministic), and temperatures
+            samples["dblocks-noise"] = models["dblocks"].sample(num, length, init="noise", generator=gen(0))
             for t in (0.5, 2.0):
                 samples[f"dblocks-t{t:g}"] = models["dblocks"].sample(num, length, temperature=t, generator=gen(0))
         data = load_text(base)
