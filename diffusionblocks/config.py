@@ -472,8 +472,10 @@ def preset_lm_ar_cpu() -> RunConfig:
 
 
 def preset_lm_ar_quick() -> RunConfig:
-    """Under a minute for the three arms of the autoregressive compare (a smoke run): 12 steps, 64 test windows."""
+    """Under a minute for the three arms of the autoregressive compare (a smoke run): 12 steps, windows of 64 (the
+    samples and the generation timing are one window long), 64 test windows."""
     cfg = preset_lm_ar_cpu()
+    cfg.data.seq_len = 64
     cfg.train.steps = 12
     cfg.train.eval_limit = 16
     cfg.data.test_limit = 64
