@@ -29,8 +29,8 @@ from ..models import NoisyCleanStem, NoisyHead, TokenHead, TokenStem, lm_layers
 from ..nn import KVCache, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond, label_target
-from .base import StackBlocks, interleaved_seconds, unknown_form
-from .lm import EVAL_SPLITS, LN2, LMTask, TextData, eval_windows, load_text, token_ce
+from .base import StackBlocks, check_label_table, interleaved_seconds, unknown_form
+from .lm import LN2, LMTask, TextData, load_text, token_ce
 
 
 class AutoregressiveLM(nn.Module):
@@ -355,9 +355,7 @@ class ARLMTask(LMTask):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         super().check(cfg)
-        if cfg.dblocks.label_table == "learned" and not cfg.dblocks.shared_stem_head:
-            raise ValueError("dblocks.label_table=learned is trained by every block (a shared parameter): it needs "
-                             "dblocks.shared_stem_head=true; independent blocks share the fixed table")
+        check_label_table(cfg)
 
     def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
         if form == "end-to-end":
@@ -403,19 +401,13 @@ class ARLMTask(LMTask):
         greedy next-token accuracy. DiffusionBlocks: `ce_sigma_max`, `chain_ce` (nats per token, M = `eval_draws`
         chains), `next_token_accuracy`, accuracy and the bridge's norm after every step, the last step's top-1
         probability (also at temperature 2) and entropy. On the split's windows as LMTask.evaluate cuts them."""
-        if split not in EVAL_SPLITS:
-            raise ValueError(f"split={split!r}: expected one of {', '.join(EVAL_SPLITS)}")
         options = {k: v for k, v in options.items() if v is not None}
         blocks = isinstance(model, ARDiffusionLM)
         unused = [k for k in options if k not in (model.inference_options if blocks else ())]
         if unused:
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: sampler options of a "
                              f"DiffusionBlocks language model; this run is {type(model).__name__}")
-        cap = cfg.data.val_size if split == "validation" else cfg.data.test_limit
-        limit = min((v for v in (limit, cap) if v), default=0)
-        batches, windows, covered = eval_windows(data.splits[split], cfg.data.seq_len, cfg.train.eval_batch_size,
-                                                 limit)
-        gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+        batches, windows, covered, gen = self.eval_batches(data, cfg, split, limit)
         was_training = model.training
         model.eval()
         sums: dict = {}

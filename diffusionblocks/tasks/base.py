@@ -273,5 +273,13 @@ def interleaved_seconds(calls: dict[str, Callable[[int], object]], repeats: int)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def check_label_table(cfg: RunConfig) -> None:
+    """A learned label (or token) table is trained by every block, a shared parameter: refuse it with blocks that
+    share nothing."""
+    if cfg.dblocks.label_table == "learned" and not cfg.dblocks.shared_stem_head:
+        raise ValueError("dblocks.label_table=learned is trained by every block (a shared parameter): it needs "
+                         "dblocks.shared_stem_head=true; independent blocks share the fixed table")
+
+
 def unknown_form(task: str, form: str, known: tuple[str, ...]) -> ValueError:
     return ValueError(f"task {task!r} has no model for training form {form!r} (it has: {', '.join(known)})")

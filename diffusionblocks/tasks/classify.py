@@ -25,7 +25,7 @@ from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, ce_loss, label_target
 from ..sample import euler
-from .base import ImageShapes, ImageTask, unknown_form
+from .base import ImageShapes, ImageTask, check_label_table, unknown_form
 
 
 def layers_of(m) -> list[nn.Module]:
@@ -166,9 +166,7 @@ class ClassifyTask(ImageTask):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         super().check(cfg)
-        if cfg.dblocks.label_table == "learned" and not cfg.dblocks.shared_stem_head:
-            raise ValueError("dblocks.label_table=learned is trained by every block (a shared parameter): it needs "
-                             "dblocks.shared_stem_head=true; independent blocks share the fixed table")
+        check_label_table(cfg)
 
     def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
         if form not in self.forms:

@@ -220,19 +220,24 @@ class LMTask(Task):
         """Entries saying how the nats were estimated (masked diffusion: K), added to every evaluation."""
         return {}
 
+    def eval_batches(self, data: TextData, cfg: RunConfig, split: str, limit: int = 0):
+        """(batches of (x, pad), windows, tokens covered, the evaluation's seeded generator) of an evaluation split's
+        windows: the first `limit` if > 0, data.val_size / data.test_limit capping the validation / test ones."""
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split={split!r}: expected one of {', '.join(EVAL_SPLITS)}")
+        cap = cfg.data.val_size if split == "validation" else cfg.data.test_limit
+        limit = min((v for v in (limit, cap) if v), default=0)
+        batches, windows, covered = eval_windows(data.splits[split], cfg.data.seq_len, cfg.train.eval_batch_size,
+                                                 limit)
+        return batches, windows, covered, torch.Generator().manual_seed(cfg.train.seed + 999)
+
     @torch.no_grad()
     def evaluate(self, model, data: TextData, cfg: RunConfig, *, split: str = "test", limit: int = 0, device="cpu",
                  **options) -> dict[str, Any]:
         """Bits per character (`bpc`) and per token (`bpt`) on the split's windows (the first `limit` if > 0;
         data.val_size / data.test_limit cap the validation / test windows). Seeded, so it is reproducible."""
-        if split not in EVAL_SPLITS:
-            raise ValueError(f"split={split!r}: expected one of {', '.join(EVAL_SPLITS)}")
         options = {k: v for k, v in options.items() if v is not None}
-        cap = cfg.data.val_size if split == "validation" else cfg.data.test_limit
-        limit = min((v for v in (limit, cap) if v), default=0)
-        batches, windows, covered = eval_windows(data.splits[split], cfg.data.seq_len, cfg.train.eval_batch_size,
-                                                 limit)
-        gen = torch.Generator().manual_seed(cfg.train.seed + 999)
+        batches, windows, covered, gen = self.eval_batches(data, cfg, split, limit)
         was_training = model.training
         model.eval()
         nats = 0.0
