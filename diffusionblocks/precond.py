@@ -19,13 +19,16 @@ from torch import nn
 
 
 def _expand(level: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample levels (N,) or a scalar, reshaped to broadcast against `like` (N, ...)."""
+    """Per-sample levels (N,), or a scalar, reshaped to broadcast against `like` (N, ...); levels per sample and
+    token (N, T) for a `like` of (N, T, ...) (autoregressive DiffusionBlocks: a level per noisy token)."""
     level = torch.as_tensor(level, device=like.device)
     if level.ndim == 0:
         level = level.expand(like.shape[0])
-    if level.shape != (like.shape[0],):
+    per_token = level.ndim == 2 and like.ndim > 2 and level.shape == like.shape[:2]
+    if level.shape != (like.shape[0],) and not per_token:
         raise ValueError(f"expected one level per sample, shape ({like.shape[0]},), got {tuple(level.shape)}")
-    return level.to(like.dtype if like.is_floating_point() else torch.float32).reshape(-1, *[1] * (like.ndim - 1))
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    return level.to(dtype).reshape(*level.shape, *[1] * (like.ndim - level.ndim))
 
 
 @dataclass(frozen=True)

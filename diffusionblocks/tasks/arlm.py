@@ -179,9 +179,7 @@ class ARDiffusionLM(StackBlocks, nn.Module):
     def denoise(self, block: int, z: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """D (N, T, Dy) of block `block` for noisy z (N, T, Dy) at sigma ((N, T) per token or (N,) per window)
         reading the clean window x (N, T)."""
-        p = self.stack.precond
-        s = sigma.to(z.dtype).reshape(z.shape[0], -1, 1)
-        return p.c_skip(s) * z + p.c_out(s) * self.stack.net(block, p.c_in(s) * z, p.c_noise(sigma), x)
+        return self.stack.denoise(block, z, sigma, x)  # EDM's preconditioning takes a level per token too
 
     def levels_like(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """One level per noisy token (N, T) or per window (N,), all `sigma`."""
@@ -200,9 +198,7 @@ class ARDiffusionLM(StackBlocks, nn.Module):
             sigma = torch.where(top, self.partition.levels.hi, sigma)
         if self.noise_level == "token":
             sigma = sigma.view(N, T)
-        eps = torch.randn(target.shape, generator=generator, dtype=target.dtype,
-                          device=generator.device if generator is not None else x.device).to(x.device)
-        z = target + sigma.reshape(N, -1, 1) * eps
+        z = self.stack.precond.noise(target, sigma, generator)
         ce = token_ce(self.readout_of(block)(self.denoise(block, z, sigma, x)), x)  # (N, T)
         if d.loss_weight == "edm":
             ce = ce * self.stack.precond.weight(sigma).reshape(N, -1)
