@@ -216,7 +216,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = parse_ints(args.seeds, "--seeds", "0,1,2")
     if not seeds:
         raise ValueError("--seeds: give at least one seed, e.g. 0,1,2")
-    compare(cfg, args.out or f"runs/compare-{args.preset}", seeds, progress=not args.no_progress)
+    report = compare(cfg, args.out or f"runs/compare-{args.preset}", seeds, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report, indent=2))
     return 0
 
 
@@ -442,11 +444,14 @@ def _compare_parser(sub):
                                    "compare.md and compare.png. Finished arms are reused, interrupted ones resumed.")
     p.add_argument("--task", choices=tuple(TASKS), default=None,
                    help="imagegen: end-to-end DiT vs DiffusionBlocks, FD, sample grids, sampling time; mdlm: masked "
-                        "diffusion arms and the autoregressive floor, bits per character "
+                        "diffusion arms and the autoregressive floor, bits per character; arlm: autoregressive; "
+                        "recurrent: Huginn's training vs DiffusionBlocks, with measured training compute "
                         "(default: the preset's task, classify)")
     p.add_argument("--quick", action="store_true", help="a one-minute version")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--out", default=None, help="output directory (default runs/compare-PRESET)")
+    p.add_argument("--json", action="store_true", help="also print compare.json's object (recurrent: flops_per_step "
+                                                       "per arm and the ratios)")
     _add_run_args(p, None)
     p.set_defaults(func=cmd_compare)
 

@@ -151,6 +151,29 @@ class ARLMConfig:
 
 
 @dataclass
+class RecurrentConfig:
+    """Recurrent depth (task=recurrent; Huginn, Geiping et al. 2025; paper Sec. 5.5): prelude layers, a core of
+    tied layers applied r times, coda layers. End to end (Huginn's training) r is drawn per step from
+    Poisson(LogNormal(ln mean_recurrence - sigma^2 / 2, sigma)) + 1 and backpropagation runs through the last
+    backprop_depth iterations only; DiffusionBlocks trains the same network as one denoiser in a single pass and
+    reads the recurrences as Euler steps at inference (docs/METHOD.md section 8)."""
+
+    prelude: int = 1  # layers before the core
+    core: int = 2  # layers of the core (one set of weights, applied r times)
+    coda: int = 1  # layers after the core
+    mean_recurrence: int = 8  # r_bar: the mean of the log-normal rate (Huginn: 32; E[r] = r_bar + 1)
+    recurrence_sigma: float = 0.5  # the log-normal's standard deviation (Huginn: 0.5)
+    backprop_depth: int = 4  # k: iterations that carry gradients, the last k (Huginn: 8)
+    state_std: float = 1.0  # end to end: the random initial state's standard deviation
+    eval_recurrences: int = 0  # recurrences at evaluation and sampling, for both forms (0 = mean_recurrence)
+    dblocks_epochs: float = 3.0  # compare: the DiffusionBlocks arm's steps as a multiple of the end-to-end arm's
+    # (the paper's protocol: 15 epochs against Huginn's 5)
+
+    def recurrences(self) -> int:
+        return self.eval_recurrences or self.mean_recurrence
+
+
+@dataclass
 class RunConfig:
     task: str = "classify"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,6 +183,7 @@ class RunConfig:
     gen: GenConfig = field(default_factory=GenConfig)
     mdlm: MDLMConfig = field(default_factory=MDLMConfig)
     arlm: ARLMConfig = field(default_factory=ARLMConfig)
+    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,7 +245,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check values that types alone do not catch; raises ValueError naming the key."""
-    t, d, m = cfg.train, cfg.dblocks, cfg.model
+    t, d, m, r = cfg.train, cfg.dblocks, cfg.model, cfg.recurrent
     checks = [
         (0 <= cfg.gen.label_dropout < 1, f"gen.label_dropout={cfg.gen.label_dropout}: must be in [0, 1)"),
         (cfg.gen.steps >= 1, f"gen.steps={cfg.gen.steps}: must be >= 1"),
@@ -275,6 +299,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 <= cfg.arlm.sigma_max_share <= 1, f"arlm.sigma_max_share={cfg.arlm.sigma_max_share}: must be in [0, 1]"),
         (cfg.arlm.temperature >= 0 and cfg.arlm.temperature != float("inf"),
          f"arlm.temperature={cfg.arlm.temperature}: must be finite and >= 0 (0: greedy)"),
+        (r.prelude >= 0 and r.coda >= 0 and r.core >= 1,
+         f"recurrent: prelude={r.prelude}, core={r.core}, coda={r.coda}: the core needs >= 1 layer, the others >= 0"),
+        (r.mean_recurrence >= 1, f"recurrent.mean_recurrence={r.mean_recurrence}: must be >= 1"),
+        (0 <= r.recurrence_sigma < 10, f"recurrent.recurrence_sigma={r.recurrence_sigma}: must be in [0, 10)"),
+        (r.backprop_depth >= 1, f"recurrent.backprop_depth={r.backprop_depth}: must be >= 1"),
+        (r.state_std >= 0, f"recurrent.state_std={r.state_std}: must be >= 0"),
+        (r.eval_recurrences >= 0, f"recurrent.eval_recurrences={r.eval_recurrences}: must be >= 0 (0 = the mean)"),
+        (0 < r.dblocks_epochs < 1000, f"recurrent.dblocks_epochs={r.dblocks_epochs}: must be in (0, 1000)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -497,12 +529,56 @@ def preset_lm_ar_lm1b() -> RunConfig:
     return cfg
 
 
+def preset_recurrent_cpu() -> RunConfig:
+    """Recurrent depth on a 2-core CPU (`compare --task recurrent`: Huginn's training against DiffusionBlocks'
+    single pass): Shakespeare in the text8 alphabet, windows of 128, prelude 1 / core 2 / coda 1 layers of width
+    128 (4 heads, MLP x2, rotary positions), r_bar 8 (E[r] = 9), backpropagation through the last 4 iterations,
+    batch 32, AdamW 1e-3; the end-to-end arm trains train.steps steps and DiffusionBlocks 3 times as many (the
+    paper's 5 vs 15 epochs). Scored at 8 recurrences on the first 512 test windows."""
+    cfg = RunConfig(task="recurrent")
+    cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=128, test_limit=512)
+    cfg.model = ModelConfig(depth=4, width=128, heads=4, mlp_ratio=2.0, positions="rope")
+    cfg.recurrent = RecurrentConfig(prelude=1, core=2, coda=1, mean_recurrence=8, backprop_depth=4)
+    cfg.dblocks.num_blocks, cfg.dblocks.gamma = 1, 0.0
+    cfg.dblocks.input_flip = cfg.dblocks.input_mix = 0.0
+    cfg.train = TrainConfig(steps=600, batch_size=32, lr=1e-3, weight_decay=0.03, eval_limit=64, eval_batch_size=64,
+                            log_every=20, ckpt_every=500)
+    return cfg
+
+
+def preset_recurrent_quick() -> RunConfig:
+    """Under a minute for both arms of the recurrent-depth compare (a smoke run): 10 end-to-end steps (30
+    DiffusionBlocks steps), windows of 64, 32 test windows."""
+    cfg = preset_recurrent_cpu()
+    cfg.data.seq_len, cfg.data.test_limit = 64, 32
+    cfg.train.steps, cfg.train.eval_limit = 10, 16
+    return cfg
+
+
+def preset_recurrent_lm1b() -> RunConfig:
+    """The paper's recurrent-depth setting for a GPU (Sec. 5.5, App. E.5): prelude 2 / core 4 / coda 2 layers of
+    width 512 with 8 heads, r_bar 32, backpropagation through the last 8 iterations, LM1B (through HF `datasets`,
+    a BPE of 8,192 symbols or data.tokenizer_file) in windows of 256, batch 256, AdamW 3e-4. train.steps is a
+    placeholder for 5 epochs: set it from your corpus's token count (DiffusionBlocks trains 3 times as many)."""
+    cfg = RunConfig(task="recurrent")
+    cfg.data = DataConfig(name="lm1b", tokenizer="bpe", bpe_vocab=8192, seq_len=256)
+    cfg.model = ModelConfig(depth=8, width=512, heads=8, mlp_ratio=4.0, positions="rope")
+    cfg.recurrent = RecurrentConfig(prelude=2, core=4, coda=2, mean_recurrence=32, backprop_depth=8)
+    cfg.dblocks.num_blocks, cfg.dblocks.gamma = 1, 0.0
+    cfg.dblocks.input_flip = cfg.dblocks.input_mix = 0.0
+    cfg.train = TrainConfig(steps=50_000, batch_size=256, lr=3e-4, weight_decay=0.03, warmup=0.02, eval_limit=512,
+                            eval_batch_size=128, ckpt_every=2000, device="auto")
+    return cfg
+
+
 PRESETS = {"tiny": preset_tiny, "fashion": preset_fashion, "quick": preset_quick, "digits": preset_digits,
            "digits-quick": preset_digits_quick, "vit12": preset_vit12, "vit-s": preset_vit_s,
            "gen-tiny": preset_gen_tiny, "gen-fashion": preset_gen_fashion, "gen-quick": preset_gen_quick,
            "gen-dit-s": preset_gen_dit_s, "lm-tiny": preset_lm_tiny, "lm-cpu": preset_lm_cpu,
            "lm-quick": preset_lm_quick, "lm-text8": preset_lm_text8, "lm-ar-cpu": preset_lm_ar_cpu,
-           "lm-ar-quick": preset_lm_ar_quick, "lm-ar-lm1b": preset_lm_ar_lm1b}
+           "lm-ar-quick": preset_lm_ar_quick, "lm-ar-lm1b": preset_lm_ar_lm1b,
+           "recurrent-cpu": preset_recurrent_cpu, "recurrent-quick": preset_recurrent_quick,
+           "recurrent-lm1b": preset_recurrent_lm1b}
 
 
 def load_preset(name: str) -> RunConfig:

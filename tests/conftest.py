@@ -1,4 +1,4 @@
-"""What the tests share: a vector denoiser built from the library's own layers; a small text corpus."""
+"""What the tests share: a vector denoiser built from the library's own layers; a small text corpus; random weights."""
 
 import os
 import random
@@ -14,6 +14,15 @@ def vector_parts(num_layers=6, dz=4, dim=16, dx=3):
     torch.manual_seed(0)
     layers = [ResidualMLP(dim, hidden=2 * dim) for _ in range(num_layers)]
     return layers, VectorStem(dz, dim, dx), VectorHead(dim, dz)
+
+
+def randomized(model, std=0.2):
+    """Every weight drawn at random: a fresh adaLN-zero layer is the identity, which would hide attention."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomized
 
 from diffusionblocks.cli import main
 from diffusionblocks.compare import compare
@@ -27,15 +28,6 @@ def model_cfg(*overrides):
     cfg = load_preset("lm-tiny")
     cfg.task = "arlm"
     return apply_overrides(cfg, ["data.seq_len=12", "dblocks.input_flip=0", "dblocks.input_mix=0", *overrides])
-
-
-def randomized(model, std=0.2):
-    """Every weight drawn at random: a fresh adaLN-zero layer is the identity, which would hide attention."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
-    return model
 
 
 LEVELS = ["token", "window"]

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import randomized
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
@@ -37,15 +38,6 @@ def tiny(corpus, method="dblocks", task="mdlm", *overrides) -> RunConfig:
 def model_cfg(*overrides) -> RunConfig:
     cfg = load_preset("lm-tiny")
     return apply_overrides(cfg, list(overrides))
-
-
-def randomized(model, std=0.2):
-    """Every weight drawn at random: a fresh adaLN-zero layer is the identity, which would hide attention."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
-    return model
 
 
 def test_masking_rate_matches_alpha():

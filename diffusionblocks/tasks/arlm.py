@@ -47,8 +47,9 @@ class AutoregressiveLM(nn.Module):
                                               recompute_gate=m.gate_recompute, rope=m.positions == "rope"))
         self.head = TokenHead(self.stem.embed, m.width, vocab_size)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, T) -> logits (N, T, V); position i reads [BOS] + x_<i."""
+    def logits(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x (N, T) -> logits (N, T, V); position i reads [BOS] + x_<i. (No randomness: `generator` is for models
+        that draw, e.g. a recurrent-depth model's initial state.)"""
         inputs = torch.cat([torch.full_like(x[:, :1], self.bos), x[:, :-1]], dim=1)
         h, c = self.stem(inputs)
         return self.head(run_layers(self.layers, h, c, self.checkpoint_every), c)
@@ -116,7 +117,90 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
     return torch.multinomial(probs, 1, generator=generator)
 
 
-class ARDiffusionLM(StackBlocks, nn.Module):
+class NextTokenChain:
+    """The Euler chain over the next token's embedding, shared by the models that denoise it (ARDiffusionLM here,
+    RecurrentDiffusionLM in tasks/recurrent.py), and the statistics it is scored by. A model sets `partition`,
+    `labels` (a ClassEmbedding: the fixed table of unit rows the targets and the bridge use), `cfg` (its
+    DBlocksConfig: grid, bridge, init), `steps_per_block` and `eval_draws`, and implements `context(x)` (what every
+    step reads of the clean windows x, computed once per chain) and `step_logits(block, z, sigma, context)` (the
+    logits (N, T, V) of one denoiser call at level sigma)."""
+
+    def steps(self, steps_per_block: int | None = None, grid: str | None = None) -> list[tuple[float, float, int]]:
+        """The chain's (sigma, sigma_next, block) steps, from sigma_max down to 0."""
+        g = self.partition.inference_grid(steps_per_block or self.steps_per_block, grid or self.cfg.grid)
+        return [(g[k].item(), g[k + 1].item(), int(self.partition.route(g[k]))) for k in range(len(g) - 1)]
+
+    def start(self, shape, sigma_max: float, init: str | None, generator, device) -> torch.Tensor:
+        init = init or self.cfg.init
+        if init not in ("zero", "noise"):
+            raise ValueError(f"init={init!r}: expected 'zero' or 'noise'")
+        if init == "zero":
+            return torch.zeros(shape, device=device)
+        return sigma_max * torch.randn(shape, generator=generator).to(device)
+
+    def bridge(self, logits: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """The x0 estimate from logits (ClassEmbedding.estimate): softmax(logits) @ e_hat ("soft"), e_hat[argmax]
+        ("hard") or the soft one at unit norm ("unit"), from the same normalised rows as the training targets."""
+        return self.labels.estimate(logits, kind or self.cfg.bridge)
+
+    def chain(self, x: torch.Tensor, generator: torch.Generator | None = None, *, steps_per_block: int | None = None,
+              grid: str | None = None, bridge: str | None = None, init: str | None = None, record=None):
+        """The chain run at every position of windows x (N, T) at once (the clean stream reads the true text):
+        the last step's logits (N, T, V), float32. record(k, sigma, logits, estimate) sees every step."""
+        steps, context = self.steps(steps_per_block, grid), self.context(x)
+        z = self.start((*x.shape, self.labels.table.shape[1]), steps[0][0], init, generator, x.device)
+        for k, (s, s_next, block) in enumerate(steps):
+            logits = self.step_logits(block, z, s, context).float()
+            estimate = self.bridge(logits, bridge)
+            if record is not None:
+                record(k, s, logits, estimate)
+            z = (s_next / s) * z + (1 - s_next / s) * estimate
+        return logits
+
+    def draws(self, init: str | None = None, draws: int | None = None) -> int:
+        """M, the chains per token of the chain cross-entropy: one when the chain is deterministic (init zero)."""
+        return 1 if (init or self.cfg.init) == "zero" else (draws or self.eval_draws)
+
+    @torch.no_grad()
+    def window_stats(self, x: torch.Tensor, pad: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                     draws: int | None = None, **options) -> dict[str, torch.Tensor]:
+        """Sums over the scored tokens of windows x (N, T) (padding not scored): the cross-entropy at sigma_max
+        (block 0 once, from pure noise); the chain cross-entropy -log((1/M) sum_m p_m(x_i)) over M chains; the
+        greedy hits of the last step's argmax (per chain, summed over chains) and after every step; the last
+        step's top-1 probability and entropy (and the top-1 probability at temperature 2), and the bridge's norm
+        ||estimate|| after every step. `tokens`: how many were scored."""
+        scored = torch.ones_like(x, dtype=torch.bool) if pad is None else ~pad
+        w = scored.float()
+        s_max = self.partition.levels.hi
+        noise = self.start((*x.shape, self.labels.table.shape[1]), s_max, "noise", generator, x.device)
+        first = self.step_logits(0, noise, s_max, self.context(x))
+        out = {"ce_sigma_max": (token_ce(first, x) * w).sum().double(), "tokens": w.sum().double()}
+        M = self.draws(options.get("init"), draws)
+        prob = 0.0
+        steps = len(self.steps(options.get("steps_per_block"), options.get("grid")))
+        per_step = {"hits_per_step": torch.zeros(steps, dtype=torch.float64),
+                    "bridge_norm_per_step": torch.zeros(steps, dtype=torch.float64)}
+
+        def record(k, s, logits, estimate):
+            per_step["hits_per_step"][k] += ((logits.argmax(-1) == x).float() * w).sum().double().cpu() / M
+            per_step["bridge_norm_per_step"][k] += (estimate.norm(dim=-1) * w).sum().double().cpu() / M
+
+        hits = top1 = top1_t2 = entropy = 0.0
+        for _ in range(M):
+            logits = self.chain(x, generator, record=record, **options)
+            logp = logits.log_softmax(-1)
+            prob = prob + logp.gather(-1, x[..., None]).squeeze(-1).exp().double()
+            hits += ((logits.argmax(-1) == x).float() * w).sum().double()
+            top1 += (logp.max(-1).values.exp() * w).sum().double()
+            entropy += (-(logp.exp() * logp).sum(-1) * w).sum().double()
+            top1_t2 += ((logits / 2).softmax(-1).max(-1).values * w).sum().double()
+        chain_nats = -(prob / M).clamp_min(1e-300).log()
+        out.update(chain_ce=(chain_nats * w.double()).sum(), hits=hits / M, top1_last=top1 / M,
+                   entropy_last=entropy / M, top1_last_t2=top1_t2 / M, **per_step)
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+class ARDiffusionLM(NextTokenChain, StackBlocks, nn.Module):
     """Autoregressive language modelling as DiffusionBlocks (paper App. E.4; METHOD.md section 7): B blocks, each a
     denoiser of the next token's normalised embedding on its own range of sigma, reading the clean earlier tokens.
 
@@ -139,6 +223,7 @@ class ARDiffusionLM(StackBlocks, nn.Module):
         super().__init__()
         m, d, a = cfg.model, cfg.dblocks, cfg.arlm
         self.cfg, self.noise_level, self.eval_draws, self.temperature = d, a.noise_level, a.eval_draws, a.temperature
+        self.steps_per_block = d.steps_per_block
         self.sigma_max_share = a.sigma_max_share
         self.vocab_size, self.seq_len = vocab_size, cfg.data.seq_len
         label_dim = m.label_dim or m.width
@@ -204,81 +289,13 @@ class ARDiffusionLM(StackBlocks, nn.Module):
             ce = ce * self.stack.precond.weight(sigma).reshape(N, -1)
         return ce.mean(1)
 
-    # -- the Euler chain --------------------------------------------------------------------------------------
+    # -- what every step of the Euler chain reads (NextTokenChain) -------------------------------------------
 
-    def steps(self, steps_per_block: int | None = None, grid: str | None = None) -> list[tuple[float, float, int]]:
-        """The chain's (sigma, sigma_next, block) steps, from sigma_max down to 0."""
-        g = self.partition.inference_grid(steps_per_block or self.cfg.steps_per_block, grid or self.cfg.grid)
-        return [(g[k].item(), g[k + 1].item(), int(self.partition.route(g[k]))) for k in range(len(g) - 1)]
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # every block reads the clean window itself
 
-    def start(self, shape, sigma_max: float, init: str | None, generator, device) -> torch.Tensor:
-        init = init or self.cfg.init
-        if init not in ("zero", "noise"):
-            raise ValueError(f"init={init!r}: expected 'zero' or 'noise'")
-        if init == "zero":
-            return torch.zeros(shape, device=device)
-        return sigma_max * torch.randn(shape, generator=generator).to(device)
-
-    def bridge(self, logits: torch.Tensor, kind: str | None = None) -> torch.Tensor:
-        """The x0 estimate from logits (ClassEmbedding.estimate): softmax(logits) @ e_hat ("soft"), e_hat[argmax]
-        ("hard") or the soft one at unit norm ("unit"), from the same normalised rows as the training targets."""
-        return self.labels.estimate(logits, kind or self.cfg.bridge)
-
-    def chain(self, x: torch.Tensor, generator: torch.Generator | None = None, *, steps_per_block: int | None = None,
-              grid: str | None = None, bridge: str | None = None, init: str | None = None, record=None):
-        """The chain run at every position of windows x (N, T) at once (the clean stream reads the true text):
-        the last step's logits (N, T, V), float32. record(k, sigma, logits, estimate) sees every step."""
-        steps = self.steps(steps_per_block, grid)
-        z = self.start((*x.shape, self.labels.table.shape[1]), steps[0][0], init, generator, x.device)
-        for k, (s, s_next, block) in enumerate(steps):
-            logits = self.readout_of(block)(self.denoise(block, z, self.levels_like(x, s), x)).float()
-            estimate = self.bridge(logits, bridge)
-            if record is not None:
-                record(k, s, logits, estimate)
-            z = (s_next / s) * z + (1 - s_next / s) * estimate
-        return logits
-
-    def draws(self, init: str | None = None, draws: int | None = None) -> int:
-        """M, the chains per token of the chain cross-entropy: one when the chain is deterministic (init zero)."""
-        return 1 if (init or self.cfg.init) == "zero" else (draws or self.eval_draws)
-
-    @torch.no_grad()
-    def window_stats(self, x: torch.Tensor, pad: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                     draws: int | None = None, **options) -> dict[str, torch.Tensor]:
-        """Sums over the scored tokens of windows x (N, T) (padding not scored): the cross-entropy at sigma_max
-        (block 0 once, from pure noise); the chain cross-entropy -log((1/M) sum_m p_m(x_i)) over M chains; the
-        greedy hits of the last step's argmax (per chain, summed over chains) and after every step; the last
-        step's top-1 probability and entropy (and the top-1 probability at temperature 2), and the bridge's norm
-        ||estimate|| after every step. `tokens`: how many were scored."""
-        scored = torch.ones_like(x, dtype=torch.bool) if pad is None else ~pad
-        w = scored.float()
-        s_max = self.partition.levels.hi
-        noise = self.start((*x.shape, self.labels.table.shape[1]), s_max, "noise", generator, x.device)
-        first = self.readout_of(0)(self.denoise(0, noise, self.levels_like(x, s_max), x))
-        out = {"ce_sigma_max": (token_ce(first, x) * w).sum().double(), "tokens": w.sum().double()}
-        M = self.draws(options.get("init"), draws)
-        prob = 0.0
-        steps = len(self.steps(options.get("steps_per_block"), options.get("grid")))
-        per_step = {"hits_per_step": torch.zeros(steps, dtype=torch.float64),
-                    "bridge_norm_per_step": torch.zeros(steps, dtype=torch.float64)}
-
-        def record(k, s, logits, estimate):
-            per_step["hits_per_step"][k] += ((logits.argmax(-1) == x).float() * w).sum().double().cpu() / M
-            per_step["bridge_norm_per_step"][k] += (estimate.norm(dim=-1) * w).sum().double().cpu() / M
-
-        hits = top1 = top1_t2 = entropy = 0.0
-        for _ in range(M):
-            logits = self.chain(x, generator, record=record, **options)
-            logp = logits.log_softmax(-1)
-            prob = prob + logp.gather(-1, x[..., None]).squeeze(-1).exp().double()
-            hits += ((logits.argmax(-1) == x).float() * w).sum().double()
-            top1 += (logp.max(-1).values.exp() * w).sum().double()
-            entropy += (-(logp.exp() * logp).sum(-1) * w).sum().double()
-            top1_t2 += ((logits / 2).softmax(-1).max(-1).values * w).sum().double()
-        chain_nats = -(prob / M).clamp_min(1e-300).log()
-        out.update(chain_ce=(chain_nats * w.double()).sum(), hits=hits / M, top1_last=top1 / M,
-                   entropy_last=entropy / M, top1_last_t2=top1_t2 / M, **per_step)
-        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    def step_logits(self, block: int, z: torch.Tensor, sigma: float, x: torch.Tensor) -> torch.Tensor:
+        return self.readout_of(block)(self.denoise(block, z, self.levels_like(x, sigma), x))
 
     # -- generation, a token at a time --------------------------------------------------------------------------
 
@@ -347,6 +364,8 @@ class ARLMTask(LMTask):
     presets = {"full": "lm-ar-cpu", "quick": "lm-ar-quick", "offline": "lm-ar-cpu", "offline-quick": "lm-ar-quick"}
     eval_options = ("limit", *ARDiffusionLM.inference_options)
     sample_options = ("temperature", "init")  # init: DiffusionBlocks runs only
+    published = "; a published 124M rebuild: 5.08 at sigma_max vs 4.00 autoregressive"  # quoted in compare
+    time_generation = True  # compare times cached generation, end to end vs DiffusionBlocks
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -398,7 +417,7 @@ class ARLMTask(LMTask):
         chains), `next_token_accuracy`, accuracy and the bridge's norm after every step, the last step's top-1
         probability (also at temperature 2) and entropy. On the split's windows as LMTask.evaluate cuts them."""
         options = {k: v for k, v in options.items() if v is not None}
-        blocks = isinstance(model, ARDiffusionLM)
+        blocks = isinstance(model, NextTokenChain)
         unused = [k for k in options if k not in (model.inference_options if blocks else ())]
         if unused:
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: sampler options of a "
@@ -413,7 +432,7 @@ class ARLMTask(LMTask):
                 if blocks:
                     part = model.window_stats(x, pad, gen, **options)
                 else:
-                    logits = model.logits(x)
+                    logits = model.logits(x, generator=gen)
                     scored = ~pad
                     part = {"nats": (token_ce(logits, x) * scored).sum().double().cpu(),
                             "hits": ((logits.argmax(-1) == x) & scored).sum().double().cpu(),
@@ -467,7 +486,7 @@ class ARLMTask(LMTask):
                 f"{results['train_seconds']:.1f} s")
 
     def write_samples(self, model, data: TextData, cfg: RunConfig, out, **kwargs) -> str:
-        if kwargs.get("init") is not None and not isinstance(model, ARDiffusionLM):
+        if kwargs.get("init") is not None and not isinstance(model, NextTokenChain):
             raise ValueError("--init: the start of a DiffusionBlocks run's Euler chain; this run is end to end")
         return super().write_samples(model, data, cfg, out, **kwargs)
 
@@ -492,7 +511,7 @@ class ARLMTask(LMTask):
             extras["dblocks_chain"] = diag
             lines.append(f"dblocks: cross-entropy at sigma_max {diag['ce_sigma_max']:.4f}, chain cross-entropy "
                          f"{diag['chain_ce']:.4f} nats per token (M = {diag['eval_draws']}; estimates, not "
-                         f"likelihoods; a published 124M rebuild: 5.08 at sigma_max vs 4.00 autoregressive)")
+                         f"likelihoods{self.published})")
             steps = ", ".join(f"sigma {s:.3g}: {100 * a:.2f}% / {n:.3f}" for s, a, n in
                               zip(diag["sigma_per_step"], diag["accuracy_per_step"], diag["bridge_norm_per_step"]))
             lines.append(f"dblocks chain, accuracy / bridge norm after each step: {steps}; last step: mean top-1 "
@@ -530,7 +549,7 @@ class ARLMTask(LMTask):
                                  + (f", {st['perplexity_by_e2e']:.2f}" if "perplexity_by_e2e" in st else "")
                                  for name, st in gen_stats.items()))
         timed = {role: m for role, m in models.items() if role in ("e2e", "dblocks")}
-        if len(timed) == 2:
+        if len(timed) == 2 and self.time_generation:
             seconds = interleaved_seconds({role: lambda i, m=m: m.sample(num, length, generator=gen(i))
                                            for role, m in timed.items()}, repeats=3)
             per_token = {role: t / length for role, t in seconds.items()}

@@ -103,6 +103,11 @@ class Task:
     def check(cls, cfg: RunConfig) -> None:
         """Raise ValueError for settings this task cannot use."""
 
+    def arm_config(self, cfg: RunConfig, role: str) -> RunConfig:
+        """A `compare` arm's config after the harness set its method and budget (compare.role_config); a task may
+        adjust it (recurrent depth: DiffusionBlocks trains the paper's multiple of the end-to-end steps)."""
+        return cfg
+
     def load_data(self, cfg: RunConfig):
         raise NotImplementedError
 

@@ -1,0 +1,469 @@
+"""Recurrent depth (issue 14): a Huginn-style language model (Geiping et al. 2025) trained as Huginn trains it and
+as DiffusionBlocks does (paper Sec. 5.5, App. E.5; docs/METHOD.md section 8), and the training compute of each,
+measured.
+
+The network, shared by both forms: the [BOS]-shifted window (position i reads [BOS] + x_<i, as tasks/arlm.py's
+causal model) through `prelude` layers gives e; a state s (N, T, D) goes through the core, `core` layers with one
+set of weights, as s <- core(adapter([s, e])), r times; `coda` layers and the tied head read the last state.
+
+End to end (HuginnLM, Huginn's recipe): the initial state is random, r is drawn per step from
+Poisson(LogNormal(ln r_bar - sigma^2 / 2, sigma)) + 1, the first r - k iterations run without gradients and
+backpropagation runs through the last k only. It is a causal LM at a fixed r: its cross-entropy is exact for the
+drawn initial state.
+
+DiffusionBlocks (RecurrentDiffusionLM): the state is the noisy next-token embedding, z = e_hat(x_i) + sigma eps (e_hat
+the fixed table of unit rows of tasks/arlm.py), one core application is the denoiser, D = c_skip z + c_out core(
+adapter([c_in z, e])) with sigma given to the core's layers by adaLN (one sigma per window), and the coda and head
+read D out to logits: one pass per training step over the whole range of sigma (one block), the loss the
+cross-entropy. At inference the recurrences are the Euler steps of NextTokenChain (tasks/arlm.py): r steps from
+sigma_max, the x0 estimate between steps the bridge softmax(logits) @ e_hat, so every recurrence runs the core, the
+coda and the head; the prelude runs once.
+
+Compute (compare_extras): FLOPs per training step counted by torch's FlopCounterMode (matrix products and attention,
+forward and backward), wall time per step interleaved in one process, saved-activation bytes; and three ratios:
+per step, the paper's protocol (DiffusionBlocks trains `dblocks_epochs` times the steps) and, the only compute
+reduction, the compute DiffusionBlocks needs to reach the end-to-end arm's final held-out figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from ..config import RecurrentConfig, RunConfig
+from ..memory import saved_activation_bytes
+from ..models import TokenHead, TokenStem, lm_layers
+from ..nn import NoiseEmbedding, run_layers
+from ..noise import LogNormalLevels, Partition
+from ..precond import ClassEmbedding, EDMPrecond
+from .arlm import ARLMTask, NextTokenChain, draw
+from .base import unknown_form
+from .lm import TextData, TokenWindows, token_ce
+
+
+def draw_recurrences(rec: RecurrentConfig, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n recurrence counts (int64) from Huginn's distribution: r = Poisson(exp(tau)) + 1 with tau ~ N(ln r_bar -
+    sigma^2 / 2, sigma^2), so E[exp(tau)] = r_bar and E[r] = r_bar + 1."""
+    s = rec.recurrence_sigma
+    tau = torch.randn(n, generator=generator, dtype=torch.float64) * s + math.log(rec.mean_recurrence) - s * s / 2
+    return torch.poisson(tau.exp(), generator=generator).long() + 1
+
+
+class RecurrenceWindows(TokenWindows):
+    """Training batches (x, r, seed): windows as TokenWindows draws them, the step's recurrence count and the seed of
+    its initial state (both repeated per window, so a data-parallel shard keeps them); resumable. Only the
+    end-to-end form reads r and seed."""
+
+    def __init__(self, tokens: np.ndarray, batch: int, seq_len: int, seed: int, rec: RecurrentConfig):
+        super().__init__(tokens, batch, seq_len, seed)
+        self.rec, self.depth = rec, torch.Generator().manual_seed(seed + 7_777)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        (x,) = super().__next__()
+        r = draw_recurrences(self.rec, 1, self.depth)
+        seed = torch.randint(2**62, (1,), generator=self.depth)
+        return x, r.expand(len(x)).clone(), seed.expand(len(x)).clone()
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), depth=self.depth.get_state())
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        self.depth.set_state(state["depth"])
+
+
+class RecurrentDepth(nn.Module):
+    """What both forms share: the token stem, prelude, adapter of [state, prelude output], core (one set of layers,
+    applied as often as asked), coda and the head tied to the stem's table."""
+
+    def __init__(self, cfg: RunConfig, vocab_size: int):
+        super().__init__()
+        m, r = cfg.model, cfg.recurrent
+        self.vocab_size, self.bos, self.seq_len = vocab_size, vocab_size, cfg.data.seq_len
+        self.recurrences, self.sizes = r.recurrences(), (r.prelude, r.core, r.coda)
+        self.stem = TokenStem(vocab_size + 1, cfg.data.seq_len, m.width, causal=True, conditioned=False,
+                              learned_positions=m.positions == "learned")
+        layers = lambda n: nn.ModuleList(lm_layers(n, m.width, m.heads, m.mlp_ratio, m.dropout,
+                                                   recompute_gate=m.gate_recompute, rope=m.positions == "rope"))
+        self.prelude, self.core, self.coda = layers(r.prelude), layers(r.core), layers(r.coda)
+        self.adapter = nn.Linear(2 * m.width, m.width)
+        self.head = TokenHead(self.stem.embed, m.width, vocab_size)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """(the prelude's output e (N, T, D), the stem's (zero c, causal mask)) of windows x (N, T)."""
+        inputs = torch.cat([torch.full_like(x[:, :1], self.bos), x[:, :-1]], dim=1)
+        h, cond = self.stem(inputs)
+        return run_layers(self.prelude, h, cond), cond
+
+    def core_step(self, s: torch.Tensor, e: torch.Tensor, cond: tuple) -> torch.Tensor:
+        """One application of the core: core(adapter([s, e]))."""
+        return run_layers(self.core, self.adapter(torch.cat([s, e], dim=-1)), cond)
+
+    def read(self, s: torch.Tensor, cond: tuple) -> torch.Tensor:
+        """The coda and the head: state (N, T, D) -> logits (N, T, V)."""
+        return self.head(run_layers(self.coda, s, cond))
+
+    def next_logits(self, context: torch.Tensor, generator: torch.Generator | None, **options) -> torch.Tensor:
+        """Logits (N, V) of the token after `context` (N, n), n < seq_len, recomputing the window."""
+        window = torch.cat([context, context.new_zeros(context.shape[0], 1)], dim=1)
+        return self.window_logits(window, generator, **options)[:, -1]
+
+    @torch.no_grad()
+    def sample(self, num: int, length: int, prompt: torch.Tensor | None = None, *, temperature: float | None = None,
+               generator: torch.Generator | None = None, device="cpu", **options) -> torch.Tensor:
+        """`num` continuations of `prompt` to `length` tokens (N, length), the whole window recomputed for every
+        token (no key/value cache); past one window the last seq_len - 1 tokens are the context."""
+        temperature = self.temperature if temperature is None else temperature
+        out = torch.empty(num, 0, dtype=torch.long, device=device)
+        if prompt is not None and len(prompt):
+            out = prompt.to(device).expand(num, -1).clone()
+        was_training = self.training
+        self.eval()
+        try:
+            while out.shape[1] < length:
+                logits = self.next_logits(out[:, max(0, out.shape[1] - self.seq_len + 1):], generator, **options)
+                out = torch.cat([out, draw(logits, temperature, generator).to(device)], dim=1)
+        finally:
+            self.train(was_training)
+        return out
+
+
+class HuginnLM(RecurrentDepth):
+    """Recurrent depth trained end to end as Huginn: r drawn per step, a random initial state, backpropagation
+    through the last k iterations only. At evaluation r is fixed (recurrent.eval_recurrences)."""
+
+    inference_options = ()
+
+    def __init__(self, cfg: RunConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size)
+        r = cfg.recurrent
+        self.backprop_depth, self.state_std, self.temperature = r.backprop_depth, r.state_std, cfg.arlm.temperature
+        # layer applications that carry gradients in a step of r >= k (the layer-update unit)
+        self.num_layers = r.prelude + r.backprop_depth * r.core + r.coda
+
+    def logits(self, x: torch.Tensor, generator: torch.Generator | None = None, recurrences: int | None = None,
+               ) -> torch.Tensor:
+        """Logits (N, T, V) of windows x (N, T) after `recurrences` (default: eval_recurrences) iterations from an
+        initial state of N(0, state_std^2) drawn from `generator`; only the last k iterations record gradients."""
+        r = recurrences or self.recurrences
+        e, cond = self.encode(x)
+        s = self.state_std * torch.randn(e.shape, generator=generator, dtype=e.dtype).to(e.device)
+        k = min(r, self.backprop_depth)
+        with torch.no_grad():
+            for _ in range(r - k):
+                s = self.core_step(s, e, cond)
+        for _ in range(k):
+            s = self.core_step(s, e, cond)
+        return self.read(s, cond)
+
+    window_logits = logits
+
+    def loss(self, x: torch.Tensor, r: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        """Nats per token (N,) of one training step: r[0] iterations, the initial state drawn from seed[0]."""
+        gen = torch.Generator().manual_seed(int(seed[0]))
+        return token_ce(self.logits(x, gen, int(r[0])), x).mean(1)
+
+    def token_nats(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """-log p(x_i | x_<i) (N, T) for an initial state drawn from `generator` (default: seeded 0)."""
+        return token_ce(self.logits(x, generator or torch.Generator().manual_seed(0)), x)
+
+    def sequence_nats(self, x: torch.Tensor, pad: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """-log p(window) in nats (N,), exact for the drawn initial state; padding not scored."""
+        nats = self.token_nats(x, generator).double()
+        if pad is not None:
+            nats = nats * ~pad
+        return nats.sum(1).cpu()
+
+
+class RecurrentDiffusionLM(NextTokenChain, RecurrentDepth):
+    """The same network trained as DiffusionBlocks (one block over the whole range of sigma, a single pass per step)
+    and run at inference as an Euler chain of recurrences (NextTokenChain). The BlockModel interface of one block
+    that owns every parameter."""
+
+    inference_options = ("steps_per_block", "grid", "bridge", "init")
+
+    def __init__(self, cfg: RunConfig, vocab_size: int):
+        super().__init__(cfg, vocab_size)
+        m, d = cfg.model, cfg.dblocks
+        if d.num_blocks != 1:
+            raise ValueError(f"dblocks.num_blocks={d.num_blocks}: recurrent depth trains its one tied core as a single "
+                             "denoiser over the whole range of sigma (num_blocks=1)")
+        self.cfg, self.eval_draws, self.temperature = d, cfg.arlm.eval_draws, cfg.arlm.temperature
+        self.loss_weight, self.steps_per_block = d.loss_weight, self.recurrences  # one Euler step per recurrence
+        self.partition = Partition.create(LogNormalLevels(), 1, kind=d.partition, gamma=d.gamma)
+        self.labels = ClassEmbedding(vocab_size, m.width, generator=torch.Generator().manual_seed(1234))
+        self.noise = NoiseEmbedding(m.width, scale=m.noise_scale)
+        self.precond = EDMPrecond()
+        self.num_layers = sum(self.sizes)
+
+    # -- BlockModel: one block owning everything -----------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return 1
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def block_modules(self, block: int) -> list[nn.Module]:
+        return [self]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def block_layers(self, block: int) -> int:
+        return self.num_layers
+
+    # -- the denoiser ------------------------------------------------------------------------------------------
+
+    def context(self, x: torch.Tensor) -> tuple:
+        return self.encode(x)  # the prelude reads only the clean window: once per chain
+
+    def denoise(self, z: torch.Tensor, sigma: torch.Tensor, context: tuple) -> torch.Tensor:
+        """D (N, T, D) for states z at sigma (N,): c_skip z + c_out core(adapter([c_in z, e])), sigma by adaLN."""
+        e, (_, mask) = context
+        net = lambda z_in, c_noise, _: self.core_step(z_in, e, (self.noise(c_noise), mask))
+        return self.precond.denoise(net, z, sigma, None)
+
+    def step_logits(self, block: int, z: torch.Tensor, sigma: float, context: tuple) -> torch.Tensor:
+        levels = torch.full((z.shape[0],), float(sigma), device=z.device)
+        return self.read(self.denoise(z, levels, context), context[1])
+
+    def block_loss(self, block: int, x: torch.Tensor, r: torch.Tensor | None = None, seed: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Nats per token (N,) of one pass at a sigma per window drawn over the whole range (r and seed, the
+        end-to-end form's draws, are not used)."""
+        context = self.encode(x)
+        target = self.labels(x)  # (N, T, D)
+        sigma = self.partition.sample(0, x.shape[0], generator, device=x.device).to(target.dtype)
+        z = self.precond.noise(target, sigma, generator)
+        ce = token_ce(self.read(self.denoise(z, sigma, context), context[1]), x)
+        if self.loss_weight == "edm":
+            ce = ce * self.precond.weight(sigma)[:, None]
+        return ce.mean(1)
+
+    def window_logits(self, x: torch.Tensor, generator: torch.Generator | None = None, **options) -> torch.Tensor:
+        return self.chain(x, generator, **options)
+
+
+# -- compute: FLOPs, time and saved bytes of a training step ------------------------------------------------------
+
+
+def _cpu_attention_flops() -> dict:
+    """FLOP formulas for the CPU's fused attention, which torch's counter leaves out (it registers the CUDA kernels
+    only): the same counts as for those (two products forward; backward five, the scores recomputed)."""
+    aten = torch.ops.aten
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return {}
+    return {aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad, q, k, v)}
+
+
+def step_flops(step) -> int:
+    """FLOPs of `step()` (a forward and backward pass) as torch's FlopCounterMode counts them: matrix products and
+    attention (2 per multiply-add; attention over the full T x T scores whatever the mask), forward and backward;
+    elementwise work, norms and softmaxes are not counted."""
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def expected_huginn_flops(flops_at, rec: RecurrentConfig, draws: int = 200_000) -> dict:
+    """E[FLOPs per step] over the configured distribution of r. flops_at(r) is counted for r = 1..k+2; past r = k
+    every further iteration adds one no-grad core pass, the same FLOPs each time (checked: F(k+2) - F(k+1) = F(k+1) -
+    F(k)), so F(r) = F(k+2) + (r - k - 2) * that pass for larger r. Averaged over `draws` seeded draws of r."""
+    k = rec.backprop_depth
+    counted = {r: flops_at(r) for r in range(1, k + 3)}
+    per_pass = counted[k + 2] - counted[k + 1]
+    if counted[k + 1] - counted[k] != per_pass:
+        raise RuntimeError(f"FLOPs per step are not affine in r past k: {counted}")
+    r = draw_recurrences(rec, draws, torch.Generator().manual_seed(0))
+    table = [counted.get(n, counted[k + 2] + (n - k - 2) * per_pass) for n in range(int(r.max()) + 1)]
+    values = torch.tensor(table, dtype=torch.float64)[r]
+    return {"mean": values.mean().item(), "mean_recurrences": r.double().mean().item(),
+            "per_recurrence_no_grad": per_pass, "counted": {str(n): f for n, f in counted.items()}}
+
+
+class RecurrentTask(ARLMTask):
+    """Recurrent-depth language modelling: Huginn's training (`--method e2e`, exact cross-entropy at a fixed number
+    of recurrences) against DiffusionBlocks' single pass (`--method dblocks`, scored like autoregressive
+    DiffusionBlocks); next-token accuracy is the headline both report, at the same number of recurrences."""
+
+    name = "recurrent"
+    compare_roles = ("e2e", "dblocks")
+    shared_metrics = ()
+    presets = {"full": "recurrent-cpu", "quick": "recurrent-quick", "offline": "recurrent-cpu",
+               "offline-quick": "recurrent-quick"}
+    eval_options = ("limit", *RecurrentDiffusionLM.inference_options)
+    published = ""
+    time_generation = False  # both recompute the window per token here; training compute is what is measured
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        super().check(cfg)
+        r = cfg.recurrent
+        if cfg.model.depth != r.prelude + r.core + r.coda:
+            raise ValueError(f"model.depth={cfg.model.depth}: a recurrent-depth model's distinct layers are "
+                             f"prelude + core + coda = {r.prelude + r.core + r.coda}; set model.depth to that")
+        if cfg.train.method == "dblocks" and cfg.dblocks.num_blocks != 1:
+            raise ValueError(f"dblocks.num_blocks={cfg.dblocks.num_blocks}: recurrent depth trains its one tied core "
+                             "as a single denoiser over the whole range of sigma (dblocks.num_blocks=1)")
+
+    def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
+        if form == "end-to-end":
+            return HuginnLM(cfg, data.vocab_size)
+        if form == "blocks":
+            return RecurrentDiffusionLM(cfg, data.vocab_size)
+        raise unknown_form(self.name, form, ("end-to-end", "blocks"))
+
+    def arm_config(self, cfg: RunConfig, role: str) -> RunConfig:
+        """DiffusionBlocks trains recurrent.dblocks_epochs times the end-to-end arm's steps (the paper's protocol);
+        both arms evaluate 20 times over their run, so the compute to reach a figure is resolved to 1/20."""
+        if role == "dblocks":
+            cfg.train.steps = max(1, round(cfg.train.steps * cfg.recurrent.dblocks_epochs))
+        r = cfg.recurrent
+        layers = r.prelude + r.coda + (r.core if role == "dblocks" else r.backprop_depth * r.core)
+        cfg.train.eval_every = max(1, cfg.train.steps * layers // 20)
+        return cfg
+
+    def stream(self, data: TextData, cfg: RunConfig, seed: int, member: int = 0) -> RecurrenceWindows:
+        return RecurrenceWindows(data.splits["train"], cfg.train.batch_size, cfg.data.seq_len, seed, cfg.recurrent)
+
+    def _with_draws(self, x: torch.Tensor, cfg: RunConfig) -> tuple:
+        """A batch with the mean recurrence count (what a step saves does not depend on r >= k)."""
+        r = max(cfg.recurrent.mean_recurrence, cfg.recurrent.backprop_depth)
+        return x, torch.full((len(x),), r, device=x.device), torch.zeros(len(x), dtype=torch.long, device=x.device)
+
+    def probe_batch(self, data: TextData, cfg: RunConfig, device) -> tuple:
+        return self._with_draws(*super().probe_batch(data, cfg, device), cfg)
+
+    def random_batch(self, cfg: RunConfig, shapes, generator: torch.Generator) -> tuple:
+        return self._with_draws(*super().random_batch(cfg, shapes, generator), cfg)
+
+    def plan_tokens(self, cfg: RunConfig, shapes, form: str = "end-to-end") -> int:
+        raise ValueError("the planner's formula does not cover recurrent depth; measure a step with `diffusionblocks "
+                         "memory` instead")
+
+    # -- compare: quality (ARLMTask's lines) and the measured training compute ------------------------------------
+
+    def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
+        extras, lines = super().compare_extras(runs, load, base, out)
+        if "e2e" not in runs or "dblocks" not in runs:
+            return extras, lines
+        compute = measure_compute({role: load(role) for role in ("e2e", "dblocks")}, base, self)
+        compute.update(ratios(compute, runs))
+        extras["compute"] = compute
+        extras["flops_per_step"] = compute["flops_per_step"]
+        lines += compute_lines(compute)
+        return extras, lines
+
+
+def measure_compute(models: dict[str, nn.Module], base: RunConfig, task: RecurrentTask, repeats: int = 20) -> dict:
+    """FLOPs per training step of each arm (the end-to-end one averaged over its distribution of r), the wall time of
+    a step (forward, backward and an AdamW update on a copy of each model; the arms interleaved in this process,
+    the end-to-end steps at r drawn as in training), and the bytes a step saves for backward."""
+    rec, N = base.recurrent, base.train.batch_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(models["e2e"].vocab_size, (N, base.data.seq_len), generator=gen)
+    seed = torch.zeros(N, dtype=torch.long)
+    huginn, dblocks = (copy.deepcopy(models[r]).train() for r in ("e2e", "dblocks"))
+    h_step = lambda r: (lambda: huginn.loss(x, torch.full((N,), r), seed).mean().backward())
+    noise = torch.Generator().manual_seed(1)
+    d_step = lambda: dblocks.block_loss(0, x, generator=noise).mean().backward()
+    flops_h = expected_huginn_flops(lambda r: step_flops(h_step(r)), rec)
+    flops = {"e2e": flops_h["mean"], "dblocks": float(step_flops(d_step))}
+    saved = {"e2e": saved_activation_bytes(lambda: huginn.loss(*task._with_draws(x, base)).mean(),
+                                           list(huginn.parameters()))[0],
+             "dblocks": saved_activation_bytes(lambda: dblocks.block_loss(0, x, generator=noise).mean(),
+                                               list(dblocks.parameters()))[0]}
+    opts = {role: torch.optim.AdamW(m.parameters(), lr=1e-6) for role, m in (("e2e", huginn), ("dblocks", dblocks))}
+    depth = torch.Generator().manual_seed(2)
+    times: dict[str, list[float]] = {"e2e": [], "dblocks": []}
+    for i in range(repeats + 1):  # round 0 warms up
+        r = int(draw_recurrences(rec, 1, depth))
+        for role, step in (("e2e", h_step(r)), ("dblocks", d_step)):
+            t0 = time.perf_counter()
+            step()
+            opts[role].step()
+            opts[role].zero_grad(set_to_none=True)
+            if i:
+                times[role].append(time.perf_counter() - t0)
+    return {"flops_per_step": flops, "huginn_flops": flops_h, "seconds_per_step_median":
+            {k: statistics.median(v) for k, v in times.items()},
+            "seconds_per_step_mean": {k: statistics.mean(v) for k, v in times.items()},
+            "saved_bytes_per_step": saved, "timing_repeats": repeats, "batch": N, "seq_len": base.data.seq_len}
+
+
+def ratios(compute: dict, runs: dict) -> dict:
+    """(a) per step; (b) the paper's protocol: each arm's steps as trained; (c) the compute DiffusionBlocks needed to
+    reach the end-to-end arm's final held-out figure (next-token accuracy; cross-entropy: the end-to-end exact one
+    against the DiffusionBlocks chain's, a real predictive distribution when the chain is deterministic), per seed
+    from the evaluation curves (the first curve point from which the curve stays at or past the target: an upper
+    bound at the curve's resolution). Every ratio is end-to-end / DiffusionBlocks: above 1, DiffusionBlocks used
+    less."""
+    f, t = compute["flops_per_step"], compute["seconds_per_step_mean"]
+    out = {"per_step": {"flops": f["e2e"] / f["dblocks"], "seconds": t["e2e"] / t["dblocks"]}}
+    steps = {role: statistics.mean(r["steps"] for r in runs[role]) for role in ("e2e", "dblocks")}
+    out["protocol"] = {"steps": steps, "flops": f["e2e"] * steps["e2e"] / (f["dblocks"] * steps["dblocks"]),
+                       "seconds": t["e2e"] * steps["e2e"] / (t["dblocks"] * steps["dblocks"])}
+    reach = {}
+    for label, key_e, key_d, higher in (("next-token accuracy", "next_token_accuracy", "next_token_accuracy", True),
+                                        ("cross-entropy", "ce", "chain_ce", False)):
+        per_seed = []
+        for he, db in zip(runs["e2e"], runs["dblocks"]):
+            target = he["curve"][-1][key_e]
+            past = [p[key_d] >= target if higher else p[key_d] <= target for p in db["curve"]]
+            # the first curve point from which every later one is at or past the target (a noisy curve may cross
+            # early and fall back)
+            hit = next((p for i, p in enumerate(db["curve"]) if all(past[i:])), None)
+            row = {"seed": he["seed"], "target": target, "dblocks_final": db["curve"][-1][key_d],
+                   "reached_at_step": hit["step"] if hit else None}
+            if hit:
+                row["flops"] = f["e2e"] * he["steps"] / (f["dblocks"] * hit["step"])
+                row["seconds"] = t["e2e"] * he["steps"] / (t["dblocks"] * hit["step"])
+            per_seed.append(row)
+        reach[label] = per_seed
+    out["reach"] = reach
+    return {"ratios": out}
+
+
+def compute_lines(c: dict) -> list[str]:
+    f, t, s, r = c["flops_per_step"], c["seconds_per_step_mean"], c["saved_bytes_per_step"], c["ratios"]
+    h, med = c["huginn_flops"], c["seconds_per_step_median"]
+    lines = [f"training compute per step (batch {c['batch']} x {c['seq_len']} tokens; FLOPs counted by torch's "
+             f"FlopCounterMode: matrix products and attention, forward and backward): end-to-end (Huginn, r drawn "
+             f"per step, mean {h['mean_recurrences']:.2f}) {f['e2e'] / 1e9:.3f} GFLOP, DiffusionBlocks (one pass) "
+             f"{f['dblocks'] / 1e9:.3f} GFLOP; wall time (mean of {c['timing_repeats']}, interleaved, AdamW included) "
+             f"{1000 * t['e2e']:.1f} vs {1000 * t['dblocks']:.1f} ms (medians {1000 * med['e2e']:.1f} "
+             f"vs {1000 * med['dblocks']:.1f}); saved for backward {s['e2e'] / 2**20:.1f} vs "
+             f"{s['dblocks'] / 2**20:.1f} MiB",
+             f"ratios, end-to-end / DiffusionBlocks: (a) per step {r['per_step']['flops']:.2f}x FLOPs, "
+             f"{r['per_step']['seconds']:.2f}x time; (b) the paper's protocol ({r['protocol']['steps']['e2e']:g} vs "
+             f"{r['protocol']['steps']['dblocks']:g} steps) {r['protocol']['flops']:.2f}x FLOPs, "
+             f"{r['protocol']['seconds']:.2f}x time. Neither is a compute reduction: (b) is compute spent, not "
+             f"compute needed for a given quality"]
+    for label, rows in r["reach"].items():
+        cells = []
+        for row in rows:
+            if row["reached_at_step"] is None:
+                cells.append(f"seed {row['seed']}: not reached (target {row['target']:.4f}, DiffusionBlocks ended at "
+                             f"{row['dblocks_final']:.4f})")
+            else:
+                cells.append(f"seed {row['seed']}: reached by step {row['reached_at_step']}, {row['flops']:.2f}x "
+                             f"FLOPs, {row['seconds']:.2f}x time")
+        lines.append(f"(c) compute for DiffusionBlocks to reach the end-to-end arm's final held-out {label} (the "
+                     f"only compute reduction): " + "; ".join(cells))
+    return lines
+
+
+TASK = RecurrentTask
