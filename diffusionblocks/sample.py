@@ -52,6 +52,14 @@ def _cat(a, b):
     raise TypeError(f"cannot batch a condition of type {type(a).__name__}")
 
 
+def euler_step(z: torch.Tensor, denoised: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """One Euler step of the probability-flow ODE from sigma to sigma_next given the x0 estimate `denoised`."""
+    ratio = sigma_next / sigma
+    if isinstance(ratio, torch.Tensor):
+        ratio = ratio.to(z.dtype)
+    return ratio * z + (1 - ratio) * denoised
+
+
 @torch.no_grad()
 def euler(model, z: torch.Tensor, sigmas: torch.Tensor, cond=None, *, cfg_scale: float | None = None,
           uncond=None, callback: Callback | None = None) -> torch.Tensor:
@@ -61,8 +69,7 @@ def euler(model, z: torch.Tensor, sigmas: torch.Tensor, cond=None, *, cfg_scale:
         s, s_next = sigmas[i], sigmas[i + 1]
         sigma = s.to(z.dtype).expand(z.shape[0])
         denoised = guided(model, z, sigma, cond, cfg_scale, uncond)
-        ratio = (s_next / s).to(z.dtype)
-        z = ratio * z + (1 - ratio) * denoised
+        z = euler_step(z, denoised, s, s_next)
         if callback is not None:
             callback({"i": i, "sigma": s.item(), "sigma_next": s_next.item(), "z": z, "denoised": denoised})
     return z

@@ -25,6 +25,19 @@ def randomized(model, std=0.2):
     return model
 
 
+def assert_plan_matches(result: dict, exact: bool = True):
+    """Every row of plan.measure_all's result: parameters, gradients and optimizer state as predicted, to the byte;
+    saved activations to the byte (`exact`; with checkpointing, whose recomputation's bookkeeping is not modelled,
+    and otherwise when not `exact`, within 2%)."""
+    for row in result["rows"]:
+        m = row["measured"]
+        assert (row["params"], row["grads"], row["optimizer"]) == (m["params"], m["grads"], m["optimizer"]), row["name"]
+        if exact and not row["checkpoint"]:
+            assert row["activations"] == m["activations"], row["name"]
+        else:
+            assert abs(row["activations"] / m["activations"] - 1) < 0.02, row["name"]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A small .txt file (about 23,000 characters of made-up sentences) and a token cache of the tests' own."""

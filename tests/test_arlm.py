@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomized
+from conftest import assert_plan_matches, randomized
 
 from diffusionblocks.cli import main
 from diffusionblocks.compare import compare
@@ -218,13 +218,7 @@ def test_planner_predicts_autoregressive_blocks(overrides):
     activations to the byte (within 2% with checkpointing)."""
     cfg = apply_overrides(model_cfg("train.batch_size=4", "data.seq_len=32"), overrides)
     result = measure_all(Spec.of(cfg), configurations(2, (2,)), progress=False)
-    for row in result["rows"]:
-        m = row["measured"]
-        assert (row["params"], row["grads"], row["optimizer"]) == (m["params"], m["grads"], m["optimizer"]), row
-        if row["checkpoint"]:
-            assert abs(row["activations"] / m["activations"] - 1) < 0.02, row["name"]
-        else:
-            assert row["activations"] == m["activations"], row["name"]
+    assert_plan_matches(result)
 
 
 def test_compare_runs_the_three_arms_and_measures_generation(corpus, tmp_path):

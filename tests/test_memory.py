@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_plan_matches
 
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, load_preset, preset_tiny
@@ -246,10 +247,7 @@ def test_planner_is_exact_on_params_grads_optimizer_and_close_on_activations():
     spec = Spec(tiny(), DIGITS)
     result = measure_all(spec, configurations(4, (2, 4)), progress=False)
     assert len(result["rows"]) == 2 + 2 * 3
-    for row in result["rows"]:
-        m = row["measured"]
-        assert (row["params"], row["grads"], row["optimizer"]) == (m["params"], m["grads"], m["optimizer"]), row["name"]
-        assert abs(row["activations"] / m["activations"] - 1) < 0.02, row["name"]
+    assert_plan_matches(result, exact=False)
 
 
 @pytest.mark.parametrize("conditional", ["true", "false"])
@@ -259,13 +257,7 @@ def test_planner_predicts_image_generation(conditional):
     cfg = apply_overrides(load_preset("gen-tiny"), ["train.batch_size=4", f"gen.conditional={conditional}"])
     result = measure_all(Spec.of(cfg), configurations(cfg.model.depth, (2,)), progress=False)
     assert result["task"] == "imagegen" and result["model"]["tokens"] == 16
-    for row in result["rows"]:
-        m = row["measured"]
-        assert (row["params"], row["grads"], row["optimizer"]) == (m["params"], m["grads"], m["optimizer"]), row
-        if row["checkpoint"]:
-            assert abs(row["activations"] / m["activations"] - 1) < 0.02, row["name"]
-        else:
-            assert row["activations"] == m["activations"], row["name"]
+    assert_plan_matches(result)
 
 
 def test_planner_reports_fit_and_the_orders_that_must_hold():

@@ -29,6 +29,7 @@ from ..models import NoisyCleanStem, NoisyHead, TokenHead, TokenStem, lm_layers
 from ..nn import KVCache, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond, label_target
+from ..sample import euler_step
 from .base import StackBlocks, check_label_table, interleaved_seconds, unknown_form
 from .lm import LN2, LMTask, TextData, load_text, token_ce
 
@@ -154,7 +155,7 @@ class NextTokenChain:
             estimate = self.bridge(logits, bridge)
             if record is not None:
                 record(k, s, logits, estimate)
-            z = (s_next / s) * z + (1 - s_next / s) * estimate
+            z = euler_step(z, estimate, s, s_next)
         return logits
 
     def draws(self, init: str | None = None, draws: int | None = None) -> int:
@@ -342,7 +343,7 @@ class ARDiffusionLM(NextTokenChain, StackBlocks, nn.Module):
                     estimate = self.bridge(logits, bridge)
                     if record is not None:
                         record(k, s, logits, estimate)
-                    z = (s_next / s) * z + (1 - s_next / s) * estimate
+                    z = euler_step(z, estimate, s, s_next)
                 out = torch.cat([out, draw(logits[:, 0], temperature, generator).to(device)], dim=1)
         finally:
             self.train(was_training)
