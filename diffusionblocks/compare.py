@@ -46,7 +46,7 @@ def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
         cfg.train.method = "e2e"
     else:
         raise ValueError(f"unknown role {role!r}")
-    return get_task(cfg.task).arm_config(cfg, role)
+    return get_task(base.task).arm_config(cfg, role)
 
 
 def run_arm(cfg: RunConfig, out: Path, progress: bool) -> dict:

@@ -189,8 +189,9 @@ def test_compute_ratios():
 
 
 def test_compare_measures_both_arms_compute(corpus, tmp_path, capsys):
-    """`compare --task recurrent --json`: DiffusionBlocks trains 3 times the end-to-end steps; FLOPs per step of each
-    arm, the three ratios, and each arm's quality lines."""
+    """`compare --task recurrent --json`: DiffusionBlocks and the plain control (an autoregressive model of the same
+    layers, the core once) train 3 times the end-to-end steps; FLOPs per step of each arm, the three ratios, and
+    each arm's quality lines."""
     assert main(["compare", "--task", "recurrent", "--preset", "recurrent-quick", "--data", str(corpus), "--json",
                  "--out", str(tmp_path / "cmp"), "--no-progress", "train.steps=2", "model.width=16",
                  "data.seq_len=12", "train.batch_size=4", "data.test_limit=4", "train.eval_limit=4",
@@ -198,9 +199,11 @@ def test_compare_measures_both_arms_compute(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     report = json.loads(out[out.index("\n{\n") + 1:])  # after the table: compare.json's object
     assert report == json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert report["rows"]["dblocks"]["steps"] == 3 * report["rows"]["e2e"]["steps"] == 6
+    rows = report["rows"]
+    assert rows["dblocks"]["steps"] == rows["arlm"]["steps"] == 3 * rows["e2e"]["steps"] == 6
+    assert rows["arlm"]["depth"] == 4 and rows["arlm"]["method"] == "e2e"
     flops = report["flops_per_step"]
-    assert set(flops) == {"e2e", "dblocks"} and flops["e2e"] > flops["dblocks"] > 0
+    assert set(flops) == {"e2e", "dblocks", "arlm"} and flops["e2e"] > flops["dblocks"] > flops["arlm"] > 0
     r = report["compute"]["ratios"]
     assert r["per_step"]["flops"] == pytest.approx(flops["e2e"] / flops["dblocks"])
     assert r["protocol"]["flops"] == pytest.approx(r["per_step"]["flops"] / 3)

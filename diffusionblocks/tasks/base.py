@@ -104,8 +104,9 @@ class Task:
         """Raise ValueError for settings this task cannot use."""
 
     def arm_config(self, cfg: RunConfig, role: str) -> RunConfig:
-        """A `compare` arm's config after the harness set its method and budget (compare.role_config); a task may
-        adjust it (recurrent depth: DiffusionBlocks trains the paper's multiple of the end-to-end steps)."""
+        """A `compare` arm's config after the harness set its method and budget (compare.role_config), for the
+        compared task's arms (another task's included); a task may adjust it (recurrent depth: DiffusionBlocks and
+        the plain control train the paper's multiple of the end-to-end steps)."""
         return cfg
 
     def load_data(self, cfg: RunConfig):

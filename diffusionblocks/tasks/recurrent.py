@@ -31,6 +31,7 @@ import copy
 import math
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..config import RecurrentConfig, RunConfig
+from ..images import pyplot
 from ..memory import saved_activation_bytes
 from ..models import TokenHead, TokenStem, lm_layers
 from ..nn import NoiseEmbedding, run_layers
@@ -300,7 +302,9 @@ class RecurrentTask(ARLMTask):
     DiffusionBlocks); next-token accuracy is the headline both report, at the same number of recurrences."""
 
     name = "recurrent"
-    compare_roles = ("e2e", "dblocks")
+    # the control: a plain causal transformer of the same prelude + core + coda layers (tasks/arlm.py), the core once,
+    # trained end to end for as many steps as DiffusionBlocks (about its FLOPs): does the recurrence add anything?
+    compare_roles = ("e2e", "dblocks", "arlm")
     shared_metrics = ()
     presets = {"full": "recurrent-cpu", "quick": "recurrent-quick", "offline": "recurrent-cpu",
                "offline-quick": "recurrent-quick"}
@@ -327,12 +331,13 @@ class RecurrentTask(ARLMTask):
         raise unknown_form(self.name, form, ("end-to-end", "blocks"))
 
     def arm_config(self, cfg: RunConfig, role: str) -> RunConfig:
-        """DiffusionBlocks trains recurrent.dblocks_epochs times the end-to-end arm's steps (the paper's protocol);
-        both arms evaluate 20 times over their run, so the compute to reach a figure is resolved to 1/20."""
-        if role == "dblocks":
+        """DiffusionBlocks (and the plain control) train recurrent.dblocks_epochs times the end-to-end arm's steps
+        (the paper's protocol); every arm evaluates 20 times over its run, so the compute to reach a figure is
+        resolved to 1/20."""
+        if role != "e2e":
             cfg.train.steps = max(1, round(cfg.train.steps * cfg.recurrent.dblocks_epochs))
         r = cfg.recurrent
-        layers = r.prelude + r.coda + (r.core if role == "dblocks" else r.backprop_depth * r.core)
+        layers = r.prelude + r.coda + (r.backprop_depth * r.core if role == "e2e" else r.core)
         cfg.train.eval_every = max(1, cfg.train.steps * layers // 20)
         return cfg
 
@@ -360,11 +365,13 @@ class RecurrentTask(ARLMTask):
         extras, lines = super().compare_extras(runs, load, base, out)
         if "e2e" not in runs or "dblocks" not in runs:
             return extras, lines
-        compute = measure_compute({role: load(role) for role in ("e2e", "dblocks")}, base, self)
+        compute = measure_compute({role: load(role) for role in runs}, base, self)
         compute.update(ratios(compute, runs))
         extras["compute"] = compute
         extras["flops_per_step"] = compute["flops_per_step"]
         lines += compute_lines(compute)
+        if plot_compute(runs, compute, Path(out) / "compute.png"):
+            lines.append("held-out figures against training FLOPs: compute.png")
         return extras, lines
 
 
@@ -382,6 +389,9 @@ def measure_compute(models: dict[str, nn.Module], base: RunConfig, task: Recurre
     d_step = lambda: dblocks.block_loss(0, x, generator=noise).mean().backward()
     flops_h = expected_huginn_flops(lambda r: step_flops(h_step(r)), rec)
     flops = {"e2e": flops_h["mean"], "dblocks": float(step_flops(d_step))}
+    if "arlm" in models:  # the plain control: its FLOPs only (not timed)
+        plain = copy.deepcopy(models["arlm"]).train()
+        flops["arlm"] = float(step_flops(lambda: plain.loss(x).mean().backward()))
     saved = {"e2e": saved_activation_bytes(lambda: huginn.loss(*task._with_draws(x, base)).mean(),
                                            list(huginn.parameters()))[0],
              "dblocks": saved_activation_bytes(lambda: dblocks.block_loss(0, x, generator=noise).mean(),
@@ -437,6 +447,38 @@ def ratios(compute: dict, runs: dict) -> dict:
     return {"ratios": out}
 
 
+def plot_compute(runs: dict, compute: dict, path: Path) -> bool:
+    """Both arms' held-out next-token accuracy and cross-entropy (end to end: exact; DiffusionBlocks: the chain's)
+    against training FLOPs (steps x FLOPs per step), every seed. False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    keys = {"e2e": ("next_token_accuracy", "ce"), "dblocks": ("next_token_accuracy", "chain_ce")}
+    keys["arlm"] = keys["e2e"]
+    for role, color in (("e2e", "C0"), ("dblocks", "C1"), ("arlm", "C2")):
+        for i, r in enumerate(runs.get(role, []) if role in compute["flops_per_step"] else []):
+            xs = [p["step"] * compute["flops_per_step"][role] for p in r["curve"]]
+            for ax, key in zip(axes, keys[role]):
+                scale = 100 if key == "next_token_accuracy" else 1
+                ax.plot(xs, [scale * p[key] for p in r["curve"]], color=color, alpha=0.8, marker="o", markersize=2,
+                        label=(f"{LABELS[role]} ({key})" if i == 0 else None))
+    axes[0].set_ylabel(f"{runs['e2e'][0].get('eval_split', 'test')} next-token accuracy (%)")
+    axes[1].set_ylabel("cross-entropy (nats per token)")
+    for ax in axes:
+        ax.set_xlabel("training FLOPs (FlopCounterMode)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"on the first {runs['e2e'][0].get('curve_n', '?')} windows, every seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+LABELS = {"e2e": "Huginn, end to end", "dblocks": "DiffusionBlocks", "arlm": "plain, core once, end to end"}
+
+
 def compute_lines(c: dict) -> list[str]:
     f, t, s, r = c["flops_per_step"], c["seconds_per_step_mean"], c["saved_bytes_per_step"], c["ratios"]
     h, med = c["huginn_flops"], c["seconds_per_step_median"]
@@ -446,7 +488,8 @@ def compute_lines(c: dict) -> list[str]:
              f"{f['dblocks'] / 1e9:.3f} GFLOP; wall time (mean of {c['timing_repeats']}, interleaved, AdamW included) "
              f"{1000 * t['e2e']:.1f} vs {1000 * t['dblocks']:.1f} ms (medians {1000 * med['e2e']:.1f} "
              f"vs {1000 * med['dblocks']:.1f}); saved for backward {s['e2e'] / 2**20:.1f} vs "
-             f"{s['dblocks'] / 2**20:.1f} MiB",
+             f"{s['dblocks'] / 2**20:.1f} MiB"
+             + (f"; the plain control (no recurrence) {f['arlm'] / 1e9:.3f} GFLOP per step" if "arlm" in f else ""),
              f"ratios, end-to-end / DiffusionBlocks: (a) per step {r['per_step']['flops']:.2f}x FLOPs, "
              f"{r['per_step']['seconds']:.2f}x time; (b) the paper's protocol ({r['protocol']['steps']['e2e']:g} vs "
              f"{r['protocol']['steps']['dblocks']:g} steps) {r['protocol']['flops']:.2f}x FLOPs, "
