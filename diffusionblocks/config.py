@@ -548,11 +548,12 @@ def preset_recurrent_cpu() -> RunConfig:
 
 
 def preset_recurrent_quick() -> RunConfig:
-    """Under a minute for both arms of the recurrent-depth compare (a smoke run): 10 end-to-end steps (30
-    DiffusionBlocks steps), windows of 64, 32 test windows."""
+    """Under a minute for the three arms of the recurrent-depth compare (a smoke run): 10 end-to-end steps (30 for
+    DiffusionBlocks and the control), windows of 64, 32 test windows, evaluated and sampled at 4 recurrences."""
     cfg = preset_recurrent_cpu()
     cfg.data.seq_len, cfg.data.test_limit = 64, 32
     cfg.train.steps, cfg.train.eval_limit = 10, 16
+    cfg.recurrent.eval_recurrences = 4
     return cfg
 
 

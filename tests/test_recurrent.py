@@ -160,7 +160,7 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="model.depth"):
         task.check(tiny("recurrent.core=3"))
     with pytest.raises(ValueError, match="num_blocks"):
-        task.check(tiny("train.method=dblocks", "dblocks.num_blocks=2"))
+        task.check(tiny("dblocks.num_blocks=2"))
     for override, key in (("recurrent.core=0", "core"), ("recurrent.backprop_depth=0", "backprop_depth"),
                           ("recurrent.mean_recurrence=0", "mean_recurrence"),
                           ("recurrent.dblocks_epochs=0", "dblocks_epochs")):

@@ -319,7 +319,7 @@ class RecurrentTask(ARLMTask):
         if cfg.model.depth != r.prelude + r.core + r.coda:
             raise ValueError(f"model.depth={cfg.model.depth}: a recurrent-depth model's distinct layers are "
                              f"prelude + core + coda = {r.prelude + r.core + r.coda}; set model.depth to that")
-        if cfg.train.method == "dblocks" and cfg.dblocks.num_blocks != 1:
+        if cfg.dblocks.num_blocks != 1:
             raise ValueError(f"dblocks.num_blocks={cfg.dblocks.num_blocks}: recurrent depth trains its one tied core "
                              "as a single denoiser over the whole range of sigma (dblocks.num_blocks=1)")
 
@@ -365,7 +365,9 @@ class RecurrentTask(ARLMTask):
         extras, lines = super().compare_extras(runs, load, base, out)
         if "e2e" not in runs or "dblocks" not in runs:
             return extras, lines
-        compute = measure_compute({role: load(role) for role in runs}, base, self)
+        # 20 timed rounds (5 for a smoke run of under 500 steps)
+        repeats = 20 if base.train.steps >= 500 else 5
+        compute = measure_compute({role: load(role) for role in runs}, base, self, repeats)
         compute.update(ratios(compute, runs))
         extras["compute"] = compute
         extras["flops_per_step"] = compute["flops_per_step"]
