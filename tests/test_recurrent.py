@@ -32,7 +32,8 @@ V = 27  # the text8 alphabet
 def tiny(*overrides):
     return apply_overrides(load_preset("recurrent-quick"), [
         "model.width=16", "model.heads=2", "data.seq_len=12", "recurrent.mean_recurrence=3",
-        "recurrent.backprop_depth=2", "train.batch_size=4", "train.eval_batch_size=8", "train.eval_limit=4",
+        "recurrent.backprop_depth=2", "recurrent.eval_recurrences=0", "train.batch_size=4", "train.eval_batch_size=8",
+        "train.eval_limit=4",
         "data.test_limit=4", *overrides])
 
 
