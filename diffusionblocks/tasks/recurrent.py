@@ -356,8 +356,8 @@ class RecurrentTask(ARLMTask):
         return self._with_draws(*super().random_batch(cfg, shapes, generator), cfg)
 
     def plan_tokens(self, cfg: RunConfig, shapes, form: str = "end-to-end") -> int:
-        raise ValueError("the planner's formula does not cover recurrent depth; measure a step with `diffusionblocks "
-                         "memory` instead")
+        raise ValueError("`plan` and `memory` do not cover recurrent depth yet; `compare --task recurrent` measures "
+                         "what a training step of each arm saves for backward (compute.saved_bytes_per_step)")
 
     # -- compare: quality (ARLMTask's lines) and the measured training compute ------------------------------------
 
