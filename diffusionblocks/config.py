@@ -529,6 +529,13 @@ def preset_lm_ar_lm1b() -> RunConfig:
     return cfg
 
 
+def _one_denoiser(cfg: RunConfig) -> None:
+    """Recurrent depth's DiffusionBlocks: one block over the whole range of sigma (the core is tied), no overlap to
+    widen; classification's training-input departures off (not measured for text)."""
+    cfg.dblocks.num_blocks, cfg.dblocks.gamma = 1, 0.0
+    cfg.dblocks.input_flip = cfg.dblocks.input_mix = 0.0
+
+
 def preset_recurrent_cpu() -> RunConfig:
     """Recurrent depth on a 2-core CPU (`compare --task recurrent`: Huginn's training against DiffusionBlocks'
     single pass): Shakespeare in the text8 alphabet, windows of 128, prelude 1 / core 2 / coda 1 layers of width
@@ -540,8 +547,7 @@ def preset_recurrent_cpu() -> RunConfig:
     cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=128, test_limit=512)
     cfg.model = ModelConfig(depth=4, width=128, heads=4, mlp_ratio=2.0, positions="rope")
     cfg.recurrent = RecurrentConfig(prelude=1, core=2, coda=1, mean_recurrence=8, backprop_depth=4)
-    cfg.dblocks.num_blocks, cfg.dblocks.gamma = 1, 0.0
-    cfg.dblocks.input_flip = cfg.dblocks.input_mix = 0.0
+    _one_denoiser(cfg)
     cfg.train = TrainConfig(steps=500, batch_size=32, lr=1e-3, weight_decay=0.03, eval_limit=64, eval_batch_size=64,
                             log_every=20, ckpt_every=500)
     return cfg
@@ -566,8 +572,7 @@ def preset_recurrent_lm1b() -> RunConfig:
     cfg.data = DataConfig(name="lm1b", tokenizer="bpe", bpe_vocab=8192, seq_len=256)
     cfg.model = ModelConfig(depth=8, width=512, heads=8, mlp_ratio=4.0, positions="rope")
     cfg.recurrent = RecurrentConfig(prelude=2, core=4, coda=2, mean_recurrence=32, backprop_depth=8)
-    cfg.dblocks.num_blocks, cfg.dblocks.gamma = 1, 0.0
-    cfg.dblocks.input_flip = cfg.dblocks.input_mix = 0.0
+    _one_denoiser(cfg)
     cfg.train = TrainConfig(steps=50_000, batch_size=256, lr=3e-4, weight_decay=0.03, warmup=0.02, eval_limit=512,
                             eval_batch_size=128, ckpt_every=2000, device="auto")
     return cfg
