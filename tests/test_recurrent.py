@@ -205,7 +205,8 @@ def test_compare_measures_both_arms_compute(corpus, tmp_path, capsys):
     assert rows["arlm"]["depth"] == 4 and rows["arlm"]["method"] == "e2e"
     flops = report["flops_per_step"]
     assert set(flops) == {"e2e", "dblocks", "arlm"} and flops["e2e"] > flops["dblocks"] > flops["arlm"] > 0
-    r = report["compute"]["ratios"]
+    r = report["ratios"]
+    assert r == report["compute"]["ratios"]
     assert r["per_step"]["flops"] == pytest.approx(flops["e2e"] / flops["dblocks"])
     assert r["protocol"]["flops"] == pytest.approx(r["per_step"]["flops"] / 3)
     assert set(r["reach"]) == {"next-token accuracy", "cross-entropy"}

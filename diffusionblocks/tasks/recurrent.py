@@ -370,7 +370,7 @@ class RecurrentTask(ARLMTask):
         compute = measure_compute({role: load(role) for role in runs}, base, self, repeats)
         compute.update(ratios(compute, runs))
         extras["compute"] = compute
-        extras["flops_per_step"] = compute["flops_per_step"]
+        extras["flops_per_step"], extras["ratios"] = compute["flops_per_step"], compute["ratios"]
         lines += compute_lines(compute)
         if plot_compute(runs, compute, Path(out) / "compute.png"):
             lines.append("held-out figures against training FLOPs: compute.png")
