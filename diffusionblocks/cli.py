@@ -499,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args.func(args)
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt as e:  # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (train.Stopped)
+        code = getattr(e, "code", 130)
     except ValueError as e:  # user errors (DataError and CheckpointError included): one line, no traceback
         print(f"diffusionblocks {args.command}: error: {e}", file=sys.stderr)
         code = 2

@@ -155,9 +155,9 @@ class Run:
             while state["step"] < self.total:
                 if stop.requested:
                     self.checkpoint()
-                    print(f"interrupted at step {state['step']}/{self.total}; checkpoint saved. Continue with: "
-                          f"diffusionblocks train --resume {self.out}", file=sys.stderr)
-                    raise KeyboardInterrupt
+                    print(f"stopped by {stop.name} at step {state['step']}/{self.total}; checkpoint saved. Continue "
+                          f"with: diffusionblocks train --resume {self.out}", file=sys.stderr)
+                    raise Stopped(stop.signum)
                 before = state["layer_updates"]
                 m = self.step()
                 if m.get("skipped"):
@@ -303,28 +303,43 @@ def reference_model(cfg: RunConfig, name: str, progress: bool = True) -> nn.Modu
     return model.eval()
 
 
+class Stopped(KeyboardInterrupt):
+    """The loop stopped on a signal after writing its checkpoint; `code` is the exit status, 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum
+
+
 class StopRequest:
-    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, so the checkpoint it writes is
-    consistent; a second Ctrl-C interrupts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (what Slurm, Kubernetes and torchrun send) asks the loop to stop at the next step
+    boundary, so the checkpoint it writes is consistent; a second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.requested, self.signum = False, None
+        self.previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+        self.requested, self.signum = True, signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (a second signal aborts without a "
+              "checkpoint)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
         return False
 
 

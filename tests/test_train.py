@@ -101,6 +101,29 @@ def test_resume_reaches_the_same_result(tmp_path, monkeypatch, method):
     assert [p["accuracy"] for p in resumed["curve"]] == [p["accuracy"] for p in full["curve"]]
 
 
+def test_sigterm_checkpoints_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    """SIGTERM (Slurm, Kubernetes, torchrun) stops the loop at the next step boundary with a checkpoint, as Ctrl-C
+    does; the command exits 143 (128 + SIGTERM), and --resume finishes the run."""
+    original, calls = EndToEnd.step, []
+
+    def step(self, batch, block=None):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, block)
+
+    monkeypatch.setattr(EndToEnd, "step", step)
+    run, before = str(tmp_path / "run"), signal.getsignal(signal.SIGTERM)
+    assert main(["train", "--preset", "tiny", "--method", "e2e", "--out", run, "--no-progress", "train.steps=12",
+                 "train.ckpt_every=1000"]) == 143
+    assert "stopped by SIGTERM at step 5/12; checkpoint saved" in capsys.readouterr().err
+    assert io.load_torch(tmp_path / "run" / "state.pt")["step"] == 5
+    assert signal.getsignal(signal.SIGTERM) == before  # the loop's handler is gone after it
+    monkeypatch.setattr(EndToEnd, "step", original)
+    assert main(["train", "--resume", run, "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 12
+
+
 def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     cfg = tiny("dblocks", train__steps=5)
     original, calls = DBlocks.step, []
