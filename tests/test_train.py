@@ -187,6 +187,20 @@ def test_clear_errors(tmp_path):
     assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "y"), "model.depth=zero"]) == 2
 
 
+@pytest.mark.parametrize("override", ["train.log_every=0", "train.ckpt_every=0", "train.threads=-1",
+                                      "model.mlp_ratio=0", "train.min_lr_ratio=-5", "train.lr=inf",
+                                      "data.train_limit=-5", "data.test_limit=-1", "train.eval_batch_size=0",
+                                      "dblocks.steps_per_block=0", "train.eval_limit=-1"])
+def test_bad_values_are_refused_before_training(tmp_path, capsys, override):
+    """Each of these crashed or trained wrongly (issue 16, items 4 and 5); now a one-line error naming the key, and
+    nothing is written."""
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate(apply_overrides(preset_tiny(), [override]))
+    assert main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), override]) == 2
+    assert key in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
