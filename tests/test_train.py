@@ -201,6 +201,22 @@ def test_bad_values_are_refused_before_training(tmp_path, capsys, override):
     assert key in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
+def test_overrides_may_follow_options(tmp_path, capsys):
+    """`train --out DIR train.steps=3 --no-progress train.log_every=1` (issue 16, item 7): both overrides apply; an
+    unknown option is still refused, and so is an override given to a command that takes none."""
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "train.steps=3", "--no-progress",
+                 "train.log_every=1"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["train"]["steps"], cfg["train"]["log_every"]) == (3, 1)
+    capsys.readouterr()
+    for argv in (["train", "--preset", "tiny", "--out", str(tmp_path / "x"), "--stpes", "3"],
+                 ["eval", str(run), "--json", "train.steps=3"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
