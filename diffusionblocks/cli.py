@@ -159,7 +159,33 @@ def _refuse(args: argparse.Namespace, flags: tuple[str, ...], what: str):
         raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in given)}: options of {what}")
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    if not Path(args.out).resolve().parent.is_dir():
+        raise ValueError(f"--out {args.out}: the directory {Path(args.out).resolve().parent} does not exist")
     cfg, model, data = load_model(args.run)
     task = get_task(cfg.task)
     if isinstance(task, LMTask):  # text: the task samples and writes
@@ -385,22 +411,23 @@ def _eval_parser(sub):
                        description="Evaluate a run's checkpoint on the full test set; for DiffusionBlocks the "
                                    "inference grid can differ from training's.")
     p.add_argument("run", help="run directory")
-    p.add_argument("--steps-per-block", type=int, default=None, help="Euler steps per block")
+    p.add_argument("--steps-per-block", type=_at_least(1), default=None, help="Euler steps per block")
     p.add_argument("--grid", choices=GRID_KINDS, default=None)
     p.add_argument("--bridge", choices=BRIDGES, default=None,
                    help="x0 estimate from the logits: soft, hard, or unit (the soft one at unit norm)")
-    p.add_argument("--sigma-start", type=float, default=None, help="first level of the grid (default sigma_max)")
+    p.add_argument("--sigma-start", type=_finite, default=None, help="first level of the grid (default sigma_max)")
     p.add_argument("--init", choices=("noise", "zero"), default=None, help="start from noise or from z = 0")
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="evaluate on the test split (default) or on the run's validation split (data.val_size)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=_at_least(0), default=None,
                    help="evaluate on the split's first N images (text: windows) only")
-    p.add_argument("--eval-t", type=int, default=None,
+    p.add_argument("--eval-t", type=_at_least(1), default=None,
                    help="mdlm: stratified masking times per window in the bound (default mdlm.eval_t)")
-    p.add_argument("--num", type=int, default=None, help="imagegen: samples for the FD (default gen.fd_samples)")
-    p.add_argument("--steps", type=int, default=None, help="imagegen: sampling steps (default gen.steps)")
+    p.add_argument("--num", type=_at_least(1), default=None,
+                   help="imagegen: samples for the FD (default gen.fd_samples)")
+    p.add_argument("--steps", type=_at_least(1), default=None, help="imagegen: sampling steps (default gen.steps)")
     p.add_argument("--sampler", choices=("euler", "heun"), default=None, help="imagegen: ODE sampler")
-    p.add_argument("--cfg-scale", type=float, default=None, help="imagegen: classifier-free guidance scale")
+    p.add_argument("--cfg-scale", type=_finite, default=None, help="imagegen: classifier-free guidance scale")
     p.add_argument("--fd-model", default=None, metavar="PATH",
                    help="imagegen: also an FD in the features of this TorchScript extractor (e.g. Inception-v3 "
                         "pool3, images given at 299x299 in [0, 255]: the standard FID); never downloaded")
@@ -414,13 +441,13 @@ def _sample_parser(sub):
                                    "generation: a PNG grid (and with --npz the raw uint8 samples and their classes). "
                                    "Language models: a text file of --num samples of --length tokens.")
     p.add_argument("run", help="run directory (task imagegen, mdlm or arlm)")
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--num", type=_at_least(1), default=64)
+    p.add_argument("--steps", type=_at_least(1), default=None,
                    help="sampling steps (default gen.steps; mdlm: mdlm.sample_steps)")
-    p.add_argument("--length", type=int, default=None, help="text: tokens per sample, the prompt's included "
+    p.add_argument("--length", type=_at_least(1), default=None, help="text: tokens per sample, the prompt's included "
                                                               "(default data.seq_len)")
     p.add_argument("--prompt", default=None, help="text: the start of every sample")
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--temperature", type=_finite, default=None,
                    help="arlm: the softmax temperature of each drawn token, 0 = greedy (default 1; DiffusionBlocks: "
                         "arlm.temperature, applied at the chain's last step)")
     p.add_argument("--init", choices=("zero", "noise"), default=None,
@@ -428,10 +455,10 @@ def _sample_parser(sub):
                         "sigma_max noise (default dblocks.init; free generation needs noise: benchmarks/README.md)")
     p.add_argument("--sampler", choices=("euler", "heun"), default=None)
     p.add_argument("--grid", choices=GRID_KINDS, default=None)
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (conditional models)")
+    p.add_argument("--cfg-scale", type=_finite, default=None, help="classifier-free guidance (conditional models)")
     p.add_argument("--classes", default=None, help="comma-separated classes, cycled over the samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nrow", type=int, default=None, help="images per row of the grid")
+    p.add_argument("--nrow", type=_at_least(1), default=None, help="images per row of the grid")
     p.add_argument("--npz", action="store_true", help="also write the samples as OUT.npz")
     p.add_argument("--out", required=True, help="the PNG (images) or text file to write")
     p.set_defaults(func=cmd_sample)
@@ -498,10 +525,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # overrides may come anywhere among the options ("train --out DIR train.steps=10 --no-progress train.lr=1e-3"):
     # argparse fills the positional list once, so the later ones come back unparsed and join it here
-    args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    except SystemExit as e:  # a usage error (argparse printed it) or --help / --version
+        if argv is None:
+            raise
+        return e.code if isinstance(e.code, int) else 2
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:

@@ -212,9 +212,25 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     capsys.readouterr()
     for argv in (["train", "--preset", "tiny", "--out", str(tmp_path / "x"), "--stpes", "3"],
                  ["eval", str(run), "--json", "train.steps=3"]):
-        with pytest.raises(SystemExit):
-            main(argv)
+        assert main(argv) == 2
         assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sample", "RUN", "--out", "s.png", "--nrow", "0"], "--nrow: 0 must be >= 1"),
+    (["sample", "RUN", "--out", "s.png", "--nrow", "-1"], "--nrow: -1 must be >= 1"),
+    (["sample", "RUN", "--out", "s.png", "--num", "0"], "--num: 0 must be >= 1"),
+    (["sample", "RUN", "--out", "s.png", "--cfg-scale", "nan"], "--cfg-scale: nan is not a finite number"),
+    (["eval", "RUN", "--steps-per-block", "0"], "--steps-per-block: 0 must be >= 1"),
+    (["eval", "RUN", "--limit", "-5"], "--limit: -5 must be >= 0"),
+    (["sample", "RUN", "--out", "missing/s.png"], "does not exist"),
+])
+def test_bad_command_line_values_are_refused(tmp_path, capsys, argv, message):
+    """Values that drew black images, dropped items or showed a torch-internal message (issue 16, items 4, 5, 8):
+    a one-line error, exit status 2, before any run is loaded."""
+    argv = [str(tmp_path / a) if a in ("RUN", "s.png", "missing/s.png") else a for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_compare_writes_table_json_and_plot(tmp_path, capsys):
