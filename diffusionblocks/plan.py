@@ -53,8 +53,8 @@ def parse_bytes(text: str) -> int:
         raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 24GB, 24GiB, 512MiB or 1e9 "
                          f"(GB = 10^9 bytes, GiB = 2^30)") from None
     value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"memory size {text!r} must be positive")
+    if value < 1:  # 0.5B would be 0 bytes
+        raise ValueError(f"memory size {text!r} must be at least one byte")
     return int(value)
 
 

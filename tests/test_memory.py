@@ -283,7 +283,7 @@ def test_parse_bytes(text, expected):
     assert parse_bytes(text) == int(expected)
 
 
-@pytest.mark.parametrize("text", ["24 parsecs", "GB", "", "-3GB", "0"])
+@pytest.mark.parametrize("text", ["24 parsecs", "GB", "", "-3GB", "0", "0.5B", "0.4"])
 def test_parse_bytes_rejects_nonsense(text):
     with pytest.raises(ValueError, match="memory size|cannot read"):
         parse_bytes(text)
