@@ -112,7 +112,10 @@ def load_torch(path: StrPath, map_location: str | torch.device | None = "cpu") -
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load (not a plain weights-only checkpoint): {e}") from e
+        # torch's message advises weights_only=False (arbitrary code execution): keep only what it found
+        found = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        raise CheckpointError(f"{path}: refused to load (not a plain weights-only checkpoint)"
+                              + (f": {found[0].strip()}" if found else "")) from e
     except OSError:
         raise
     except Exception as e:  # a truncated or foreign file surfaces as RuntimeError, struct.error, EOFError, ...

@@ -526,8 +526,9 @@ class Evil:
 def test_load_torch_refuses_arbitrary_objects_and_missing_files(tmp_path):
     path = tmp_path / "evil.pt"
     atomic_torch_save({"obj": Evil()}, path)
-    with pytest.raises(CheckpointError, match="evil.pt: refused to load"):
+    with pytest.raises(CheckpointError, match="evil.pt: refused to load") as refused:
         load_torch(path)
+    assert "GLOBAL" in str(refused.value) and "weights_only" not in str(refused.value)  # not torch's advice
     with pytest.raises(CheckpointError, match="no such file"):
         load_torch(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
