@@ -51,7 +51,7 @@ def main():
     base = apply_overrides(load_preset(args.preset), args.overrides)
     base.train.steps, base.train.seed, base.data.val_size = args.steps, args.seed, args.val_size
     if not (out / "e2e" / "results.json").exists():
-        train(role_config(base, "e2e", args.seed), out / "e2e", progress=False)
+        train(role_config(base, "e2e", args.seed), out / "e2e", progress=False, overwrite=True)
     models = {"e2e": load_model(out / "e2e")}
     e2e_val = evaluate(models["e2e"][1], models["e2e"][2], models["e2e"][0], split="validation")["accuracy"]
     print(f"e2e: validation {100 * e2e_val:.2f}", flush=True)
@@ -62,7 +62,7 @@ def main():
         cfg.dblocks.loss_weight, cfg.dblocks.input_flip, cfg.dblocks.input_mix = weight, flip, mix
         run_dir = out / f"dblocks-w{weight}-flip{flip}-mix{mix}"
         if not (run_dir / "results.json").exists():  # finished runs and their evaluations are reused
-            train(cfg, run_dir, progress=False)
+            train(cfg, run_dir, progress=False, overwrite=True)
         setting = {"loss_weight": weight, "input_flip": flip, "input_mix": mix}
         models[json.dumps(setting)] = load_model(run_dir)
         cfg_m, model, ds = models[json.dumps(setting)]

@@ -54,7 +54,7 @@ def main():
             cfg = role_config(base, "dblocks", seed)
             run = out / (name.split(" (")[0].replace(" ", "-") + f"-seed{seed}")
             if not (run / "results.json").exists():
-                train(cfg, run, progress=False)
+                train(cfg, run, progress=False, overwrite=True)
             cfg_m, model, ds = load_model(run)
             val = evaluate(model, ds, cfg_m, split="validation")["accuracy"]
             rows.append({"seed": seed, "val_accuracy": val, "run": str(run),

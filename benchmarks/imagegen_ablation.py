@@ -73,7 +73,7 @@ def trained_run(cfg: RunConfig, out: Path, reuse: Path | None, role: str | None)
             return candidate
         print(f"  ({candidate} does not hold this arm's finished run: training it here)", flush=True)
     if not (out / "results.json").exists():
-        train(cfg, out, progress=False)
+        train(cfg, out, progress=False, overwrite=True)
     return out
 
 

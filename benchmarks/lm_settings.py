@@ -80,7 +80,7 @@ def main():
                 cfg = role_config(apply_overrides(load_preset(args.preset), args.overrides + ARMS[name]), role, seed)
                 run = out / f"{name.replace(' ', '-')}-{role}-seed{seed}"
                 if not (run / "results.json").exists():
-                    train(cfg, run, progress=False)
+                    train(cfg, run, progress=False, overwrite=True)
                 cfg_m, model, data = load_model(run)
                 ev = evaluate(model, data, cfg_m, split="validation")
                 value, extra = ev[task.metric], {k: ev[k] for k in EXTRA if k in ev}

@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.preset = args.preset or _default_preset(args.task)
         cfg = _run_config(args)
         run = train_parallel if cfg.train.parallel == "blocks" else train
-        results = run(cfg, args.out, progress=not args.no_progress)
+        results = run(cfg, args.out, progress=not args.no_progress, overwrite=args.overwrite)
     if "world_size" in results and results["rank"] != 0:
         print(f"rank {results['rank']}: trained blocks {results['blocks']}; rank 0 merged the model")
     elif results.get("per_block_job"):
@@ -386,6 +386,8 @@ def _train_parser(sub):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None, help="run directory")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out (its files are "
+                                                            "removed once the new run's model is built)")
     p.add_argument("--blocks", default=None, metavar="LIST",
                    help="dblocks: train only these blocks, e.g. 0,2 (a per-block job; merge the jobs afterwards)")
     p.add_argument("--parallel", choices=("none", "blocks"), default=None,

@@ -59,7 +59,7 @@ def run_arm(cfg: RunConfig, out: Path, progress: bool) -> dict:
     resumable = same_config and (out / STATE).exists()
     if (out / CONFIG).exists() and not resumable:
         print(f"{out} holds a run with another config or no checkpoint; starting it afresh", file=sys.stderr)
-    return train(None if resumable else cfg, out, resume=resumable, progress=progress)
+    return train(None if resumable else cfg, out, resume=resumable, progress=progress, overwrite=True)
 
 
 def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bool) -> dict[str, list[dict]]:

@@ -62,8 +62,10 @@ class DataParallel:
             offset += g.numel()
 
 
-def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True) -> dict:
-    """Under torchrun: this rank's share of the blocks, then (rank 0) the merge and the score."""
+def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+                   overwrite: bool = False) -> dict:
+    """Under torchrun: this rank's share of the blocks, then (rank 0) the merge and the score. A new run over an
+    earlier one in OUT needs `overwrite` (each rank's job directory is checked as train() checks a run's)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError("--parallel blocks runs under torchrun, e.g. torchrun --nproc_per_node 3 -m "
                          "diffusionblocks train --method dblocks --parallel blocks ...")
@@ -87,7 +89,7 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
             if world > B:  # one sub-group per block; every rank takes part in creating every group
                 groups = [dist.new_group([b + i * B for i in range(world // B)]) for b in range(B)]
                 data_parallel = DataParallel(groups[rank % B], rank // B, world // B)
-            results = _train_rank(cfg, out, rank, blocks, device, data_parallel, resume, progress)
+            results = _train_rank(cfg, out, rank, blocks, device, data_parallel, resume, progress, overwrite)
         # what this rank handed to collectives, per process group, measured (the gather below is not in it)
         everyone = _gather({"rank": rank, "blocks": blocks, "train_seconds": results["train_seconds"],
                             "steps": results["steps"], "layer_updates": results["layer_updates"],
@@ -179,7 +181,7 @@ class CollectiveMeter:
 
 
 def _train_rank(cfg: RunConfig, out: Path, rank: int, blocks: list[int], device, data_parallel, resume: bool,
-                progress: bool) -> dict:
+                progress: bool, overwrite: bool = False) -> dict:
     """This rank's blocks as a per-block job in OUT/rank<r> (resumed when asked and possible)."""
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +193,7 @@ def _train_rank(cfg: RunConfig, out: Path, rank: int, blocks: list[int], device,
     show = progress and rank == 0
     if resume and (run / STATE).exists():
         return train(None, run, resume=True, progress=show, data_parallel=data_parallel)
-    return train(job_cfg, run, progress=show, data_parallel=data_parallel)
+    return train(job_cfg, run, progress=show, data_parallel=data_parallel, overwrite=overwrite)
 
 
 def _merge_and_score(cfg: RunConfig, out: Path, jobs: list[Path], device) -> dict:

@@ -8,7 +8,10 @@ and for a per-block job job.json.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +27,74 @@ from .version import __version__
 CONFIG, WEIGHTS, EMA_WEIGHTS, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
 METRICS, RESULTS, JOB = "metrics.jsonl", "results.json", "job.json"
 WRITER = f"diffusionblocks {__version__}"  # recorded in every weights file's metadata
+LOCK = ".lock"  # held while a process trains into the directory
+# what a run writes: a new run over an old one removes these first (--overwrite), so no file of the old one survives
+RUN_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, STATE, METRICS, RESULTS, JOB, "score.json", "tokenizer.json")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """A new run goes into a missing or empty directory, or over an earlier one with `overwrite`."""
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a directory")
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(f"--out {out} is not empty ({shown}): give --overwrite to replace the run in it, or "
+                         f"--resume {out} to continue it")
+
+
+def clear_run(out: Path) -> None:
+    """Remove an earlier run's files (RUN_FILES) from `out`; other files stay."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory (OUT/.lock, holding the host and pid), so two processes never train into
+    one directory. A lock left by a process that is gone (same host, pid not running) is stale and taken over."""
+
+    def __init__(self, out: Path):
+        self.path, self.held = Path(out) / LOCK, False
+
+    def __enter__(self):
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):  # being written, or removed meanwhile: look again
+                    holder = None
+                if holder is not None and holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0))):
+                    print(f"taking over the stale lock {self.path} (process {holder.get('pid')} is gone)",
+                          file=sys.stderr)
+                    self.path.unlink(missing_ok=True)
+                elif holder is not None:
+                    raise ValueError(f"{self.path.parent} is in use: another training holds {self.path} (host "
+                                     f"{holder.get('host')}, pid {holder.get('pid')}); wait for it, or remove the "
+                                     "lock if that process is gone") from None
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise ValueError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+        return False
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -28,7 +28,10 @@ from .run import (
     RESULTS,
     STATE,
     WEIGHTS,
+    RunLock,
     build_model,
+    check_out,
+    clear_run,
     job_record,
     load_model,
     load_weights,
@@ -42,9 +45,11 @@ from .tasks.base import VALIDATION_SEED
 
 
 def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          data_parallel=None) -> dict:
+          data_parallel=None, overwrite: bool = False) -> dict:
     """Train one run into `out_dir`; with resume=True continue the run saved there. Returns results.
 
+    A new run needs a missing or empty directory, or `overwrite` (the earlier run's files are removed once the new
+    run's model is built, before anything of it is written). The directory is locked while the run trains.
     With train.blocks set (a block-wise method) the run is a per-block job: it trains those blocks only
     and writes job.json for `merge`; with train.parallel=blocks it is one rank of a torchrun (parallel.py)."""
     out = Path(out_dir)
@@ -53,6 +58,8 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
             raise ValueError(f"cannot resume: {out / STATE} does not exist (was the run started in {out}?)")
         cfg = RunConfig.from_dict(io.load_json(out / CONFIG))
     validate(cfg)
+    if not resume:
+        check_out(out, overwrite)
     threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -87,13 +94,18 @@ class Run:
     # -- starting and stopping -----------------------------------------------------------------------
 
     def train(self, resume: bool, progress: bool) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.out):
+            return self._train(resume, progress)
+
+    def _train(self, resume: bool, progress: bool) -> dict:
         cfg, out, method = self.cfg, self.out, self.method
-        out.mkdir(parents=True, exist_ok=True)
         if resume:
             self.load_checkpoint()
         else:
-            if (out / STATE).exists():
-                print(f"warning: {out} holds an earlier run; starting afresh over it", file=sys.stderr)
+            if (out / CONFIG).exists() or (out / WEIGHTS).exists():
+                print(f"{out}: replacing the earlier run in it (--overwrite)", file=sys.stderr)
+            clear_run(out)
             io.atomic_write_text(out / CONFIG, save_config(cfg))
             io.atomic_write_text(out / METRICS, "")
             self.task.save_with_run(self.data, out)
@@ -298,7 +310,7 @@ def reference_model(cfg: RunConfig, name: str, progress: bool = True) -> nn.Modu
     run = cache_dir() / name
     if not (run / RESULTS).exists():
         print(f"training the reference model {name} once (cached in {run})", file=sys.stderr)
-        train(cfg, run, progress=progress)
+        train(cfg, run, progress=progress, overwrite=True)  # over an interrupted one, if any
     _, model, _ = load_model(run)
     return model.eval()
 

@@ -233,6 +233,51 @@ def test_bad_command_line_values_are_refused(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
+    """Issue 16, item 1: a non-empty --out is refused without --overwrite (the old run untouched); with it, the old
+    run's files are removed before the new run writes any, so a kill before the first checkpoint leaves no old
+    weights beside the new config."""
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=2"]) == 0
+    (run / "job.json").write_text("{}")  # a file only the old run had
+    weights = (run / "model.safetensors").read_bytes()
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=3"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (run / "model.safetensors").read_bytes() == weights
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 2
+
+    def killed(self, batch, block=None):
+        assert not (run / "model.safetensors").exists() and not (run / "job.json").exists()
+        assert json.loads((run / "config.json").read_text())["train"]["steps"] == 3
+        raise KeyboardInterrupt  # killed before the first checkpoint
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EndToEnd, "step", killed)
+        assert main(["train", "--preset", "tiny", "--method", "e2e", "--out", str(run), "--no-progress",
+                     "--overwrite", "train.steps=3"]) == 130
+    assert main(["eval", str(run)]) == 2  # a clear error, not a mix of two runs
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "--overwrite", "train.steps=3"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 3
+    assert (run / "results.json").exists() and not (run / ".lock").exists()
+
+
+def test_a_run_directory_is_locked(tmp_path, capsys):
+    """Issue 16, item 2: a second training into a directory in use gets a clear error; a lock left by a process
+    that is gone is taken over."""
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))  # alive: this one
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=2"]) == 2
+    assert "is in use" in capsys.readouterr().err and not (run / "config.json").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(gone.stdout)}))
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=2"]) == 0
+    assert "taking over the stale lock" in capsys.readouterr().err and not (run / ".lock").exists()
+
+
 def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
