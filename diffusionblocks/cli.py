@@ -93,6 +93,15 @@ def _default_preset(task: str | None) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
+        given = [flag for flag, value in (("--out", args.out), ("--preset", args.preset), ("--task", args.task),
+                                          ("--method", args.method), ("--seed", args.seed),
+                                          ("--num-blocks", args.num_blocks), ("--data", args.data),
+                                          ("--steps", args.steps), ("--blocks", args.blocks),
+                                          ("--overwrite", args.overwrite or None))
+                 if value is not None] + list(args.overrides)
+        if given:  # they were silently ignored: the run continues exactly as its config.json says
+            raise ValueError(f"--resume continues the run in {args.resume} as its config.json says; it takes no "
+                             f"{', '.join(given)} (start a new run with --out DIR for other settings)")
         config = Path(args.resume) / CONFIG
         if not config.exists():
             raise ValueError(f"cannot resume: {config} does not exist (was the run started in {args.resume}?)")

@@ -260,6 +260,15 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
     assert (run / "results.json").exists() and not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("extra", [["train.steps=50"], ["--out", "elsewhere"], ["--num-blocks", "2"], ["--steps", "9"]])
+def test_resume_refuses_settings_it_would_ignore(tmp_path, capsys, extra):
+    """Issue 16, item 6: --resume used to ignore overrides, --out and --num-blocks silently; now it refuses them."""
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=2"]) == 0
+    assert main(["train", "--resume", str(run), "--no-progress", *extra]) == 2
+    assert extra[0].split("=")[0] in capsys.readouterr().err
+
+
 def test_a_run_directory_is_locked(tmp_path, capsys):
     """Issue 16, item 2: a second training into a directory in use gets a clear error; a lock left by a process
     that is gone is taken over."""
