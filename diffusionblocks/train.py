@@ -162,6 +162,7 @@ class Run:
         bar = Progress(self.total, cfg.train.method + (f" blocks {cfg.train.blocks}" if method.partial else ""),
                        progress)
         window: dict = {"loss": [], "blocks": {}}
+        in_a_row = 0  # consecutive skipped steps
         self.model.train()
         with StopRequest() as stop:
             while state["step"] < self.total:
@@ -175,7 +176,13 @@ class Run:
                 if m.get("skipped"):
                     warnings.warn(f"step {state['step']}: non-finite loss or gradient (loss={m['loss']}); "
                                   f"step skipped, weights unchanged", stacklevel=1)
+                    in_a_row += 1
+                    if in_a_row >= max(2, cfg.train.log_every):  # a whole logging window: nothing is training
+                        raise ValueError(f"the last {in_a_row} steps (to step {state['step']}) were all skipped: "
+                                         f"non-finite loss or gradient every time (loss={m['loss']}). Lower "
+                                         f"train.lr (now {cfg.train.lr:g}) or look at the data")
                 else:
+                    in_a_row = 0
                     window["loss"].append(m["loss"])
                     w = window["blocks"].setdefault(m["block"], {"loss": [], "grad_norm": []})
                     w["loss"].append(m["loss"])

@@ -124,6 +124,17 @@ def test_sigterm_checkpoints_like_ctrl_c(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 12
 
 
+def test_a_window_of_skipped_steps_stops_training(tmp_path, monkeypatch, capsys):
+    """Issue 16, item 5: when every step of a logging window is skipped (a learning rate that overflows, broken
+    data) training stops with an error instead of running on and exiting 0."""
+    monkeypatch.setattr(EndToEnd, "step", lambda self, batch, block=None: {"skipped": True, "loss": float("inf"),
+                                                                            "layers": 0})
+    with pytest.warns(UserWarning, match="skipped"):
+        assert main(["train", "--preset", "tiny", "--method", "e2e", "--out", str(tmp_path / "run"), "--no-progress",
+                     "train.steps=50", "train.log_every=5"]) == 2
+    assert "the last 5 steps (to step 5) were all skipped" in capsys.readouterr().err
+
+
 def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     cfg = tiny("dblocks", train__steps=5)
     original, calls = DBlocks.step, []
