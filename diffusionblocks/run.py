@@ -154,10 +154,29 @@ def place(model: nn.Module, device, residency=None, ema: EMA | None = None):
         residency.start()
 
 
-def load_weights(model: nn.Module, path: Path, ignore: set[str] = frozenset(), strict: bool = True):
+# the model settings that define the function the weights compute (a changed head count keeps every shape)
+ARCHITECTURE = ("depth", "width", "heads", "patch", "mlp_ratio", "label_dim", "layer", "noise_scale", "label_head",
+                "positions")
+
+
+def architecture(cfg: RunConfig) -> str:
+    """The config's architecture settings as JSON, recorded in every weights file."""
+    return json.dumps({k: getattr(cfg.model, k) for k in ARCHITECTURE}, sort_keys=True)
+
+
+def load_weights(model: nn.Module, path: Path, ignore: set[str] = frozenset(), strict: bool = True,
+                 cfg: RunConfig | None = None):
     """Load a weights file into `model`, with a clear error (naming the version that wrote the file) when
-    it does not fit the model. `ignore`: entries the file may lack (blocks of other per-block jobs)."""
+    it does not fit the model, or when it records architecture settings other than `cfg`'s (a config.json edited
+    since training). `ignore`: entries the file may lack (blocks of other per-block jobs)."""
     weights, meta = io.load_safetensors(path)
+    if cfg is not None and "architecture" in meta:
+        saved, now = json.loads(meta["architecture"]), json.loads(architecture(cfg))
+        changed = [f"model.{k}: {saved[k]!r} in the weights, {now[k]!r} in the config" for k in ARCHITECTURE
+                   if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ValueError(f"{path} was trained with other settings than its run's config.json now says ("
+                             + "; ".join(changed) + ")")
     own = model.state_dict()
     unexpected, missing = set(weights) - set(own), set(own) - set(weights) - set(ignore)
     wrong = [k for k in set(weights) & set(own) if tuple(weights[k].shape) != tuple(own[k].shape)]
@@ -183,7 +202,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, object
     data = task.load_data(cfg)
     task.check_run(data, run)
     model = build_model(cfg, data)
-    load_weights(model, run / (EMA_WEIGHTS if (run / EMA_WEIGHTS).exists() else WEIGHTS))
+    load_weights(model, run / (EMA_WEIGHTS if (run / EMA_WEIGHTS).exists() else WEIGHTS), cfg=cfg)
     return cfg, model, data
 
 
@@ -200,11 +219,12 @@ def model_state(model: nn.Module, method: Method) -> dict:
     return {k: v for k, v in model.state_dict().items() if k not in method.unowned_names}
 
 
-def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None, state: dict):
-    """Weights (and averaged weights) as safetensors, everything else needed for an exact resume in
-    state.pt; each file written atomically."""
+def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None, state: dict,
+                    cfg: RunConfig | None = None):
+    """Weights (and averaged weights) as safetensors, with the architecture settings of `cfg` in their metadata,
+    everything else needed for an exact resume in state.pt; each file written atomically."""
     weights = model_state(model, method)
-    meta = {"step": str(state["step"]), "writer": WRITER}
+    meta = {"step": str(state["step"]), "writer": WRITER, **({"architecture": architecture(cfg)} if cfg else {})}
     io.save_safetensors(weights, out / WEIGHTS, metadata=meta)
     if ema is not None:  # the evaluation weights: the state dict with parameters replaced by their averages
         # a tied parameter has several names and one average (under its first name): every name gets that same

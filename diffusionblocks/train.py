@@ -135,11 +135,11 @@ class Run:
 
     def checkpoint(self):
         positions = {b: st.state_dict() for b, st in self.streams.items()}
-        save_checkpoint(self.out, self.model, self.method, self.ema, dict(self.state, streams=positions))
+        save_checkpoint(self.out, self.model, self.method, self.ema, dict(self.state, streams=positions), self.cfg)
 
     def load_checkpoint(self):
         out = self.out
-        load_weights(self.model, out / WEIGHTS, ignore=self.method.unowned_names)
+        load_weights(self.model, out / WEIGHTS, ignore=self.method.unowned_names, cfg=self.cfg)
         saved = io.load_torch(out / STATE)
         self.method.load_state_dict(saved["method"])
         torch.set_rng_state(saved["torch_rng"])

@@ -280,6 +280,22 @@ def test_resume_refuses_settings_it_would_ignore(tmp_path, capsys, extra):
     assert extra[0].split("=")[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("edit", [("heads", 1), ("width", 64), ("depth", 2)])
+def test_a_config_edited_since_training_is_a_clear_error(tmp_path, capsys, edit):
+    """Issue 16, item 4: eval and --resume of a run whose config.json no longer matches its weights: one line naming
+    what changed (a changed head count keeps every shape, so the weights record the architecture)."""
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=2"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"][edit[0]] = edit[1]
+    (run / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    for argv in (["eval", str(run)], ["train", "--resume", str(run), "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err and f"model.{edit[0]}: " in err
+
+
 def test_a_run_directory_is_locked(tmp_path, capsys):
     """Issue 16, item 2: a second training into a directory in use gets a clear error; a lock left by a process
     that is gone is taken over."""
