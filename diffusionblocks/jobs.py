@@ -46,6 +46,13 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def merge(runs: list[str | os.PathLike], out: str | os.PathLike, *, allow_missing: bool = False) -> dict:
     """Assemble one model from per-block job directories into `out` (config.json, model.safetensors,
     ema.safetensors when every job kept one, merge.json naming the owner of each block). Returns that record."""
+    out = Path(out)
+    inputs = {Path(r).resolve() for r in runs}
+    if out.resolve() in inputs:
+        raise ValueError(f"--out {out} is one of the jobs being merged: merge into a new directory")
+    held = [name for name in (STATE, JOB) if (out / name).exists()]
+    if held:  # a trained run or a job: a merged config over its state would break --resume
+        raise ValueError(f"--out {out} holds a run ({', '.join(held)}): merge into a new directory")
     jobs = _read_jobs(runs)
     _check_one_model(jobs)
     owner, missing = _owners(jobs, allow_missing)
@@ -53,7 +60,6 @@ def merge(runs: list[str | os.PathLike], out: str | os.PathLike, *, allow_missin
     cfg0, job0 = jobs[0][2], jobs[0][1]
     merged = _merged_weights(run_dirs, WEIGHTS, cfg0, missing)
     have_ema = all((r / EMA_WEIGHTS).exists() for r in run_dirs)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg_out = RunConfig.from_dict(cfg0.to_dict())
     cfg_out.train.blocks, cfg_out.train.parallel = "", "none"

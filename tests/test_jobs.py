@@ -97,6 +97,15 @@ def test_merge_refuses_what_is_not_one_model(runs, tmp_path):
     with pytest.raises(ValueError, match="not a per-block job"):
         merge([runs / "block0", runs / "sequential"], tmp_path / "m5")
     assert main(["merge", str(runs / "block0"), "--out", str(tmp_path / "m6")]) == 2
+    # issue 16, item 4: onto one of its inputs, or onto a trained run (whose --resume it would break), it refuses
+    # before writing anything
+    before = weights(runs / "block0")
+    with pytest.raises(ValueError, match="one of the jobs being merged"):
+        merge([runs / "block0", runs / "block1"], runs / "block0")
+    with pytest.raises(ValueError, match=r"holds a run \(state.pt"):
+        merge([runs / "block0", runs / "block1"], runs / "sequential")
+    assert same(weights(runs / "block0"), before) and "merged_from" not in str(io.load_safetensors(
+        runs / "sequential" / "model.safetensors")[1])
 
 
 def test_merge_with_missing_blocks_only_when_allowed(runs, tmp_path, capsys):
