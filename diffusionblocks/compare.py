@@ -16,7 +16,7 @@ from pathlib import Path
 from . import io
 from .config import RunConfig, save_config
 from .images import pyplot
-from .run import CONFIG, RESULTS, STATE, load_model
+from .run import CONFIG, RESULTS, SCORE, STATE, load_model
 from .tasks import TASKS, Task, get_task
 from .train import reference_model, train
 
@@ -80,7 +80,7 @@ def headline(task: Task, run: Path, results: dict, progress: bool) -> tuple[floa
     the task's score on the test split (cached in run/score.json, recomputed when the config changed)."""
     if task.result_metric is not None and task.result_metric in results:
         return results[task.result_metric], None
-    cached = run / "score.json"
+    cached = run / SCORE
     cfg = io.load_json(run / CONFIG)
     if cached.exists():
         score = io.load_json(cached)

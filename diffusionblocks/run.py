@@ -26,26 +26,28 @@ from .version import __version__
 
 CONFIG, WEIGHTS, EMA_WEIGHTS, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
 METRICS, RESULTS, JOB = "metrics.jsonl", "results.json", "job.json"
+SCORE = "score.json"  # compare's cached test score of a run
 WRITER = f"diffusionblocks {__version__}"  # recorded in every weights file's metadata
 LOCK = ".lock"  # held while a process trains into the directory
-# what a run writes: a new run over an old one removes these first (--overwrite), so no file of the old one survives
-RUN_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, STATE, METRICS, RESULTS, JOB, "score.json", "tokenizer.json")
+# what a run writes (besides its task's Task.run_files): a new run over an old one removes these first
+# (--overwrite), so no file of the old one survives
+RUN_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, STATE, METRICS, RESULTS, JOB, SCORE)
 
 
 def check_out(out: Path, overwrite: bool) -> None:
     """A new run goes into a missing or empty directory, or over an earlier one with `overwrite`."""
-    held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a directory")
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     if held and not overwrite:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise ValueError(f"--out {out} is not empty ({shown}): give --overwrite to replace the run in it, or "
                          f"--resume {out} to continue it")
 
 
-def clear_run(out: Path) -> None:
-    """Remove an earlier run's files (RUN_FILES) from `out`; other files stay."""
-    for name in RUN_FILES:
+def clear_run(out: Path, task_files: tuple[str, ...] = ()) -> None:
+    """Remove an earlier run's files (RUN_FILES and its task's `task_files`) from `out`; other files stay."""
+    for name in RUN_FILES + tuple(task_files):
         (out / name).unlink(missing_ok=True)
 
 
@@ -159,9 +161,9 @@ ARCHITECTURE = ("depth", "width", "heads", "patch", "mlp_ratio", "label_dim", "l
                 "positions")
 
 
-def architecture(cfg: RunConfig) -> str:
-    """The config's architecture settings as JSON, recorded in every weights file."""
-    return json.dumps({k: getattr(cfg.model, k) for k in ARCHITECTURE}, sort_keys=True)
+def architecture(cfg: RunConfig) -> dict:
+    """The config's architecture settings, recorded (as JSON) in every weights file."""
+    return {k: getattr(cfg.model, k) for k in ARCHITECTURE}
 
 
 def load_weights(model: nn.Module, path: Path, ignore: set[str] = frozenset(), strict: bool = True,
@@ -171,7 +173,7 @@ def load_weights(model: nn.Module, path: Path, ignore: set[str] = frozenset(), s
     since training). `ignore`: entries the file may lack (blocks of other per-block jobs)."""
     weights, meta = io.load_safetensors(path)
     if cfg is not None and "architecture" in meta:
-        saved, now = json.loads(meta["architecture"]), json.loads(architecture(cfg))
+        saved, now = json.loads(meta["architecture"]), architecture(cfg)
         changed = [f"model.{k}: {saved[k]!r} in the weights, {now[k]!r} in the config" for k in ARCHITECTURE
                    if k in saved and saved[k] != now[k]]
         if changed:
@@ -224,7 +226,8 @@ def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None
     """Weights (and averaged weights) as safetensors, with the architecture settings of `cfg` in their metadata,
     everything else needed for an exact resume in state.pt; each file written atomically."""
     weights = model_state(model, method)
-    meta = {"step": str(state["step"]), "writer": WRITER, **({"architecture": architecture(cfg)} if cfg else {})}
+    meta = {"step": str(state["step"]), "writer": WRITER,
+            **({"architecture": json.dumps(architecture(cfg), sort_keys=True)} if cfg else {})}
     io.save_safetensors(weights, out / WEIGHTS, metadata=meta)
     if ema is not None:  # the evaluation weights: the state dict with parameters replaced by their averages
         # a tied parameter has several names and one average (under its first name): every name gets that same

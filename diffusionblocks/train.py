@@ -105,7 +105,7 @@ class Run:
         else:
             if (out / CONFIG).exists() or (out / WEIGHTS).exists():
                 print(f"{out}: replacing the earlier run in it (--overwrite)", file=sys.stderr)
-            clear_run(out)
+            clear_run(out, self.task.run_files)
             io.atomic_write_text(out / CONFIG, save_config(cfg))
             io.atomic_write_text(out / METRICS, "")
             self.task.save_with_run(self.data, out)

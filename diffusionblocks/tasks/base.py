@@ -96,6 +96,7 @@ class Task:
     shared_metrics: ClassVar[tuple[str, ...]] = ()  # results keys besides result_metric that its e2e runs hold,
     # so another task's compare may take this task as an arm reporting that key (arlm's test_bpc for mdlm)
     eval_options: ClassVar[tuple[str, ...]] = ()  # keyword options evaluate()/score() take (CLI `eval` flags)
+    run_files: ClassVar[tuple[str, ...]] = ()  # files save_with_run writes into a run directory
     # config presets `compare` starts from: "full", "quick", and "offline"/"offline-quick" without Fashion-MNIST
     presets: ClassVar[dict[str, str]] = {}
 

@@ -152,6 +152,7 @@ class LMTask(Task):
 
     metric, higher_is_better, result_metric, curve_metric = "bpc", False, "test_bpc", "bpc"
     eval_options: ClassVar[tuple[str, ...]] = ("limit",)
+    run_files: ClassVar[tuple[str, ...]] = (TOKENIZER_FILE,)
     sample_options: ClassVar[tuple[str, ...]] = ()  # keyword options of the model's sample() (CLI `sample` flags)
 
     @classmethod
