@@ -27,7 +27,7 @@ import torch
 
 from . import io
 from .config import RunConfig, model_identity
-from .run import CONFIG, EMA_WEIGHTS, JOB, STATE, WEIGHTS, WRITER, build_model_for, validate
+from .run import CONFIG, EMA_WEIGHTS, JOB, MERGE, STATE, WEIGHTS, WRITER, build_model_for, validate
 
 # -- merge -------------------------------------------------------------------------------------------
 
@@ -72,7 +72,7 @@ def merge(runs: list[str | os.PathLike], out: str | os.PathLike, *, allow_missin
         (out / EMA_WEIGHTS).unlink()
     record = {"runs": [str(r) for r in run_dirs], "owner": {str(b): str(r) for b, r in sorted(owner.items())},
               "missing": missing, "config_hash": job0["config_hash"], "ema": have_ema}
-    io.save_json(out / "merge.json", record)
+    io.save_json(out / MERGE, record)
     return record
 
 

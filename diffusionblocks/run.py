@@ -27,11 +27,12 @@ from .version import __version__
 CONFIG, WEIGHTS, EMA_WEIGHTS, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
 METRICS, RESULTS, JOB = "metrics.jsonl", "results.json", "job.json"
 SCORE = "score.json"  # compare's cached test score of a run
+MERGE = "merge.json"  # a merged run's record of which job each block came from
 WRITER = f"diffusionblocks {__version__}"  # recorded in every weights file's metadata
 LOCK = ".lock"  # held while a process trains into the directory
 # what a run writes (besides its task's Task.run_files): a new run over an old one removes these first
 # (--overwrite), so no file of the old one survives
-RUN_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, STATE, METRICS, RESULTS, JOB, SCORE)
+RUN_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, STATE, METRICS, RESULTS, JOB, SCORE, MERGE)
 
 
 def check_out(out: Path, overwrite: bool) -> None:

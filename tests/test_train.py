@@ -250,14 +250,15 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
     weights beside the new config."""
     run = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=2"]) == 0
-    (run / "job.json").write_text("{}")  # a file only the old run had
+    (run / "job.json").write_text("{}")  # files only the old run had
+    (run / "merge.json").write_text("{}")
     weights = (run / "model.safetensors").read_bytes()
     assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=3"]) == 2
     assert "--overwrite" in capsys.readouterr().err and (run / "model.safetensors").read_bytes() == weights
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 2
 
     def killed(self, batch, block=None):
-        assert not (run / "model.safetensors").exists() and not (run / "job.json").exists()
+        assert not any((run / name).exists() for name in ("model.safetensors", "job.json", "merge.json"))
         assert json.loads((run / "config.json").read_text())["train"]["steps"] == 3
         raise KeyboardInterrupt  # killed before the first checkpoint
 
