@@ -367,7 +367,7 @@ class RecurrentTask(ARLMTask):
             return extras, lines
         # 20 timed rounds (5 for a smoke run of under 500 steps)
         repeats = 20 if base.train.steps >= 500 else 5
-        compute = measure_compute({role: load(role) for role in runs}, base, self, repeats)
+        compute = measure_compute({role: load(role) for role in runs}, base, repeats)
         compute.update(ratios(compute, runs))
         extras["compute"] = compute
         extras["flops_per_step"], extras["ratios"] = compute["flops_per_step"], compute["ratios"]
@@ -377,7 +377,7 @@ class RecurrentTask(ARLMTask):
         return extras, lines
 
 
-def measure_compute(models: dict[str, nn.Module], base: RunConfig, task: RecurrentTask, repeats: int = 20) -> dict:
+def measure_compute(models: dict[str, nn.Module], base: RunConfig, repeats: int = 20) -> dict:
     """FLOPs per training step of each arm (the end-to-end one averaged over its distribution of r), the wall time of
     a step (forward, backward and an AdamW update on a copy of each model; the arms interleaved in this process,
     the end-to-end steps at r drawn as in training), and the bytes a step saves for backward."""
@@ -386,26 +386,25 @@ def measure_compute(models: dict[str, nn.Module], base: RunConfig, task: Recurre
     x = torch.randint(models["e2e"].vocab_size, (N, base.data.seq_len), generator=gen)
     seed = torch.zeros(N, dtype=torch.long)
     huginn, dblocks = (copy.deepcopy(models[r]).train() for r in ("e2e", "dblocks"))
-    h_step = lambda r: (lambda: huginn.loss(x, torch.full((N,), r), seed).mean().backward())
     noise = torch.Generator().manual_seed(1)
-    d_step = lambda: dblocks.block_loss(0, x, generator=noise).mean().backward()
-    flops_h = expected_huginn_flops(lambda r: step_flops(h_step(r)), rec)
-    flops = {"e2e": flops_h["mean"], "dblocks": float(step_flops(d_step))}
+    h_loss = lambda r: huginn.loss(x, torch.full((N,), r), seed).mean()  # one step of each arm, as training takes it
+    d_loss = lambda: dblocks.block_loss(0, x, generator=noise).mean()
+    flops_h = expected_huginn_flops(lambda r: step_flops(lambda: h_loss(r).backward()), rec)
+    flops = {"e2e": flops_h["mean"], "dblocks": float(step_flops(lambda: d_loss().backward()))}
     if "arlm" in models:  # the plain control: its FLOPs only (not timed)
         plain = copy.deepcopy(models["arlm"]).train()
         flops["arlm"] = float(step_flops(lambda: plain.loss(x).mean().backward()))
-    saved = {"e2e": saved_activation_bytes(lambda: huginn.loss(*task._with_draws(x, base)).mean(),
-                                           list(huginn.parameters()))[0],
-             "dblocks": saved_activation_bytes(lambda: dblocks.block_loss(0, x, generator=noise).mean(),
-                                               list(dblocks.parameters()))[0]}
+    probe_r = max(rec.mean_recurrence, rec.backprop_depth)  # what a step saves does not depend on r >= k
+    saved = {"e2e": saved_activation_bytes(lambda: h_loss(probe_r), list(huginn.parameters()))[0],
+             "dblocks": saved_activation_bytes(d_loss, list(dblocks.parameters()))[0]}
     opts = {role: torch.optim.AdamW(m.parameters(), lr=1e-6) for role, m in (("e2e", huginn), ("dblocks", dblocks))}
     depth = torch.Generator().manual_seed(2)
     times: dict[str, list[float]] = {"e2e": [], "dblocks": []}
     for i in range(repeats + 1):  # round 0 warms up
         r = int(draw_recurrences(rec, 1, depth))
-        for role, step in (("e2e", h_step(r)), ("dblocks", d_step)):
+        for role, loss in (("e2e", lambda r=r: h_loss(r)), ("dblocks", d_loss)):
             t0 = time.perf_counter()
-            step()
+            loss().backward()
             opts[role].step()
             opts[role].zero_grad(set_to_none=True)
             if i:
