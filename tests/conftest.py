@@ -16,6 +16,21 @@ def vector_parts(num_layers=6, dz=4, dim=16, dx=3):
     return layers, VectorStem(dz, dim, dx), VectorHead(dim, dz)
 
 
+def signal_on_step(monkeypatch, method_cls, call: int, signum: int):
+    """Make `method_cls.step` send `signum` to this process on its `call`-th call (a real signal in the middle of a
+    run); returns the original step."""
+    original, calls = method_cls.step, []
+
+    def step(self, batch, block=None):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return original(self, batch, block)
+
+    monkeypatch.setattr(method_cls, "step", step)
+    return original
+
+
 def randomized(model, std=0.2):
     """Every weight drawn at random: a fresh adaLN-zero layer is the identity, which would hide attention."""
     torch.manual_seed(1)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import signal_on_step
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
@@ -119,15 +120,7 @@ def test_merge_with_missing_blocks_only_when_allowed(runs, tmp_path, capsys):
 
 
 def test_a_killed_job_resumes_and_the_merge_is_unchanged(runs, tmp_path, monkeypatch):
-    original, calls = DBlocks.step, []
-
-    def step(self, batch, block=None):
-        calls.append(1)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, batch, block)
-
-    monkeypatch.setattr(DBlocks, "step", step)
+    original = signal_on_step(monkeypatch, DBlocks, 4, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train(cfg_with("train.blocks=1"), tmp_path / "killed", progress=False)
     monkeypatch.setattr(DBlocks, "step", original)

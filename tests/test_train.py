@@ -7,6 +7,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from conftest import signal_on_step
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
@@ -78,15 +79,7 @@ def test_resume_reaches_the_same_result(tmp_path, monkeypatch, method):
 
     # interrupt with a real SIGINT in the middle of the run: the loop stops at the next step boundary
     step_cls = EndToEnd if method == "e2e" else DBlocks
-    original, calls = step_cls.step, []
-
-    def step(self, batch, block=None):
-        calls.append(1)
-        if len(calls) == 17:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, batch, block)
-
-    monkeypatch.setattr(step_cls, "step", step)
+    original = signal_on_step(monkeypatch, step_cls, 17, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(step_cls, "step", original)
@@ -104,15 +97,7 @@ def test_resume_reaches_the_same_result(tmp_path, monkeypatch, method):
 def test_sigterm_checkpoints_like_ctrl_c(tmp_path, monkeypatch, capsys):
     """SIGTERM (Slurm, Kubernetes, torchrun) stops the loop at the next step boundary with a checkpoint, as Ctrl-C
     does; the command exits 143 (128 + SIGTERM), and --resume finishes the run."""
-    original, calls = EndToEnd.step, []
-
-    def step(self, batch, block=None):
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch, block)
-
-    monkeypatch.setattr(EndToEnd, "step", step)
+    original = signal_on_step(monkeypatch, EndToEnd, 5, signal.SIGTERM)
     run, before = str(tmp_path / "run"), signal.getsignal(signal.SIGTERM)
     assert main(["train", "--preset", "tiny", "--method", "e2e", "--out", run, "--no-progress", "train.steps=12",
                  "train.ckpt_every=1000"]) == 143
