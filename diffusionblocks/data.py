@@ -538,6 +538,13 @@ def _load_npz(path: Path) -> ImageDataset:
                 )
     else:
         num_classes = max_label + 1
+        present = len(np.union1d(y_train, y_test))
+        if present * 2 < num_classes:  # e.g. one stray label of 100000 among 0..9
+            raise DataError(
+                f"{path}: labels are sparse: {present} distinct values, but the largest, {max_label}, would make "
+                f"{num_classes:,} classes; remap them to 0..{present - 1}, or store num_classes in the .npz "
+                f"if the unused classes are meant"
+            )
     return ImageDataset(
         name=path.stem,
         x_train=torch.from_numpy(x_train),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -122,8 +123,20 @@ def resolve_device(name: str) -> torch.device:
 
 def new_model(cfg: RunConfig, shapes) -> nn.Module:
     """The task's model in the form the method trains; `shapes` is the data (or any object with the
-    attributes the task reads, e.g. tasks.base.ImageShapes). Uses the global RNG as it stands."""
-    return get_task(cfg.task).build_model(cfg, shapes, get_method(cfg.train.method).model_form)
+    attributes the task reads, e.g. tasks.base.ImageShapes). Uses the global RNG as it stands.
+    A model too large for the host's memory is a user error (a setting or a dataset), not a traceback."""
+    try:
+        return get_task(cfg.task).build_model(cfg, shapes, get_method(cfg.train.method).model_form)
+    except RuntimeError as e:  # torch's CPU allocator (and CUDA's OutOfMemoryError, a RuntimeError) on failure
+        if "can't allocate memory" not in str(e) and not isinstance(e, torch.OutOfMemoryError):
+            raise
+        wanted = re.search(r"allocate (\d+) bytes", str(e))
+        size = f" (one of its tensors needs {int(wanted.group(1)) / 2**30:.1f} GiB)" if wanted else ""
+        classes = getattr(shapes, "num_classes", None)
+        raise ValueError(
+            f"the {cfg.task} model does not fit in memory{size}: check model.width={cfg.model.width}, "
+            f"model.depth={cfg.model.depth}" + (f" and the dataset's {classes:,} classes" if classes else "")
+        ) from None
 
 
 def build_model(cfg: RunConfig, data) -> nn.Module:

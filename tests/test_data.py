@@ -316,6 +316,15 @@ def test_npz_label_above_num_classes(tmp_path: Path) -> None:
     _expect_npz_error(tmp_path, arrays, "labels out of range: y_test contains 3 but num_classes is 3")
 
 
+def test_npz_sparse_labels_are_refused_unless_num_classes_says_so(tmp_path: Path) -> None:
+    stray = {**_npz_arrays(), "y_train": np.array([0, 1, 2, 1, 0, 100000])}  # 100,001 classes from one label
+    _expect_npz_error(tmp_path, stray, r"labels are sparse: 5 distinct values.*100,001 classes.*remap them to 0..4")
+    _expect_npz_error(tmp_path, {**stray, "y_train": np.array([0, 1, 2, 1, 0, 10**9])}, "labels are sparse")
+    assert load_dataset(_save(tmp_path, {**stray, "num_classes": np.array(100001)})).num_classes == 100001
+    # a few classes absent from a small file is not sparse: labels 0..3 present of 0..6 inferred
+    assert load_dataset(_save(tmp_path, {**_npz_arrays(), "y_test": np.array([6, 0, 1, 2])})).num_classes == 7
+
+
 def test_npz_float_images(tmp_path: Path) -> None:
     arrays = _npz_arrays()
     arrays["x_train"] = arrays["x_train"].astype(np.float32) / 255

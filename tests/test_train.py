@@ -169,6 +169,19 @@ def test_user_npz_trains(tmp_path):
     assert results["test_n"] == 30 and results["test_accuracy"] > 0.6
 
 
+def test_a_model_too_large_for_memory_is_a_clear_error(tmp_path, capsys):
+    # num_classes = 10^12 asks for a 10^12-row classifier head: more than any address space, so no machine
+    # allocates it (the allocator refuses at once, nothing is touched)
+    x = np.zeros((4, 8, 8), np.uint8)
+    path = tmp_path / "huge.npz"
+    np.savez(path, x_train=x, y_train=np.arange(4), x_test=x, y_test=np.arange(4), num_classes=np.array(10**12))
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(out), f"data.name={path}", "train.steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit in memory" in err and "1,000,000,000,000 classes" in err and "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'train.nope'"):
         apply_overrides(preset_tiny(), ["train.nope=1"])
