@@ -213,13 +213,13 @@ def predict(spec: Spec, conf: Configuration) -> dict:
         acts, transient = layer_part(depth)
         acts += spec.task.plan_outer_bytes(cfg, spec.shapes, model, s)
         resident, trained, with_state = params, params, params
-        block_layers = depth
+        block_layers, split = depth, [depth]
     else:
         B = model.num_blocks
         shared = model.shared_parameters()
         blocks = [model.block_parameters(b) for b in range(B)]
         big = max(range(B), key=lambda b: (model.block_layers(b), sum(p.numel() for p in blocks[b])))
-        block_layers = model.block_layers(big)
+        block_layers, split = model.block_layers(big), [model.block_layers(b) for b in range(B)]
         acts, transient = layer_part(block_layers)
         acts += spec.task.plan_outer_bytes(cfg, spec.shapes, model, s)
         trained = blocks[big] + shared
@@ -234,7 +234,7 @@ def predict(spec: Spec, conf: Configuration) -> dict:
         # idle blocks' step counters are 0-d CPU tensors: they stay where they are
         optimizer += 4 * (len(list(model.parameters())) - len(with_state))
     out = {"name": conf.name, "method": conf.method, "num_blocks": conf.num_blocks, "residency": conf.residency,
-           "checkpoint": conf.checkpoint, "layers_per_step": block_layers, "tokens": T,
+           "checkpoint": conf.checkpoint, "layers_per_step": block_layers, "split": split, "tokens": T,
            "params": numel(resident) * s, "grads": numel(trained) * s, "optimizer": optimizer,
            "activations": acts, "transient": transient}
     out["total"] = out["params"] + out["grads"] + out["optimizer"] + out["activations"] + transient
@@ -281,6 +281,11 @@ def format_table(result: dict) -> str:
         if result.get("device_memory"):
             line += "  yes" if r["fits"] else "  NO"
         lines.append(line)
+    # an uneven split is the planner's choice (training needs it spelled out): say which, once per B
+    uneven = {r["num_blocks"]: r["split"] for r in result["rows"] if len(set(r.get("split", ()))) > 1}
+    for B, split in uneven.items():
+        lines.append(f"B={B} splits the {sum(split)} layers {'+'.join(map(str, split))} (the rows count the largest "
+                     f"block); train it with dblocks.allocation={','.join(map(str, split))}")
     return "\n".join(lines)
 
 

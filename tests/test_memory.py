@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import assert_plan_matches
 
+from diffusionblocks.blocks import split_layers
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, load_preset, preset_tiny
+from diffusionblocks.config import apply_overrides, load_preset, parse_ints, preset_tiny
 from diffusionblocks.memory import AllocationPeak, SavedTensors, saved_activation_bytes
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.nn import AdaLNZero, GatedResidual, Mlp, ModulatedNorm, PreNormLayer, TransformerLayer
@@ -314,6 +315,18 @@ def test_plan_cli(capsys):
                 ["--data", "mine.npz"], ["--image-size", "28x"]):
         assert main(["plan", "--preset", "tiny", "--data", "digits", *bad]) == 2, bad
         assert "error" in capsys.readouterr().err
+
+
+def test_plan_says_the_split_it_assumes_for_an_uneven_b(capsys):
+    assert main(["plan", "--preset", "tiny", "--data", "digits", "--blocks", "2,3"]) == 0
+    out = capsys.readouterr().out
+    # 4 layers in 3 blocks: the planner's split, and the setting that trains it (training refuses an uneven B
+    # without one); an even B needs no such line
+    assert "B=3 splits the 4 layers 2+1+1" in out and "dblocks.allocation=2,1,1" in out and "B=2 splits" not in out
+    split_layers(4, 3, parse_ints("2,1,1", "dblocks.allocation", ""))
+    assert main(["plan", "--preset", "tiny", "--data", "digits", "--blocks", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["split"] for r in rows if r["method"] == "dblocks"] == [[2, 1, 1]] * 3 and rows[0]["split"] == [4]
 
 
 def test_memory_cli_writes_json_and_plot(tmp_path, capsys):
