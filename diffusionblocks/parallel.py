@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from . import io
 from .config import RunConfig, config_hash, save_config
 from .jobs import merge
 from .methods import get_method
-from .run import CONFIG, STATE, load_model, resolve_device
+from .run import CONFIG, STATE, check_out, clear_run, load_model, resolve_device
 from .tasks import get_task, run_split
 from .train import reference_model, train
 
@@ -65,19 +66,22 @@ class DataParallel:
 def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
                    overwrite: bool = False) -> dict:
     """Under torchrun: this rank's share of the blocks, then (rank 0) the merge and the score. A new run over an
-    earlier one in OUT needs `overwrite` (each rank's job directory is checked as train() checks a run's)."""
+    earlier one in OUT needs `overwrite`: OUT is checked as train() checks a run directory, by every rank before
+    any writes, and each rank's job directory again by its job."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError("--parallel blocks runs under torchrun, e.g. torchrun --nproc_per_node 3 -m "
                          "diffusionblocks train --method dblocks --parallel blocks ...")
     get_method(cfg.train.method).check_independent(cfg, "--parallel blocks")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    out = Path(out)
+    if not resume:  # every rank checks OUT before the first collective, after which rank 0 writes into it
+        check_out(out, overwrite)
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     meter = CollectiveMeter()
-    out = Path(out)
     try:
         with meter:
             hashes = _gather(config_hash(cfg), world)
@@ -89,6 +93,8 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
             if world > B:  # one sub-group per block; every rank takes part in creating every group
                 groups = [dist.new_group([b + i * B for i in range(world // B)]) for b in range(B)]
                 data_parallel = DataParallel(groups[rank % B], rank // B, world // B)
+            if rank == 0 and not resume and out.is_dir():
+                _clear_earlier_run(out, cfg, world)
             results = _train_rank(cfg, out, rank, blocks, device, data_parallel, resume, progress, overwrite)
         # what this rank handed to collectives, per process group, measured (the gather below is not in it)
         everyone = _gather({"rank": rank, "blocks": blocks, "train_seconds": results["train_seconds"],
@@ -178,6 +184,15 @@ class CollectiveMeter:
 
     def report(self) -> list[dict]:
         return [{"ranks": list(ranks), **counts} for ranks, counts in sorted(self.groups.items())]
+
+
+def _clear_earlier_run(out: Path, cfg: RunConfig, world: int) -> None:
+    """Under --overwrite: the earlier run's files in OUT go, and so do its rank directories beyond this run's
+    ranks (those below are replaced by their ranks' own jobs), so OUT never mixes two runs."""
+    clear_run(out, get_task(cfg.task).run_files)
+    for rank_dir in out.glob("rank*"):
+        if rank_dir.name[4:].isdigit() and int(rank_dir.name[4:]) >= world and (rank_dir / CONFIG).exists():
+            shutil.rmtree(rank_dir)
 
 
 def _train_rank(cfg: RunConfig, out: Path, rank: int, blocks: list[int], device, data_parallel, resume: bool,

@@ -18,7 +18,7 @@ from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, preset_tiny
 from diffusionblocks.jobs import merge
 from diffusionblocks.methods.dblocks import DBlocks, owned_blocks
-from diffusionblocks.parallel import rank_blocks
+from diffusionblocks.parallel import rank_blocks, train_parallel
 from diffusionblocks.run import load_model
 from diffusionblocks.train import train
 
@@ -149,14 +149,35 @@ def test_jobs_need_independent_blocks_and_a_fixed_share(tmp_path):
                  str(tmp_path / "d"), "dblocks.shared_stem_head=false"]) == 2  # not under torchrun
 
 
+def _earlier_parallel_run(out):
+    """What a 4-rank run leaves in OUT (its config, a score, rank directories), as far as replacing it matters."""
+    for d in (out, out / "rank1", out / "rank3"):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+    (out / "score.json").write_text("{}")
+    (out / "rank7").mkdir()  # not a run: a user's folder that happens to be called so
+
+
+def test_a_parallel_run_over_an_earlier_run_needs_overwrite(tmp_path, monkeypatch):
+    out = tmp_path / "old"
+    _earlier_parallel_run(out)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="is not empty .*--overwrite"):  # refused before any process group
+        train_parallel(cfg_with(), out, progress=False)
+    assert (out / "score.json").exists() and (out / "rank3" / "config.json").exists()
+
+
 def test_torchrun_parallel_equals_sequential(runs, tmp_path):
     out = tmp_path / "parallel"
+    _earlier_parallel_run(out)  # replaced: its files and its ranks beyond this run's go, a user's folder stays
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "diffusionblocks", "train", "--preset", "tiny", "--parallel", "blocks", "--out", str(out),
-           "--no-progress", *COMMON]
+           "--no-progress", "--overwrite", *COMMON]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "score.json").exists() and not (out / "rank3").exists() and (out / "rank7").is_dir()
     for name in ("model.safetensors", "ema.safetensors"):
         assert same(weights(runs / "sequential", name), weights(out, name)), (name, proc.stderr[-2000:])
     results = io.load_json(out / "results.json")
