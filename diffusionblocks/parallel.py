@@ -13,6 +13,7 @@ import inspect
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from .jobs import merge
 from .methods import get_method
 from .run import CONFIG, STATE, check_out, clear_run, load_model, resolve_device
 from .tasks import get_task, run_split
-from .train import reference_model, train
+from .train import Stopped, reference_model, train
 
 
 def rank_blocks(num_blocks: int, world: int, rank: int) -> list[int]:
@@ -95,7 +96,13 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
                 data_parallel = DataParallel(groups[rank % B], rank // B, world // B)
             if rank == 0 and not resume and out.is_dir():
                 _clear_earlier_run(out, cfg, world)
-            results = _train_rank(cfg, out, rank, blocks, device, data_parallel, resume, progress, overwrite)
+            try:
+                results = _train_rank(cfg, out, rank, blocks, device, data_parallel, resume, progress, overwrite)
+            except Stopped:  # every rank saved its checkpoint: the run goes on as a whole, merge included
+                if rank == 0:
+                    print(f"the whole run continues with: torchrun --nproc_per_node {world} -m diffusionblocks "
+                          f"train --resume {out}", file=sys.stderr)
+                raise
         # what this rank handed to collectives, per process group, measured (the gather below is not in it)
         everyone = _gather({"rank": rank, "blocks": blocks, "train_seconds": results["train_seconds"],
                             "steps": results["steps"], "layer_updates": results["layer_updates"],

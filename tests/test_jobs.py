@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -184,6 +185,32 @@ def test_torchrun_parallel_equals_sequential(runs, tmp_path):
     assert results["world_size"] == 2 and results["gradient_bytes_between_blocks"] == 0
     assert [r["blocks"] for r in results["ranks"]] == [[0], [1]]
     assert 0 <= results["test_accuracy"] <= 1 and results["layer_updates"] == 6 * 4
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_run_resumes(tmp_path):
+    """What Slurm or Kubernetes do to a job: SIGTERM to torchrun, which passes it to its workers. Every rank stops
+    at a step boundary with a checkpoint, and --resume under torchrun finishes the run and merges it."""
+    out = tmp_path / "par"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "diffusionblocks", "train", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*torchrun, "--preset", "tiny", "--parallel", "blocks", "--out", str(out), *COMMON,
+                             "train.steps=300", "train.log_every=1", "train.ckpt_every=10000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = [out / f"rank{r}" / "metrics.jsonl" for r in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(m.exists() and m.stat().st_size for m in metrics) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the ranks never logged a step"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the run finished before the signal: nothing was tested"
+    assert err.count("stopped by SIGTERM at step") == 2 and all((m.parent / "state.pt").exists() for m in metrics)
+    assert f"torchrun --nproc_per_node 2 -m diffusionblocks train --resume {out}" in err
+    assert not (out / "results.json").exists()
+    done = subprocess.run([*torchrun, "--resume", str(out)], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stderr and io.load_json(out / "results.json")["layer_updates"] == 300 * 4
 
 
 def test_torchrun_more_ranks_than_blocks_is_data_parallel_inside_each_block(tmp_path):
