@@ -251,7 +251,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = parse_ints(args.seeds, "--seeds", "0,1,2")
     if not seeds:
         raise ValueError("--seeds: give at least one seed, e.g. 0,1,2")
-    report = compare(cfg, args.out or f"runs/compare-{args.preset}", seeds, progress=not args.no_progress)
+    roles = [r.strip() for r in args.methods.split(",") if r.strip()] if args.methods else None
+    report = compare(cfg, args.out or f"runs/compare-{args.preset}", seeds, roles, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
@@ -487,6 +488,9 @@ def _compare_parser(sub):
                         "(default: the preset's task, classify)")
     p.add_argument("--quick", action="store_true", help="a one-minute version")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--methods", default=None,
+                   help="the arms, comma-separated: training methods (" + ", ".join(METHODS) + "), control "
+                        "(end-to-end at one block's depth); default: the task's (classify: e2e,control,dblocks)")
     p.add_argument("--out", default=None, help="output directory (default runs/compare-PRESET)")
     p.add_argument("--json", action="store_true", help="also print compare.json's object (recurrent: flops_per_step "
                                                        "per arm and the ratios)")

@@ -16,11 +16,12 @@ from pathlib import Path
 from . import io
 from .config import RunConfig, save_config
 from .images import pyplot
-from .run import CONFIG, RESULTS, SCORE, STATE, load_model
+from .methods import METHODS, get_method
+from .run import CONFIG, RESULTS, SCORE, STATE, load_model, validate
 from .tasks import TASKS, Task, get_task
 from .train import reference_model, train
 
-ROLES = ("e2e", "control", "dblocks")
+ROLES = ("e2e", "control", "dblocks")  # and any other method's name (METHODS), and another task's
 LABELS = {"e2e": "end-to-end", "control": "end-to-end, one block's depth", "dblocks": "DiffusionBlocks"}
 
 
@@ -41,6 +42,8 @@ def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
         cfg.train.method = "e2e"
         cfg.model.depth = base.model.depth // B
         cfg.train.steps = base.train.steps * B
+    elif role in METHODS:  # another training method (the block-wise baselines) on the same model and budget
+        cfg.train.method = role
     elif role in TASKS:  # another task's model of the same size on the same data, end to end
         cfg.task = role
         cfg.train.method = "e2e"
@@ -150,6 +153,11 @@ def verdict(rows: dict, key: str, task: Task) -> list[str]:
         out.append(f"dblocks - control = {diff('dblocks', 'control')}: "
                    + ("the stacked blocks beat one block's depth" if better(mean["dblocks"], mean["control"])
                       else "the blocks added nothing over one block's depth trained end to end"))
+    for role in (r for r in mean if r in METHODS and r not in ROLES):  # a baseline against DiffusionBlocks
+        if "dblocks" in mean:
+            out.append(f"{role} - dblocks = {diff(role, 'dblocks')}: " + (
+                f"{role} beat DiffusionBlocks" if better(mean[role], mean["dblocks"]) else
+                f"DiffusionBlocks beat {role}"))
     return out
 
 
@@ -164,7 +172,8 @@ def plot(runs: dict[str, list[dict]], task: Task, path: Path) -> bool:
     for role, results in runs.items():
         xs = [p["layer_updates"] for p in results[0]["curve"]]
         ys = [scale * statistics.mean(r["curve"][i][key] for r in results) for i in range(len(xs))]
-        label = LABELS.get(role, f"{role}, end-to-end")  # another task's arm is named by its task
+        label = LABELS.get(role) or (get_method(role).title or role if role in METHODS  # a baseline by its name,
+                                     else f"{role}, end-to-end")  # another task's arm by its task
         label += f" (B={results[0]['num_blocks']})" if role == "dblocks" else ""
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set_xlabel("layer-updates")
@@ -186,6 +195,10 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
     roles = roles or task.compare_roles
     key = task.result_metric or task.metric  # scored on the test split: compare reports settings chosen before
     for role in roles:
+        if role not in ROLES and role not in METHODS and role not in TASKS:
+            raise ValueError(f"unknown arm {role!r}: expected a method ({', '.join(METHODS)}), control, or a task "
+                             f"({', '.join(TASKS)})")
+        validate(role_config(base, role, seeds[0]))  # every arm's config before any arm trains
         other = get_task(role) if role in TASKS else task
         if (other.result_metric or other.metric) != key and key not in other.shared_metrics:
             raise ValueError(f"role {role!r} reports {other.result_metric or other.metric}, not {key}: an arm of "

@@ -104,8 +104,13 @@ class RunLock:
 def validate(cfg: RunConfig) -> RunConfig:
     """The config's values, its task and method names, and what the task and the method accept."""
     validate_values(cfg)
-    get_task(cfg.task).check(cfg)
-    get_method(cfg.train.method).check(cfg)
+    task, method = get_task(cfg.task), get_method(cfg.train.method)
+    if not (task.classifies_images if method.classifier is not None else method.model_form in task.model_forms):
+        what = "an image classifier" if method.classifier is not None else f"a {method.model_form} model"
+        raise ValueError(f"train.method={method.name} trains {what}, which task {task.name} does not have (it trains "
+                         f"{' and '.join(task.model_forms)} models)")
+    task.check(cfg)
+    method.check(cfg)
     return cfg
 
 
@@ -125,8 +130,11 @@ def new_model(cfg: RunConfig, shapes) -> nn.Module:
     """The task's model in the form the method trains; `shapes` is the data (or any object with the
     attributes the task reads, e.g. tasks.base.ImageShapes). Uses the global RNG as it stands.
     A model too large for the host's memory is a user error (a setting or a dataset), not a traceback."""
+    task, method = get_task(cfg.task), get_method(cfg.train.method)
     try:
-        return get_task(cfg.task).build_model(cfg, shapes, get_method(cfg.train.method).model_form)
+        if method.classifier is not None:
+            return task.build_classifier(cfg, shapes, method.classifier)
+        return task.build_model(cfg, shapes, method.model_form)
     except RuntimeError as e:  # torch's CPU allocator (and CUDA's OutOfMemoryError, a RuntimeError) on failure
         if "can't allocate memory" not in str(e) and not isinstance(e, torch.OutOfMemoryError):
             raise

@@ -71,6 +71,7 @@ class Method:
     """
 
     name: ClassVar[str]
+    title: ClassVar[str] = ""  # the name people know it by (plots, tables); "" = name
     model_form: ClassVar[str]  # the form of the task's model it trains: "end-to-end" or "blocks"
     num_blocks: int = 1  # units the model is cut into (1: the whole network)
     owned: list[int] = [0]  # the units this run trains
@@ -78,6 +79,9 @@ class Method:
     residency = None  # a residency.Residency when idle parts live off the device
     unowned_names: set[str] = frozenset()  # state-dict entries this run does not hold (other jobs' blocks)
     warn_starved: bool = False  # report units that got no update in a logging window
+    # a method that brings its own image classifier (the block-wise baselines: model_form names it) sets its class
+    # here, called as classifier(cfg, image_size, channels, num_classes); tasks that classify images build it
+    classifier: ClassVar[type[nn.Module] | None] = None
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:

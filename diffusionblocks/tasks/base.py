@@ -100,6 +100,9 @@ class Task:
     # config presets `compare` starts from: "full", "quick", and "offline"/"offline-quick" without Fashion-MNIST
     presets: ClassVar[dict[str, str]] = {}
 
+    model_forms: ClassVar[tuple[str, ...]] = ("end-to-end", "blocks")  # the model forms build_model makes
+    classifies_images: ClassVar[bool] = False  # builds a method's own image classifier (build_classifier)
+
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Raise ValueError for settings this task cannot use."""
@@ -116,6 +119,10 @@ class Task:
     def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
         """The model in the form a method trains ("end-to-end" or "blocks")."""
         raise NotImplementedError
+
+    def build_classifier(self, cfg: RunConfig, data, model: type[nn.Module]) -> nn.Module:
+        """A method's own image classifier (Method.classifier: the block-wise baselines), on this task's data."""
+        raise ValueError(f"task {self.name!r} does not classify images")
 
     def save_with_run(self, data, out) -> None:
         """Write what a run keeps beside its weights to rebuild its outputs (text: the tokenizer)."""

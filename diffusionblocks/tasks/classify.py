@@ -162,6 +162,7 @@ class ClassifyTask(ImageTask):
     presets = {"full": "fashion", "quick": "quick", "offline": "digits", "offline-quick": "digits-quick"}
     eval_options = ("limit", *DiffusionClassifier.inference_options)
     forms = {"end-to-end": EndToEndClassifier, "blocks": DiffusionClassifier}
+    classifies_images = True
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -172,6 +173,9 @@ class ClassifyTask(ImageTask):
         if form not in self.forms:
             raise unknown_form(self.name, form, tuple(self.forms))
         return self.forms[form](cfg, data.image_size, data.channels, data.num_classes)
+
+    def build_classifier(self, cfg: RunConfig, data, model: type[nn.Module]) -> nn.Module:
+        return model(cfg, data.image_size, data.channels, data.num_classes)
 
     def plan_tokens(self, cfg: RunConfig, shapes: ImageShapes, form: str = "end-to-end") -> int:
         """Patches plus the CLS / label token."""
@@ -207,19 +211,28 @@ class ClassifyTask(ImageTask):
         was_training = model.training
         model.eval()
         batches, n, gen = self.eval_batches(data, cfg, split, limit)
-        correct = None
+        correct, other = None, {}
         for xb, yb in batches:
-            preds = model.predict(to_float(xb).to(device), generator=gen, **options)
+            x = to_float(xb).to(device)
+            preds = model.predict(x, generator=gen, **options)
             hits = torch.stack([(p.cpu() == yb).sum() for p in preds])
             correct = hits if correct is None else correct + hits
+            # a second way to read a prediction off the same model (Forward-Forward's linear readout)
+            for name, p in getattr(model, "other_predictions", lambda _: {})(x).items():
+                other[name] = other.get(name, 0) + int((p.cpu() == yb).sum())
         model.train(was_training)
         per_step = (correct.double() / n).tolist()
-        return {"accuracy": per_step[-1], "accuracy_per_step": per_step, "n": n}
+        return {"accuracy": per_step[-1], "accuracy_per_step": per_step,
+                **{f"accuracy_{name}": hits / n for name, hits in other.items()}, "n": n}
 
     def results(self, ev: dict, split: str = "test") -> dict:
+        prefix = "val_" if split == "validation" else "test_"
+        other = {prefix + k: v for k, v in ev.items() if k.startswith("accuracy_") and k != "accuracy_per_step"}
         if split == "validation":
-            return {"val_accuracy": ev["accuracy"], "val_accuracy_per_step": ev["accuracy_per_step"], "val_n": ev["n"]}
-        return {"test_accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"], "test_n": ev["n"]}
+            return {"val_accuracy": ev["accuracy"], "val_accuracy_per_step": ev["accuracy_per_step"], "val_n": ev["n"],
+                    **other}
+        return {"test_accuracy": ev["accuracy"], "accuracy_per_step": ev["accuracy_per_step"], "test_n": ev["n"],
+                **other}
 
     def summary(self, results: dict) -> str:
         what, key = ("validation", "val_") if "val_accuracy" in results else ("test", "test_")
