@@ -174,6 +174,21 @@ class RecurrentConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """The block-wise baselines DiffusionBlocks is compared against (train.method=ff, greedy, dgl, noprop, dtp;
+    image classification). Each reads only its own settings; the blocks of greedy, dgl and noprop are
+    dblocks.num_blocks (dblocks.allocation), the same cut as DiffusionBlocks."""
+
+    ff_theta: float = 2.0  # Forward-Forward: the goodness threshold (goodness = mean squared activation)
+    ff_readout: bool = True  # Forward-Forward: also train a linear readout on the frozen features (neutral label)
+    aux_pool: str = "mean"  # greedy/dgl: the auxiliary head's pooling over tokens ("mean" or "cls")
+    noprop_eta: float = 0.1  # NoProp-DT: the weight eta of the denoising terms
+    noprop_label_table: str = "learned"  # NoProp-DT: the class embedding ("learned" jointly, or "fixed")
+    dtp_inverse_noise: float = 0.1  # DTP: std of the noise that trains each approximate inverse
+    dtp_target_step: float = 0.1  # DTP: the step size of the top target (h_top - step * dLoss/dh_top)
+
+
+@dataclass
 class RunConfig:
     task: str = "classify"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -184,6 +199,7 @@ class RunConfig:
     mdlm: MDLMConfig = field(default_factory=MDLMConfig)
     arlm: ARLMConfig = field(default_factory=ARLMConfig)
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
