@@ -1,4 +1,5 @@
-"""Choosing the language presets' settings on the validation split: each arm is the preset plus one override,
+"""Choosing settings on the validation split (the language presets', and the block-wise baselines' on the image
+presets, roles ff, dgl, greedy, noprop, dtp): each arm is the preset plus one override,
 trained for each role (end-to-end and DiffusionBlocks by default) on the same seed and budget, and scored by the
 task's validation figure (masked diffusion: the bound in bits per character, same K, same windows). Nothing
 here reads the test split; the chosen setting then goes into the preset and `compare` reports test once.
@@ -11,6 +12,11 @@ evaluated on the first arm's DiffusionBlocks run with --inference):
     python benchmarks/lm_settings.py --preset lm-ar-cpu --arms base --inference --out runs/ar-settings data.val_size=512
     python benchmarks/lm_settings.py --preset lm-ar-cpu --roles dblocks \\
         --arms "noise per window,edm weight,gamma 0,B 2,B 6" --out runs/ar-settings2 data.val_size=512
+
+The block-wise baselines (issue 15) on scikit-learn digits, 300 training images held out:
+
+    python benchmarks/lm_settings.py --preset digits --roles ff --arms "base,ff theta 1,ff theta 4,lr 1e-3" \
+        --out runs/baseline-settings data.val_size=300
 """
 
 from __future__ import annotations
@@ -44,12 +50,16 @@ ARMS = {
     "B 6": ["dblocks.num_blocks=6"],
     "sigma_max share 0.25": ["arlm.sigma_max_share=0.25"],
     "sigma_max share 0.5": ["arlm.sigma_max_share=0.5"],
+    # the block-wise baselines (issue 15; roles ff, dgl, greedy, noprop, dtp on an image preset)
+    "ff theta 1": ["baseline.ff_theta=1"],
+    "ff theta 4": ["baseline.ff_theta=4"],
+    "aux pool cls": ["baseline.aux_pool=cls"],
 }
 # the sampler's settings of a trained DiffusionBlocks model (--inference: evaluated on the first arm's run)
 INFERENCE = {"init noise": {"init": "noise"}, "hard bridge": {"bridge": "hard"}, "unit bridge": {"bridge": "unit"},
              "2 steps per block": {"steps_per_block": 2},
              "init noise, unit bridge": {"init": "noise", "bridge": "unit"}}
-EXTRA = ("ce_sigma_max", "chain_ce", "ce", "bpc")  # also recorded where the task reports them
+EXTRA = ("ce_sigma_max", "chain_ce", "ce", "bpc", "accuracy_readout")  # also recorded where the task reports them
 
 
 def main():

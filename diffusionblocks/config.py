@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -261,7 +262,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check values that types alone do not catch; raises ValueError naming the key."""
-    t, d, m, r = cfg.train, cfg.dblocks, cfg.model, cfg.recurrent
+    t, d, m, r, b = cfg.train, cfg.dblocks, cfg.model, cfg.recurrent, cfg.baseline
     checks = [
         (0 <= cfg.gen.label_dropout < 1, f"gen.label_dropout={cfg.gen.label_dropout}: must be in [0, 1)"),
         (cfg.gen.steps >= 1, f"gen.steps={cfg.gen.steps}: must be >= 1"),
@@ -325,6 +326,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.arlm.noise_level in ("token", "window"),
          f"arlm.noise_level={cfg.arlm.noise_level!r}: expected 'token' or 'window'"),
         (cfg.arlm.eval_draws >= 1, f"arlm.eval_draws={cfg.arlm.eval_draws}: must be >= 1"),
+        (math.isfinite(b.ff_theta), f"baseline.ff_theta={b.ff_theta}: must be a finite number"),
+        (b.aux_pool in ("mean", "cls"), f"baseline.aux_pool={b.aux_pool!r}: expected 'mean' or 'cls'"),
+        (0 <= b.noprop_eta < float("inf"), f"baseline.noprop_eta={b.noprop_eta}: must be finite and >= 0"),
+        (b.noprop_label_table in ("learned", "fixed"),
+         f"baseline.noprop_label_table={b.noprop_label_table!r}: expected 'learned' or 'fixed'"),
+        (0 <= b.dtp_inverse_noise < float("inf"), f"baseline.dtp_inverse_noise={b.dtp_inverse_noise}: must be finite "
+                                                  "and >= 0"),
+        (0 < b.dtp_target_step < float("inf"), f"baseline.dtp_target_step={b.dtp_target_step}: must be finite and > 0"),
         (0 <= cfg.arlm.sigma_max_share <= 1, f"arlm.sigma_max_share={cfg.arlm.sigma_max_share}: must be in [0, 1]"),
         (cfg.arlm.temperature >= 0 and cfg.arlm.temperature != float("inf"),
          f"arlm.temperature={cfg.arlm.temperature}: must be finite and >= 0 (0: greedy)"),
