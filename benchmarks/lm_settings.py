@@ -51,6 +51,7 @@ ARMS = {
     "sigma_max share 0.25": ["arlm.sigma_max_share=0.25"],
     "sigma_max share 0.5": ["arlm.sigma_max_share=0.5"],
     # the block-wise baselines (issue 15; roles ff, dgl, greedy, noprop, dtp on an image preset)
+    "ff theta 0.5": ["baseline.ff_theta=0.5"],
     "ff theta 1": ["baseline.ff_theta=1"],
     "ff theta 4": ["baseline.ff_theta=4"],
     "aux pool cls": ["baseline.aux_pool=cls"],
