@@ -85,7 +85,11 @@ class Method:
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        """Raise ValueError when the config asks for something this method cannot do."""
+        """Raise ValueError when the config asks for something this method cannot do. By default: a per-block job
+        (train.blocks), which only a method whose blocks train apart can run."""
+        if cfg.train.blocks.strip():
+            raise ValueError(f"train.blocks (--blocks) makes a per-block job, which needs --method dblocks "
+                             f"(train.method={cls.name} trains the whole network in one run)")
 
     @classmethod
     def check_independent(cls, cfg: RunConfig, why: str) -> None:
@@ -95,8 +99,10 @@ class Method:
 
     @classmethod
     def budget(cls, cfg: RunConfig) -> tuple[int, str]:
-        """Training steps of this run for cfg.train's budget, and a sentence saying which rule gave them."""
-        raise NotImplementedError
+        """Training steps of this run for cfg.train's budget, and a sentence saying which rule gave them. By default
+        a step updates every layer once: the end-to-end steps."""
+        t = cfg.train
+        return t.steps, f"{t.steps} steps, each updating all {cfg.model.depth} layers once ({t.budget} budget)"
 
     def stream_seeds(self) -> dict[int, int]:
         """Seed of the data stream of each unit this run trains."""

@@ -104,12 +104,6 @@ class LocalMethod(Method):
     model_form = "local"
     classifier = LocalClassifier
 
-    @classmethod
-    def check(cls, cfg: RunConfig) -> None:
-        if cfg.train.blocks.strip():
-            raise ValueError(f"train.blocks (--blocks) selects DiffusionBlocks blocks; train.method={cls.name} trains "
-                             f"every block in one run")
-
     def __init__(self, model: LocalClassifier, cfg: RunConfig, total_steps: int, updates_per_block: int):
         self.model, self.cfg, self.total = model, cfg, total_steps
         self.units = [model.unit_parameters(b) for b in range(model.num_blocks)]
@@ -141,11 +135,6 @@ class DGL(LocalMethod):
     """Every step: each block in turn on the previous block's detached output, updated right after its forward."""
 
     name, title = "dgl", "DGL (decoupled greedy)"
-
-    @classmethod
-    def budget(cls, cfg: RunConfig) -> tuple[int, str]:
-        return cfg.train.steps, (f"{cfg.train.steps} steps, each updating all {cfg.model.depth} layers once (the "
-                                 f"end-to-end layer-update budget)")
 
     def __init__(self, model: LocalClassifier, cfg: RunConfig, total_steps: int, **_):
         super().__init__(model, cfg, total_steps, total_steps)

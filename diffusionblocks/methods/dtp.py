@@ -138,17 +138,6 @@ class DTP(Method):
     model_form = "blocks with learned inverses"
     classifier = DTPClassifier
 
-    @classmethod
-    def check(cls, cfg: RunConfig) -> None:
-        if cfg.train.blocks.strip():
-            raise ValueError("train.blocks (--blocks) selects DiffusionBlocks blocks: it needs --method dblocks (DTP "
-                             "trains every block in every step, from targets that need all of them)")
-
-    @classmethod
-    def budget(cls, cfg: RunConfig) -> tuple[int, str]:
-        return cfg.train.steps, (f"{cfg.train.steps} steps ({cfg.train.budget} budget), each updating all "
-                                 f"{cfg.model.depth} layers")
-
     def __init__(self, model: DTPClassifier, cfg: RunConfig, total_steps: int, **_):
         self.model, self.cfg, self.total = model, cfg, total_steps
         B = model.num_blocks

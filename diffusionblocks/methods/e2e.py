@@ -12,15 +12,6 @@ class EndToEnd(Method):
     name = "e2e"
     model_form = "end-to-end"
 
-    @classmethod
-    def check(cls, cfg: RunConfig) -> None:
-        if cfg.train.blocks.strip():
-            raise ValueError("train.blocks (--blocks) selects DiffusionBlocks blocks: it needs --method dblocks")
-
-    @classmethod
-    def budget(cls, cfg: RunConfig) -> tuple[int, str]:
-        return cfg.train.steps, f"{cfg.train.steps} steps ({cfg.train.budget} budget)"
-
     def __init__(self, model, cfg: RunConfig, total_steps: int, **_):
         self.model, self.cfg, self.total = model, cfg, total_steps
         self.params = list(model.parameters())

@@ -106,15 +106,9 @@ class ForwardForward(Method):
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
-        if cfg.train.blocks.strip():
-            raise ValueError("train.blocks (--blocks) selects DiffusionBlocks blocks: it needs --method dblocks")
+        super().check(cfg)
         if cfg.model.checkpoint:
             raise ValueError("model.checkpoint: Forward-Forward keeps one layer's activations at a time already")
-
-    @classmethod
-    def budget(cls, cfg: RunConfig) -> tuple[int, str]:
-        return cfg.train.steps, (f"{cfg.train.steps} steps, each updating all {cfg.model.depth} layers once (the "
-                                 f"end-to-end layer-update budget)")
 
     def __init__(self, model: FFClassifier, cfg: RunConfig, total_steps: int, **_):
         self.model, self.cfg, self.total = model, cfg, total_steps

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from .base import stream_seed, update
+from .dblocks import DBlocks
 from .dgl import LocalClassifier, LocalMethod
 
 
@@ -16,11 +17,7 @@ class Greedy(LocalMethod):
 
     @classmethod
     def budget(cls, cfg: RunConfig) -> tuple[int, str]:
-        t, B = cfg.train, cfg.dblocks.num_blocks
-        if t.budget == "steps":
-            return t.steps, f"{t.steps} steps ({t.budget} budget)"
-        return t.steps * B, (f"layer-update budget of {t.steps} end-to-end steps x {cfg.model.depth} layers: "
-                             f"{t.steps * B} block steps of ~{cfg.model.depth / B:g} layers each, block by block")
+        return DBlocks.budget(cfg)  # one block per step, as DiffusionBlocks
 
     def __init__(self, model: LocalClassifier, cfg: RunConfig, total_steps: int, **_):
         super().__init__(model, cfg, total_steps, max(1, total_steps // model.num_blocks))
