@@ -96,7 +96,7 @@ def test_ff_sweep_runs_one_pass_per_class():
 
 
 @pytest.mark.parametrize("method", LOCAL)
-def test_loss_falls_and_results_hold_test_accuracy(tmp_path, method):
+def test_loss_falls_and_results_hold_test_accuracy(tmp_path, capsys, method):
     out, steps = tmp_path / method, 300 if method == "ff" else 100
     assert main(["train", "--preset", "tiny", "--method", method, "--out", str(out), "--no-progress",
                  f"train.steps={steps}", "train.log_every=20", "train.eval_every=100000", "data.test_limit=100"]) == 0
@@ -106,8 +106,9 @@ def test_loss_falls_and_results_hold_test_accuracy(tmp_path, method):
         assert losses[-1] < 2 * math.log(2) - 0.03, losses
     results = io.load_json(out / "results.json")
     assert 0 <= results["test_accuracy"] <= 1 and results["layer_updates"] == steps * 4
-    if method == "ff":
+    if method == "ff":  # both readings, in results.json and in the line the run prints
         assert 0 <= results["test_accuracy_readout"] <= 1
+        assert f"readout {100 * results['test_accuracy_readout']:.2f}%" in capsys.readouterr().out
     else:  # one prediction per block, the last block's is the model's
         assert len(results["accuracy_per_step"]) == 2 and results["accuracy_per_step"][-1] == results["test_accuracy"]
     assert main(["eval", str(out)]) == 0  # a saved baseline evaluates again

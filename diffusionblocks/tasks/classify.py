@@ -239,12 +239,13 @@ class ClassifyTask(ImageTask):
         per_step = results["val_accuracy_per_step" if key == "val_" else "accuracy_per_step"]
         steps = ", ".join(f"{100 * a:.2f}" for a in per_step)
         return (f"{results['method']}: {what} accuracy {100 * results[key + 'accuracy']:.2f}% (after each inference "
-                f"step: {steps}); {results['layer_updates']} layer-updates in {results['train_seconds']:.1f} s")
+                f"step: {steps}{_others(results, key + 'accuracy_')}); {results['layer_updates']} layer-updates in "
+                f"{results['train_seconds']:.1f} s")
 
     def describe_score(self, score: dict) -> str:
         steps = ", ".join(f"{100 * a:.2f}" for a in score["accuracy_per_step"])
         return (f"{score.get('split', 'test')} accuracy {100 * score['accuracy']:.2f}% on {score['n']} images "
-                f"(after each inference step: {steps})")
+                f"(after each inference step: {steps}{_others(score, 'accuracy_')})")
 
     def compare_extras(self, runs, load, base, out) -> tuple[dict, list[str]]:
         """Accuracy after each inference step of the block-wise arm (mean over seeds)."""
@@ -254,6 +255,12 @@ class ClassifyTask(ImageTask):
         steps = ", ".join(f"{100 * a:.2f}" for a in per_step)
         line = f"DiffusionBlocks accuracy after each inference step (%): {steps}"
         return {"dblocks_accuracy_per_step": per_step}, [line]
+
+
+def _others(results: dict, prefix: str) -> str:
+    """The other readings of the same model, e.g. "; readout 61.11%" (Forward-Forward's linear readout)."""
+    return "".join(f"; {k[len(prefix):]} {100 * v:.2f}%" for k, v in results.items()
+                   if k.startswith(prefix) and not k.endswith("per_step"))
 
 
 TASK = ClassifyTask
