@@ -154,3 +154,19 @@ def test_compare_takes_baselines_as_arms(tmp_path, capsys):
     assert all(r["layer_updates"] == 40 for r in report["rows"].values())  # one budget for every arm
     assert main(["compare", "--preset", "tiny", "--methods", "e2e,nope", "--out", str(tmp_path / "c2")]) == 2
     assert "unknown arm 'nope'" in capsys.readouterr().err and not (tmp_path / "c2" / "e2e-seed0").exists()
+
+
+@pytest.mark.parametrize("method", ["ff", "dgl"])
+def test_a_non_finite_unit_stops_the_step_and_counts_the_layers_updated_before_it(monkeypatch, method):
+    _, model, trainer = build(method)
+    module = {"ff": ff_module, "dgl": dgl_module}[method]
+    calls = []
+
+    def skip_the_second(loss, params, optimizers, clip, sync=None):
+        calls.append(1)
+        return {"skipped": True, "loss": float("nan")} if len(calls) == 2 else {"loss": 1.0, "grad_norm": 1.0, "lr": 0}
+
+    monkeypatch.setattr(module, "update", skip_the_second)
+    m = trainer.step((torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))), 0)
+    # ff: layer 0 updated (1 layer), dgl: block 0 updated (2 layers of the tiny model's 4)
+    assert m["skipped"] and len(calls) == 2 and m["layers"] == {"ff": 1, "dgl": 2}[method]

@@ -149,8 +149,9 @@ class DGL(LocalMethod):
         for b in range(self.model.num_blocks):
             loss, out = self.model.block_loss(b, h, y)
             m = update(loss.mean(), self.units[b], [self.opts[b]], self.cfg.train.clip)
-            if m.get("skipped"):
-                return {"skipped": True, "loss": m["loss"], "layers": 0}
+            if m.get("skipped"):  # a non-finite block: the later ones wait for the next step; the earlier ones
+                # were updated (their layers count)
+                return {"skipped": True, "loss": m["loss"], "layers": sum(self.model.allocation[:b])}
             losses.append(m["loss"])
             norms.append(m["grad_norm"])
             lr = m["lr"]

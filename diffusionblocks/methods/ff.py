@@ -142,8 +142,8 @@ class ForwardForward(Method):
         for i, (params, opt) in enumerate(zip(self.units, self.opts)):
             loss, out = self.model.layer_loss(i, h, n)
             m = update(loss.mean(), params, [opt], self.cfg.train.clip)
-            if m.get("skipped"):  # a non-finite layer: this step leaves every later layer as it was too
-                return {"skipped": True, "loss": m["loss"], "layers": 0}
+            if m.get("skipped"):  # a non-finite layer: the later ones wait for the next step; the earlier ones were
+                return {"skipped": True, "loss": m["loss"], "layers": i}  # updated (their layers count)
             losses.append(m["loss"])
             norms.append(m["grad_norm"])
             lr = m["lr"]
