@@ -30,6 +30,12 @@ from .noise import Partition
 from .precond import EDMPrecond, PlainPrecond
 
 
+def cut(layers: Sequence, allocation: Sequence[int]) -> list[list]:
+    """The layers in consecutive runs of the allocation's lengths (block b's layers), in order."""
+    starts = [sum(allocation[:b]) for b in range(len(allocation))]
+    return [list(layers[s:s + n]) for s, n in zip(starts, allocation)]
+
+
 def split_layers(num_layers: int, num_blocks: int, allocation: Sequence[int] | None = None) -> list[int]:
     """Layers per block. Without an explicit allocation the layers must divide evenly."""
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
@@ -79,13 +85,12 @@ class BlockStack(nn.Module):
         self.precond = precond if precond is not None else EDMPrecond()
         self.shared_stem_head = shared_stem_head
         self.allocation = split_layers(len(layers), partition.num_blocks, allocation)
-        starts = [sum(self.allocation[:b]) for b in range(partition.num_blocks)]
         if shared_stem_head:
             self.stem, self.head = stem, head
-            self.blocks = nn.ModuleList(Block(layers[s:s + n]) for s, n in zip(starts, self.allocation))
+            self.blocks = nn.ModuleList(Block(own) for own in cut(layers, self.allocation))
         else:  # block b gets its own copy (same initial weights as the given stem/head)
-            self.blocks = nn.ModuleList(Block(layers[s:s + n], copy.deepcopy(stem), copy.deepcopy(head))
-                                        for s, n in zip(starts, self.allocation))
+            self.blocks = nn.ModuleList(Block(own, copy.deepcopy(stem), copy.deepcopy(head))
+                                        for own in cut(layers, self.allocation))
 
     @property
     def num_blocks(self) -> int:

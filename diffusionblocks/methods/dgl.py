@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import split_layers
+from ..blocks import cut, split_layers
 from ..config import RunConfig, allocation_of
 from ..models import PatchEmbed, vit_layers
 from ..nn import run_layers
@@ -52,8 +52,7 @@ class LocalClassifier(nn.Module):
         layers = vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, layer=m.layer,
                             recompute_gate=m.gate_recompute)
         self.allocation = split_layers(m.depth, cfg.dblocks.num_blocks, allocation_of(cfg))
-        starts = [sum(self.allocation[:b]) for b in range(len(self.allocation))]
-        self.blocks = nn.ModuleList(nn.ModuleList(layers[s:s + n]) for s, n in zip(starts, self.allocation))
+        self.blocks = nn.ModuleList(nn.ModuleList(own) for own in cut(layers, self.allocation))
         self.heads = nn.ModuleList(AuxHead(m.width, num_classes, cfg.baseline.aux_pool) for _ in self.allocation)
         self.num_layers = m.depth
 

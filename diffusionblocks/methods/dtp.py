@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import split_layers
+from ..blocks import cut, split_layers
 from ..config import RunConfig, allocation_of
 from ..models import PatchEmbed, vit_layers
 from ..nn import TransformerLayer, run_layers
@@ -64,8 +64,7 @@ class DTPClassifier(nn.Module):
         self.width, self.checkpoint_every, self.num_layers = m.width, m.checkpoint, m.depth
         self.patches = PatchEmbed(image_size, channels, m.patch, m.width)
         self.cls = nn.Parameter(0.02 * torch.randn(1, 1, m.width))
-        starts = [sum(self.allocation[:b]) for b in range(len(self.allocation))]
-        self.blocks = nn.ModuleList(nn.ModuleList(layers[s:s + n]) for s, n in zip(starts, self.allocation))
+        self.blocks = nn.ModuleList(nn.ModuleList(own) for own in cut(layers, self.allocation))
         self.norm = nn.LayerNorm(m.width)
         self.head = nn.Linear(m.width, num_classes)
         # inverses[b - 1] is g_b; no dropout: a target is a deterministic function of the forward pass
