@@ -55,6 +55,8 @@ ARMS = {
     "ff theta 1": ["baseline.ff_theta=1"],
     "ff theta 4": ["baseline.ff_theta=4"],
     "aux pool cls": ["baseline.aux_pool=cls"],
+    "ff neutral mean": ["baseline.ff_neutral=mean"],
+    "noprop unit-norm labels": ["baseline.noprop_label_scale=unit-norm"],
 }
 # the sampler's settings of a trained DiffusionBlocks model (--inference: evaluated on the first arm's run)
 INFERENCE = {"init noise": {"init": "noise"}, "hard bridge": {"bridge": "hard"}, "unit bridge": {"bridge": "unit"},

@@ -9,6 +9,7 @@ floor, role "arlm"."""
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -122,22 +123,45 @@ def summarize(runs: dict[str, list[dict]], key: str) -> dict:
 
 
 def markdown_table(rows: dict, key: str, label: str, scale: float) -> str:
-    lines = [f"| arm | method | layers | {label} | steps | layer-updates | train s | ms / layer-update | "
-             f"activations / step (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    seeds = max(len(r[key]) for r in rows.values()) > 1  # then each seed's value too, in the seeds' order
+    lines = [f"| arm | method | layers | {label} |{' per seed |' if seeds else ''} steps | layer-updates | train s | "
+             f"ms / layer-update | activations / step (MB) |", "|---|---|---|---|" + "---|" * (5 + seeds)]
     for role, r in rows.items():
+        each = ", ".join(_spread([v], scale) for v in r[key])
         lines.append(f"| {role} | {r['method']}{' B=' + str(r['num_blocks']) if r['num_blocks'] > 1 else ''} | "
-                     f"{r['depth']} | {_spread(r[key], scale)} | {r['steps']} | {r['layer_updates']} | "
-                     f"{r['train_seconds']:.1f} | {1000 * r['seconds_per_layer_update']:.3f} | "
+                     f"{r['depth']} | {_spread(r[key], scale)} |{f' {each} |' if seeds else ''} {r['steps']} | "
+                     f"{r['layer_updates']} | {r['train_seconds']:.1f} | {1000 * r['seconds_per_layer_update']:.3f} | "
                      f"{r['activation_bytes_per_step'] / 2**20:.1f} |")
     return "\n".join(lines) + "\n"
 
 
+def separated(rows: dict, key: str, a: str, b: str) -> bool | None:
+    """Do the seeds separate arms a and b? True when their means differ by more than two standard errors of the
+    difference, sqrt(s_a^2 / n_a + s_b^2 / n_b); None with one seed in either arm (no spread to judge by)."""
+    ra, rb = rows[a], rows[b]
+    na, nb = len(ra[key]), len(rb[key])
+    if na < 2 or nb < 2:
+        return None
+    se = math.sqrt(ra[f"{key}_std"] ** 2 / na + rb[f"{key}_std"] ** 2 / nb)
+    return abs(ra[f"{key}_mean"] - rb[f"{key}_mean"]) > 2 * se  # equal means are never separated
+
+
 def verdict(rows: dict, key: str, task: Task) -> list[str]:
-    """Plain sentences on what the numbers say, whichever way they fall."""
+    """Plain sentences on what the numbers say, whichever way they fall; a difference the seeds do not separate
+    (under two standard errors) is said to be one, whichever mean is higher."""
     unit, scale = (" points", 100) if task.percent else ("", 1)
     mean = {role: r[f"{key}_mean"] for role, r in rows.items()}
     better = lambda a, b: (a > b) if task.higher_is_better else (a < b)
     diff = lambda a, b: f"{scale * (mean[a] - mean[b]):+.2f}{unit}"
+
+    def judge(a: str, b: str, if_better: str, if_not: str) -> str:
+        said = if_better if better(mean[a], mean[b]) else if_not
+        sep = separated(rows, key, a, b)
+        if sep is None:
+            return f"{said} (one seed: no spread to judge it by)"
+        n = min(len(rows[a][key]), len(rows[b][key]))
+        return said if sep else f"a tie at {n} seeds: the difference is under two standard errors of it"
+
     out = []
     if "e2e" in mean and "dblocks" in mean:
         paper = f" ({task.paper_gap})" if task.paper_gap else ""
@@ -146,18 +170,17 @@ def verdict(rows: dict, key: str, task: Task) -> list[str]:
         if not task.percent and mean["e2e"]:
             out.append(f"{key} dblocks / e2e = {mean['dblocks'] / mean['e2e']:.2f}")
     if "control" in mean and "e2e" in mean:
-        out.append(f"e2e - control = {diff('e2e', 'control')}: "
-                   + ("depth helped end-to-end training at this budget" if better(mean["e2e"], mean["control"])
-                      else "depth did NOT help end-to-end training at this budget"))
+        out.append(f"e2e - control = {diff('e2e', 'control')}: " + judge(
+            "e2e", "control", "depth helped end-to-end training at this budget",
+            "depth did NOT help end-to-end training at this budget"))
     if "control" in mean and "dblocks" in mean:
-        out.append(f"dblocks - control = {diff('dblocks', 'control')}: "
-                   + ("the stacked blocks beat one block's depth" if better(mean["dblocks"], mean["control"])
-                      else "the blocks added nothing over one block's depth trained end to end"))
+        out.append(f"dblocks - control = {diff('dblocks', 'control')}: " + judge(
+            "dblocks", "control", "the stacked blocks beat one block's depth",
+            "the blocks added nothing over one block's depth trained end to end"))
     for role in (r for r in mean if r in METHODS and r not in ROLES):  # a baseline against DiffusionBlocks
         if "dblocks" in mean:
-            out.append(f"{role} - dblocks = {diff(role, 'dblocks')}: " + (
-                f"{role} beat DiffusionBlocks" if better(mean[role], mean["dblocks"]) else
-                f"DiffusionBlocks beat {role}"))
+            out.append(f"{role} - dblocks = {diff(role, 'dblocks')}: " + judge(
+                role, "dblocks", f"{role} beat DiffusionBlocks", f"DiffusionBlocks beat {role}"))
     return out
 
 

@@ -184,9 +184,14 @@ class BaselineConfig:
     # fresh layer on its normalised input). Chosen on validation (benchmarks/README.md, baselines): 2 was 16 points
     # lower, 4 was 27 lower, 1 within a point
     ff_readout: bool = True  # Forward-Forward: also train a linear readout on the frozen features (neutral label)
+    ff_neutral: str = "own"  # Forward-Forward: the readout's neutral label token: "own" (a row of the label table
+    # that no goodness loss sees) or "mean" (the mean of the class rows: Hinton's neutral label, 1/C of each class)
     aux_pool: str = "mean"  # greedy/dgl: the auxiliary head's pooling over tokens ("mean" or "cls")
     noprop_eta: float = 0.1  # NoProp-DT: the weight eta of the denoising terms
     noprop_label_table: str = "learned"  # NoProp-DT: the class embedding ("learned" jointly, or "fixed")
+    noprop_label_scale: str = "unit-variance"  # NoProp-DT: the class embedding's initial rows: "unit-variance"
+    # (each coordinate N(0, 1), |u_y| about sqrt(D), the VP noise's per-coordinate scale) or "unit-norm" (|u_y| = 1,
+    # a one-hot label's length)
     dtp_inverse_noise: float = 0.1  # DTP: std of the noise that trains each approximate inverse
     dtp_target_step: float = 0.3  # DTP: the step size of the top target (h_top - step * dLoss/dh_top); chosen on
     # validation (benchmarks/README.md, baselines): 0.1 was 4 points lower, 0.3 to 10 within a point
@@ -334,6 +339,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         (0 <= b.noprop_eta < float("inf"), f"baseline.noprop_eta={b.noprop_eta}: must be finite and >= 0"),
         (b.noprop_label_table in ("learned", "fixed"),
          f"baseline.noprop_label_table={b.noprop_label_table!r}: expected 'learned' or 'fixed'"),
+        (b.noprop_label_scale in ("unit-variance", "unit-norm"),
+         f"baseline.noprop_label_scale={b.noprop_label_scale!r}: expected 'unit-variance' or 'unit-norm'"),
+        (b.ff_neutral in ("own", "mean"), f"baseline.ff_neutral={b.ff_neutral!r}: expected 'own' or 'mean'"),
         (0 <= b.dtp_inverse_noise < float("inf"), f"baseline.dtp_inverse_noise={b.dtp_inverse_noise}: must be finite "
                                                   "and >= 0"),
         (0 < b.dtp_target_step < float("inf"), f"baseline.dtp_target_step={b.dtp_target_step}: must be finite and > 0"),

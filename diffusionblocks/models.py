@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import cut
 from .nn import AttentionLayout, NoiseEmbedding, PreNormLayer, SequenceLayer, TransformerLayer, run_layers
 
 
@@ -72,6 +73,40 @@ class ViTClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (N, V)
+
+
+class CutViT(nn.Module):
+    """ViTClassifier's stem ([CLS] + patch embedding) and layers cut into blocks, for the methods that train
+    each block on a loss of its own (methods/dgl.py, methods/dtp.py); the head is theirs.
+
+    A subclass calls `build_stem` and `build_blocks` in the order that fixes its initial weights: layers first,
+    then the stem, is ViTClassifier's order (the end-to-end model's weights for the same seed).
+    """
+
+    def build_stem(self, image_size, channels: int, patch: int, width: int):
+        self.width = width
+        self.patches = PatchEmbed(image_size, channels, patch, width)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, width))
+
+    def build_blocks(self, layers: list[nn.Module], allocation: list[int], checkpoint_every: int = 0):
+        self.allocation, self.num_layers, self.checkpoint_every = list(allocation), len(layers), checkpoint_every
+        self.blocks = nn.ModuleList(nn.ModuleList(own) for own in cut(layers, allocation))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The first block's input: images (N, C, H, W) -> [CLS] + patch tokens (N, 1+T, D)."""
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patches(x)], dim=1)
+
+    def block(self, b: int, h: torch.Tensor) -> torch.Tensor:
+        """Block b's layers, (N, 1+T, D) -> (N, 1+T, D), with a zero conditioning vector (as ViTClassifier)."""
+        return run_layers(self.blocks[b], h, h.new_zeros(h.shape[0], self.width), self.checkpoint_every)
+
+    def stem_parameters(self, b: int) -> list[nn.Parameter]:
+        """What block b's loss trains besides its layers: block 0's graph starts at the image, so the stem."""
+        return [*self.patches.parameters(), self.cls] if b == 0 else []
 
 
 class LabelStem(nn.Module):

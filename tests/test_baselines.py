@@ -17,6 +17,7 @@ from diffusionblocks.methods import ff as ff_module
 from diffusionblocks.methods import get_method
 from diffusionblocks.methods import greedy as greedy_module
 from diffusionblocks.methods.ff import negative_labels
+from diffusionblocks.run import validate
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
 LOCAL = ("ff", "dgl", "greedy")
@@ -83,6 +84,21 @@ def test_ff_layers_read_direction_not_goodness():
     out, g = model.layer(0, h)
     assert torch.allclose(g, out.pow(2).mean((1, 2)))
     assert torch.allclose(ff_module.rms_normalize(5 * out), ff_module.rms_normalize(out), atol=1e-5)
+
+
+def test_ff_neutral_label_is_its_own_row_or_the_mean_of_the_class_rows():
+    """baseline.ff_neutral: the readout's label token; class tokens are the same either way, and so is the init."""
+    _, own, _ = build("ff")
+    _, mean, _ = build("ff", "baseline.ff_neutral=mean")
+    assert all(torch.equal(a, b) for a, b in zip(own.parameters(), mean.parameters()))
+    x, labels = torch.randn(2, 1, 8, 8), torch.tensor([4, 10])  # a class, then the neutral label
+    table = own.labels.weight
+    rms = lambda v: v / v.pow(2).mean().add(1e-6).sqrt()  # noqa: E731
+    assert torch.allclose(own.embed(x, labels)[:, 0], torch.stack([rms(table[4]), rms(table[10])]), atol=1e-5)
+    assert torch.allclose(mean.embed(x, labels)[:, 0], torch.stack([rms(table[4]), rms(table[:10].mean(0))]),
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="baseline.ff_neutral"):
+        validate(apply_overrides(preset_tiny(), ["train.method=ff", "baseline.ff_neutral=zero"]))
 
 
 def test_ff_sweep_runs_one_pass_per_class():

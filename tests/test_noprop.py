@@ -98,3 +98,14 @@ def test_refused_where_it_cannot_run(tmp_path, capsys):
         validate(tiny("baseline.noprop_label_table=onehot"))
     with pytest.raises(ValueError, match="baseline.noprop_eta"):
         validate(tiny("baseline.noprop_eta=-1"))
+    with pytest.raises(ValueError, match="baseline.noprop_label_scale"):
+        validate(tiny("baseline.noprop_label_scale=onehot"))
+
+
+def test_label_scale_sets_the_rows_length_and_only_that():
+    """noprop_label_scale=unit-norm: the same directions as unit-variance, each row of length 1 (one-hot's)."""
+    wide, unit = model(), model("baseline.noprop_label_scale=unit-norm")
+    D = wide.table.shape[1]
+    assert torch.allclose(unit.table.norm(dim=-1), torch.ones(10), atol=1e-5)
+    assert 0.7 * D ** 0.5 < wide.table.norm(dim=-1).mean() < 1.3 * D ** 0.5
+    assert torch.allclose(unit.table, wide.table / wide.table.norm(dim=-1, keepdim=True), atol=1e-6)

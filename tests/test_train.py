@@ -332,6 +332,37 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     assert "reusing finished run" in capsys.readouterr().err
 
 
+def test_compare_verdict_calls_a_difference_inside_the_seed_spread_a_tie():
+    """A baseline 0.1 points under DiffusionBlocks with seed spreads of a point is no win; 5 points over spreads
+    of 0.5 is; one seed has no spread to judge by, and the sentence says so."""
+    from diffusionblocks.compare import markdown_table, separated, summarize, verdict
+    from diffusionblocks.tasks import get_task
+
+    def arm(method, values):
+        return [{"method": method, "depth": 6, "num_blocks": 3, "seed": s, "test_accuracy": v, "steps": 10,
+                 "layer_updates": 60, "train_seconds": 1.0, "seconds_per_layer_update": 0.01,
+                 "activation_bytes_per_step": 1, "parameters": 1} for s, v in enumerate(values)]
+
+    task = get_task("classify")
+    rows = summarize({"dblocks": arm("dblocks", [0.840, 0.850, 0.830]), "greedy": arm("greedy", [0.849, 0.829, 0.839]),
+                      "ff": arm("ff", [0.790, 0.800, 0.785])}, "test_accuracy")
+    lines = verdict(rows, "test_accuracy", task)
+    assert separated(rows, "test_accuracy", "greedy", "dblocks") is False
+    assert ("greedy - dblocks = -0.10 points: a tie at 3 seeds: the difference is under two standard errors of it"
+            in lines)
+    assert separated(rows, "test_accuracy", "ff", "dblocks") is True
+    assert "ff - dblocks = -4.83 points: DiffusionBlocks beat ff" in lines
+    table = markdown_table(rows, "test_accuracy", "test accuracy (%)", 100).splitlines()
+    assert "| greedy | greedy B=3 | 6 | 83.90 ± 1.00 | 84.90, 82.90, 83.90 | 10 |" in table[3]  # each seed's too
+    assert all(line.count("|") == 11 for line in table)
+    one = summarize({"dblocks": arm("dblocks", [0.84]), "greedy": arm("greedy", [0.83])}, "test_accuracy")
+    assert separated(one, "test_accuracy", "greedy", "dblocks") is None
+    assert verdict(one, "test_accuracy", task) == [
+        "greedy - dblocks = -1.00 points: DiffusionBlocks beat greedy (one seed: no spread to judge it by)"]
+    same = summarize({"dblocks": arm("dblocks", [0.5, 0.5]), "greedy": arm("greedy", [0.5, 0.5])}, "test_accuracy")
+    assert separated(same, "test_accuracy", "greedy", "dblocks") is False  # equal means: never a win
+
+
 def test_ema_weights_are_what_eval_uses(tmp_path):
     results = train(tiny("dblocks", train__steps=20, train__ema=0.9), tmp_path / "ema", progress=False)
     assert (tmp_path / "ema" / "ema.safetensors").exists()

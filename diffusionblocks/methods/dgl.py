@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import cut, split_layers
+from ..blocks import split_layers
 from ..config import RunConfig, allocation_of
-from ..models import PatchEmbed, vit_layers
-from ..nn import run_layers
+from ..models import CutViT, vit_layers
 from .base import Method, Optimizer, stream_seed, update
 
 
@@ -38,7 +37,7 @@ class AuxHead(nn.Module):
         return self.out(h.mean(1) if self.pool == "mean" else h[:, 0])
 
 
-class LocalClassifier(nn.Module):
+class LocalClassifier(CutViT):
     """[CLS] + patches through B blocks of layers, an auxiliary head after each."""
 
     inference_options = ()
@@ -46,37 +45,23 @@ class LocalClassifier(nn.Module):
     def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
         super().__init__()
         m = cfg.model
-        self.width, self.checkpoint_every = m.width, m.checkpoint
-        self.patches = PatchEmbed(image_size, channels, m.patch, m.width)
-        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, m.width))
+        self.build_stem(image_size, channels, m.patch, m.width)  # stem first: the weights every result here had
         layers = vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, layer=m.layer,
                             recompute_gate=m.gate_recompute)
-        self.allocation = split_layers(m.depth, cfg.dblocks.num_blocks, allocation_of(cfg))
-        self.blocks = nn.ModuleList(nn.ModuleList(own) for own in cut(layers, self.allocation))
+        self.build_blocks(layers, split_layers(m.depth, cfg.dblocks.num_blocks, allocation_of(cfg)), m.checkpoint)
         self.heads = nn.ModuleList(AuxHead(m.width, num_classes, cfg.baseline.aux_pool) for _ in self.allocation)
-        self.num_layers = m.depth
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
 
     def block_layers(self, block: int) -> int:
         return self.allocation[block]
 
     def unit_parameters(self, block: int) -> list[nn.Parameter]:
         """What block `block`'s loss trains: its layers and head (block 0: the patch embedding and CLS too)."""
-        stem = [*self.patches.parameters(), self.cls] if block == 0 else []
-        return stem + list(self.blocks[block].parameters()) + list(self.heads[block].parameters())
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patches(x)], dim=1)  # (N, 1 + T, D)
-
-    def block_forward(self, block: int, h: torch.Tensor) -> torch.Tensor:
-        return run_layers(self.blocks[block], h, h.new_zeros(h.shape[0], self.width), self.checkpoint_every)
+        own = [*self.blocks[block].parameters(), *self.heads[block].parameters()]
+        return self.stem_parameters(block) + own
 
     def block_loss(self, block: int, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `block` on its input h: (its cross-entropy per sample (N,), its output)."""
-        out = self.block_forward(block, h)
+        out = self.block(block, h)
         return F.cross_entropy(self.heads[block](out), y, reduction="none"), out
 
     @torch.no_grad()
@@ -84,7 +69,7 @@ class LocalClassifier(nn.Module):
         """Block `block`'s input, by the blocks before it (nothing trains)."""
         h = self.embed(x)
         for b in range(block):
-            h = self.block_forward(b, h)
+            h = self.block(b, h)
         return h
 
     @torch.no_grad()
@@ -92,7 +77,7 @@ class LocalClassifier(nn.Module):
         """Every block's auxiliary prediction; the last block's is the model's."""
         h, preds = self.embed(x), []
         for b in range(self.num_blocks):
-            h = self.block_forward(b, h)
+            h = self.block(b, h)
             preds.append(self.heads[b](h).argmax(-1))
         return preds
 

@@ -37,14 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import cut, split_layers
+from ..blocks import split_layers
 from ..config import RunConfig, allocation_of
-from ..models import PatchEmbed, vit_layers
-from ..nn import TransformerLayer, run_layers
+from ..models import CutViT, vit_layers
+from ..nn import TransformerLayer
 from .base import Method, Optimizer, stream_seed, update
 
 
-class DTPClassifier(nn.Module):
+class DTPClassifier(CutViT):
     """The end-to-end ViT (models.ViTClassifier: CLS + patches, adaLN-zero layers with a zero conditioning
     vector, final LayerNorm + linear head on the CLS token) cut into blocks, plus the inverses g_1..g_(B-1).
 
@@ -60,11 +60,8 @@ class DTPClassifier(nn.Module):
         m = cfg.model
         layers = vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, layer=m.layer,
                             recompute_gate=m.gate_recompute)
-        self.allocation = split_layers(m.depth, cfg.dblocks.num_blocks, allocation_of(cfg))
-        self.width, self.checkpoint_every, self.num_layers = m.width, m.checkpoint, m.depth
-        self.patches = PatchEmbed(image_size, channels, m.patch, m.width)
-        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, m.width))
-        self.blocks = nn.ModuleList(nn.ModuleList(own) for own in cut(layers, self.allocation))
+        self.build_stem(image_size, channels, m.patch, m.width)
+        self.build_blocks(layers, split_layers(m.depth, cfg.dblocks.num_blocks, allocation_of(cfg)), m.checkpoint)
         self.norm = nn.LayerNorm(m.width)
         self.head = nn.Linear(m.width, num_classes)
         # inverses[b - 1] is g_b; no dropout: a target is a deterministic function of the forward pass
@@ -73,24 +70,9 @@ class DTPClassifier(nn.Module):
 
     inference_options = ()  # a plain forward pass: no sampler to set
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    def _zeros(self, h: torch.Tensor) -> torch.Tensor:
-        return h.new_zeros(h.shape[0], self.width)  # the conditioning vector: adaLN reduces to learned shift/scale
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """h_(-1): images (N, C, H, W) -> [CLS] + patch tokens (N, 1+T, D)."""
-        return torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patches(x)], dim=1)
-
-    def block(self, b: int, h: torch.Tensor) -> torch.Tensor:
-        """f_b: h_(b-1) -> h_b, both (N, 1+T, D)."""
-        return run_layers(self.blocks[b], h, self._zeros(h), self.checkpoint_every)
-
     def inverse(self, b: int, h: torch.Tensor) -> torch.Tensor:
         """g_b (b >= 1): h_b -> an estimate of h_(b-1)."""
-        return self.inverses[b - 1](h, self._zeros(h))
+        return self.inverses[b - 1](h, h.new_zeros(h.shape[0], self.width))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The head on the CLS token of the top state: (N, 1+T, D) or the token itself (N, D) -> (N, V)."""
@@ -108,8 +90,7 @@ class DTPClassifier(nn.Module):
 
     def block_parameters(self, b: int) -> list[nn.Parameter]:
         """What block b's local loss trains: its layers, and for block 0 the patch embedding and CLS token."""
-        stem = [*self.patches.parameters(), self.cls] if b == 0 else []
-        return stem + list(self.blocks[b].parameters())
+        return self.stem_parameters(b) + list(self.blocks[b].parameters())
 
     def inverse_parameters(self, b: int) -> list[nn.Parameter]:
         return list(self.inverses[b - 1].parameters()) if b > 0 else []

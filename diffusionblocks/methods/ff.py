@@ -47,11 +47,16 @@ class FFClassifier(nn.Module):
         self.num_layers = m.depth
         self.scored = list(range(1, m.depth)) if m.depth > 1 else [0]  # the layers the sweep and readout read
         self.readout = nn.Linear(len(self.scored) * m.width, num_classes)
-        self.theta = cfg.baseline.ff_theta
+        self.theta, self.neutral = cfg.baseline.ff_theta, cfg.baseline.ff_neutral
 
     def embed(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W), (N,) -> the first layer's input (N, 1 + T, D), normalised."""
-        return rms_normalize(torch.cat([self.labels(labels)[:, None], self.patches(x)], dim=1))
+        """(N, C, H, W), (N,) -> the first layer's input (N, 1 + T, D), normalised. Label num_classes is the
+        neutral one: its own row, or (baseline.ff_neutral=mean) the mean of the class rows."""
+        tokens = self.labels(labels)
+        if self.neutral == "mean":
+            tokens = torch.where((labels == self.num_classes)[:, None],
+                                 self.labels.weight[:self.num_classes].mean(0), tokens)
+        return rms_normalize(torch.cat([tokens[:, None], self.patches(x)], dim=1))
 
     def layer(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i on its input: (its output, its goodness per sample (N,))."""

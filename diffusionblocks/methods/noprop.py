@@ -81,9 +81,12 @@ class NoPropClassifier(nn.Module):
         m, d, base = cfg.model, cfg.dblocks, cfg.baseline
         label_dim = m.label_dim or m.width
         self.eta = base.noprop_eta
-        # u_y: unit variance per coordinate, the scale of the unit noise of the VP process. The same draw in every
-        # run; "learned" trains it (a shared parameter) through all three terms, as the paper does.
+        # u_y: unit variance per coordinate, the scale of the unit noise of the VP process, or (noprop_label_scale=
+        # unit-norm) rows of length 1, a one-hot label's. The same draw in every run; "learned" trains it (a shared
+        # parameter) through all three terms, as the paper does.
         table = torch.randn(num_classes, label_dim, generator=torch.Generator().manual_seed(1234))
+        if base.noprop_label_scale == "unit-norm":
+            table = table / table.norm(dim=-1, keepdim=True)
         if base.noprop_label_table == "learned":
             self.table = nn.Parameter(table)
         else:
