@@ -148,7 +148,7 @@ def separated(rows: dict, key: str, a: str, b: str) -> bool | None:
 
 def verdict(rows: dict, key: str, task: Task) -> list[str]:
     """Plain sentences on what the numbers say, whichever way they fall; a difference the seeds do not separate
-    (under two standard errors) is said to be one, whichever mean is higher."""
+    (under two standard errors of it) is called a tie, whichever mean is higher."""
     unit, scale = (" points", 100) if task.percent else ("", 1)
     mean = {role: r[f"{key}_mean"] for role, r in rows.items()}
     better = lambda a, b: (a > b) if task.higher_is_better else (a < b)
