@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
@@ -62,6 +63,54 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# several files replaced as one (a checkpoint: weights, averaged weights, optimizer state)
+
+PENDING = ".pending"  # a file written beside its target, waiting to replace it
+INTENT = ".commit.json"  # the names of the pending files being moved into place: the commit point
+
+
+def write_together(directory: StrPath, writers: dict[str, Any]) -> None:
+    """Replace the files ``directory/name`` for each ``name: write(f)`` in ``writers`` as one: each is written whole
+    beside its target first, then an intent record lists them, then each is moved into place. A failure before the
+    intent record (a full disk) leaves every old file as it was; a crash after it is completed by :func:`recover`."""
+    directory = Path(directory)
+    recover(directory)
+    try:
+        for name, write in writers.items():
+            with atomic_file(directory / f".{name}{PENDING}") as f:
+                write(f)
+    except BaseException:
+        for name in writers:
+            (directory / f".{name}{PENDING}").unlink(missing_ok=True)
+        raise
+    atomic_write_text(directory / INTENT, json.dumps(sorted(writers)))
+    recover(directory)
+
+
+def recover(directory: StrPath) -> list[str]:
+    """Finish an interrupted :func:`write_together` (every pending file of a recorded commit moved into place) and
+    remove what a crash left half-written (pending files of an unrecorded one, temp files). Returns the names
+    moved. Only a process that owns ``directory`` (the run lock) may call this."""
+    directory, moved = Path(directory), []
+    intent = directory / INTENT
+    if intent.exists():
+        try:
+            names = json.loads(intent.read_text(encoding="utf-8"))
+        except ValueError:  # written atomically, so whole or absent; anything else is not ours to trust
+            raise CheckpointError(f"{intent}: not a commit record; remove it and the {PENDING} files") from None
+        for name in names:
+            pending = directory / f".{name}{PENDING}"
+            if pending.exists():
+                os.replace(pending, directory / name)
+                moved.append(name)
+        _fsync_dir(directory)
+        intent.unlink()
+    for leftover in [*directory.glob(f".*{PENDING}"), *directory.glob(".*.tmp")]:
+        leftover.unlink(missing_ok=True)
+    return moved
 
 
 def atomic_write_bytes(path: StrPath, data: bytes) -> None:
@@ -218,6 +267,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath, metadata: 
     Tied weights (entries that are the same tensor, e.g. an embedding and an LM head) are saved once, under the
     first name, and :func:`load_safetensors` re-ties them; other tensors sharing storage are refused.
     """
+    atomic_write_bytes(path, safetensors_bytes(tensors, path, metadata))
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], path: StrPath, metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes :func:`save_safetensors` writes to ``path`` (named in errors)."""
     _check_tensors(tensors, path)
     header_metadata = {} if metadata is None else _checked_metadata(metadata, path)
     ties = _tied_names(tensors, path)
@@ -228,7 +282,20 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath, metadata: 
         data = safetensors.torch.save(unique, metadata=header_metadata or None)
     except Exception as e:
         raise CheckpointError(f"{path}: safetensors could not serialise the tensors: {e}") from e
-    atomic_write_bytes(path, data)
+    return _sorted_metadata(data)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same file with its metadata keys in sorted order: the package writes them in hash order, so equal
+    tensors and metadata would otherwise give different bytes from run to run. Data offsets are relative to the
+    end of the header, so the header may be re-serialised freely (padded with spaces to 8 bytes, as the format asks)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 # What the package's errors mean, keyed by their words with case, spaces and punctuation removed, so that both
@@ -291,6 +358,20 @@ def _parse_ties(raw: str, names: dict[str, torch.Tensor], path: StrPath) -> dict
 
 def _owns_memory(t: torch.Tensor) -> bool:
     return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def load_safetensors_metadata(path: StrPath) -> dict[str, str]:
+    """The metadata of a safetensors file, read from its header alone."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 100 << 20)))
+        metadata = header.get("__metadata__") or {}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    return {k: v for k, v in metadata.items() if k != TIED_KEY}
 
 
 def load_safetensors(
@@ -372,8 +453,9 @@ def append_jsonl(path: StrPath, record: dict[str, Any]) -> None:
         f.flush()
 
 
-def read_jsonl(path: StrPath) -> list[dict[str, Any]]:
-    """Read the records of a JSON-lines file, ignoring blank lines and a truncated (unparsable) last line."""
+def read_jsonl(path: StrPath, skip_bad: bool = False) -> list[dict[str, Any]]:
+    """Read the records of a JSON-lines file, ignoring blank lines and a truncated (unparsable) last line; with
+    `skip_bad`, every line that is not a JSON object is left out with a warning instead of an error."""
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -385,11 +467,15 @@ def read_jsonl(path: StrPath) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line.decode("utf-8"))
+            problem = None if isinstance(record, dict) else f"expected a JSON object, got {type(record).__name__}"
         except ValueError as e:
             if number == len(lines):  # no newline after it: the writer was killed mid-line
                 break
-            raise CheckpointError(f"{path}:{number}: not valid JSON ({e})") from e
-        if not isinstance(record, dict):
-            raise CheckpointError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+            problem = f"not valid JSON ({e})"
+        if problem and not skip_bad:
+            raise CheckpointError(f"{path}:{number}: {problem}")
+        if problem:
+            warnings.warn(f"{path}:{number}: {problem}; line left out", stacklevel=2)
+        else:
+            records.append(record)
     return records

@@ -58,7 +58,9 @@ def merge(runs: list[str | os.PathLike], out: str | os.PathLike, *, allow_missin
     owner, missing = _owners(jobs, allow_missing)
     run_dirs = [r for r, _, _ in jobs]
     cfg0, job0 = jobs[0][2], jobs[0][1]
-    merged = _merged_weights(run_dirs, WEIGHTS, cfg0, missing)
+    with torch.device("meta"):  # the names and shapes of the whole model, without its memory
+        whole = {k: v.shape for k, v in build_model_for(validate(cfg0)).state_dict().items()}
+    merged = _merged_weights(run_dirs, WEIGHTS, cfg0, missing, whole)
     have_ema = all((r / EMA_WEIGHTS).exists() for r in run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     cfg_out = RunConfig.from_dict(cfg0.to_dict())
@@ -67,7 +69,8 @@ def merge(runs: list[str | os.PathLike], out: str | os.PathLike, *, allow_missin
     meta = {"merged_from": json.dumps([str(r) for r in run_dirs]), "writer": WRITER}
     io.save_safetensors(merged, out / WEIGHTS, metadata=meta)
     if have_ema:
-        io.save_safetensors(_merged_weights(run_dirs, EMA_WEIGHTS, cfg0, missing), out / EMA_WEIGHTS, metadata=meta)
+        io.save_safetensors(_merged_weights(run_dirs, EMA_WEIGHTS, cfg0, missing, whole), out / EMA_WEIGHTS,
+                           metadata=meta)
     elif (out / EMA_WEIGHTS).exists():
         (out / EMA_WEIGHTS).unlink()
     record = {"runs": [str(r) for r in run_dirs], "owner": {str(b): str(r) for b, r in sorted(owner.items())},
@@ -128,9 +131,9 @@ def _owners(jobs, allow_missing: bool) -> tuple[dict[int, Path], list[int]]:
     return owner, missing
 
 
-def _merged_weights(runs: list[Path], name: str, cfg: RunConfig, missing: list[int]) -> dict:
-    """Union of the jobs' tensors; tensors outside every block (e.g. the fixed label table) must agree.
-    Missing blocks get the initial weights the seed gives them."""
+def _merged_weights(runs: list[Path], name: str, cfg: RunConfig, missing: list[int], whole: dict) -> dict:
+    """Union of the jobs' tensors; tensors outside every block (e.g. the fixed label table) must agree, and together
+    they must be the whole model (`whole`: name -> shape). Missing blocks get the initial weights the seed gives."""
     merged: dict = {}
     for run in runs:
         weights, _ = io.load_safetensors(run / name)
@@ -143,6 +146,12 @@ def _merged_weights(runs: list[Path], name: str, cfg: RunConfig, missing: list[i
         full = build_model_for(validate(cfg))
         for k, v in full.state_dict().items():
             merged.setdefault(k, v)
+    lacking = [k for k in whole if k not in merged]
+    foreign = [k for k in merged if k not in whole or tuple(merged[k].shape) != tuple(whole[k])]
+    if lacking or foreign:
+        raise ValueError(f"the jobs' {name} files do not make one model ({len(lacking)} tensors lacking, e.g. "
+                         f"{lacking[:2]}; {len(foreign)} foreign, e.g. {foreign[:2]}): a job's weights are not those "
+                         f"of the blocks its {JOB} names")
     return merged
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
-import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -24,6 +26,11 @@ from .config import validate as validate_values
 from .methods import EMA, Method, get_method
 from .tasks import Task, get_task
 from .version import __version__
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 CONFIG, WEIGHTS, EMA_WEIGHTS, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
 METRICS, RESULTS, JOB = "metrics.jsonl", "results.json", "job.json"
@@ -37,10 +44,18 @@ RUN_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, STATE, METRICS, RESULTS, JOB, SCORE, 
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """A new run goes into a missing or empty directory, or over an earlier one with `overwrite`."""
+    """A new run goes into a missing or empty directory, or over an earlier one with `overwrite`; the directory is
+    made here, so a path that cannot hold a run fails before any data is read."""
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--out {out}: a broken symbolic link (to {os.readlink(out)})")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: a file, not a directory")
-    held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write a run there ({e.strerror or e})") from None
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK)
     if held and not overwrite:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise ValueError(f"--out {out} is not empty ({shown}): give --overwrite to replace the run in it, or "
@@ -53,51 +68,55 @@ def clear_run(out: Path, task_files: tuple[str, ...] = ()) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def clear_leftovers(out: Path) -> None:
+    """What a crash left in a run directory: a checkpoint half moved into place is completed, half-written files and
+    the offload folders of idle blocks go. Called with the lock held."""
+    io.recover(out)
+    for folder in out.glob(".offload-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class RunLock:
-    """An exclusive lock on a run directory (OUT/.lock, holding the host and pid), so two processes never train into
-    one directory. A lock left by a process that is gone (same host, pid not running) is stale and taken over."""
+    """An exclusive lock on a run directory (OUT/.lock, an advisory lock the system releases when its process ends,
+    so a crashed run never leaves it held); the file names the holder's host and pid for the message. With `wait`,
+    a second process waits for the lock instead of failing."""
 
-    def __init__(self, out: Path):
-        self.path, self.held = Path(out) / LOCK, False
+    def __init__(self, out: Path, wait: bool = False):
+        self.path, self.wait, self.fd = Path(out) / LOCK, wait, None
 
     def __enter__(self):
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        for _ in range(3):
+        if fcntl is None:  # no advisory locks here (Windows): an exclusive create, never taken over
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
             except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text())
-                except (OSError, ValueError):  # being written, or removed meanwhile: look again
-                    holder = None
-                if holder is not None and holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0))):
-                    print(f"taking over the stale lock {self.path} (process {holder.get('pid')} is gone)",
-                          file=sys.stderr)
-                    self.path.unlink(missing_ok=True)
-                elif holder is not None:
-                    raise ValueError(f"{self.path.parent} is in use: another training holds {self.path} (host "
-                                     f"{holder.get('host')}, pid {holder.get('pid')}); wait for it, or remove the "
-                                     "lock if that process is gone") from None
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise ValueError(f"could not take the lock {self.path}")
+                raise ValueError(f"{self.path.parent} is in use ({self.path} exists); remove it if no process "
+                                 "trains there") from None
+        while self.fd is None:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise ValueError(f"{self.path.parent} is in use: another process trains there ({holder}); wait for "
+                                 "it to finish or stop it") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:  # the holder removed the file as it let go: lock the one that is there now
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+        return self
 
     def __exit__(self, *exc):
-        if self.held:
+        if self.fd is not None:
             self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
         return False
 
 
@@ -209,6 +228,12 @@ def load_weights(model: nn.Module, path: Path, ignore: set[str] = frozenset(), s
         raise ValueError(f"{path} (written by {writer}) does not match the run's config: missing "
                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, other shapes "
                          f"{sorted(wrong)[:3]}")
+    for k, v in weights.items():  # load_state_dict would cast an int64 tensor and keep a NaN without a word
+        if v.dtype != own[k].dtype:
+            raise ValueError(f"{path}: {k!r} holds {v.dtype} where the model has {own[k].dtype}: not weights this "
+                             f"run wrote")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{path}: {k!r} holds NaN or infinite values: the file is damaged or the run diverged")
     model.load_state_dict(weights, strict=strict and not ignore)
 
 
@@ -246,21 +271,36 @@ def model_state(model: nn.Module, method: Method) -> dict:
 def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None, state: dict,
                     cfg: RunConfig | None = None):
     """Weights (and averaged weights) as safetensors, with the architecture settings of `cfg` in their metadata,
-    everything else needed for an exact resume in state.pt; each file written atomically."""
+    everything else needed for an exact resume in state.pt: replaced as one (io.write_together), each file naming
+    the checkpoint it belongs to, so a resume can tell a whole checkpoint from a torn one."""
     weights = model_state(model, method)
-    meta = {"step": str(state["step"]), "writer": WRITER,
+    tag = uuid.uuid4().hex
+    meta = {"step": str(state["step"]), "checkpoint": tag, "writer": WRITER,
             **({"architecture": json.dumps(architecture(cfg), sort_keys=True)} if cfg else {})}
-    io.save_safetensors(weights, out / WEIGHTS, metadata=meta)
+    files = {WEIGHTS: lambda f: f.write(io.safetensors_bytes(weights, out / WEIGHTS, meta))}
     if ema is not None:  # the evaluation weights: the state dict with parameters replaced by their averages
         # a tied parameter has several names and one average (under its first name): every name gets that same
         # tensor, so the file keeps the tie (saved once) and loading cannot overwrite the average with raw weights
         first: dict[int, str] = {}
         average_of = {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
         averaged = dict(weights, **{k: ema.shadow[src] for k, src in average_of.items() if k in weights})
-        io.save_safetensors(averaged, out / EMA_WEIGHTS, metadata=meta)
-    full = dict(state, method=method.state_dict(), torch_rng=torch.get_rng_state(),
+        files[EMA_WEIGHTS] = lambda f: f.write(io.safetensors_bytes(averaged, out / EMA_WEIGHTS, meta))
+    full = dict(state, checkpoint=tag, method=method.state_dict(), torch_rng=torch.get_rng_state(),
                 ema={k: v for k, v in ema.shadow.items() if k in weights} if ema is not None else None)
-    io.atomic_torch_save(full, out / STATE)
+    files[STATE] = lambda f: torch.save(full, f)
+    io.write_together(out, files)
+
+
+def check_checkpoint(out: Path, state: dict, ema: bool) -> None:
+    """The weights files and state.pt of `out` belong to one checkpoint (a run written before checkpoints were
+    tagged is checked by its step)."""
+    key = "checkpoint" if "checkpoint" in state else "step"
+    for name in (WEIGHTS, EMA_WEIGHTS) if ema else (WEIGHTS,):
+        meta = io.load_safetensors_metadata(out / name)
+        if meta.get(key) != str(state[key]):
+            raise ValueError(f"{out}: {name} (step {meta.get('step')}) and {STATE} (step {state['step']}) are from "
+                             f"different checkpoints: the checkpoint was torn (a crash or a full disk while an older "
+                             f"version wrote it). Start the run again with --overwrite")
 
 
 def job_record(cfg: RunConfig, model, blocks: list[int], steps_per_block: int, finished: bool = False) -> dict:

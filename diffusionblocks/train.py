@@ -18,6 +18,7 @@ from torch import nn
 
 from . import io
 from .config import RunConfig, save_config
+from .data import absolute_data_paths
 from .fd import cache_dir
 from .memory import saved_activation_bytes
 from .methods import EMA, Method, get_method
@@ -30,7 +31,9 @@ from .run import (
     WEIGHTS,
     RunLock,
     build_model,
+    check_checkpoint,
     check_out,
+    clear_leftovers,
     clear_run,
     job_record,
     load_model,
@@ -57,6 +60,7 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
         if not (out / STATE).exists():
             raise ValueError(f"cannot resume: {out / STATE} does not exist (was the run started in {out}?)")
         cfg = RunConfig.from_dict(io.load_json(out / CONFIG))
+    cfg = absolute_data_paths(cfg)  # config.json finds the data from any working directory
     validate(cfg)
     if not resume:
         check_out(out, overwrite)
@@ -64,7 +68,7 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        return Run(cfg, out, data_parallel).train(resume, progress)
+        return Run(cfg, out, data_parallel).train(resume, progress, overwrite)
     finally:
         torch.set_num_threads(threads)
 
@@ -88,14 +92,19 @@ class Run:
         member = data_parallel.index if data_parallel is not None else 0
         self.streams = {b: self.task.stream(self.data, cfg, seed, member)
                         for b, seed in self.method.stream_seeds().items()}
+        self.job = self.method.partial or bool(cfg.train.blocks.strip())  # leaves job.json for merge
         self.state = {"step": 0, "layer_updates": 0, "train_seconds": 0.0, "skipped": 0, "curve": [],
                       "block_updates": [0] * self.method.num_blocks}
+        self.window = {"loss": [], "blocks": {}}  # the steps since the last metrics record (kept across a resume)
 
     # -- starting and stopping -----------------------------------------------------------------------
 
-    def train(self, resume: bool, progress: bool) -> dict:
+    def train(self, resume: bool, progress: bool, overwrite: bool = False) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         with RunLock(self.out):
+            if not resume:  # again: another run may have filled the directory while this one read its data
+                check_out(self.out, overwrite)
+            clear_leftovers(self.out)
             return self._train(resume, progress)
 
     def _train(self, resume: bool, progress: bool) -> dict:
@@ -109,7 +118,7 @@ class Run:
             io.atomic_write_text(out / CONFIG, save_config(cfg))
             io.atomic_write_text(out / METRICS, "")
             self.task.save_with_run(self.data, out)
-        if method.partial:
+        if self.job:
             self.write_job()
         place(self.model, self.device, method.residency, self.ema)
         n_params = sum(p.numel() for p in self.model.parameters() if p.device.type != "meta")
@@ -120,10 +129,9 @@ class Run:
         try:
             self.loop(progress)
             self.checkpoint()
-            if method.partial:
+            if self.job:  # a job of every block (torchrun on one process) is also a whole run, evaluated as one
                 self.write_job(finished=True)
-                return self.finish_job()
-            return self.finish()
+            return self.finish_job() if method.partial else self.finish()
         finally:  # the offload files go, whatever happened (the checkpoint holds the weights)
             if method.residency is not None:
                 method.residency.close()
@@ -135,12 +143,15 @@ class Run:
 
     def checkpoint(self):
         positions = {b: st.state_dict() for b, st in self.streams.items()}
-        save_checkpoint(self.out, self.model, self.method, self.ema, dict(self.state, streams=positions), self.cfg)
+        save_checkpoint(self.out, self.model, self.method, self.ema,
+                        dict(self.state, streams=positions, window=self.window), self.cfg)
 
     def load_checkpoint(self):
         out = self.out
-        load_weights(self.model, out / WEIGHTS, ignore=self.method.unowned_names, cfg=self.cfg)
         saved = io.load_torch(out / STATE)
+        self.check_state(saved)
+        check_checkpoint(out, saved, self.ema is not None)
+        load_weights(self.model, out / WEIGHTS, ignore=self.method.unowned_names, cfg=self.cfg)
         self.method.load_state_dict(saved["method"])
         torch.set_rng_state(saved["torch_rng"])
         for b, st in self.streams.items():
@@ -148,9 +159,23 @@ class Run:
         if self.ema is not None:
             self.ema.shadow.update(saved["ema"])
         self.state = {k: saved[k] for k in self.state}
-        kept = [r for r in io.read_jsonl(out / METRICS) if r.get("step", 0) <= self.state["step"]]
+        self.window = saved.get("window", self.window)
+        kept = [r for r in io.read_jsonl(out / METRICS, skip_bad=True) if r.get("step", 0) <= self.state["step"]]
         io.atomic_write_text(out / METRICS, "".join(io.json_line(r) for r in kept))
         print(f"resuming {out} at step {self.state['step']}/{self.total}", file=sys.stderr)
+
+    def check_state(self, saved):
+        """state.pt holds what this run saves, with counters this run can have reached."""
+        need = {*self.state, "method", "torch_rng", "streams"}
+        if not isinstance(saved, dict) or not need <= set(saved):
+            missing = sorted(need - set(saved)) if isinstance(saved, dict) else [f"a {type(saved).__name__}"]
+            raise ValueError(f"{self.out / STATE} is not this run's checkpoint (missing {missing[:4]})")
+        step, updates = saved["step"], saved["block_updates"]
+        if not (isinstance(step, int) and 0 <= step <= self.total):
+            raise ValueError(f"{self.out / STATE}: step {step!r} is outside this run's 0..{self.total} steps")
+        if not (isinstance(updates, list) and len(updates) == self.method.num_blocks):
+            raise ValueError(f"{self.out / STATE}: block_updates {updates!r} does not fit {self.method.num_blocks} "
+                             f"block(s)")
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -161,7 +186,7 @@ class Run:
         eval_every = cfg.train.eval_every or max(1, self.total * cfg.model.depth // method.num_blocks // 10)
         bar = Progress(self.total, cfg.train.method + (f" blocks {cfg.train.blocks}" if method.partial else ""),
                        progress)
-        window: dict = {"loss": [], "blocks": {}}
+        window = self.window
         in_a_row = 0  # consecutive skipped steps
         self.model.train()
         with StopRequest() as stop:
@@ -189,7 +214,7 @@ class Run:
                     w["grad_norm"].append(m["grad_norm"])
                 if state["step"] % cfg.train.log_every == 0 or state["step"] == self.total:
                     self.log(window, m)
-                    window = {"loss": [], "blocks": {}}
+                    window = self.window = {"loss": [], "blocks": {}}
                 if not method.partial and state["layer_updates"] // eval_every > before // eval_every \
                         and state["step"] < self.total:
                     self.record_evaluation()
@@ -316,8 +341,11 @@ def reference_model(cfg: RunConfig, name: str, progress: bool = True) -> nn.Modu
     networks of sample-quality metrics, e.g. the FD classifier), in eval mode."""
     run = cache_dir() / name
     if not (run / RESULTS).exists():
-        print(f"training the reference model {name} once (cached in {run})", file=sys.stderr)
-        train(cfg, run, progress=progress, overwrite=True)  # over an interrupted one, if any
+        run.parent.mkdir(parents=True, exist_ok=True)
+        with RunLock(run.parent, wait=True):  # a second process waits for the first one's training
+            if not (run / RESULTS).exists():
+                print(f"training the reference model {name} once (cached in {run})", file=sys.stderr)
+                train(cfg, run, progress=progress, overwrite=True)  # over an interrupted one, if any
     _, model, _ = load_model(run)
     return model.eval()
 
