@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.client
+import io
 import math
 import os
 import pickle
@@ -12,13 +14,14 @@ import sys
 import tarfile
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .io import atomic_file
+from .text import CORPORA
 
 # -----------------------------------------------------------------------------
 # constants
@@ -118,6 +121,7 @@ class ImageDataset:
     hflip: bool  # is a horizontal flip a label-preserving augmentation for these images?
     x_val: torch.Tensor | None = None  # a validation split held out from the training images (hold_out)
     y_val: torch.Tensor | None = None
+    sources: dict[str, str] = field(default_factory=dict)  # sha256 of each file read, by name (a run checks them)
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
@@ -213,6 +217,28 @@ def load_dataset(
     )
 
 
+def absolute_data_paths(cfg):
+    """`cfg` with data.name (when a file or folder, not a built-in name), data.root and data.tokenizer_file made
+    absolute, so that a run directory's config finds its data from any working directory."""
+    d = cfg.data
+    builtin = d.name.strip().lower() in _ALIASES or d.name in CORPORA
+    name = d.name if builtin or not Path(d.name).expanduser().exists() else os.path.abspath(Path(d.name).expanduser())
+    root, tokenizer_file = (os.path.abspath(Path(p).expanduser()) if p else p for p in (d.root, d.tokenizer_file))
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, name=name, root=root, tokenizer_file=tokenizer_file))
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A data file's bytes, with a DataError naming it when it cannot be read (permissions, a folder)."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}; check that it is a file you may read") from None
+
+
+def _sha256(data) -> str:  # bytes or a contiguous array
+    return hashlib.sha256(data).hexdigest()
+
+
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
@@ -243,7 +269,7 @@ _DOWNLOAD_ERRORS = (OSError, ValueError, http.client.HTTPException)
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
     """Read one IDX file (optionally gzipped) whose header must start with `magic`; returns uint8 array."""
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
         try:
             raw = gzip.decompress(raw)
@@ -306,7 +332,7 @@ def _load_fashion_mnist(root: Path | None, cache: Path, download: bool) -> Image
             f"holding the 4 IDX files>, or load an .npz with load_dataset('path/to/data.npz')."
         )
 
-    arrays = {}
+    arrays, sources = {}, {}
     for split, images, labels in FASHION_MNIST_FILES:
         x_path, y_path = _find_idx_file(found, images), _find_idx_file(found, labels)
         assert x_path is not None and y_path is not None  # checked by _fashion_mnist_complete
@@ -316,6 +342,7 @@ def _load_fashion_mnist(root: Path | None, cache: Path, download: bool) -> Image
             raise DataError(f"{x_path} has {len(x)} images but {y_path} has {len(y)} labels")
         if len(y) > 0 and int(y.max()) >= 10:
             raise DataError(f"{y_path}: labels out of range: found {int(y.max())}, expected 0..9")
+        sources.update({images: _sha256(x), labels: _sha256(y)})  # of the content: Debian recompresses its copies
         arrays[split] = (torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
     return ImageDataset(
         name="fashion-mnist",
@@ -325,6 +352,7 @@ def _load_fashion_mnist(root: Path | None, cache: Path, download: bool) -> Image
         y_test=arrays["test"][1],
         num_classes=10,
         hflip=True,
+        sources=sources,
     )
 
 
@@ -359,22 +387,23 @@ def _load_digits() -> ImageDataset:
 # --- CIFAR-10 / CIFAR-100 (python pickle batches) ---
 
 
-def _cifar_reader(spec: _CifarSpec, base: Path) -> Callable[[], dict[str, bytes]] | None:
-    """If base holds the dataset (extracted folder or .tar.gz), return a function reading all members."""
+def _cifar_reader(spec: _CifarSpec, base: Path) -> Callable[[], dict[str, tuple[str, bytes]]] | None:
+    """If base holds the dataset (extracted folder or .tar.gz), return a function reading all members as
+    {member: (where it was read, its bytes)}."""
     members = spec.train_members + spec.test_members
     for folder in (base / spec.folder, base):
         if folder.is_dir() and all((folder / m).is_file() for m in members):
-            return lambda folder=folder: {m: (folder / m).read_bytes() for m in members}
+            return lambda folder=folder: {m: (str(folder / m), _read_bytes(folder / m)) for m in members}
     for archive in (base / spec.archive, base):
         if archive.is_file() and archive.name.endswith((".tar.gz", ".tgz", ".tar")):
             return lambda archive=archive: _read_tar_members(archive, spec.folder, members)
     return None
 
 
-def _read_tar_members(archive: Path, folder: str, members: tuple[str, ...]) -> dict[str, bytes]:
+def _read_tar_members(archive: Path, folder: str, members: tuple[str, ...]) -> dict[str, tuple[str, bytes]]:
     """Read folder/<member> for each member from a tar archive in one sequential pass, without extracting."""
     wanted = {f"{folder}/{m}": m for m in members}
-    out: dict[str, bytes] = {}
+    out: dict[str, tuple[str, bytes]] = {}
     try:
         with tarfile.open(archive, "r:*") as tf:
             for info in tf:  # one pass: a .tar.gz cannot seek backwards cheaply
@@ -382,7 +411,7 @@ def _read_tar_members(archive: Path, folder: str, members: tuple[str, ...]) -> d
                 if member is not None and info.isfile():
                     f = tf.extractfile(info)
                     assert f is not None  # isfile() members always have a file object
-                    out[member] = f.read()
+                    out[member] = (f"{archive}:{info.name}", f.read())
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"cannot read CIFAR archive {archive}: {e}") from e
     missing = [f"{folder}/{m}" for m in members if m not in out]
@@ -391,15 +420,29 @@ def _read_tar_members(archive: Path, folder: str, members: tuple[str, ...]) -> d
     return out
 
 
-def _parse_cifar_batch(raw: bytes, where: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Unpickle one CIFAR batch into images (N, 3, 32, 32) uint8 and labels (N,) int64.
+# the only globals a CIFAR batch names: numpy's array and dtype rebuilders (numpy 1 and 2 module names)
+_CIFAR_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype")} | {
+    (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
 
-    Note: pickle can run arbitrary code; only load CIFAR files from a source you trust.
-    """
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles data only (dicts, lists, bytes, str, numbers, numpy arrays): a file naming any other global, which
+    could run code, is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds (loading it "
+                                         "could run code)")
+        return super().find_class(module, name)
+
+
+def _parse_cifar_batch(raw: bytes, where: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Unpickle one CIFAR batch into images (N, 3, 32, 32) uint8 and labels (N,) int64 (data only: _CifarUnpickler)."""
     try:
-        d = pickle.loads(raw, encoding="bytes")
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:  # any unpickling failure means "not a CIFAR batch"
-        raise DataError(f"{where} is not a valid CIFAR pickle: {e!r}") from e
+        raise DataError(f"{where} is not a valid CIFAR batch: {e}; download the official one again") from None
     if not isinstance(d, dict) or b"data" not in d or label_key not in d:
         keys = sorted(d) if isinstance(d, dict) else type(d).__name__
         raise DataError(f"{where}: expected a dict with keys b'data' and {label_key!r}, got {keys}")
@@ -436,7 +479,7 @@ def _load_cifar(key: str, root: Path | None, cache: Path, download: bool) -> Ima
     raw = reader()
     splits = {}
     for split, members in (("train", spec.train_members), ("test", spec.test_members)):
-        parts = [_parse_cifar_batch(raw[m], f"{key} {spec.folder}/{m}", spec.label_key) for m in members]
+        parts = [_parse_cifar_batch(raw[m][1], raw[m][0], spec.label_key) for m in members]
         x = np.concatenate([p[0] for p in parts])  # (N, 3, 32, 32)
         y = np.concatenate([p[1] for p in parts])  # (N,)
         splits[split] = (torch.from_numpy(x), torch.from_numpy(y))
@@ -448,6 +491,7 @@ def _load_cifar(key: str, root: Path | None, cache: Path, download: bool) -> Ima
         y_test=splits["test"][1],
         num_classes=spec.num_classes,
         hflip=True,
+        sources={m: _sha256(data) for m, (_, data) in raw.items()},
     )
 
 
@@ -553,6 +597,7 @@ def _load_npz(path: Path) -> ImageDataset:
         y_test=torch.from_numpy(y_test),
         num_classes=num_classes,
         hflip=False,
+        sources={path.name: _sha256(_read_bytes(path))},
     )
 
 

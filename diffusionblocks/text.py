@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 import sysconfig
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,6 +58,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _utf8_problem(data: bytes, where: str) -> str | None:
     """Why ``data`` is not UTF-8 text (naming ``where`` and the byte offset), or None when it is."""
     try:
@@ -69,18 +78,25 @@ def _utf8_problem(data: bytes, where: str) -> str | None:
     return None
 
 
+def _bytes(path: Path) -> bytes:
+    """A file's bytes, with a TextDataError naming it when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TextDataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TextDataError(f"{path}: a folder where a text file was expected") from None
+    except OSError as e:  # e.g. no permission to read it
+        raise TextDataError(f"{path}: cannot read it ({e.strerror}); check that it is a file you may read") from None
+
+
 def _read(path: Path, any_bytes: bool = False) -> tuple[str, str, str | None]:
     """(text, sha256 of the bytes, why it is not UTF-8 text or None) of a file that must exist and not be empty.
 
     With ``any_bytes`` a file that is not UTF-8 text still loads: invalid bytes become lone surrogates
     ("surrogateescape"), which the bytes tokenizer turns back into the very same bytes; otherwise it is an error.
     """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TextDataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TextDataError(f"{path}: a folder where a text file was expected") from None
+    data = _bytes(path)
     if not data:
         raise TextDataError(f"{path}: the file is empty; give a file with text in it")
     problem = _utf8_problem(data, str(path))
@@ -231,7 +247,7 @@ def load_python(root: str = "") -> Corpus:
         dirnames[:] = sorted(d for d in dirnames if d not in PYTHON_EXCLUDED)
         for name in sorted(f for f in filenames if f.endswith(".py")):
             path = Path(dirpath) / name
-            rel, data = path.relative_to(folder).as_posix(), path.read_bytes()
+            rel, data = path.relative_to(folder).as_posix(), _bytes(path)
             if not data:
                 continue
             try:
@@ -261,7 +277,7 @@ def load_text8(root: str = "", split_sizes: tuple[int, int, int] = TEXT8_SPLIT_S
     if path is None:
         raise TextDataError(f"text8 not found (looked for {', '.join(map(str, candidates))}): download {TEXT8_URL} "
                             "(31 MB) into one of those places")
-    raw = path.read_bytes()
+    raw = _bytes(path)
     try:
         with zipfile.ZipFile(path) as z:
             data = z.read("text8")
@@ -562,7 +578,8 @@ class BPETokenizer(Tokenizer):
         """A tokenizer saved by Hugging Face ``tokenizers`` (a tokenizer.json, e.g. GPT-2's), read from disk."""
         path = Path(path).expanduser()
         if not path.is_file():
-            raise TextDataError(f"{path}: no such tokenizer file (data.tokenizer_file: a Hugging Face tokenizer.json)")
+            what = "a folder, not a tokenizer file" if path.is_dir() else "no such tokenizer file"
+            raise TextDataError(f"{path}: {what} (data.tokenizer_file: a Hugging Face tokenizer.json)")
         tk = _optional("tokenizers", "the bpe tokenizer")
         try:
             return cls(tk.Tokenizer.from_file(str(path)))
@@ -653,7 +670,8 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str, cache: Path
     """The ``split`` of ``corpus`` encoded by ``tokenizer``, as a read-only 1-D memory map (dtype
     :func:`token_dtype`), cached in ``cache`` (default ``cache_dir()/text``) under a key covering the corpus id,
     the tokenizer id and the split; a later call with the same three reads the cache and does not re-tokenize.
-    The .bin is written atomically, then its .json metadata (read it with :func:`tokens_meta`)."""
+    The .bin is written atomically, then its .json metadata (read it with :func:`tokens_meta`), which holds the
+    .bin's sha256: a cache that does not match it (corrupted, truncated, from an older version) is rebuilt."""
     docs = corpus.split(split)
     _check_text(corpus, tokenizer)
     folder = Path(cache) if cache is not None else cache_dir() / "text"
@@ -664,28 +682,39 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str, cache: Path
     dtype = token_dtype(tokenizer.vocab_size)
     try:
         meta = io.load_json(meta_path)
-        if path.stat().st_size == meta["n_tokens"] * dtype.itemsize:
+        if path.stat().st_size == meta["n_tokens"] * dtype.itemsize and _file_sha256(path) == meta["sha256"]:
             return np.memmap(path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
+        print(f"diffusionblocks: the token cache {path} does not match its metadata (corrupted?); rebuilding it",
+              file=sys.stderr)
     except (io.CheckpointError, OSError, KeyError, TypeError):
         pass  # no (usable) cache: tokenize
     n_tokens = n_chars = n_unknown = 0
-    has_text = False
+    has_text = kept = False  # any text at all; any left after the tokenizer's normalization
+    digest = hashlib.sha256()
     with io.atomic_file(path) as f:
         for piece in _pieces(docs):
             has_text = has_text or not piece.isspace()
             text = tokenizer.normalize(piece)
+            kept = kept or bool(text.strip())
             ids = tokenizer.encode(text)
             n_chars += len(text)
             n_tokens += len(ids)
             if tokenizer.unk_id is not None:
                 n_unknown += int(np.count_nonzero(ids == tokenizer.unk_id))
-            f.write(ids.astype(dtype, copy=False).tobytes())
+            data = ids.astype(dtype, copy=False).tobytes()
+            f.write(data)
+            digest.update(data)
         if not has_text:
             raise TextDataError(f"the {split} split of corpus {corpus.name!r} holds no text; give more text")
+        if not kept:
+            files = ", ".join(name for name, _ in corpus.manifest[:3])
+            raise TextDataError(f"the {split} split of corpus {corpus.name!r} ({files}) has no characters left after "
+                                f"the {tokenizer.kind} tokenizer's normalization (data.tokenizer={tokenizer.kind}): "
+                                "use a tokenizer that keeps its characters, e.g. data.tokenizer=chars or bytes")
     io.save_json(meta_path, {
         "corpus": corpus.name, "corpus_id": corpus.id, "tokenizer": tokenizer.kind, "tokenizer_id": tokenizer.id,
         "split": split, "dtype": dtype.name, "n_tokens": n_tokens, "n_chars": n_chars, "n_unknown": n_unknown,
-        "separator": SEPARATOR, "manifest": corpus.manifest, "skipped": corpus.skipped,
+        "separator": SEPARATOR, "manifest": corpus.manifest, "skipped": corpus.skipped, "sha256": digest.hexdigest(),
     })
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
 

@@ -13,16 +13,19 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .. import io
 from ..config import RunConfig
 from ..data import DATA_SHAPES, Batches, ImageDataset, augment, iterate_eval, load_dataset, to_float
 
 SPLITS = ("test", "validation")
 VALIDATION_SEED = 20_261_201  # the validation split is the same for every run seed (data.val_size)
+DATA_FILE = "data.json"  # in a run directory: the sha256 of each data file the run read (data.sources)
 
 
 def run_split(cfg: RunConfig) -> str:
@@ -96,7 +99,7 @@ class Task:
     shared_metrics: ClassVar[tuple[str, ...]] = ()  # results keys besides result_metric that its e2e runs hold,
     # so another task's compare may take this task as an arm reporting that key (arlm's test_bpc for mdlm)
     eval_options: ClassVar[tuple[str, ...]] = ()  # keyword options evaluate()/score() take (CLI `eval` flags)
-    run_files: ClassVar[tuple[str, ...]] = ()  # files save_with_run writes into a run directory
+    run_files: ClassVar[tuple[str, ...]] = (DATA_FILE,)  # files save_with_run writes into a run directory
     # config presets `compare` starts from: "full", "quick", and "offline"/"offline-quick" without Fashion-MNIST
     presets: ClassVar[dict[str, str]] = {}
 
@@ -125,10 +128,23 @@ class Task:
         raise ValueError(f"task {self.name!r} does not classify images")
 
     def save_with_run(self, data, out) -> None:
-        """Write what a run keeps beside its weights to rebuild its outputs (text: the tokenizer)."""
+        """Write what a run keeps beside its weights to rebuild its outputs: its data files' fingerprints (text adds
+        the tokenizer)."""
+        io.save_json(Path(out) / DATA_FILE, {"files": getattr(data, "sources", {})})
 
     def check_run(self, data, run) -> None:
-        """Raise ValueError when `data`, loaded now for the run in directory `run`, is not what it trained on."""
+        """Raise ValueError when `data`, loaded now for the run in directory `run`, is not what it trained on: a data
+        file's fingerprint differs (a run saved without fingerprints is not checked)."""
+        saved = Path(run) / DATA_FILE
+        if not saved.exists():
+            return
+        before, now = io.load_json(saved)["files"], getattr(data, "sources", {})
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed:
+            names = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+            raise ValueError(f"the data of {run} changed since it trained (changed: {names}): restore the files it "
+                             f"read (data.name / data.root in its config.json say where), or delete {saved} to score "
+                             "it on the data as it is now")
 
     def stream(self, data, cfg: RunConfig, seed: int, member: int = 0):
         """A resumable iterator of raw training batches (tuples of tensors) with its own randomness."""

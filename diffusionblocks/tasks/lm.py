@@ -29,6 +29,7 @@ from .. import io
 from ..config import RunConfig
 from ..text import (
     CORPORA,
+    HF_PATHS,
     TOKENIZERS,
     BPETokenizer,
     Tokenizer,
@@ -62,8 +63,9 @@ class TextData:
     character need: each split's character count."""
 
     def __init__(self, name: str, tokenizer: Tokenizer, splits: dict[str, np.ndarray], chars: dict[str, int],
-                 seq_len: int):
+                 seq_len: int, sources: dict[str, str] | None = None):
         self.name, self.tokenizer, self.splits, self.chars, self.seq_len = name, tokenizer, splits, chars, seq_len
+        self.sources = sources or {}  # sha256 of each file of the corpus, by name (a run checks them)
 
     @property
     def vocab_size(self) -> int:
@@ -102,7 +104,9 @@ def load_text(cfg: RunConfig) -> TextData:
             tokens = tokens[:d.train_limit]
         check_length(len(tokens), d.seq_len, f"the {split} split of {corpus.name}")
         splits[split] = tokens
-    return TextData(corpus.name, tokenizer, splits, chars, d.seq_len)
+    # the python and Hugging Face corpora change with the installation: only files a user points at are checked
+    sources = {} if d.name in ("python", *HF_PATHS) else dict(corpus.manifest)
+    return TextData(corpus.name, tokenizer, splits, chars, d.seq_len, sources)
 
 
 class TokenWindows:
@@ -152,7 +156,7 @@ class LMTask(Task):
 
     metric, higher_is_better, result_metric, curve_metric = "bpc", False, "test_bpc", "bpc"
     eval_options: ClassVar[tuple[str, ...]] = ("limit",)
-    run_files: ClassVar[tuple[str, ...]] = (TOKENIZER_FILE,)
+    run_files: ClassVar[tuple[str, ...]] = (*Task.run_files, TOKENIZER_FILE)
     sample_options: ClassVar[tuple[str, ...]] = ()  # keyword options of the model's sample() (CLI `sample` flags)
 
     @classmethod
@@ -165,11 +169,13 @@ class LMTask(Task):
         return load_text(cfg)
 
     def save_with_run(self, data: TextData, out) -> None:
+        super().save_with_run(data, out)
         data.tokenizer.save(Path(out) / TOKENIZER_FILE)
 
     def check_run(self, data: TextData, run) -> None:
-        """The tokenizer rebuilt from the data must be the one the run trained with (a user's corpus may have
-        changed since: its ids would decode into other text)."""
+        """The corpus's files and the tokenizer rebuilt from them must be those the run trained with (a user's corpus
+        may have changed since: its ids would decode into other text)."""
+        super().check_run(data, run)
         saved = Path(run) / TOKENIZER_FILE
         if saved.exists() and io.load_json(saved) != data.tokenizer.to_dict():
             raise ValueError(f"{saved}: the run's tokenizer differs from the one built now from data "
@@ -288,6 +294,11 @@ class LMTask(Task):
             raise ValueError(f"{flags}: not an option of {self.name} runs")
         options = {k: v for k, v in options.items() if v is not None}
         ids = data.tokenizer.encode(prompt) if prompt else np.zeros(0, dtype=np.int64)
+        unk = data.tokenizer.unk_id
+        if unk is not None and (ids == unk).any():  # characters unseen in training would become the unknown token
+            unseen = "".join(c for c in dict.fromkeys(prompt) if unk in data.tokenizer.encode(c))
+            raise ValueError(f"--prompt holds characters the run's {data.tokenizer.kind} tokenizer never saw in "
+                             f"training: {unseen!r}; leave them out")
         prompt_ids = torch.from_numpy(ids.astype(np.int64))
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             raise ValueError(f"--num {num!r}: expected an integer >= 1")
