@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from . import io
-from .compare import compare
+from .compare import compare, read_config
 from .config import RunConfig, apply_overrides, load_preset, parse_ints
 from .data import DataError, load_dataset
-from .images import grid, save_png, to_uint8
+from .images import grid, save_png
 from .jobs import merge
 from .methods import METHODS
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Partition
 from .parallel import train_parallel
 from .plan import Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
 from .precond import BRIDGES
-from .run import CONFIG, load_model, resolve_device, validate
+from .run import CONFIG, LOCK, RUN_FILES, load_model, resolve_device, validate
 from .tasks import SPLITS, TASKS, ImageTask, get_task
 from .tasks.imagegen import ImageGenerator, generate
 from .tasks.lm import LMTask
@@ -105,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = Path(args.resume) / CONFIG
         if not config.exists():
             raise ValueError(f"cannot resume: {config} does not exist (was the run started in {args.resume}?)")
-        cfg = RunConfig.from_dict(io.load_json(config))
+        cfg = read_config(config)
         if cfg.train.parallel == "blocks" or args.parallel == "blocks":  # every rank resumes its own job directory
             results = train_parallel(cfg, args.resume, resume=True, progress=not args.no_progress)
         else:
@@ -140,8 +142,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 EVAL_OPTIONS = tuple(dict.fromkeys(k for task in TASKS.values() for k in task.eval_options))
 
 
+def _load_run(run: str):
+    """load_model, with a config.json that is no run config a one-line error."""
+    if (Path(run) / CONFIG).exists():
+        read_config(Path(run) / CONFIG)
+    return load_model(run)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg, model, data = load_model(args.run)
+    cfg, model, data = _load_run(args.run)
     task = get_task(cfg.task)
     given = {k: getattr(args, k) for k in EVAL_OPTIONS if getattr(args, k) is not None}
     foreign = [k for k in given if k not in task.eval_options]
@@ -160,6 +169,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 IMAGE_SAMPLE_FLAGS = ("sampler", "grid", "cfg_scale", "classes", "nrow", "npz")
 TEXT_SAMPLE_FLAGS = ("length", "prompt", "temperature", "init")
+MAX_GRID = 4096  # images in one PNG grid (64 x 64): a bigger one is no use to look at; --npz takes more
+MAX_NPZ_BYTES = 2**31  # the --npz samples are held in memory (uint8) until written
+MAX_TEXT_TOKENS = 2**18  # --num x --length: text samples are drawn as one batch, a forward pass per token
+RUN_OWNED = frozenset((*RUN_FILES, LOCK, *(f for t in TASKS.values() for f in t.run_files)))  # never written over
 
 
 def _refuse(args: argparse.Namespace, flags: tuple[str, ...], what: str):
@@ -192,14 +205,33 @@ def _finite(text: str) -> float:
     return value
 
 
+def _writable(path: str, flag: str, overwrite: bool) -> None:
+    """`path` may be written: a file in an existing directory, new unless `overwrite`, and never a run's own file."""
+    p = Path(path).resolve()
+    if p.is_dir():
+        raise ValueError(f"{flag} {path}: a directory; give the file to write")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the directory {p.parent} does not exist")
+    if p.name in RUN_OWNED and (p.parent / CONFIG).exists():
+        raise ValueError(f"{flag} {path}: a file of the run in {p.parent}, never written over; write elsewhere")
+    if p.exists() and not overwrite:
+        raise ValueError(f"{flag} {path} exists: give --overwrite to replace it, or another --out")
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    if not Path(args.out).resolve().parent.is_dir():
-        raise ValueError(f"--out {args.out}: the directory {Path(args.out).resolve().parent} does not exist")
-    cfg, model, data = load_model(args.run)
+    _writable(args.out, "--out", args.overwrite)
+    npz = args.out[:-4] + ".npz" if args.npz and args.out.lower().endswith(".png") else None
+    if npz:
+        _writable(npz, "--npz", args.overwrite)
+    cfg, model, data = _load_run(args.run)
     task = get_task(cfg.task)
     if isinstance(task, LMTask):  # text: the task samples and writes
         _refuse(args, IMAGE_SAMPLE_FLAGS, "image generation")
-        print(task.write_samples(model, data, cfg, args.out, num=args.num, length=args.length or cfg.data.seq_len,
+        length = args.length or cfg.data.seq_len
+        if args.num * length > MAX_TEXT_TOKENS:
+            raise ValueError(f"--num {args.num} x --length {length} = {args.num * length:,} tokens, over the "
+                             f"{MAX_TEXT_TOKENS:,} of one call (drawn as one batch, a forward pass per token)")
+        print(task.write_samples(model, data, cfg, args.out, num=args.num, length=length,
                                  prompt=args.prompt or "", seed=args.seed, steps=args.steps,
                                  temperature=args.temperature, init=args.init))
         return 0
@@ -212,20 +244,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     classes = parse_ints(args.classes, "--classes", "0,1,2") if args.classes else None
     if classes is not None:
         model.check_classes(classes)
+    if args.num > MAX_GRID and not npz:
+        raise ValueError(f"--num {args.num}: a PNG grid shows at most {MAX_GRID} images; add --npz for more (the "
+                         f"grid then shows the first {MAX_GRID})")
+    shape = (model.channels, *model.image_size)
+    if args.num * math.prod(shape) > MAX_NPZ_BYTES:
+        raise ValueError(f"--num {args.num}: samples of {'x'.join(map(str, shape))} take "
+                         f"{args.num * math.prod(shape) / 2**30:.1f} GiB, over the {MAX_NPZ_BYTES / 2**30:g} GiB "
+                         f"one call holds; sample fewer per call (another --seed for more)")
     g = cfg.gen
     steps = args.steps if args.steps is not None else g.steps
-    images, labels, seconds = generate(model, args.num, seed=args.seed, classes=classes, steps=steps,
+    images, labels, seconds = generate(model, args.num, seed=args.seed, classes=classes, steps=steps, uint8=True,
                                        sampler=args.sampler or g.sampler, grid=args.grid or g.grid,
                                        cfg_scale=args.cfg_scale if args.cfg_scale is not None else g.cfg_scale)
-    save_png(grid(to_uint8(images), nrow=args.nrow), args.out)
-    print(f"wrote {args.out}: {args.num} samples, {steps} steps, {seconds:.2f} s of sampling")
-    if args.npz:
-        path = args.out[:-4] + ".npz"
-        arrays = {"x": to_uint8(images).numpy()}
-        if labels is not None:
-            arrays["y"] = labels.numpy()
-        np.savez(path, **arrays)
-        print(f"wrote {path} (x: uint8 images" + (", y: classes)" if labels is not None else ")"))
+    save_png(grid(images[:MAX_GRID], nrow=args.nrow), args.out)
+    print(f"wrote {args.out}: {min(args.num, MAX_GRID)} of {args.num} samples, {steps} steps, {seconds:.2f} s of "
+          f"sampling")
+    if npz:
+        with io.atomic_file(npz) as f:
+            np.savez(f, x=images.numpy(), **({"y": labels.numpy()} if labels is not None else {}))
+        print(f"wrote {npz} (x: uint8 images" + (", y: classes)" if labels is not None else ")"))
     return 0
 
 
@@ -252,7 +290,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not seeds:
         raise ValueError("--seeds: give at least one seed, e.g. 0,1,2")
     roles = [r.strip() for r in args.methods.split(",") if r.strip()] if args.methods else None
-    report = compare(cfg, args.out or f"runs/compare-{args.preset}", seeds, roles, progress=not args.no_progress)
+    report = compare(cfg, args.out or f"runs/compare-{args.preset}", seeds, roles, progress=not args.no_progress,
+                     overwrite=args.overwrite)
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
@@ -282,7 +321,13 @@ def _plan_spec(args: argparse.Namespace) -> Spec:
             given[key] = value
     shapes = get_task(cfg.task).plan_shapes(cfg, **given)
     if args.command == "memory":  # measured here: where the steps will actually run
-        device = resolve_device(cfg.train.device).type
+        try:
+            device = resolve_device(cfg.train.device).type
+        except RuntimeError:  # torch's message for a device string it does not know
+            device = None
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device {cfg.train.device!r} (--device or train.device): expected cpu, cuda, cuda:N "
+                             f"or auto")
     else:
         device = "cuda" if (args.device or cfg.train.device).startswith("cuda") else "cpu"
     return Spec(cfg, shapes, dtype=args.dtype, optimizer=args.optimizer, device=device)
@@ -318,7 +363,14 @@ def cmd_memory(args: argparse.Namespace) -> int:
         raise ValueError("memory measures the trainer's optimizer (adamw); plan predicts other optimizers")
     confs = _configurations(args, spec)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only place, or a file on the way
+        raise ValueError(f"--out {out}: cannot create the directory ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the directory is not writable")
     result = measure_all(spec, confs, progress=not args.no_progress, offload_dir=out)
     result["device"] = spec.cfg.train.device
     io.save_json(out / "memory.json", result)
@@ -453,7 +505,9 @@ def _sample_parser(sub):
                                    "generation: a PNG grid (and with --npz the raw uint8 samples and their classes). "
                                    "Language models: a text file of --num samples of --length tokens.")
     p.add_argument("run", help="run directory (task imagegen, mdlm or arlm)")
-    p.add_argument("--num", type=_at_least(1), default=64)
+    p.add_argument("--num", type=_at_least(1), default=64,
+                   help=f"samples (images: at most {MAX_GRID} in the grid, more with --npz up to "
+                        f"{MAX_NPZ_BYTES // 2**30} GiB; text: --num x --length at most {MAX_TEXT_TOKENS:,} tokens)")
     p.add_argument("--steps", type=_at_least(1), default=None,
                    help="sampling steps (default gen.steps; mdlm: mdlm.sample_steps)")
     p.add_argument("--length", type=_at_least(1), default=None, help="text: tokens per sample, the prompt's included "
@@ -472,7 +526,8 @@ def _sample_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nrow", type=_at_least(1), default=None, help="images per row of the grid")
     p.add_argument("--npz", action="store_true", help="also write the samples as OUT.npz")
-    p.add_argument("--out", required=True, help="the PNG (images) or text file to write")
+    p.add_argument("--out", required=True, help="the PNG (images) or text file to write (not a file of a run)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and OUT.npz)")
     p.set_defaults(func=cmd_sample)
 
 
@@ -480,7 +535,8 @@ def _compare_parser(sub):
     p = sub.add_parser("compare", help="the main job: end-to-end vs DiffusionBlocks vs a shallow control",
                        description="Train end-to-end, DiffusionBlocks and an end-to-end control with one block's "
                                    "depth on the same layer-update budget; print a table, write compare.json, "
-                                   "compare.md and compare.png. Finished arms are reused, interrupted ones resumed.")
+                                   "compare.md and compare.png. Finished arms are reused, interrupted ones "
+                                   "resumed; an arm trained under other settings is refused without --overwrite.")
     p.add_argument("--task", choices=tuple(TASKS), default=None,
                    help="imagegen: end-to-end DiT vs DiffusionBlocks, FD, sample grids, sampling time; mdlm: masked "
                         "diffusion arms and the autoregressive floor, bits per character; arlm: autoregressive; "
@@ -492,6 +548,9 @@ def _compare_parser(sub):
                    help="the arms, comma-separated: training methods (" + ", ".join(METHODS) + "), control "
                         "(end-to-end at one block's depth); default: the task's (classify: e2e,control,dblocks)")
     p.add_argument("--out", default=None, help="output directory (default runs/compare-PRESET)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain arms that --out holds under other settings (without it they are refused; arms of "
+                        "the same settings are reused either way)")
     p.add_argument("--json", action="store_true", help="also print compare.json's object (recurrent: flops_per_step "
                                                        "per arm and the ratios)")
     _add_run_args(p, None)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from . import io
 from .config import RunConfig, save_config
+from .data import absolute_data_paths
 from .images import pyplot
 from .methods import METHODS, get_method
-from .run import CONFIG, RESULTS, SCORE, STATE, load_model, validate
+from .run import CONFIG, RESULTS, SCORE, STATE, WEIGHTS, load_model, validate
 from .tasks import TASKS, Task, get_task
 from .train import reference_model, train
 
@@ -53,29 +54,73 @@ def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
     return get_task(base.task).arm_config(cfg, role)
 
 
-def run_arm(cfg: RunConfig, out: Path, progress: bool) -> dict:
+# train.* settings that change where and how fast an arm runs, or how often it logs and checkpoints, never what it
+# trains: a finished arm run under other values of these is reused, an interrupted one resumed
+RUNTIME = ("threads", "device", "offload_dir", "log_every", "ckpt_every")
+
+
+def read_config(path: Path) -> RunConfig:
+    """A run's config.json; a file that is not a JSON object of config sections is a one-line error."""
+    d = io.load_json(path)
+    if not isinstance(d, dict) or not all(isinstance(v, str if k == "task" else dict) for k, v in d.items()):
+        raise ValueError(f"{path}: not a run's config (a JSON object of sections, e.g. {{\"train\": {{...}}}})")
+    return RunConfig.from_dict(d)
+
+
+def changed(old: RunConfig, new: RunConfig) -> list[str]:
+    """The settings, RUNTIME ones aside, in which `new` differs from `old`, as "key: old -> new"."""
+    a, b = old.to_dict(), new.to_dict()
+    return [f"task: {a['task']} -> {b['task']}"] * (a["task"] != b["task"]) + [
+        f"{s}.{k}: {a[s][k]!r} -> {v!r}" for s in b if s != "task" for k, v in b[s].items()
+        if a[s][k] != v and not (s == "train" and k in RUNTIME)]
+
+
+def arm_action(cfg: RunConfig, out: Path, overwrite: bool = False) -> str:
+    """What compare does with the arm in `out`: "reuse" a finished run of cfg's settings, "resume" an interrupted one,
+    else "train" it afresh. A run of other settings that holds weights or results is replaced only with `overwrite`."""
+    if (out / CONFIG).exists():
+        diff = changed(read_config(out / CONFIG), cfg)
+        if not diff:
+            return "reuse" if (out / RESULTS).exists() else "resume" if (out / STATE).exists() else "train"
+    else:
+        diff = [f"no {CONFIG}"]
+    if overwrite or not any((out / f).exists() for f in (RESULTS, STATE, WEIGHTS)):
+        return "train"
+    shown = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+    raise ValueError(f"{out} holds an arm trained with other settings ({shown}): give --overwrite to retrain it, "
+                     f"or another --out")
+
+
+def run_arm(cfg: RunConfig, out: Path, progress: bool, overwrite: bool = False) -> dict:
     """Train one arm, reusing a finished run and resuming an interrupted one in the same directory."""
-    # through from_dict: a run written before a setting existed holds that setting's default
-    same_config = (out / CONFIG).exists() and RunConfig.from_dict(io.load_json(out / CONFIG)).to_dict() == cfg.to_dict()
-    if same_config and (out / RESULTS).exists():
+    action = arm_action(cfg, out, overwrite)
+    if action == "reuse":
         print(f"reusing finished run {out}", file=sys.stderr)
         return io.load_json(out / RESULTS)
-    resumable = same_config and (out / STATE).exists()
-    if (out / CONFIG).exists() and not resumable:
-        print(f"{out} holds a run with another config or no checkpoint; starting it afresh", file=sys.stderr)
-    return train(None if resumable else cfg, out, resume=resumable, progress=progress, overwrite=True)
+    if action == "resume" and read_config(out / CONFIG).to_dict() != cfg.to_dict():
+        io.atomic_write_text(out / CONFIG, save_config(cfg))  # this call's RUNTIME settings for the rest of the run
+    if action == "train" and (out / CONFIG).exists():
+        print(f"{out} holds no finished run of these settings; starting it afresh", file=sys.stderr)
+    return train(None if action == "resume" else cfg, out, resume=action == "resume", progress=progress,
+                 overwrite=True)
 
 
-def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bool) -> dict[str, list[dict]]:
-    """Every arm for every seed into out/ROLE-seedS (finished arms reused, interrupted ones resumed)."""
-    out.mkdir(parents=True, exist_ok=True)
+def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bool,
+               overwrite: bool = False) -> dict[str, list[dict]]:
+    """Every arm for every seed into out/ROLE-seedS (finished arms reused, interrupted ones resumed); a stale arm
+    (see arm_action) is refused before any arm trains."""
+    arms = {(role, seed): role_config(base, role, seed) for seed in seeds for role in roles}
+    for (role, seed), cfg in arms.items():
+        arm_action(cfg, out / f"{role}-seed{seed}", overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only place, or a file on the way
+        raise ValueError(f"--out {out}: cannot create the directory ({e.strerror or e})") from None
     io.atomic_write_text(out / "base_config.json", save_config(base))
     runs: dict[str, list[dict]] = {}
-    for seed in seeds:
-        for role in roles:
-            print(f"== {role} (seed {seed}) ==", file=sys.stderr)
-            runs.setdefault(role, []).append(run_arm(role_config(base, role, seed), out / f"{role}-seed{seed}",
-                                                     progress))
+    for (role, seed), cfg in arms.items():
+        print(f"== {role} (seed {seed}) ==", file=sys.stderr)
+        runs.setdefault(role, []).append(run_arm(cfg, out / f"{role}-seed{seed}", progress, overwrite))
     return runs
 
 
@@ -212,10 +257,20 @@ def plot(runs: dict[str, list[dict]], task: Task, path: Path) -> bool:
     return True
 
 
-def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, progress: bool = True) -> dict:
-    out = Path(out_dir)
+def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, progress: bool = True,
+            overwrite: bool = False) -> dict:
+    """Train (or reuse) every arm over `seeds` into `out_dir` and report; `overwrite` retrains arms whose settings
+    changed (without it they are refused)."""
+    base, out = absolute_data_paths(base), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a directory")
     task = get_task(base.task)
     roles = roles or task.compare_roles
+    for what, items in (("seed", seeds), ("arm", roles)):
+        twice = sorted({str(x) for x in items if list(items).count(x) > 1})
+        if twice:
+            raise ValueError(f"{what} {', '.join(twice)} given twice: each {what} runs once (a duplicate would count "
+                             f"one run twice in the spread)")
     key = task.result_metric or task.metric  # scored on the test split: compare reports settings chosen before
     for role in roles:
         if role not in ROLES and role not in METHODS and role not in TASKS:
@@ -226,7 +281,7 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
         if (other.result_metric or other.metric) != key and key not in other.shared_metrics:
             raise ValueError(f"role {role!r} reports {other.result_metric or other.metric}, not {key}: an arm of "
                              f"another task must report the same headline")
-    runs = train_arms(base, out, seeds, roles, progress)
+    runs = train_arms(base, out, seeds, roles, progress, overwrite)
     for role, results in runs.items():
         for seed, r in zip(seeds, results):
             r[key], score = headline(task, out / f"{role}-seed{seed}", r, progress)

@@ -22,7 +22,7 @@ def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.T
     if images.ndim != 4:
         raise ValueError(f"expected images (N, C, H, W), got shape {tuple(images.shape)}")
     n, c, h, w = images.shape
-    nrow = nrow or max(1, int(n**0.5 + 0.999))
+    nrow = min(nrow or int(n**0.5 + 0.999), n) or 1  # never wider than the images it shows
     rows = (n + nrow - 1) // nrow
     out = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
     for i in range(n):

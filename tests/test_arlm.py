@@ -249,9 +249,10 @@ def test_cli_trains_evaluates_and_samples_autoregressive_blocks(corpus, tmp_path
     samples = text.read_text().split("=== sample ")[1:]
     assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith("the king") for s in samples)
     assert samples[0].split("\n", 1)[1] == samples[1].split("\n", 1)[1]  # greedy: the same text
-    assert main(["sample", run, "--num", "2", "--length", "10", "--init", "noise", "--out", str(text)]) == 0
+    assert main(["sample", run, "--num", "2", "--length", "10", "--init", "noise", "--out", str(text),
+                 "--overwrite"]) == 0
     for flags, message in ((["--temperature", "-1"], "temperature"), (["--steps", "3"], "--steps: not an option")):
-        assert main(["sample", run, "--out", str(text), *flags]) == 2
+        assert main(["sample", run, "--out", str(text), "--overwrite", *flags]) == 2
         assert message in capsys.readouterr().err
 
 

@@ -218,7 +218,7 @@ def test_train_sample_eval_cli(tmp_path, monkeypatch, capsys):
     saved = np.load(tmp_path / "s.npz")
     assert saved["x"].shape == (10, 1, 8, 8) and saved["y"].tolist() == [1, 2] * 5
     for bad in (["--steps", "0"], ["--classes", "12"], ["--classes", "a"], ["--cfg-scale", "2", "--steps", "-1"]):
-        assert main(["sample", str(run), "--out", str(out), *bad]) == 2, bad
+        assert main(["sample", str(run), "--out", str(out), "--overwrite", *bad]) == 2, bad
     capsys.readouterr()
     monkeypatch.setattr("diffusionblocks.tasks.imagegen.reference_config", _tiny_reference)
     assert main(["eval", str(run), "--num", "50", "--steps", "2", "--json"]) == 0

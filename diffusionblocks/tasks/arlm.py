@@ -84,27 +84,34 @@ class AutoregressiveLM(nn.Module):
         """`num` continuations of `prompt` to `length` tokens (N, length), one token per forward pass of the new
         token, the earlier ones' keys and values cached. Past one window the model reads the last seq_len - 1
         tokens after [BOS], a window as in training, recomputed for every token. Temperature 0: greedy."""
-        out = torch.empty(num, 0, dtype=torch.long, device=device)
-        if prompt is not None and len(prompt):
-            out = prompt.to(device).expand(num, -1).clone()
+        out, start = prefilled(num, length, prompt, device)
         bos = torch.full((num, 1), self.bos, dtype=torch.long, device=device)
         was_training = self.training
         self.eval()
         cache = None
         try:
-            while out.shape[1] < length:
-                n = out.shape[1]
+            for n in range(start, length):
                 if n >= self.seq_len:  # a sliding window: its positions move, so nothing cached is valid
-                    cache, new = KVCache(), torch.cat([bos, out[:, n - self.seq_len + 1:]], dim=1)
+                    cache, new = KVCache(), torch.cat([bos, out[:, n - self.seq_len + 1:n]], dim=1)
                 elif cache is None:
-                    cache, new = KVCache(), torch.cat([bos, out], dim=1)
+                    cache, new = KVCache(), torch.cat([bos, out[:, :n]], dim=1)
                 else:
-                    new = out[:, -1:]
+                    new = out[:, n - 1:n]
                 logits = self.decode(new, cache)[:, -1]
-                out = torch.cat([out, draw(logits, temperature, generator).to(device)], dim=1)
+                out[:, n:n + 1] = draw(logits, temperature, generator).to(device)
         finally:
             self.train(was_training)
         return out
+
+
+def prefilled(num: int, length: int, prompt: torch.Tensor | None, device) -> tuple[torch.Tensor, int]:
+    """The (num, length) token buffer a sampler fills in place (never grown: linear in length) with `prompt` in its
+    first positions, and the prompt's length."""
+    start = len(prompt) if prompt is not None else 0
+    out = torch.empty(num, max(length, start), dtype=torch.long, device=device)
+    if start:
+        out[:, :start] = prompt.to(device)
+    return out, start
 
 
 def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -323,16 +330,13 @@ class ARDiffusionLM(NextTokenChain, StackBlocks, nn.Module):
         record(k, sigma, logits, estimate) sees every step of every token."""
         temperature = self.temperature if temperature is None else temperature
         steps = self.steps(steps_per_block, grid)
-        out = torch.empty(num, 0, dtype=torch.long, device=device)
-        if prompt is not None and len(prompt):
-            out = prompt.to(device).expand(num, -1).clone()
+        out, start = prefilled(num, length, prompt, device)
         was_training = self.training
         self.eval()
         caches: dict = {}
         try:
-            while out.shape[1] < length:
-                n = out.shape[1]
-                context = out[:, n - self.seq_len + 1:] if n >= self.seq_len else out
+            for n in range(start, length):
+                context = out[:, max(0, n - self.seq_len + 1):n]
                 if n >= self.seq_len:
                     caches = {}  # a sliding window: its positions move, so nothing cached is valid
                 z = self.start((num, 1, self.labels.table.shape[1]), steps[0][0], init, generator, device)
@@ -344,7 +348,7 @@ class ARDiffusionLM(NextTokenChain, StackBlocks, nn.Module):
                     if record is not None:
                         record(k, s, logits, estimate)
                     z = euler_step(z, estimate, s, s_next)
-                out = torch.cat([out, draw(logits[:, 0], temperature, generator).to(device)], dim=1)
+                out[:, n:n + 1] = draw(logits[:, 0], temperature, generator).to(device)
         finally:
             self.train(was_training)
         return out
