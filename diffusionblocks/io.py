@@ -137,6 +137,8 @@ def load_json(path: StrPath) -> Any:
         raise CheckpointError(f"{path}: no such file") from None
     except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a folder, no permission
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
 
 
 def json_line(record: dict[str, Any]) -> str:

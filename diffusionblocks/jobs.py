@@ -28,6 +28,7 @@ import torch
 from . import io
 from .config import RunConfig, model_identity
 from .run import CONFIG, EMA_WEIGHTS, JOB, MERGE, STATE, WEIGHTS, WRITER, build_model_for, validate
+from .tasks import get_task
 
 # -- merge -------------------------------------------------------------------------------------------
 
@@ -66,6 +67,9 @@ def merge(runs: list[str | os.PathLike], out: str | os.PathLike, *, allow_missin
     cfg_out = RunConfig.from_dict(cfg0.to_dict())
     cfg_out.train.blocks, cfg_out.train.parallel = "", "none"
     io.atomic_write_text(out / CONFIG, json.dumps(cfg_out.to_dict(), indent=2) + "\n")
+    for name in get_task(cfg0.task).run_files:  # what the jobs kept beside their weights (data fingerprints, ...)
+        if (run_dirs[0] / name).is_file():
+            io.atomic_write_bytes(out / name, (run_dirs[0] / name).read_bytes())
     meta = {"merged_from": json.dumps([str(r) for r in run_dirs]), "writer": WRITER}
     io.save_safetensors(merged, out / WEIGHTS, metadata=meta)
     if have_ema:

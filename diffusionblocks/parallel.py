@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from . import io
 from .config import RunConfig, config_hash, save_config
+from .data import absolute_data_paths
 from .jobs import merge
 from .methods import get_method
 from .run import CONFIG, STATE, check_out, clear_run, load_model, resolve_device
@@ -74,7 +75,7 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
                          "diffusionblocks train --method dblocks --parallel blocks ...")
     get_method(cfg.train.method).check_independent(cfg, "--parallel blocks")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    out = Path(out)
+    cfg, out = absolute_data_paths(cfg), Path(out)
     if not resume:  # every rank checks OUT before the first collective, after which rank 0 writes into it
         check_out(out, overwrite)
     device = resolve_device(cfg.train.device)

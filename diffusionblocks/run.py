@@ -14,7 +14,6 @@ import re
 import shutil
 import socket
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -65,6 +64,8 @@ def check_out(out: Path, overwrite: bool) -> None:
 def clear_run(out: Path, task_files: tuple[str, ...] = ()) -> None:
     """Remove an earlier run's files (RUN_FILES and its task's `task_files`) from `out`; other files stay."""
     for name in RUN_FILES + tuple(task_files):
+        if (out / name).is_dir():
+            raise ValueError(f"{out / name} is a folder where the run keeps a file: move it, then run again")
         (out / name).unlink(missing_ok=True)
 
 
@@ -272,10 +273,9 @@ def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None
                     cfg: RunConfig | None = None):
     """Weights (and averaged weights) as safetensors, with the architecture settings of `cfg` in their metadata,
     everything else needed for an exact resume in state.pt: replaced as one (io.write_together), each file naming
-    the checkpoint it belongs to, so a resume can tell a whole checkpoint from a torn one."""
+    its step, so a resume can tell a whole checkpoint from a torn one (and equal weights give equal bytes)."""
     weights = model_state(model, method)
-    tag = uuid.uuid4().hex
-    meta = {"step": str(state["step"]), "checkpoint": tag, "writer": WRITER,
+    meta = {"step": str(state["step"]), "writer": WRITER,
             **({"architecture": json.dumps(architecture(cfg), sort_keys=True)} if cfg else {})}
     files = {WEIGHTS: lambda f: f.write(io.safetensors_bytes(weights, out / WEIGHTS, meta))}
     if ema is not None:  # the evaluation weights: the state dict with parameters replaced by their averages
@@ -285,19 +285,17 @@ def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None
         average_of = {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
         averaged = dict(weights, **{k: ema.shadow[src] for k, src in average_of.items() if k in weights})
         files[EMA_WEIGHTS] = lambda f: f.write(io.safetensors_bytes(averaged, out / EMA_WEIGHTS, meta))
-    full = dict(state, checkpoint=tag, method=method.state_dict(), torch_rng=torch.get_rng_state(),
+    full = dict(state, method=method.state_dict(), torch_rng=torch.get_rng_state(),
                 ema={k: v for k, v in ema.shadow.items() if k in weights} if ema is not None else None)
     files[STATE] = lambda f: torch.save(full, f)
     io.write_together(out, files)
 
 
 def check_checkpoint(out: Path, state: dict, ema: bool) -> None:
-    """The weights files and state.pt of `out` belong to one checkpoint (a run written before checkpoints were
-    tagged is checked by its step)."""
-    key = "checkpoint" if "checkpoint" in state else "step"
+    """The weights files and state.pt of `out` belong to one checkpoint (the same step)."""
     for name in (WEIGHTS, EMA_WEIGHTS) if ema else (WEIGHTS,):
         meta = io.load_safetensors_metadata(out / name)
-        if meta.get(key) != str(state[key]):
+        if meta.get("step") != str(state["step"]):
             raise ValueError(f"{out}: {name} (step {meta.get('step')}) and {STATE} (step {state['step']}) are from "
                              f"different checkpoints: the checkpoint was torn (a crash or a full disk while an older "
                              f"version wrote it). Start the run again with --overwrite")

@@ -110,6 +110,7 @@ class Run:
     def _train(self, resume: bool, progress: bool) -> dict:
         cfg, out, method = self.cfg, self.out, self.method
         if resume:
+            self.task.check_run(self.data, out)  # the data it trained on, unchanged
             self.load_checkpoint()
         else:
             if (out / CONFIG).exists() or (out / WEIGHTS).exists():

@@ -90,7 +90,7 @@ def test_a_torn_checkpoint_is_refused(tmp_path):
     run = tmp_path / "run"
     train(tiny("e2e", "train.steps=6"), run, progress=False)
     state = io.load_torch(run / "state.pt")
-    state["checkpoint"] = "another"
+    state["step"] = 3
     io.atomic_torch_save(state, run / "state.pt")
     with pytest.raises(ValueError, match="different checkpoints"):
         train(None, run, resume=True, progress=False)
@@ -248,6 +248,11 @@ def test_weights_of_another_kind_or_not_finite_are_refused(tmp_path, finished, d
     io.save_safetensors(weights, run / "model.safetensors", metadata=meta)
     with pytest.raises(ValueError, match="int64 where the model has" if damage == "int64" else "NaN"):
         load_model(run)
+
+
+def test_a_run_writes_the_same_bytes_twice(tmp_path, finished):
+    train(tiny("e2e", "train.steps=6"), tmp_path / "again", progress=False)
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (finished / "model.safetensors").read_bytes()
 
 
 def test_weights_files_are_byte_reproducible(tmp_path):

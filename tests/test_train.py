@@ -1,7 +1,6 @@
 """The training loop end to end on the tiny preset (scikit-learn digits, seconds per run)."""
 
 import json
-import os
 import signal
 
 import numpy as np
