@@ -45,7 +45,7 @@ from ..models import TokenHead, TokenStem, lm_layers
 from ..nn import NoiseEmbedding, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond
-from .arlm import ARLMTask, NextTokenChain, draw
+from .arlm import ARLMTask, NextTokenChain, draw, prefilled
 from .base import unknown_form
 from .lm import TextData, TokenWindows, token_ce
 
@@ -123,15 +123,13 @@ class RecurrentDepth(nn.Module):
         """`num` continuations of `prompt` to `length` tokens (N, length), the whole window recomputed for every
         token (no key/value cache); past one window the last seq_len - 1 tokens are the context."""
         temperature = self.temperature if temperature is None else temperature
-        out = torch.empty(num, 0, dtype=torch.long, device=device)
-        if prompt is not None and len(prompt):
-            out = prompt.to(device).expand(num, -1).clone()
+        out, start = prefilled(num, length, prompt, device)
         was_training = self.training
         self.eval()
         try:
-            while out.shape[1] < length:
-                logits = self.next_logits(out[:, max(0, out.shape[1] - self.seq_len + 1):], generator, **options)
-                out = torch.cat([out, draw(logits, temperature, generator).to(device)], dim=1)
+            for n in range(start, length):
+                logits = self.next_logits(out[:, max(0, n - self.seq_len + 1):n], generator, **options)
+                out[:, n:n + 1] = draw(logits, temperature, generator).to(device)
         finally:
             self.train(was_training)
         return out
