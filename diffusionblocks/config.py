@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-from .noise import GRID_KINDS
+from .noise import GRID_KINDS, LogNormalLevels
 from .precond import BRIDGES
 from .text import TOKENIZERS
 
@@ -197,6 +197,44 @@ class BaselineConfig:
     # validation (benchmarks/README.md, baselines): 0.1 was 4 points lower, 0.3 to 10 within a point
 
 
+# The range of every numeric setting, checked by `validate`: an interval ("[" "]" closed, "(" ")" open; inf = no
+# bound, so the value must be finite) and an optional note. The upper bounds of counts and sizes are sanity bounds
+# far above any real run: an unbounded value would allocate or loop without end instead of failing.
+RANGES = {
+    "model.depth": "[1, 10_000]", "model.width": "[1, 65_536]", "model.heads": "[1, 65_536]",
+    "model.patch": "[1, 4_096]", "model.mlp_ratio": "(0, 64] the MLP's hidden width is width x mlp_ratio",
+    "model.dropout": "[0, 1)", "model.label_dim": "[0, 65_536] 0 = width", "model.checkpoint": "[0, 10_000] 0 = off",
+    "model.noise_scale": "(0, inf)",
+    "data.crop_padding": "[0, 1_024]", "data.train_limit": "[0, 1e15] 0 = all", "data.test_limit": "[0, 1e15] 0 = all",
+    "data.val_size": "[0, 1e15] 0 = no validation split", "data.bpe_vocab": "[256, 1_048_576] 256: the byte alphabet",
+    "data.seq_len": "[2, 1_048_576]",
+    "dblocks.num_blocks": "[1, 10_000]", "dblocks.gamma": "[0, inf)", "dblocks.steps_per_block": "[1, 10_000]",
+    "dblocks.sigma_start": "[0, inf) 0 = sigma_max", "dblocks.input_flip": "[0, 1] a fraction",
+    "dblocks.input_mix": "[0, 1] a fraction", "dblocks.input_clean": "[0, 1] a fraction",
+    "train.steps": "[1, 1e9]", "train.batch_size": "[1, 10_000_000]", "train.lr": "(0, inf)",
+    "train.min_lr_ratio": "[0, 1] the schedule's floor, a fraction of train.lr",
+    "train.warmup": "[0, 1) a fraction of each optimizer's updates", "train.weight_decay": "[0, inf)",
+    "train.beta2": "[0, 1)", "train.clip": "[0, inf) 0 = off", "train.ema": "[0, 1) 0 = off",
+    "train.seed": "[0, 1e18]", "train.eval_every": "[0, 1e15] 0 = ten evaluations per run",
+    "train.eval_limit": "[0, 1e15] 0 = all", "train.eval_batch_size": "[1, 10_000_000]",
+    "train.log_every": "[1, 1e15] steps between log lines", "train.ckpt_every": "[1, 1e15] steps between checkpoints",
+    "train.threads": "[0, 1_024] 0 = torch's default",
+    "gen.label_dropout": "[0, 1)", "gen.sigma_data": "(0, inf)", "gen.steps": "[1, 100_000]",
+    "gen.cfg_scale": "(-inf, inf)", "gen.fd_samples": "[2, 10_000_000] a Frechet distance needs 2",
+    "mdlm.eps": "(0, 0.5)", "mdlm.eval_t": "[1, 10_000]", "mdlm.sample_steps": "[1, 1_000_000]",
+    "arlm.sigma_max_share": "[0, 1]", "arlm.eval_draws": "[1, 10_000]", "arlm.temperature": "[0, inf) 0 = greedy",
+    "recurrent.prelude": "[0, 10_000]", "recurrent.core": "[1, 10_000]", "recurrent.coda": "[0, 10_000]",
+    "recurrent.mean_recurrence": "[1, 10_000]", "recurrent.recurrence_sigma": "[0, 10)",
+    "recurrent.backprop_depth": "[1, 10_000]", "recurrent.state_std": "[0, inf)",
+    "recurrent.eval_recurrences": "[0, 10_000] 0 = the mean", "recurrent.dblocks_epochs": "(0, 1000)",
+    "baseline.ff_theta": "(-inf, inf)", "baseline.noprop_eta": "[0, inf)", "baseline.dtp_inverse_noise": "[0, inf)",
+    "baseline.dtp_target_step": "(0, inf)",
+}
+MAX_PARAMS = 10**11  # a sanity bound on the model's estimated parameters (400 GB of float32 weights)
+SIGMA = LogNormalLevels()  # the noise levels a classifier's blocks train on (dblocks.sigma_start lies among them)
+REQUIRED = ("task", "model", "data", "train", "dblocks")  # in every config.json ever written; later sections default
+
+
 @dataclass
 class RunConfig:
     task: str = "classify"
@@ -215,33 +253,55 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        """A config from its dict (config.json): a setting missing from an older run's file takes its default; a
+        malformed dict is a ValueError naming what is wrong."""
+        sections = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict):
+            raise ValueError(f"a config is an object of sections ({', '.join(sections)}), not a {type(d).__name__}")
+        missing = [s for s in REQUIRED if s not in d]
+        if missing:
+            raise ValueError(f"the config has no {' or '.join(map(repr, missing))} section: a run's config.json has "
+                             f"{', '.join(REQUIRED)} (is it a run's config.json, written whole?)")
         cfg = cls()
         for section, values in d.items():
             if section == "task":
+                if not isinstance(values, str):
+                    raise ValueError(f"task={values!r}: expected a task name")
                 cfg.task = values
                 continue
+            if section not in sections:
+                raise ValueError(f"unknown config section {section!r}; sections: {', '.join(sections)}")
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {section!r} is a {type(values).__name__}, not an object of settings")
             for key, value in values.items():
                 set_value(cfg, f"{section}.{key}", value)
         return cfg
 
 
 def _coerce(value: Any, typ: type, key: str):
+    bad = ValueError(f"{key}={repr(value)[:40]} is not a valid {typ.__name__}")
     if isinstance(value, str) and typ is not str:
-        text = value.strip()
-        try:
-            if typ is bool:
-                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return text.lower() in ("true", "1", "yes")
-            return typ(float(text)) if typ is int and "e" in text.lower() else typ(text)
+        text = value.strip().lower()
+        if typ is bool:
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise bad
+            return text in ("true", "1", "yes")
+        try:  # an int may be written "1e3" or "2.0"; validate bounds it
+            value = int(text) if typ is int and not any(c in text for c in ".e") else float(text)
         except ValueError:
-            raise ValueError(f"{key}={value!r} is not a valid {typ.__name__}") from None
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            raise bad from None
+    if isinstance(value, bool) and typ is not bool:
+        raise bad
+    if typ is float and isinstance(value, int):
+        if abs(value) > 1e308:  # float() would overflow
+            raise bad
         return float(value)
-    if typ is int and isinstance(value, float) and value.is_integer():
+    if typ is int and isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise bad
         return int(value)
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ValueError(f"{key}={value!r} is not a valid {typ.__name__}")
+    if not isinstance(value, typ):
+        raise bad
     return value
 
 
@@ -268,43 +328,58 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return cfg
 
 
+def _numbers(cfg: RunConfig):
+    """(dotted key, value, type) of every int and float setting."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(values):
+            for name, typ in get_type_hints(type(values)).items():
+                if typ in (int, float):
+                    yield f"{section.name}.{name}", getattr(values, name), typ
+
+
+def _range_error(key: str, value, typ: type) -> str | None:
+    """Why `value` lies outside RANGES[key], or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) if typ is float else int):
+        return f"{key}={value!r}: must be {'a number' if typ is float else 'an integer'}"
+    spec = RANGES[key]
+    end = min(i for i in (spec.find("]"), spec.find(")")) if i >= 0)
+    interval, note = spec[:end + 1], spec[end + 1:].strip()
+    low, high = (float(v) for v in interval[1:-1].split(","))
+    if (low <= value if spec[0] == "[" else low < value) and (value <= high if spec[end] == "]" else value < high):
+        return None
+    if high < math.inf:
+        want = f"in {interval}"
+    else:  # no upper bound: finite, and above the lower one if any
+        want = "a finite number" + ("" if low == -math.inf else f" {'>=' if spec[0] == '[' else '>'} {low:g}")
+    shown = f"{value:.3g}" if typ is int and abs(value) >= 10**15 else value
+    sanity = typ is int and value > high
+    return (f"{key}={shown}: must be {want}" + (f" ({note})" if note else "")
+            + ("; larger values are refused as a sanity bound, far beyond any real run" if sanity else ""))
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check values that types alone do not catch; raises ValueError naming the key."""
-    t, d, m, r, b = cfg.train, cfg.dblocks, cfg.model, cfg.recurrent, cfg.baseline
+    for key, value, typ in _numbers(cfg):
+        error = _range_error(key, value, typ)
+        if error:
+            raise ValueError(error)
+    t, d, m, b = cfg.train, cfg.dblocks, cfg.model, cfg.baseline
+    params = m.depth * m.width ** 2 * (4 + 2 * m.mlp_ratio + (6 if m.layer == "adaln" else 0))  # per layer:
+    # attention 4 D^2, MLP 2 r D^2, adaLN 6 D^2 (the stem, head and embeddings are smaller)
     checks = [
-        (0 <= cfg.gen.label_dropout < 1, f"gen.label_dropout={cfg.gen.label_dropout}: must be in [0, 1)"),
-        (cfg.gen.steps >= 1, f"gen.steps={cfg.gen.steps}: must be >= 1"),
+        (params <= MAX_PARAMS, f"model.depth={m.depth}, model.width={m.width}: about {params:.2g} parameters "
+                               f"({4 * params / 1e9:.0f} GB of float32 weights), above the sanity bound of "
+                               f"{MAX_PARAMS:.0e}; lower model.depth or model.width"),
         (cfg.gen.sampler in ("euler", "heun"), f"gen.sampler={cfg.gen.sampler!r}: expected 'euler' or 'heun'"),
         (cfg.gen.grid in GRID_KINDS, f"gen.grid={cfg.gen.grid!r}: expected one of {', '.join(GRID_KINDS)}"),
-        (cfg.gen.sigma_data > 0, f"gen.sigma_data={cfg.gen.sigma_data}: must be > 0"),
         (t.budget in ("layer-updates", "steps"), f"train.budget={t.budget!r}: expected 'layer-updates' or 'steps'"),
-        (t.steps >= 1, f"train.steps={t.steps}: must be >= 1"),
-        (cfg.data.val_size >= 0, f"data.val_size={cfg.data.val_size}: must be >= 0 (0 = no validation split)"),
-        (t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1"),
-        (0 < t.lr < float("inf"), f"train.lr={t.lr}: must be a finite number > 0"),
-        (0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1] (the schedule's floor, a "
-                                   "fraction of train.lr)"),
-        (t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1 (steps between log lines)"),
-        (t.ckpt_every >= 1, f"train.ckpt_every={t.ckpt_every}: must be >= 1 (steps between checkpoints)"),
-        (t.eval_every >= 0, f"train.eval_every={t.eval_every}: must be >= 0 (0 = ten evaluations per run)"),
-        (t.eval_limit >= 0, f"train.eval_limit={t.eval_limit}: must be >= 0 (0 = all)"),
-        (t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size}: must be >= 1"),
-        (t.threads >= 0, f"train.threads={t.threads}: must be >= 0 (0 = torch's default)"),
-        (cfg.data.train_limit >= 0, f"data.train_limit={cfg.data.train_limit}: must be >= 0 (0 = all)"),
-        (cfg.data.test_limit >= 0, f"data.test_limit={cfg.data.test_limit}: must be >= 0 (0 = all)"),
-        (d.steps_per_block >= 1, f"dblocks.steps_per_block={d.steps_per_block}: must be >= 1"),
-        (0 <= t.warmup < 1, f"train.warmup={t.warmup}: must be a fraction in [0, 1)"),
-        (0 <= t.ema < 1, f"train.ema={t.ema}: must be in [0, 1)"),
-        (m.depth >= 1 and m.width >= 1 and m.heads >= 1 and m.patch >= 1, "model sizes must be >= 1"),
         (m.width % m.heads == 0, f"model.width={m.width} must be divisible by model.heads={m.heads}"),
-        (m.mlp_ratio > 0 and int(m.width * m.mlp_ratio) >= 1,
-         f"model.mlp_ratio={m.mlp_ratio}: must be > 0 (the MLP's hidden width is width x mlp_ratio)"),
-        (m.checkpoint >= 0, f"model.checkpoint={m.checkpoint}: must be >= 0 (0 = off)"),
+        (int(m.width * m.mlp_ratio) >= 1,
+         f"model.mlp_ratio={m.mlp_ratio}: too small (the MLP's hidden width is width x mlp_ratio, here 0)"),
         (m.layer in ("adaln", "prenorm"), f"model.layer={m.layer!r}: expected 'adaln' or 'prenorm'"),
-        (m.noise_scale > 0, f"model.noise_scale={m.noise_scale}: must be > 0"),
         (m.label_head in ("plain", "adaln"), f"model.label_head={m.label_head!r}: expected 'plain' or 'adaln'"),
         (m.positions in ("learned", "rope"), f"model.positions={m.positions!r}: expected 'learned' or 'rope'"),
-        (0 <= t.beta2 < 1, f"train.beta2={t.beta2}: must be in [0, 1)"),
         (d.block_choice in ("random", "round-robin", "sequential"),
          f"dblocks.block_choice={d.block_choice!r}: expected 'random', 'round-robin' or 'sequential'"),
         (d.residency in ("all", "active"), f"dblocks.residency={d.residency!r}: expected 'all' or 'active'"),
@@ -316,46 +391,23 @@ def validate(cfg: RunConfig) -> RunConfig:
         (d.init in ("noise", "zero"), f"dblocks.init={d.init!r}: expected 'noise' or 'zero'"),
         (d.label_table in ("fixed", "learned"),
          f"dblocks.label_table={d.label_table!r}: expected 'fixed' or 'learned'"),
-        (0 <= d.input_flip <= 1, f"dblocks.input_flip={d.input_flip}: must be a fraction in [0, 1]"),
-        (0 <= d.input_mix <= 1, f"dblocks.input_mix={d.input_mix}: must be a fraction in [0, 1]"),
-        (0 <= d.input_clean <= 1, f"dblocks.input_clean={d.input_clean}: must be a fraction in [0, 1]"),
-        (d.sigma_start >= 0, f"dblocks.sigma_start={d.sigma_start}: must be >= 0 (0 = sigma_max)"),
+        (d.sigma_start == 0 or SIGMA.lo <= d.sigma_start <= SIGMA.hi,
+         f"dblocks.sigma_start={d.sigma_start}: must be 0 (start at sigma_max) or a noise level the blocks train on, "
+         f"in [{SIGMA.lo:g}, {SIGMA.hi:g}]"),
         (cfg.data.tokenizer in TOKENIZERS,
          f"data.tokenizer={cfg.data.tokenizer!r}: expected one of {', '.join(TOKENIZERS)}"),
         (not cfg.data.tokenizer_file or cfg.data.tokenizer == "bpe",
          f"data.tokenizer_file is a BPE tokenizer's JSON: it needs data.tokenizer=bpe, not {cfg.data.tokenizer!r}"),
-        (cfg.data.bpe_vocab >= 256, f"data.bpe_vocab={cfg.data.bpe_vocab}: must be >= 256 (the byte alphabet)"),
-        (cfg.data.seq_len >= 2, f"data.seq_len={cfg.data.seq_len}: must be >= 2"),
         (cfg.mdlm.schedule in ("linear", "cosine"),
          f"mdlm.schedule={cfg.mdlm.schedule!r}: expected 'linear' or 'cosine'"),
-        (0 < cfg.mdlm.eps < 0.5, f"mdlm.eps={cfg.mdlm.eps}: must be in (0, 0.5)"),
-        (cfg.mdlm.eval_t >= 1, f"mdlm.eval_t={cfg.mdlm.eval_t}: must be >= 1"),
-        (cfg.mdlm.sample_steps >= 1, f"mdlm.sample_steps={cfg.mdlm.sample_steps}: must be >= 1"),
         (cfg.arlm.noise_level in ("token", "window"),
          f"arlm.noise_level={cfg.arlm.noise_level!r}: expected 'token' or 'window'"),
-        (cfg.arlm.eval_draws >= 1, f"arlm.eval_draws={cfg.arlm.eval_draws}: must be >= 1"),
-        (math.isfinite(b.ff_theta), f"baseline.ff_theta={b.ff_theta}: must be a finite number"),
         (b.aux_pool in ("mean", "cls"), f"baseline.aux_pool={b.aux_pool!r}: expected 'mean' or 'cls'"),
-        (0 <= b.noprop_eta < float("inf"), f"baseline.noprop_eta={b.noprop_eta}: must be finite and >= 0"),
         (b.noprop_label_table in ("learned", "fixed"),
          f"baseline.noprop_label_table={b.noprop_label_table!r}: expected 'learned' or 'fixed'"),
         (b.noprop_label_scale in ("unit-variance", "unit-norm"),
          f"baseline.noprop_label_scale={b.noprop_label_scale!r}: expected 'unit-variance' or 'unit-norm'"),
         (b.ff_neutral in ("own", "mean"), f"baseline.ff_neutral={b.ff_neutral!r}: expected 'own' or 'mean'"),
-        (0 <= b.dtp_inverse_noise < float("inf"), f"baseline.dtp_inverse_noise={b.dtp_inverse_noise}: must be finite "
-                                                  "and >= 0"),
-        (0 < b.dtp_target_step < float("inf"), f"baseline.dtp_target_step={b.dtp_target_step}: must be finite and > 0"),
-        (0 <= cfg.arlm.sigma_max_share <= 1, f"arlm.sigma_max_share={cfg.arlm.sigma_max_share}: must be in [0, 1]"),
-        (cfg.arlm.temperature >= 0 and cfg.arlm.temperature != float("inf"),
-         f"arlm.temperature={cfg.arlm.temperature}: must be finite and >= 0 (0: greedy)"),
-        (r.prelude >= 0 and r.coda >= 0 and r.core >= 1,
-         f"recurrent: prelude={r.prelude}, core={r.core}, coda={r.coda}: the core needs >= 1 layer, the others >= 0"),
-        (r.mean_recurrence >= 1, f"recurrent.mean_recurrence={r.mean_recurrence}: must be >= 1"),
-        (0 <= r.recurrence_sigma < 10, f"recurrent.recurrence_sigma={r.recurrence_sigma}: must be in [0, 10)"),
-        (r.backprop_depth >= 1, f"recurrent.backprop_depth={r.backprop_depth}: must be >= 1"),
-        (r.state_std >= 0, f"recurrent.state_std={r.state_std}: must be >= 0"),
-        (r.eval_recurrences >= 0, f"recurrent.eval_recurrences={r.eval_recurrences}: must be >= 0 (0 = the mean)"),
-        (0 < r.dblocks_epochs < 1000, f"recurrent.dblocks_epochs={r.dblocks_epochs}: must be in (0, 1000)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -172,11 +172,13 @@ class Optimizer:
 def update(loss: torch.Tensor, params: list[nn.Parameter], optimizers: list[Optimizer], clip: float,
            sync=None) -> dict[str, Any]:
     """One update of `params` from a scalar `loss`: fresh gradients, (averaged over a data-parallel group
-    by `sync(params)`), clipped to norm `clip` if > 0, one step of each optimizer, gradients freed.
+    by `sync(params)`), clipped to norm `clip` (0: not clipped), one step of each optimizer, gradients freed.
 
     A non-finite loss or gradient norm skips the step: the gradients are cleared and the weights stay as
     they were. Returns {"loss", "grad_norm", "lr"} or {"skipped": True, "loss"}. With `sync`, every member
     of the group sees the same gradients and takes (or skips) the same step."""
+    if not 0 <= clip < math.inf:  # only 0 turns clipping off; a negative or NaN clip is a mistake, not "off"
+        raise ValueError(f"train.clip={clip}: must be a finite number >= 0 (0 = off)")
     free_grads(params)
     if sync is None and not torch.isfinite(loss):
         return {"skipped": True, "loss": loss.item()}
