@@ -211,11 +211,19 @@ class Task:
         return {}, []
 
 
+def fitting_batch(batch_size: int, data: ImageDataset) -> int:
+    """`batch_size`, when the training images hold that many (a smaller batch would train another setting)."""
+    if batch_size > len(data.y_train):
+        raise ValueError(f"train.batch_size={batch_size} is larger than the {len(data.y_train):,} training images "
+                         f"(after data.train_limit and data.val_size): lower train.batch_size")
+    return batch_size
+
+
 class ImageStream:
     """One unit's image batches and augmentation randomness (resumable)."""
 
     def __init__(self, data: ImageDataset, batch_size: int, seed: int, member: int = 0):
-        self.batches = Batches(data.x_train, data.y_train, min(batch_size, len(data.y_train)), seed=seed)
+        self.batches = Batches(data.x_train, data.y_train, fitting_batch(batch_size, data), seed=seed)
         self.aug = torch.Generator().manual_seed(seed + 1 + 1_000 * member)  # data-parallel members differ
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +291,7 @@ class ImageTask(Task):
                 torch.randint(shapes.num_classes, (n,), generator=generator))
 
     def probe_batch(self, data: ImageDataset, cfg: RunConfig, device) -> tuple:
-        n = min(cfg.train.batch_size, len(data.y_train))
+        n = fitting_batch(cfg.train.batch_size, data)
         # copies, as a training batch is: a slice would make the whole label tensor's storage count as saved
         return to_float(data.x_train[:n]).to(device), data.y_train[:n].clone().to(device)
 

@@ -133,8 +133,12 @@ class DiffusionClassifier(nn.Module):
         """Class predictions after every Euler step (the last entry is the model's prediction)."""
         grid = self.partition.inference_grid(steps_per_block or self.cfg.steps_per_block, grid or self.cfg.grid)
         sigma_start = self.cfg.sigma_start if sigma_start is None else sigma_start
+        lo, hi = self.partition.levels.lo, self.partition.levels.hi
+        if sigma_start and not lo <= sigma_start <= hi:
+            raise ValueError(f"sigma_start={sigma_start:g}: expected 0 (start at sigma_max) or a noise level the "
+                             f"blocks trained on, in [{lo:g}, {hi:g}]")
         if sigma_start:  # start lower: drop the levels above sigma_start
-            grid = torch.cat([grid.new_tensor([min(sigma_start, grid[0].item())]), grid[grid < sigma_start]])
+            grid = torch.cat([grid.new_tensor([sigma_start]), grid[grid < sigma_start]])
         bridge, init = bridge or self.cfg.bridge, init or self.cfg.init
         estimate = lambda logits: self.labels.estimate(logits, bridge)  # x0 from logits, (N, Dy)
         preds = []
