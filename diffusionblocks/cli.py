@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io
-from .compare import compare, read_config
+from .compare import compare
 from .config import RunConfig, apply_overrides, load_preset, parse_ints
 from .data import DataError, load_dataset
 from .images import grid, save_png
@@ -26,7 +26,7 @@ from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Par
 from .parallel import train_parallel
 from .plan import Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
 from .precond import BRIDGES
-from .run import CONFIG, LOCK, RUN_FILES, load_model, resolve_device, validate
+from .run import CONFIG, LOCK, RUN_FILES, load_model, read_config, resolve_device, validate
 from .tasks import SPLITS, TASKS, ImageTask, get_task
 from .tasks.imagegen import ImageGenerator, generate
 from .tasks.lm import LMTask
@@ -142,15 +142,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 EVAL_OPTIONS = tuple(dict.fromkeys(k for task in TASKS.values() for k in task.eval_options))
 
 
-def _load_run(run: str):
-    """load_model, with a config.json that is no run config a one-line error."""
-    if (Path(run) / CONFIG).exists():
-        read_config(Path(run) / CONFIG)
-    return load_model(run)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg, model, data = _load_run(args.run)
+    cfg, model, data = load_model(args.run)
     task = get_task(cfg.task)
     given = {k: getattr(args, k) for k in EVAL_OPTIONS if getattr(args, k) is not None}
     foreign = [k for k in given if k not in task.eval_options]
@@ -223,7 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     npz = args.out[:-4] + ".npz" if args.npz and args.out.lower().endswith(".png") else None
     if npz:
         _writable(npz, "--npz", args.overwrite)
-    cfg, model, data = _load_run(args.run)
+    cfg, model, data = load_model(args.run)
     task = get_task(cfg.task)
     if isinstance(task, LMTask):  # text: the task samples and writes
         _refuse(args, IMAGE_SAMPLE_FLAGS, "image generation")

@@ -19,7 +19,7 @@ from .config import RunConfig, save_config
 from .data import absolute_data_paths
 from .images import pyplot
 from .methods import METHODS, get_method
-from .run import CONFIG, RESULTS, SCORE, STATE, WEIGHTS, load_model, validate
+from .run import CONFIG, RESULTS, SCORE, STATE, WEIGHTS, load_model, read_config, validate
 from .tasks import TASKS, Task, get_task
 from .train import reference_model, train
 
@@ -57,14 +57,6 @@ def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
 # train.* settings that change where and how fast an arm runs, or how often it logs and checkpoints, never what it
 # trains: a finished arm run under other values of these is reused, an interrupted one resumed
 RUNTIME = ("threads", "device", "offload_dir", "log_every", "ckpt_every")
-
-
-def read_config(path: Path) -> RunConfig:
-    """A run's config.json; a file that is not a JSON object of config sections is a one-line error."""
-    d = io.load_json(path)
-    if not isinstance(d, dict) or not all(isinstance(v, str if k == "task" else dict) for k, v in d.items()):
-        raise ValueError(f"{path}: not a run's config (a JSON object of sections, e.g. {{\"train\": {{...}}}})")
-    return RunConfig.from_dict(d)
 
 
 def changed(old: RunConfig, new: RunConfig) -> list[str]:

@@ -27,7 +27,7 @@ import torch
 
 from . import io
 from .config import RunConfig, model_identity
-from .run import CONFIG, EMA_WEIGHTS, JOB, MERGE, STATE, WEIGHTS, WRITER, build_model_for, validate
+from .run import CONFIG, EMA_WEIGHTS, JOB, MERGE, STATE, WEIGHTS, WRITER, build_model_for, read_config, validate
 from .tasks import get_task
 
 # -- merge -------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def _read_jobs(runs) -> list[tuple[Path, dict, RunConfig]]:
         if not (run / JOB).exists() or not (run / CONFIG).exists():
             raise ValueError(f"{run} is not a per-block job directory (it has no {JOB}; train with "
                              f"--method dblocks --blocks ... or --parallel blocks)")
-        job, cfg = io.load_json(run / JOB), RunConfig.from_dict(io.load_json(run / CONFIG))
+        job, cfg = io.load_json(run / JOB), read_config(run / CONFIG)
         if not job["finished"]:
             state = io.load_torch(run / STATE) if (run / STATE).exists() else {"step": 0}
             raise ValueError(f"{run} has not finished (step {state['step']} of "

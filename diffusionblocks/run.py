@@ -121,6 +121,14 @@ class RunLock:
         return False
 
 
+def read_config(path: Path) -> RunConfig:
+    """A run's config.json, with errors naming the file."""
+    try:
+        return RunConfig.from_dict(io.load_json(path))
+    except ValueError as e:
+        raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """The config's values, its task and method names, and what the task and the method accept."""
     validate_values(cfg)
@@ -244,7 +252,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, object
     run = Path(run_dir)
     if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
         raise ValueError(f"{run} is not a run directory: it needs {CONFIG} and {WEIGHTS}")
-    cfg = validate(RunConfig.from_dict(io.load_json(run / CONFIG)))
+    cfg = validate(read_config(run / CONFIG))
     if cfg.train.blocks.strip():
         raise ValueError(f"{run} is a per-block job (blocks {cfg.train.blocks}): merge the jobs of all blocks "
                          f"first (diffusionblocks merge RUN... --out DIR), then evaluate the merged run")

@@ -39,6 +39,7 @@ from .run import (
     load_model,
     load_weights,
     place,
+    read_config,
     resolve_device,
     save_checkpoint,
     validate,
@@ -52,14 +53,15 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
     """Train one run into `out_dir`; with resume=True continue the run saved there. Returns results.
 
     A new run needs a missing or empty directory, or `overwrite` (the earlier run's files are removed once the new
-    run's model is built, before anything of it is written). The directory is locked while the run trains.
+    run's model is built, before anything of it is written). The directory is locked from before the data is read
+    until the run ends, so no other process can train into it meanwhile.
     With train.blocks set (a block-wise method) the run is a per-block job: it trains those blocks only
     and writes job.json for `merge`; with train.parallel=blocks it is one rank of a torchrun (parallel.py)."""
     out = Path(out_dir)
     if resume:
         if not (out / STATE).exists():
             raise ValueError(f"cannot resume: {out / STATE} does not exist (was the run started in {out}?)")
-        cfg = RunConfig.from_dict(io.load_json(out / CONFIG))
+        cfg = read_config(out / CONFIG)
     cfg = absolute_data_paths(cfg)  # config.json finds the data from any working directory
     validate(cfg)
     if not resume:
@@ -68,7 +70,11 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        return Run(cfg, out, data_parallel).train(resume, progress, overwrite)
+        with RunLock(out):
+            if not resume:  # again, now that no other process can write here
+                check_out(out, overwrite)
+            clear_leftovers(out)
+            return Run(cfg, out, data_parallel).train(resume, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -99,15 +105,7 @@ class Run:
 
     # -- starting and stopping -----------------------------------------------------------------------
 
-    def train(self, resume: bool, progress: bool, overwrite: bool = False) -> dict:
-        self.out.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.out):
-            if not resume:  # again: another run may have filled the directory while this one read its data
-                check_out(self.out, overwrite)
-            clear_leftovers(self.out)
-            return self._train(resume, progress)
-
-    def _train(self, resume: bool, progress: bool) -> dict:
+    def train(self, resume: bool, progress: bool) -> dict:
         cfg, out, method = self.cfg, self.out, self.method
         if resume:
             self.task.check_run(self.data, out)  # the data it trained on, unchanged

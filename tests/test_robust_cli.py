@@ -94,8 +94,8 @@ def test_compare_refuses_duplicate_seeds_and_arms_and_a_file_as_out(tmp_path, ca
     assert "cannot create the directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text, message", [("[1, 2]", "not a run's config"), ("{", "not valid JSON"),
-                                           ('{"train": 5}', "not a run's config")])
+@pytest.mark.parametrize("text, message", [("[1, 2]", "config is an object of sections"), ("{", "not valid JSON"),
+                                           ('{"train": 5}', "has no 'task' or 'model'")])
 def test_a_malformed_config_json_is_a_one_line_error(tmp_path, capsys, text, message):
     run = tmp_path / "run"
     run.mkdir()
@@ -113,7 +113,7 @@ def test_compare_refuses_an_arm_with_a_malformed_config(cmp, capsys):
     (cmp / "e2e-seed0" / "config.json").write_text("[]")
     capsys.readouterr()
     assert main([*COMPARE, "--out", str(cmp)]) == 2
-    assert "not a run's config" in capsys.readouterr().err
+    assert "config is an object of sections" in capsys.readouterr().err
 
 
 def test_sample_never_writes_over_a_runs_own_files(text_run, capsys):

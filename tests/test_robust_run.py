@@ -155,21 +155,21 @@ def test_crash_leftovers_are_cleaned_when_a_run_resumes(tmp_path, monkeypatch):
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
 
 
-def test_a_run_never_removes_one_that_appeared_while_it_read_its_data(tmp_path, monkeypatch):
-    """--out is empty when checked, then another run finishes there before this one holds the lock: this one stops
-    without touching it."""
-    out = tmp_path / "race"
+def test_no_run_starts_in_a_folder_whose_run_is_reading_its_data(tmp_path, monkeypatch):
+    """The lock is held from before the data is read: a second run into the same folder meanwhile is refused, so the
+    first can never remove the second's files."""
+    out, refused = tmp_path / "race", []
     load = ImageTask.load_data
 
     def slow_load(self, cfg):
-        if not (out / "results.json").exists():
-            (out / "results.json").write_text("{}")  # the other run, finished meanwhile
+        if not refused:
+            with pytest.raises(ValueError, match="is in use") as e:
+                train(tiny("e2e", "train.steps=2"), out, progress=False)
+            refused.append(e)
         return load(self, cfg)
 
     monkeypatch.setattr(ImageTask, "load_data", slow_load)
-    with pytest.raises(ValueError, match="is not empty"):
-        train(tiny("e2e", "train.steps=2"), out, progress=False)
-    assert (out / "results.json").read_text() == "{}" and not (out / "config.json").exists()
+    assert train(tiny("e2e", "train.steps=2"), out, progress=False)["steps"] == 2 and refused
 
 
 HOLD = """
