@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .io import atomic_file
+from .io import cache_dir as default_cache_dir
 from .text import CORPORA
 
 # -----------------------------------------------------------------------------
@@ -31,8 +32,6 @@ from .text import CORPORA
 DATA_SHAPES = {"fashion-mnist": ((28, 28), 1, 10), "digits": ((8, 8), 1, 10), "cifar10": ((32, 32), 3, 10),
                "cifar100": ((32, 32), 3, 100)}
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-CACHE_ENV_VAR = "DIFFUSIONBLOCKS_CACHE"
-DEFAULT_CACHE_DIR = Path("~/.cache/diffusionblocks")
 DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation (connect / each read), not for the whole file
 
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -204,7 +203,7 @@ def load_dataset(
         return _load_npz(Path(name_str).expanduser())
     key = _ALIASES.get(name_str.strip().lower())
     root_path = Path(root).expanduser() if root is not None else None
-    cache = _cache_root(cache_dir)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if key == "fashion-mnist":
         return _load_fashion_mnist(root_path, cache, download)
     if key == "digits":
@@ -237,13 +236,6 @@ def _read_bytes(path: Path) -> bytes:
 
 def _sha256(data) -> str:  # bytes or a contiguous array
     return hashlib.sha256(data).hexdigest()
-
-
-def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV_VAR)
-    return Path(env).expanduser() if env else DEFAULT_CACHE_DIR.expanduser()
 
 
 def _download(url: str, dest: Path, md5: str | None, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:

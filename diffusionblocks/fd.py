@@ -6,8 +6,8 @@ published FID numbers, only between models evaluated with the same reference cla
 The classifier is trained once per dataset (the e2e ViT of the classification task, chosen by
 tasks/imagegen.reference_config) and cached by train.reference_model in $DIFFUSIONBLOCKS_CACHE (default
 ~/.cache/diffusionblocks)/fd-<dataset>/. For conditional models the same classifier also reports how often
-a generated image is classified as the class it was generated for. This module holds the math, the cache
-location and the optional TorchScript extractor; it imports nothing of the package.
+a generated image is classified as the class it was generated for. This module holds the math and the
+optional TorchScript extractor; it imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -16,10 +16,6 @@ import os
 from pathlib import Path
 
 import torch
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFUSIONBLOCKS_CACHE") or Path.home() / ".cache" / "diffusionblocks")
 
 
 @torch.no_grad()

@@ -1,14 +1,12 @@
 """Checkpoint files (safetensors, whose format the ``safetensors`` package reads and writes; torch; JSON; JSON lines),
-validated on read with errors naming the file, and written atomically via a fsynced temp file and ``os.replace``."""
+with errors naming the file, written atomically via a fsynced temp file and ``os.replace``; and the cache folder."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import pickle
-import re
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -23,6 +21,12 @@ StrPath: TypeAlias = "str | os.PathLike[str]"
 
 class CheckpointError(ValueError):
     """A checkpoint file (or what was asked to be saved in one) is invalid."""
+
+
+def cache_dir() -> Path:
+    """Where downloads and once-trained reference models are kept: $DIFFUSIONBLOCKS_CACHE, else
+    ~/.cache/diffusionblocks."""
+    return Path(os.environ.get("DIFFUSIONBLOCKS_CACHE") or "~/.cache/diffusionblocks").expanduser()
 
 
 # -----------------------------------------------------------------------------
@@ -158,75 +162,29 @@ def load_torch(path: StrPath, map_location: str | torch.device | None = "cpu") -
     Containers of tensors, numbers, strings, bools, None, lists, tuples and dicts load, and so do optimizer
     ``state_dict()``s and ``torch.Generator.get_state()``; arbitrary pickled objects are refused.
     """
-    if not Path(path).is_file():
-        raise CheckpointError(f"{path}: no such file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
     except pickle.UnpicklingError as e:
         # torch's message advises weights_only=False (arbitrary code execution): keep only what it found
-        found = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        raise CheckpointError(f"{path}: refused to load (not a plain weights-only checkpoint)"
-                              + (f": {found[0].strip()}" if found else "")) from e
-    except OSError:
-        raise
+        found = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line][:1]
+        message = ": ".join([f"{path}: refused to load (not a plain weights-only checkpoint)", *found])
+        raise CheckpointError(message) from e
     except Exception as e:  # a truncated or foreign file surfaces as RuntimeError, struct.error, EOFError, ...
         raise CheckpointError(f"{path}: not a readable torch checkpoint: {e}") from e
 
 
 # -----------------------------------------------------------------------------
-# safetensors: the package reads and writes the format; here are the input checks, tied weights, atomic
-# replacement and errors that name the file.
+# safetensors: the package reads, writes and validates the format; here are tied weights, metadata in a fixed
+# order, atomic replacement and errors that name the file.
 
-# Reserved metadata key: JSON {alias: source} of tied entries, saved once under the source's name.
-TIED_KEY = "diffusionblocks.tied"
-# Dtypes to offer when the installed safetensors and torch round-trip them (see supported_dtypes).
-_CANDIDATE_DTYPES = (
-    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16",
-    "uint8", "bool", "complex64", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
-    "float8_e8m0fnu",
-)  # fmt: skip
+TIED_KEY = "diffusionblocks.tied"  # reserved metadata key: JSON {alias: source} of tied entries, saved once
 
 
-@functools.cache
-def supported_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes :func:`save_safetensors` accepts: those the installed safetensors package saves and loads back."""
-    supported = set()
-    for name in _CANDIDATE_DTYPES:
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
-            continue
-        try:
-            back = safetensors.torch.load(safetensors.torch.save({"x": torch.zeros(2, dtype=dtype)}))["x"]
-        except Exception:  # a dtype this version can't save or can't load back (KeyError, SafetensorError, ...)
-            continue
-        if back.dtype == dtype and back.shape == (2,):
-            supported.add(dtype)
-    return frozenset(supported)
-
-
-def _check_tensors(tensors: dict[str, torch.Tensor], path: StrPath) -> None:
-    if not isinstance(tensors, dict):
-        raise CheckpointError(f"{path}: expected a dict of name -> tensor, got {type(tensors).__name__}")
-    for name, t in tensors.items():
-        if not isinstance(name, str):
-            raise CheckpointError(f"{path}: tensor names must be str, got {name!r} ({type(name).__name__})")
-        if name.startswith("__"):
-            raise CheckpointError(f"{path}: tensor name {name!r} starts with '__', which safetensors reserves")
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: {name!r} is a {type(t).__name__}, not a torch.Tensor")
-        if t.layout != torch.strided or t.is_meta:
-            raise CheckpointError(f"{path}: {name!r} is a {t.layout} tensor on {t.device}; only dense data is saved")
-        if t.dtype not in supported_dtypes():
-            supported = ", ".join(sorted(str(d).removeprefix("torch.") for d in supported_dtypes()))
-            raise CheckpointError(f"{path}: {name!r} has unsupported dtype {t.dtype} (supported: {supported})")
-
-
-def _tied_names(tensors: dict[str, torch.Tensor], path: StrPath) -> dict[str, str]:
+def _tied_names(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """{alias: source} for entries that are the very same view of one storage as an earlier entry (tied weights).
-
-    Entries that share a storage as different views (slices, reshapes, overlapping or not) are refused: they
-    would come back as independent copies, silently untied.
-    """
+    Other views of one storage (slices, reshapes) are refused: they would come back as untied copies."""
     views_by_storage: dict[tuple[torch.device, int], dict[tuple[Any, ...], str]] = {}
     ties: dict[str, str] = {}
     for name, t in tensors.items():
@@ -241,25 +199,10 @@ def _tied_names(tensors: dict[str, torch.Tensor], path: StrPath) -> dict[str, st
             views[view] = name
     for views in views_by_storage.values():
         if len(views) > 1:
-            listed = ", ".join(repr(n) for n in views.values())
-            raise CheckpointError(
-                f"{path}: tensors {listed} are different views of one storage (e.g. slices of one tensor); "
-                ".clone() them before saving (only identical tied tensors are saved once and re-tied on load)"
-            )
+            raise ValueError(f"tensors {', '.join(map(repr, views.values()))} are different views of one storage "
+                             "(e.g. slices of one tensor); .clone() them before saving (only identical tied "
+                             "tensors are saved once and re-tied on load)")
     return ties
-
-
-def _checked_metadata(metadata: dict[str, str], path: StrPath) -> dict[str, str]:
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: metadata must be a dict of str -> str, got {type(metadata).__name__}")
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise CheckpointError(
-                f"{path}: metadata must map str -> str, got {key!r}: {value!r} ({type(value).__name__})"
-            )
-    if TIED_KEY in metadata:
-        raise CheckpointError(f"{path}: metadata key {TIED_KEY!r} is reserved (it records tied weights)")
-    return dict(metadata)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath, metadata: dict[str, str] | None = None) -> None:
@@ -274,16 +217,19 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: StrPath, metadata: 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], path: StrPath, metadata: dict[str, str] | None = None) -> bytes:
     """The bytes :func:`save_safetensors` writes to ``path`` (named in errors)."""
-    _check_tensors(tensors, path)
-    header_metadata = {} if metadata is None else _checked_metadata(metadata, path)
-    ties = _tied_names(tensors, path)
-    if ties:
-        header_metadata[TIED_KEY] = json.dumps(ties, ensure_ascii=False)
-    unique = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items() if name not in ties}
     try:
+        if TIED_KEY in (metadata or {}):
+            raise ValueError(f"metadata key {TIED_KEY!r} is reserved (it records tied weights)")
+        if any(str(name).startswith("__") for name in tensors):  # the package would write a broken header
+            raise ValueError("tensor names starting with '__' are reserved by safetensors")
+        header_metadata = {**(metadata or {})}
+        ties = _tied_names(tensors)
+        if ties:
+            header_metadata[TIED_KEY] = json.dumps(ties, ensure_ascii=False)
+        unique = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items() if name not in ties}
         data = safetensors.torch.save(unique, metadata=header_metadata or None)
-    except Exception as e:
-        raise CheckpointError(f"{path}: safetensors could not serialise the tensors: {e}") from e
+    except Exception as e:  # what the package or torch refuses: names, dtypes, layouts, metadata types
+        raise CheckpointError(f"{path}: cannot save these tensors: {e}") from e
     return _sorted_metadata(data)
 
 
@@ -300,79 +246,13 @@ def _sorted_metadata(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
-# What the package's errors mean, keyed by their words with case, spaces and punctuation removed, so that both
-# the current wording ("header too small") and older releases' ("HeaderTooSmall") are recognised.
-_PACKAGE_ERRORS = (
-    (("headertoosmall",), "file is {size} bytes, too short for a header (truncated, or not a safetensors file)"),
-    (("invalidheaderlength",), "file is shorter than its header claims (truncated, or not a safetensors file)"),
-    (("headertoolarge",), "its header length prefix is implausibly large: not a safetensors file"),
-    (("invalidheaderstart",), "its header does not start with a JSON object: not a safetensors file"),
-    (("notfullycovered", "metadataincompletebuffer"),
-     "the tensor data does not match the header (truncated, or extra bytes after the tensors)"),
-    (("invalidjson", "invalidheaderdeserialization"),
-     "header invalid: not a safetensors JSON header (not a safetensors file?)"),
-    (("invalidoffset",), "header invalid: tensor data_offsets overlap or leave a gap"),
-    (("invalidshape", "tensorinvalidinfo"), "header invalid: a tensor's dtype and shape don't match its data_offsets"),
-)  # fmt: skip
-
-
-def _explain(error: Exception, size: int) -> str:
-    """A message for an error the safetensors package raised while reading a file of ``size`` bytes."""
-    if isinstance(error, KeyError):  # the header names a dtype the package's torch binding doesn't map
-        return f"a tensor has dtype {error}, which the installed safetensors/torch cannot load"
-    words = re.sub(r"[^a-z]", "", str(error).lower())
-    for keys, meaning in _PACKAGE_ERRORS:
-        if any(key in words for key in keys):
-            return f"{meaning.format(size=size)} [{error}]"
-    return f"not a valid safetensors file [{type(error).__name__}: {error}]"
-
-
-def _header(data: bytes, path: StrPath) -> tuple[list[str], dict[str, str]]:
-    """Tensor names in data-offset order and the metadata, from a header the package has already validated."""
-    try:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + n])
-        metadata = header.pop("__metadata__", None) or {}
-        position = {name: i for i, name in enumerate(header)}
-        order = sorted(header, key=lambda name: (header[name]["data_offsets"][0], position[name]))
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{path}: header invalid ({type(e).__name__}: {e})") from e
-    return order, metadata
-
-
-def _parse_ties(raw: str, names: dict[str, torch.Tensor], path: StrPath) -> dict[str, str]:
-    try:
-        ties = json.loads(raw)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: header invalid: metadata {TIED_KEY!r} is not JSON ({e})") from e
-    if not isinstance(ties, dict) or not all(isinstance(v, str) for v in ties.values()):
-        raise CheckpointError(f"{path}: header invalid: metadata {TIED_KEY!r} must be a JSON object of names")
-    for alias, source in ties.items():
-        if alias in names:
-            problem = f"{alias!r} is a tensor in the file"
-        elif source not in names:
-            problem = f"{source!r} is not in the file"
-        else:
-            continue
-        raise CheckpointError(f"{path}: header invalid: {TIED_KEY!r} ties {alias!r} to {source!r}, but {problem}")
-    return ties
-
-
-def _owns_memory(t: torch.Tensor) -> bool:
-    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-
-
 def load_safetensors_metadata(path: StrPath) -> dict[str, str]:
     """The metadata of a safetensors file, read from its header alone."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(min(n, 100 << 20)))
-        metadata = header.get("__metadata__") or {}
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
     return {k: v for k, v in metadata.items() if k != TIED_KEY}
 
 
@@ -382,8 +262,7 @@ def load_safetensors(
     """Read a safetensors file; return (tensors in the file's data order, metadata or {}).
 
     Every tensor owns writable memory; tied weights come back as one tensor object under each of their names.
-    The safetensors package validates the file (the tensors' byte ranges must tile the data exactly); whatever
-    is wrong with a file is raised as a CheckpointError naming it.
+    The safetensors package validates the file; whatever is wrong with it is raised as a CheckpointError naming it.
     """
     try:
         data = Path(path).read_bytes()
@@ -394,22 +273,26 @@ def load_safetensors(
     except MemoryError:
         raise
     except Exception as e:  # SafetensorError, or KeyError for a dtype the torch binding lacks
-        raise CheckpointError(f"{path}: {_explain(e, len(data))}") from e
-    order, metadata = _header(data, path)
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated, damaged or another format): "
+                              f"{type(e).__name__}: {e}") from e
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # validated by the package
     del data
-    if set(order) != set(loaded):
-        raise CheckpointError(f"{path}: header invalid: its tensor names differ from what safetensors loaded")
-    device = torch.device(device)
-    tensors: dict[str, torch.Tensor] = {}
-    for name in order:
+    metadata = header.pop("__metadata__", None) or {}
+    device, tensors = torch.device(device), {}
+    for name in sorted(header, key=lambda name: header[name]["data_offsets"][0]):  # empty tensors keep header order
         t = loaded.pop(name)
         if t.dtype == torch.bool and t.numel() and int(t.view(torch.uint8).max()) > 1:
             raise CheckpointError(f"{path}: BOOL tensor {name!r} holds bytes other than 0 and 1")
-        tensors[name] = (t if _owns_memory(t) else t.clone()).to(device)
-    tied = metadata.pop(TIED_KEY, None)
-    if tied is not None:
-        for alias, source in _parse_ties(tied, tensors, path).items():
-            tensors[alias] = tensors[source]
+        owns_memory = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        tensors[name] = (t if owns_memory else t.clone()).to(device)
+    try:
+        ties = json.loads(metadata.pop(TIED_KEY, "{}"))
+        if any(alias in tensors for alias in ties):
+            raise ValueError("an alias is also a tensor in the file")
+        tensors.update({alias: tensors[source] for alias, source in ties.items()})
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise CheckpointError(f"{path}: header invalid: metadata {TIED_KEY!r} does not tie names of the file "
+                              f"({type(e).__name__}: {e})") from e
     return tensors, metadata
 
 

@@ -9,9 +9,7 @@ between them).
 
 from __future__ import annotations
 
-import inspect
 import os
-import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -83,41 +81,30 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    meter = CollectiveMeter()
     try:
-        with meter:
-            hashes = _gather(config_hash(cfg), world)
-            if len(set(hashes)) > 1:
-                raise ValueError(f"the ranks were started with different configs (hashes {hashes})")
-            B = cfg.dblocks.num_blocks
-            blocks = rank_blocks(B, world, rank)
-            data_parallel = None
-            if world > B:  # one sub-group per block; every rank takes part in creating every group
-                groups = [dist.new_group([b + i * B for i in range(world // B)]) for b in range(B)]
-                data_parallel = DataParallel(groups[rank % B], rank // B, world // B)
-            if rank == 0 and not resume and out.is_dir():
-                _clear_earlier_run(out, cfg, world)
-            try:
-                results = _train_rank(cfg, out, rank, blocks, device, data_parallel, resume, progress, overwrite)
-            except Stopped:  # every rank saved its checkpoint: the run goes on as a whole, merge included
-                if rank == 0:
-                    print(f"the whole run continues with: torchrun --nproc_per_node {world} -m diffusionblocks "
-                          f"train --resume {out}", file=sys.stderr)
-                raise
-        # what this rank handed to collectives, per process group, measured (the gather below is not in it)
+        hashes = _gather(config_hash(cfg), world)
+        if len(set(hashes)) > 1:
+            raise ValueError(f"the ranks were started with different configs (hashes {hashes})")
+        B = cfg.dblocks.num_blocks
+        blocks = rank_blocks(B, world, rank)
+        data_parallel = None
+        if world > B:  # one sub-group per block; every rank takes part in creating every group
+            groups = [dist.new_group([b + i * B for i in range(world // B)]) for b in range(B)]
+            data_parallel = DataParallel(groups[rank % B], rank // B, world // B)
+        if rank == 0 and not resume and out.is_dir():
+            _clear_earlier_run(out, cfg, world)
+        try:
+            results = _train_rank(cfg, out, rank, blocks, device, data_parallel, resume, progress, overwrite)
+        except Stopped:  # every rank saved its checkpoint: the run goes on as a whole, merge included
+            if rank == 0:
+                print(f"the whole run continues with: torchrun --nproc_per_node {world} -m diffusionblocks "
+                      f"train --resume {out}", file=sys.stderr)
+            raise
         everyone = _gather({"rank": rank, "blocks": blocks, "train_seconds": results["train_seconds"],
-                            "steps": results["steps"], "layer_updates": results["layer_updates"],
-                            "collectives": meter.report()}, world)
+                            "steps": results["steps"], "layer_updates": results["layer_updates"]}, world)
         dist.barrier()
-        block_of = {r["rank"]: set(r["blocks"]) for r in everyone}
-        spans = lambda ranks: len(set().union(*(block_of[r] for r in ranks))) > 1  # a group holding 2+ blocks
-        between = sum(g["tensor_bytes"] for r in everyone for g in r["collectives"] if spans(g["ranks"]))
-        within = sum(g["tensor_bytes"] for r in everyone for g in r["collectives"] if not spans(g["ranks"]))
         summary = {"world_size": world, "rank": rank, "blocks": blocks, "ranks": everyone,
                    "layer_updates": results["layer_updates"],
-                   "gradient_bytes_between_blocks": between, "gradient_bytes_within_blocks": within,
-                   "object_bytes_between_blocks": sum(g["object_bytes"] for r in everyone for g in r["collectives"]
-                                                      if spans(g["ranks"])),
                    "process_groups": ["default (config agreement at the start, results at the end)"]
                    + ([f"block {b}: ranks {[b + i * B for i in range(world // B)]} (data-parallel)"
                        for b in range(B)] if data_parallel else [])}
@@ -139,59 +126,6 @@ def _gather(obj, world: int) -> list:
     objs = [None] * world
     dist.all_gather_object(objs, obj)
     return objs
-
-
-class CollectiveMeter:
-    """Counts, per process group, the bytes this rank hands to torch.distributed collectives while inside
-    the context: tensors (all_reduce, all_gather, broadcast, ...) and pickled objects (all_gather_object,
-    ...). It wraps the functions of torch.distributed, so every caller is counted, not only ours."""
-
-    # the position of the parameter holding what this rank sends (a tensor, or a list of them)
-    TENSOR_OPS = {"all_reduce": 0, "broadcast": 0, "reduce": 0, "send": 0, "isend": 0, "gather": 0,
-                  "all_gather": 1, "all_gather_into_tensor": 1, "reduce_scatter": 1, "reduce_scatter_tensor": 1,
-                  "all_to_all": 1, "all_to_all_single": 1, "scatter": 1}
-    OBJECT_OPS = {"all_gather_object": 1, "gather_object": 0, "broadcast_object_list": 0, "scatter_object_list": 1}
-
-    def __init__(self):
-        self.groups: dict[tuple[int, ...], dict[str, int]] = {}
-        self._saved: dict[str, object] = {}
-
-    def _count(self, group, kind: str, nbytes: int):
-        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
-        entry = self.groups.setdefault(ranks, {"tensor_bytes": 0, "object_bytes": 0, "calls": 0})
-        entry[kind] += nbytes
-        entry["calls"] += 1
-
-    def _wrap(self, name: str, fn):
-        signature = inspect.signature(fn)
-        what = list(signature.parameters)[self.TENSOR_OPS.get(name, self.OBJECT_OPS.get(name))]
-
-        def counted(*args, **kwargs):
-            given = signature.bind_partial(*args, **kwargs).arguments  # by position or by keyword alike
-            sent, group = given.get(what), given.get("group")
-            if name in self.OBJECT_OPS:
-                self._count(group, "object_bytes", len(pickle.dumps(sent)))
-            else:
-                tensors = [sent] if torch.is_tensor(sent) else [t for t in sent or () if torch.is_tensor(t)]
-                self._count(group, "tensor_bytes", sum(t.numel() * t.element_size() for t in tensors))
-            return fn(*args, **kwargs)
-        return counted
-
-    def __enter__(self):
-        for name in [*self.TENSOR_OPS, *self.OBJECT_OPS]:
-            if hasattr(dist, name):
-                self._saved[name] = getattr(dist, name)
-                setattr(dist, name, self._wrap(name, self._saved[name]))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self._saved.items():
-            setattr(dist, name, fn)
-        self._saved.clear()
-        return False
-
-    def report(self) -> list[dict]:
-        return [{"ranks": list(ranks), **counts} for ranks, counts in sorted(self.groups.items())]
 
 
 def _clear_earlier_run(out: Path, cfg: RunConfig, world: int) -> None:

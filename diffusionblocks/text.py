@@ -9,7 +9,7 @@ Settings are chosen on ``validation`` and reported on ``test``.
 
 A token stream is every document of a split followed by :data:`SEPARATOR`, normalized by the tokenizer, then
 encoded; its metadata records ``n_chars``, the characters of that normalized text, the denominator of bits per
-character. A part module: numpy, the standard library and the package's io and fd; ``tokenizers`` (BPE) and
+character. A part module: numpy, the standard library and the package's io; ``tokenizers`` (BPE) and
 ``datasets`` (LM1B, OpenWebText) are the optional extra ``pip install 'diffusionblocks[text]'``, imported when
 needed.
 """
@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import io
-from .fd import cache_dir
+from .io import cache_dir
 
 SPLITS = ("train", "validation", "test")
 CORPORA = ("shakespeare", "python", "text8", "lm1b", "openwebtext")

@@ -19,7 +19,6 @@ from torch import nn
 from . import io
 from .config import RunConfig, save_config
 from .data import absolute_data_paths
-from .fd import cache_dir
 from .memory import saved_activation_bytes
 from .methods import EMA, Method, get_method
 from .run import (
@@ -338,7 +337,7 @@ def _metrics(ev: dict) -> dict:
 def reference_model(cfg: RunConfig, name: str, progress: bool = True) -> nn.Module:
     """The model of a run of `cfg`, trained once and cached in $DIFFUSIONBLOCKS_CACHE/<name> (reference
     networks of sample-quality metrics, e.g. the FD classifier), in eval mode."""
-    run = cache_dir() / name
+    run = io.cache_dir() / name
     if not (run / RESULTS).exists():
         run.parent.mkdir(parents=True, exist_ok=True)
         with RunLock(run.parent, wait=True):  # a second process waits for the first one's training

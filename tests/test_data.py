@@ -31,7 +31,7 @@ REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-u
 def isolated_data_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may see the machine's /usr/share/datasets, the user's cache or the network."""
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-system-dir")
-    monkeypatch.setenv(data.CACHE_ENV_VAR, str(tmp_path / "env-cache"))
+    monkeypatch.setenv("DIFFUSIONBLOCKS_CACHE", str(tmp_path / "env-cache"))
 
     def no_network(*args: object, **kwargs: object) -> None:
         raise OSError("network disabled in tests")

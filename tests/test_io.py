@@ -4,6 +4,7 @@ atomic replacement, torch checkpoints, JSON lines."""
 import json
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import safetensors.torch as st
@@ -23,18 +24,8 @@ from diffusionblocks.io import (
     save_safetensors,
 )
 
-CLASSIC_DTYPES = {
-    torch.float64,
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-}
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -51,7 +42,7 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], g: torch.Generator
 
 def all_dtype_tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    out = {str(dtype): random_tensor(dtype, (3, 5), g) for dtype in io.supported_dtypes()}
+    out = {str(dtype): random_tensor(dtype, (3, 5), g) for dtype in DTYPES}
     out["scalar"] = torch.tensor(3.5)
     out["scalar_bf16"] = torch.tensor(-1.25, dtype=torch.bfloat16)
     out["empty"] = torch.zeros(0, 4)
@@ -100,18 +91,8 @@ def assert_owns_writable_memory(t: torch.Tensor) -> None:
 # safetensors roundtrip and format
 
 
-def test_supported_dtypes_are_what_the_package_round_trips():
-    supported = io.supported_dtypes()
-    assert supported >= CLASSIC_DTYPES
-    assert torch.complex128 not in supported and torch.complex32 not in supported
-    for dtype in supported:
-        back = st.load(st.save({"x": torch.zeros(2, dtype=dtype)}))["x"]
-        assert back.dtype == dtype
-
-
 def test_roundtrip_every_dtype_with_metadata(tmp_path):
     tensors = all_dtype_tensors()
-    assert {t.dtype for t in tensors.values()} == set(io.supported_dtypes())
     metadata = {"step": "12", "config": json.dumps({"lr": 1e-3}), "note": "héllo"}
     path = tmp_path / "model.safetensors"
     save_safetensors(tensors, path, metadata=metadata)
@@ -304,24 +285,24 @@ def test_tie_metadata_key_is_reserved_and_checked_on_load(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("tensors", "metadata", "message"),
+    ("tensors", "metadata"),
     [
-        ([torch.ones(1)], None, "expected a dict"),
-        ({1: torch.ones(1)}, None, "names must be str"),
-        ({"__x": torch.ones(1)}, None, "starts with '__'"),
-        ({"a": [1.0]}, None, "'a' is a list, not a torch.Tensor"),
-        ({"a": torch.ones(2, dtype=torch.complex128)}, None, "'a' has unsupported dtype torch.complex128"),
-        ({"a": torch.ones(2, device="meta")}, None, "'a' is a torch.strided tensor on meta; only dense"),
-        ({"a": torch.ones(2).to_sparse()}, None, "'a' is a torch.sparse_coo tensor"),
-        ({"a": torch.ones(1)}, {"step": 3}, "metadata must map str -> str"),
-        ({"a": torch.ones(1)}, [("k", "v")], "metadata must be a dict"),
+        ([torch.ones(1)], None),
+        ({1: torch.ones(1)}, None),
+        ({"__metadata__": torch.ones(1)}, None),  # the package would write it, as a broken header
+        ({"a": [1.0]}, None),
+        ({"a": torch.ones(2, dtype=torch.complex128)}, None),
+        ({"a": torch.ones(2, device="meta")}, None),
+        ({"a": torch.ones(2).to_sparse()}, None),
+        ({"a": torch.ones(1)}, {"step": 3}),
+        ({"a": torch.ones(1)}, [("k", "v")]),
     ],
 )
-def test_bad_input_is_rejected(tmp_path, tensors, metadata, message):
+def test_bad_input_is_rejected(tmp_path, tensors, metadata):
     path = tmp_path / "bad.safetensors"
-    with pytest.raises(CheckpointError, match=message) as info:
+    with pytest.raises(CheckpointError) as info:
         save_safetensors(tensors, path, metadata=metadata)
-    assert str(path) in str(info.value)
+    assert str(info.value).startswith(f"{path}: ")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -344,16 +325,14 @@ def test_truncated_file(tmp_path, keep):
 
 def test_garbage_and_foreign_files(tmp_path):
     path = tmp_path / "g.safetensors"
-    body = b"this is not json"
-    path.write_bytes(struct.pack("<Q", len(body)) + body)
-    with pytest.raises(CheckpointError, match="g.safetensors: header invalid.*not a safetensors file"):
-        load_safetensors(path)
-    path.write_bytes(b"PK\x03\x04 a zip file, e.g. from torch.save")
-    with pytest.raises(CheckpointError, match="g.safetensors: .*not a safetensors file"):
-        load_safetensors(path)
-    atomic_torch_save({"w": torch.ones(3)}, path)
-    with pytest.raises(CheckpointError, match="g.safetensors: .*not a safetensors file"):
-        load_safetensors(path)
+    not_json = struct.pack("<Q", 16) + b"this is not json"
+    for write in (lambda: path.write_bytes(not_json), lambda: path.write_bytes(b"PK\x03\x04 a zip file"),
+                  lambda: atomic_torch_save({"w": torch.ones(3)}, path)):
+        write()
+        with pytest.raises(CheckpointError, match="g.safetensors: not a readable safetensors file"):
+            load_safetensors(path)
+        with pytest.raises(CheckpointError, match="g.safetensors: not a readable safetensors file"):
+            io.load_safetensors_metadata(path)
 
 
 def write_raw(path, header: dict, data: bytes) -> None:
@@ -361,25 +340,28 @@ def write_raw(path, header: dict, data: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
+UNREADABLE = "not a readable safetensors file"
+
+
 @pytest.mark.parametrize(
     ("header", "data", "message"),
     [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8 + b"extra", "extra bytes"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8 + b"extra", UNREADABLE),
         (
             {
                 "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                 "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
             },
             b"\0" * 8,
-            "header invalid",
+            UNREADABLE,
         ),
-        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "header invalid"),
-        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "header invalid"),
-        ({"a": {"dtype": "X99", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, "header invalid.*X99"),
-        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "header invalid"),
-        ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "header invalid.*data_offsets"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, UNREADABLE),
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, UNREADABLE),
+        ({"a": {"dtype": "X99", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, f"{UNREADABLE}.*X99"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, UNREADABLE),
+        ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, f"{UNREADABLE}.*data_offsets"),
         ({"a": {"dtype": "BOOL", "shape": [1], "data_offsets": [0, 1]}}, b"\x07", "other than 0 and 1"),
-        ({"__metadata__": {"k": 1}}, b"", "header invalid"),
+        ({"__metadata__": {"k": 1}}, b"", UNREADABLE),
     ],
 )
 def test_invalid_files_are_rejected(tmp_path, header, data, message):
@@ -393,8 +375,8 @@ def test_invalid_files_are_rejected(tmp_path, header, data, message):
 @pytest.mark.parametrize(
     ("error", "message"),
     [
-        (KeyError("F8_E8M0"), "a tensor has dtype 'F8_E8M0', which the installed safetensors/torch cannot load"),
-        (RuntimeError("something new"), r"not a valid safetensors file \[RuntimeError: something new\]"),
+        (KeyError("F8_E8M0"), "KeyError: 'F8_E8M0'"),
+        (RuntimeError("something new"), "RuntimeError: something new"),
     ],
 )
 def test_any_error_of_the_package_becomes_a_checkpoint_error(tmp_path, monkeypatch, error, message):
@@ -405,7 +387,7 @@ def test_any_error_of_the_package_becomes_a_checkpoint_error(tmp_path, monkeypat
         raise error
 
     monkeypatch.setattr(io.safetensors.torch, "load", fail)
-    with pytest.raises(CheckpointError, match=f"p.safetensors: {message}"):
+    with pytest.raises(CheckpointError, match=f"p.safetensors: {UNREADABLE}.*{message}"):
         load_safetensors(path)
 
 
@@ -534,6 +516,13 @@ def test_load_torch_refuses_arbitrary_objects_and_missing_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="junk.pt"):
         load_torch(tmp_path / "junk.pt")
+
+
+def test_cache_dir_is_the_environment_variable_else_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSIONBLOCKS_CACHE", str(tmp_path))
+    assert io.cache_dir() == tmp_path
+    monkeypatch.delenv("DIFFUSIONBLOCKS_CACHE")
+    assert io.cache_dir() == Path.home() / ".cache" / "diffusionblocks"
 
 
 # -----------------------------------------------------------------------------

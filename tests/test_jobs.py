@@ -4,11 +4,13 @@ The strongest guarantee: a sequential run, per-block jobs merged afterwards and 
 give bit-identical weights (one thread per process everywhere: CPU matmul sums depend on the thread count).
 """
 
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,12 @@ from diffusionblocks.run import load_model
 from diffusionblocks.train import train
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
+
+# the benchmark's CollectiveMeter and its torchrun worker, which counts what each rank hands to collectives
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "parallel_bench.py"
+_spec = importlib.util.spec_from_file_location("parallel_bench", BENCH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 COMMON = ["train.method=dblocks", "dblocks.num_blocks=2", "dblocks.shared_stem_head=false",
           "dblocks.block_choice=sequential", "train.steps=6", "train.threads=1", "train.ema=0.9",
@@ -182,7 +190,8 @@ def test_torchrun_parallel_equals_sequential(runs, tmp_path):
     for name in ("model.safetensors", "ema.safetensors"):
         assert same(weights(runs / "sequential", name), weights(out, name)), (name, proc.stderr[-2000:])
     results = io.load_json(out / "results.json")
-    assert results["world_size"] == 2 and results["gradient_bytes_between_blocks"] == 0
+    assert results["world_size"] == 2 and results["process_groups"] == [
+        "default (config agreement at the start, results at the end)"]
     assert [r["blocks"] for r in results["ranks"]] == [[0], [1]]
     assert 0 <= results["test_accuracy"] <= 1 and results["layer_updates"] == 6 * 4
 
@@ -214,18 +223,19 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_run_resumes(tmp_path
 
 
 def test_torchrun_more_ranks_than_blocks_is_data_parallel_inside_each_block(tmp_path):
-    out = tmp_path / "dp"
+    out, counts = tmp_path / "dp", tmp_path / "counts"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-           "-m", "diffusionblocks", "train", "--preset", "tiny", "--parallel", "blocks", "--out", str(out),
+           str(BENCH), "--metered", str(counts), "train", "--preset", "tiny", "--parallel", "blocks", "--out", str(out),
            "--no-progress", *COMMON, "train.steps=3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = io.load_json(out / "results.json")
-    # measured at the collectives: the block groups' all_reduce of gradients, nothing between blocks but the
-    # config hashes gathered at the start (objects)
-    assert results["gradient_bytes_between_blocks"] == 0 and results["gradient_bytes_within_blocks"] > 0
-    assert 0 < results["object_bytes_between_blocks"] < 10_000
-    per_rank = {r["rank"]: {tuple(g["ranks"]): g for g in r["collectives"]} for r in results["ranks"]}
+    # measured at the collectives: the block groups' all_reduce of gradients, nothing between blocks but small
+    # objects (the config hashes at the start, the ranks' results at the end)
+    measured = bench.collective_bytes(bench.read_counts(counts), results)
+    assert measured["gradient_bytes_between_blocks"] == 0 and measured["gradient_bytes_within_blocks"] > 0
+    assert 0 < measured["object_bytes_between_blocks"] < 10_000
+    per_rank = {r: {tuple(g["ranks"]): g for g in report} for r, report in bench.read_counts(counts).items()}
     assert per_rank[0][(0, 2)]["tensor_bytes"] == per_rank[2][(0, 2)]["tensor_bytes"] > 0  # both members sent
     assert per_rank[0][(0, 1, 2, 3)]["tensor_bytes"] == 0
     assert [r["blocks"] for r in results["ranks"]] == [[0], [1], [0], [1]]
@@ -250,7 +260,7 @@ def test_torchrun_imagegen_merges_and_reports_its_fd(tmp_path):
     results = io.load_json(out / "results.json")
     assert results["task"] == "imagegen" and results["metric"] == "fd_classifier_features"
     assert results["fd_classifier_features"] > 0 and results["num_generated"] == 40
-    assert results["gradient_bytes_between_blocks"] == 0 and [r["blocks"] for r in results["ranks"]] == [[0], [1]]
+    assert [r["blocks"] for r in results["ranks"]] == [[0], [1]]
     assert "FD (classifier features)" in proc.stdout
     assert (cache / "fd-digits" / "model.safetensors").stat().st_mtime_ns == trained_at  # reused, not retrained
 
