@@ -14,13 +14,14 @@ No gradient crosses a block boundary: a block's input is built from the data alo
 plus noise of its own level), never from another block's output. The stem and head are either shared
 by all blocks (one copy, trained by every block) or replicated per block (fully independent blocks).
 Calling the stack with a level routes each sample to the block that owns it, so a sampler sees a plain
-denoiser whatever the number of blocks.
+denoiser whatever the number of blocks. The stack says which parameters each block owns (the BlockModel contract,
+methods/base.py); a model built on it gets the contract, with its readout, from StackModel.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -102,23 +103,35 @@ class BlockStack(nn.Module):
         start = sum(self.allocation[:block])
         return range(start, start + self.allocation[block])
 
-    # -- parameters: what a block's optimizer owns --------------------------------------------
-
     def stem_head(self, block: int) -> tuple[nn.Module, nn.Module]:
         blk = self.blocks[self.partition._check_block(block)]
         return (self.stem, self.head) if self.shared_stem_head else (blk.stem, blk.head)
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters every block trains (the shared stem/head); empty when they are replicated."""
-        if self.shared_stem_head:
-            yield from self.stem.parameters()
-            yield from self.head.parameters()
+    # -- the BlockModel contract (methods/base.py): what each block's optimizer owns ----------------
 
-    def block_parameters(self, block: int, include_shared: bool = True) -> Iterator[nn.Parameter]:
-        """Parameters that a training step on `block` updates."""
-        yield from self.blocks[self.partition._check_block(block)].parameters()
-        if include_shared:
-            yield from self.shared_parameters()
+    @property
+    def num_layers(self) -> int:
+        """Layers of one pass through every block (the end-to-end step's layer-updates)."""
+        return sum(self.allocation)
+
+    def block_layers(self, block: int) -> int:
+        return self.allocation[block]
+
+    def block_modules(self, block: int) -> list[nn.Module]:
+        """The modules only `block` uses: its layers, and its stem/head when they are replicated."""
+        return [self.blocks[self.partition._check_block(block)]]
+
+    def shared_modules(self) -> list[nn.Module]:
+        """The modules every block uses: the shared stem/head (none when they are replicated)."""
+        return [self.stem, self.head] if self.shared_stem_head else []
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        """Parameters that only a training step on `block` updates."""
+        return parameters_of(self.block_modules(block))
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that every block's training step updates."""
+        return parameters_of(self.shared_modules())
 
     # -- the denoiser ------------------------------------------------------------------------
 
@@ -159,6 +172,56 @@ class BlockStack(nn.Module):
             raise TypeError("noisy_input adds Gaussian noise; masked levels corrupt their input in the task")
         sigma = self.partition.sample(block, y.shape[0], generator, device=y.device).to(y.dtype)
         return self.precond.noise(y, sigma, generator), sigma
+
+
+def parameters_of(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """The parameters of some modules in order, a tied one once."""
+    return list(dict.fromkeys(p for m in modules for p in m.parameters()))
+
+
+class StackModel:
+    """The BlockModel contract (methods/base.py) of a model built on a BlockStack `self.stack` over `self.partition`,
+    with an optional readout after the stack: `readout`, shared by every block, or `readouts[b]`, block b's own
+    (add_readout). What else every block trains (a learned label table) a model names in `extra_shared`."""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.partition.num_blocks  # known before the stack is built
+
+    @property
+    def num_layers(self) -> int:
+        return self.stack.num_layers
+
+    def block_layers(self, block: int) -> int:
+        return self.stack.block_layers(block)
+
+    def add_readout(self, make) -> None:
+        """The readout, made after the stack (`make()` draws its weights): one shared, or one per block when the
+        stem/head are replicated."""
+        if self.stack.shared_stem_head:
+            self.readout = make()
+        else:
+            self.readouts = nn.ModuleList(make() for _ in range(self.num_blocks))
+
+    def readout_of(self, block: int) -> nn.Module:
+        readouts = getattr(self, "readouts", None)
+        return self.readout if readouts is None else readouts[block]
+
+    def block_modules(self, block: int) -> list[nn.Module]:
+        readouts = getattr(self, "readouts", None)
+        return self.stack.block_modules(block) + ([] if readouts is None else [readouts[block]])
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        return parameters_of(self.block_modules(block))
+
+    def extra_shared(self) -> list[nn.Parameter]:
+        """The model's own parameters besides the stack's and the readout's that every block trains."""
+        return []
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        readout = getattr(self, "readout", None)
+        shared = self.stack.shared_modules() + ([] if readout is None else [readout])
+        return parameters_of(shared) + self.extra_shared()
 
 
 def _take(cond, idx: torch.Tensor):

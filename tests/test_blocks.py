@@ -1,8 +1,11 @@
 import pytest
 import torch
 from conftest import vector_parts
+from torch import nn
 
-from diffusionblocks.blocks import BlockStack, split_layers
+from diffusionblocks.blocks import BlockStack, StackModel, split_layers
+from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.noise import LogNormalLevels, Partition
 from diffusionblocks.precond import mse_loss
 
@@ -80,7 +83,7 @@ def test_gradient_isolation(shared, block):
     assert bool(((stack.partition.route(sigma.double()) - block).abs() <= 1).all())
     loss = mse_loss(stack.denoise(block, z, sigma, cond), y, stack.precond.weight(sigma)).mean()
     loss.backward()
-    trained = {id(p) for p in stack.block_parameters(block)}
+    trained = {id(p) for p in stack.block_parameters(block) + stack.shared_parameters()}
     for name, p in stack.named_parameters():
         if id(p) in trained:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
@@ -130,7 +133,7 @@ def test_shared_and_replicated_stem_head_parameters():
     shared, _ = make_stack(3, 6, shared=True)
     repl, _ = make_stack(3, 6, shared=False)
     n_stem_head = sum(p.numel() for p in shared.shared_parameters())
-    n_layers = sum(p.numel() for b in range(3) for p in shared.block_parameters(b, include_shared=False))
+    n_layers = sum(p.numel() for b in range(3) for p in shared.block_parameters(b))
     assert sum(p.numel() for p in shared.parameters()) == n_layers + n_stem_head
     assert sum(p.numel() for p in repl.parameters()) == n_layers + 3 * n_stem_head
     assert list(repl.shared_parameters()) == []
@@ -138,3 +141,74 @@ def test_shared_and_replicated_stem_head_parameters():
     # one block's state is self-contained under its own prefix, ready for per-block checkpoints
     assert all(k.startswith("blocks.") for k in repl.state_dict())
     assert any(k.startswith("stem.") for k in shared.state_dict())
+
+
+# -- the BlockModel contract: each parameter is one block's own or shared ----------------------------------
+
+
+class ReadoutModel(StackModel, nn.Module):
+    """A model on the stack: a readout after it, and a scale of its own that every block trains."""
+
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.stack, _ = make_stack(3, 6, shared=shared)
+        self.partition = self.stack.partition
+        self.scale = nn.Parameter(torch.ones(4))
+        self.add_readout(lambda: nn.Linear(4, 5))
+
+    def extra_shared(self):
+        return [self.scale]
+
+    def block_loss(self, block, y, cond, generator=None):
+        z, sigma = self.stack.noisy_input(block, y, generator)
+        return self.readout_of(block)(self.scale * self.stack.denoise(block, z, sigma, cond)).square().mean(1)
+
+
+def owners(model) -> dict[str, list]:
+    """Each parameter's name -> the blocks whose own it is, and "shared" where every block trains it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {n: [] for n in names.values()}
+    for b in range(model.num_blocks):
+        for p in model.block_parameters(b):
+            found[names[id(p)]].append(b)
+    for p in model.shared_parameters():
+        found[names[id(p)]].append("shared")
+    return found
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_the_stack_owns_each_parameter_once(shared):
+    stack, _ = make_stack(3, 6, shared=shared)
+    found = owners(stack)
+    assert all(len(o) == 1 for o in found.values()), found
+    stem_head = {n for n in found if n.startswith(("stem.", "head."))}
+    assert {n for n, o in found.items() if o == ["shared"]} == stem_head and bool(stem_head) == shared
+    for b in range(3):  # block b owns what lies under its prefix: its layers, and a replicated stem/head
+        assert {n for n, o in found.items() if o == [b]} == {n for n in found if n.startswith(f"blocks.{b}.")}
+        assert [p for m in stack.block_modules(b) for p in m.parameters()] == stack.block_parameters(b)
+    assert stack.num_layers == 6 and [stack.block_layers(b) for b in range(3)] == [2, 2, 2]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_model_on_the_stack_shares_its_readout_or_gives_each_block_one(shared):
+    model = ReadoutModel(shared)
+    found = owners(model)
+    assert all(len(o) == 1 for o in found.values()), found
+    assert found["scale"] == ["shared"]
+    readouts = {n: o for n, o in found.items() if n.startswith("readout")}
+    if shared:  # one readout, as the stem/head
+        assert readouts == {"readout.weight": ["shared"], "readout.bias": ["shared"]}
+        assert model.readout_of(0) is model.readout_of(2) is model.readout
+    else:  # block b's own, under the names saved runs hold
+        assert readouts == {f"readouts.{b}.{k}": [b] for b in range(3) for k in ("weight", "bias")}
+        assert model.readout_of(1) is model.readouts[1] and model.readouts[1] in model.block_modules(1)
+    # DiffusionBlocks trains it: a step updates the block's own parameters and the shared ones, nothing else
+    cfg = apply_overrides(preset_tiny(), ["dblocks.num_blocks=3", "dblocks.block_choice=round-robin"])
+    randomize(model)
+    method = DBlocks(model, cfg, 6)
+    y, cond = torch.randn(8, 4), torch.randn(8, 3)
+    for b in range(3):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        assert method.step((y, cond))["block"] == b
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert changed == {n for n, o in found.items() if o in ([b], ["shared"])}

@@ -40,7 +40,8 @@ class BlockModel(Protocol):
     parameters of their own). `block_modules(b)` are the modules that hold block b's own parameters (a
     per-block job leaves the other blocks' modules unmaterialised). `block_layers(b)` counts the layer
     applications of one step on block b, tied or not: the unit of the layer-update budget. `partition` is
-    the noise partition (noise.Partition) the blocks own; per-block jobs record it for `merge`.
+    the noise partition (noise.Partition) the blocks own; per-block jobs record it for `merge`. A model built on a
+    BlockStack gets all of it but `block_loss` from blocks.StackModel.
     """
 
     num_blocks: int

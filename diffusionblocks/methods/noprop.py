@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import BlockStack
+from ..blocks import BlockStack, StackModel
 from ..config import RunConfig, allocation_of
 from ..models import LabelHead, LabelStem, vit_layers
 from ..noise import LogNormalLevels, Partition
@@ -70,7 +70,7 @@ def step_coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return a, b, c
 
 
-class NoPropClassifier(nn.Module):
+class NoPropClassifier(StackModel, nn.Module):
     """T label denoisers u_hat_t(z_(t-1), x) on DiffusionBlocks' block stack, the class table u, and the output
     layer p_out(y | z_T) = softmax(W z_T + c)."""
 
@@ -111,28 +111,10 @@ class NoPropClassifier(nn.Module):
                                 LabelHead(m.width, num_classes, m.label_head), self.partition,
                                 allocation=allocation_of(cfg), shared_stem_head=d.shared_stem_head,
                                 precond=PlainPrecond(), checkpoint_every=m.checkpoint)
-        self.readout = nn.Linear(label_dim, num_classes)  # p_out(y | z_T), shared by all blocks
+        self.readout = nn.Linear(label_dim, num_classes)  # p_out(y | z_T): shared by all blocks, whatever the stem/head
 
-    # -- the BlockModel contract (methods/base.py) -------------------------------------------------------
-
-    @property
-    def num_blocks(self) -> int:
-        return self.stack.num_blocks
-
-    def block_layers(self, block: int) -> int:
-        return self.stack.allocation[block]
-
-    def block_parameters(self, block: int) -> list[nn.Parameter]:
-        """Block t's own parameters: its layers (and its stem and head when they are replicated)."""
-        return list(self.stack.block_parameters(block, include_shared=False))
-
-    def block_modules(self, block: int) -> list[nn.Module]:
-        return [self.stack.blocks[block]]
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """What every block's step trains: a shared stem/head, the output layer, and a learned table."""
-        table = [self.table] if isinstance(self.table, nn.Parameter) else []
-        return list(self.stack.shared_parameters()) + list(self.readout.parameters()) + table
+    def extra_shared(self) -> list[nn.Parameter]:
+        return [self.table] if isinstance(self.table, nn.Parameter) else []  # a learned table
 
     # -- the model ------------------------------------------------------------------------------------
 

@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from .. import io
-from ..blocks import BlockStack
+from ..blocks import BlockStack, StackModel
 from ..config import RunConfig, allocation_of
 from ..models import NoisyCleanStem, NoisyHead, TokenHead, TokenStem, lm_layers
 from ..nn import KVCache, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond, label_target
 from ..sample import euler_step
-from .base import StackBlocks, check_label_table, interleaved_seconds, unknown_form
+from .base import check_label_table, interleaved_seconds, unknown_form
 from .lm import LN2, LMTask, TextData, load_text, token_ce
 
 
@@ -208,7 +208,7 @@ class NextTokenChain:
         return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
-class ARDiffusionLM(NextTokenChain, StackBlocks, nn.Module):
+class ARDiffusionLM(NextTokenChain, StackModel, nn.Module):
     """Autoregressive language modelling as DiffusionBlocks (paper App. E.4; METHOD.md section 7): B blocks, each a
     denoiser of the next token's normalised embedding on its own range of sigma, reading the clean earlier tokens.
 
@@ -245,27 +245,10 @@ class ARDiffusionLM(NextTokenChain, StackBlocks, nn.Module):
                       rope=m.positions == "rope"),
             stem, NoisyHead(m.width, label_dim), self.partition, allocation=allocation_of(cfg),
             shared_stem_head=d.shared_stem_head, precond=EDMPrecond(), checkpoint_every=m.checkpoint)
-        if d.shared_stem_head:
-            self.readout = nn.Linear(label_dim, vocab_size)
-        else:
-            self.readouts = nn.ModuleList(nn.Linear(label_dim, vocab_size) for _ in range(d.num_blocks))
+        self.add_readout(lambda: nn.Linear(label_dim, vocab_size))  # per block when stem/head are replicated
 
-    # -- what each block owns (replicated stem, head and readout are a block's own) ---------------------------
-
-    def readout_of(self, block: int) -> nn.Module:
-        return self.readout if self.cfg.shared_stem_head else self.readouts[block]
-
-    def block_parameters(self, block: int) -> list[nn.Parameter]:
-        own = super().block_parameters(block)
-        return own if self.cfg.shared_stem_head else own + list(self.readouts[block].parameters())
-
-    def block_modules(self, block: int) -> list[nn.Module]:
-        return super().block_modules(block) + ([] if self.cfg.shared_stem_head else [self.readouts[block]])
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        if not self.cfg.shared_stem_head:
-            return []
-        return super().shared_parameters() + list(self.readout.parameters()) + list(self.labels.parameters())
+    def extra_shared(self) -> list[nn.Parameter]:
+        return list(self.labels.parameters())  # a learned token table
 
     # -- the denoiser and its loss --------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from ..blocks import BlockStack
+from ..blocks import BlockStack, StackModel
 from ..config import RunConfig, allocation_of
 from ..data import to_float
 from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
@@ -53,7 +53,7 @@ class EndToEndClassifier(nn.Module):
         return [self.vit(x).argmax(-1)]
 
 
-class DiffusionClassifier(nn.Module):
+class DiffusionClassifier(StackModel, nn.Module):
     """The same layers cut into B label denoisers (DiffusionBlocks)."""
 
     def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
@@ -69,37 +69,12 @@ class DiffusionClassifier(nn.Module):
                                 LabelHead(m.width, label_dim, m.label_head), self.partition,
                                 allocation=allocation_of(cfg), shared_stem_head=d.shared_stem_head,
                                 checkpoint_every=m.checkpoint)
-        if d.shared_stem_head:
-            self.readout = nn.Linear(label_dim, num_classes)
-        else:
-            self.readouts = nn.ModuleList(nn.Linear(label_dim, num_classes) for _ in range(d.num_blocks))
+        self.add_readout(lambda: nn.Linear(label_dim, num_classes))  # per block when stem/head are replicated
 
     inference_options = ("steps_per_block", "grid", "bridge", "sigma_start", "init")
 
-    @property
-    def num_blocks(self) -> int:
-        return self.stack.num_blocks
-
-    def block_layers(self, block: int) -> int:
-        return self.stack.allocation[block]
-
-    def readout_of(self, block: int) -> nn.Module:
-        return self.readout if self.cfg.shared_stem_head else self.readouts[block]
-
-    def block_parameters(self, block: int) -> list[nn.Parameter]:
-        """What only `block` trains: its layers, and its stem/head/readout when those are replicated."""
-        own = list(self.stack.block_parameters(block, include_shared=False))
-        return own if self.cfg.shared_stem_head else own + list(self.readouts[block].parameters())
-
-    def block_modules(self, block: int) -> list[nn.Module]:
-        """The modules only `block` uses (block_parameters are theirs)."""
-        return [self.stack.blocks[block]] + ([] if self.cfg.shared_stem_head else [self.readouts[block]])
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """What every block trains (empty when stem/head are replicated)."""
-        if not self.cfg.shared_stem_head:
-            return []
-        return list(self.stack.shared_parameters()) + list(self.readout.parameters()) + list(self.labels.parameters())
+    def extra_shared(self) -> list[nn.Parameter]:
+        return list(self.labels.parameters())  # a learned label table
 
     def block_loss(self, block: int, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
         """Per-sample loss (N,) of `block` alone; no other block runs."""

@@ -38,12 +38,12 @@ import statistics
 import torch
 from torch import nn
 
-from ..blocks import BlockStack
+from ..blocks import BlockStack, StackModel
 from ..config import RunConfig, allocation_of
 from ..models import TokenHead, TokenStem, lm_layers
 from ..noise import MaskLevels, Partition
 from ..precond import PlainPrecond
-from .base import StackBlocks, interleaved_seconds, unknown_form
+from .base import interleaved_seconds, unknown_form
 from .lm import LMTask, TextData, token_ce
 
 
@@ -52,7 +52,7 @@ def masked_ce(logits: torch.Tensor, x: torch.Tensor, scored: torch.Tensor) -> to
     return (token_ce(logits, x) * scored).sum(1)
 
 
-class MaskedDiffusionLM(StackBlocks, nn.Module):
+class MaskedDiffusionLM(StackModel, nn.Module):
     """A masked-diffusion LM as B blocks over the masking time t (num_blocks=1: end to end, MD4 itself)."""
 
     def __init__(self, cfg: RunConfig, vocab_size: int, num_blocks: int | None = None):
