@@ -1,35 +1,27 @@
 """The `diffusionblocks` command line: one subcommand per job, each a small function over the library.
 
-The choices of --task and --method come from the registries (tasks/, methods/): a new task or method shows
-up here without editing this file.
+The choices of --task and --method, and the options of eval and sample (each task declares its own), come
+from the registries (tasks/, methods/): a new task or method shows up here without editing this file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from . import io
 from .compare import compare
 from .config import RunConfig, apply_overrides, load_preset, parse_ints
-from .data import DataError, load_dataset
-from .images import grid, save_png
 from .jobs import merge
 from .methods import METHODS
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Partition
 from .parallel import train_parallel
 from .plan import Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
-from .precond import BRIDGES
 from .run import CONFIG, LOCK, RUN_FILES, load_model, read_config, resolve_device, validate
-from .tasks import SPLITS, TASKS, ImageTask, get_task
-from .tasks.imagegen import ImageGenerator, generate
-from .tasks.lm import LMTask
+from .tasks import SPLITS, TASKS, Option, at_least, get_task
 from .train import reference_model, train
 from .version import __version__
 
@@ -86,13 +78,6 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     return validate(apply_overrides(cfg, args.overrides))
 
 
-def _default_preset(task: str | None) -> str:
-    """Without --preset: 'fashion' (an image config) for image tasks; another task's own full preset."""
-    if task is None or isinstance(get_task(task), ImageTask):
-        return "fashion"
-    return get_task(task).presets["full"]
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         given = [flag for flag, value in (("--out", args.out), ("--preset", args.preset), ("--task", args.task),
@@ -115,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ValueError("--out DIR is required (or --resume DIR to continue a run)")
-        args.preset = args.preset or _default_preset(args.task)
+        task = get_task(args.task or "classify")
+        args.preset = args.preset or task.train_preset or task.presets["full"]
         cfg = _run_config(args)
         run = train_parallel if cfg.train.parallel == "blocks" else train
         results = run(cfg, args.out, progress=not args.no_progress, overwrite=args.overwrite)
@@ -138,18 +124,45 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-# every task's `eval` options (each has a flag in _eval_parser)
-EVAL_OPTIONS = tuple(dict.fromkeys(k for task in TASKS.values() for k in task.eval_options))
+RUN_OWNED = frozenset((*RUN_FILES, LOCK, *(f for t in TASKS.values() for f in t.run_files)))  # never written over
+
+
+def _declared(kind: str) -> dict[str, list[tuple[str, Option]]]:
+    """Every task's options of `kind` ("eval" or "sample"), by name: [(task, its declaration), ...]."""
+    found = {}
+    for name, task in TASKS.items():
+        for o in task.options(kind):
+            found.setdefault(o.name, []).append((name, o))
+    return found
+
+
+def _add_options(p: argparse.ArgumentParser, kind: str) -> None:
+    """A flag for each option of `kind` some task takes; its help says what it is to each task that takes it."""
+    for declared in _declared(kind).values():
+        helps = {}
+        for task, o in declared:
+            helps.setdefault(o.help, []).append(task)
+        o = declared[0][1]
+        parse = {"action": "store_true"} if o.type is bool else {"type": o.type, "choices": o.choices}
+        p.add_argument(o.flag, default=None, help="; ".join(f"{', '.join(ts)}: {h}" for h, ts in helps.items()),
+                       **parse)
+
+
+def _given(args: argparse.Namespace, task, kind: str) -> dict:
+    """The options of `kind` given on the command line, refused unless the run's task takes them."""
+    given = {k: v for k in _declared(kind) if (v := getattr(args, k)) is not None and v is not False}
+    own = [o.name for o in task.options(kind)]
+    foreign = [k for k in given if k not in own]
+    if foreign:
+        flags = lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys) or "none"
+        raise ValueError(f"{flags(foreign)}: not an option of {task.name} runs (they take {flags(own)})")
+    return given
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg, model, data = load_model(args.run)
     task = get_task(cfg.task)
-    given = {k: getattr(args, k) for k in EVAL_OPTIONS if getattr(args, k) is not None}
-    foreign = [k for k in given if k not in task.eval_options]
-    if foreign:
-        flags = lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys)
-        raise ValueError(f"{flags(foreign)}: not an option of {task.name} runs (they take {flags(task.eval_options)})")
+    given = _given(args, task, "eval")
     ev = task.score(model, data, cfg, split=args.split, progress=not args.json, reference=reference_model, **given)
     ev.update(run=str(args.run), method=cfg.train.method, split=args.split,
               **{k: v for k, v in given.items() if k != "limit"})
@@ -158,44 +171,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{args.run}: {task.describe_score(ev)}")
     return 0
-
-
-IMAGE_SAMPLE_FLAGS = ("sampler", "grid", "cfg_scale", "classes", "nrow", "npz")
-TEXT_SAMPLE_FLAGS = ("length", "prompt", "temperature", "init")
-MAX_GRID = 4096  # images in one PNG grid (64 x 64): a bigger one is no use to look at; --npz takes more
-MAX_NPZ_BYTES = 2**31  # the --npz samples are held in memory (uint8) until written
-MAX_TEXT_TOKENS = 2**18  # --num x --length: text samples are drawn as one batch, a forward pass per token
-RUN_OWNED = frozenset((*RUN_FILES, LOCK, *(f for t in TASKS.values() for f in t.run_files)))  # never written over
-
-
-def _refuse(args: argparse.Namespace, flags: tuple[str, ...], what: str):
-    given = [f for f in flags if getattr(args, f) not in (None, False)]
-    if given:
-        raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in given)}: options of {what}")
-
-
-def _at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-        return value
-    return parse
-
-
-def _finite(text: str) -> float:
-    """An argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
 
 
 def _writable(path: str, flag: str, overwrite: bool) -> None:
@@ -213,50 +188,10 @@ def _writable(path: str, flag: str, overwrite: bool) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     _writable(args.out, "--out", args.overwrite)
-    npz = args.out[:-4] + ".npz" if args.npz and args.out.lower().endswith(".png") else None
-    if npz:
-        _writable(npz, "--npz", args.overwrite)
     cfg, model, data = load_model(args.run)
     task = get_task(cfg.task)
-    if isinstance(task, LMTask):  # text: the task samples and writes
-        _refuse(args, IMAGE_SAMPLE_FLAGS, "image generation")
-        length = args.length or cfg.data.seq_len
-        if args.num * length > MAX_TEXT_TOKENS:
-            raise ValueError(f"--num {args.num} x --length {length} = {args.num * length:,} tokens, over the "
-                             f"{MAX_TEXT_TOKENS:,} of one call (drawn as one batch, a forward pass per token)")
-        print(task.write_samples(model, data, cfg, args.out, num=args.num, length=length,
-                                 prompt=args.prompt or "", seed=args.seed, steps=args.steps,
-                                 temperature=args.temperature, init=args.init))
-        return 0
-    _refuse(args, TEXT_SAMPLE_FLAGS, "language models")
-    if not isinstance(model, ImageGenerator):
-        raise ValueError(f"{args.run} is a {cfg.task} run; sample draws images from an imagegen run or text from "
-                         f"a language-model run")
-    if not args.out.lower().endswith(".png"):
-        raise ValueError(f"--out {args.out!r}: expected a .png path")
-    classes = parse_ints(args.classes, "--classes", "0,1,2") if args.classes else None
-    if classes is not None:
-        model.check_classes(classes)
-    if args.num > MAX_GRID and not npz:
-        raise ValueError(f"--num {args.num}: a PNG grid shows at most {MAX_GRID} images; add --npz for more (the "
-                         f"grid then shows the first {MAX_GRID})")
-    shape = (model.channels, *model.image_size)
-    if args.num * math.prod(shape) > MAX_NPZ_BYTES:
-        raise ValueError(f"--num {args.num}: samples of {'x'.join(map(str, shape))} take "
-                         f"{args.num * math.prod(shape) / 2**30:.1f} GiB, over the {MAX_NPZ_BYTES / 2**30:g} GiB "
-                         f"one call holds; sample fewer per call (another --seed for more)")
-    g = cfg.gen
-    steps = args.steps if args.steps is not None else g.steps
-    images, labels, seconds = generate(model, args.num, seed=args.seed, classes=classes, steps=steps, uint8=True,
-                                       sampler=args.sampler or g.sampler, grid=args.grid or g.grid,
-                                       cfg_scale=args.cfg_scale if args.cfg_scale is not None else g.cfg_scale)
-    save_png(grid(images[:MAX_GRID], nrow=args.nrow), args.out)
-    print(f"wrote {args.out}: {min(args.num, MAX_GRID)} of {args.num} samples, {steps} steps, {seconds:.2f} s of "
-          f"sampling")
-    if npz:
-        with io.atomic_file(npz) as f:
-            np.savez(f, x=images.numpy(), **({"y": labels.numpy()} if labels is not None else {}))
-        print(f"wrote {npz} (x: uint8 images" + (", y: classes)" if labels is not None else ")"))
+    print(task.sample(model, data, cfg, args.out, num=args.num, seed=args.seed, **_given(args, task, "sample"),
+                      writable=lambda path, flag: _writable(path, flag, args.overwrite)))
     return 0
 
 
@@ -264,16 +199,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.quick and args.preset is not None:
         raise ValueError("--quick picks its own preset; use either --quick or --preset")
     task = get_task(args.task or (load_preset(args.preset).task if args.preset else "classify"))
-    if args.preset is None and not isinstance(task, ImageTask):
-        args.preset = task.presets["quick" if args.quick else "full"]
-    if args.preset is None:
-        try:
-            load_dataset("fashion-mnist", download=False)
-            args.preset = task.presets["quick" if args.quick else "full"]
-        except DataError:
-            print("Fashion-MNIST not found (apt-get install dataset-fashion-mnist); comparing on digits",
-                  file=sys.stderr)
-            args.preset = task.presets["offline-quick" if args.quick else "offline"]
+    args.preset = args.preset or task.compare_preset(args.quick)
     preset_task = load_preset(args.preset).task
     if preset_task != task.name and args.preset not in task.presets.values():  # arlm runs on the lm-* presets
         raise ValueError(f"preset {args.preset!r} is a {preset_task} preset; --task {task.name} needs one of its "
@@ -468,26 +394,9 @@ def _eval_parser(sub):
                        description="Evaluate a run's checkpoint on the full test set; for DiffusionBlocks the "
                                    "inference grid can differ from training's.")
     p.add_argument("run", help="run directory")
-    p.add_argument("--steps-per-block", type=_at_least(1), default=None, help="Euler steps per block")
-    p.add_argument("--grid", choices=GRID_KINDS, default=None)
-    p.add_argument("--bridge", choices=BRIDGES, default=None,
-                   help="x0 estimate from the logits: soft, hard, or unit (the soft one at unit norm)")
-    p.add_argument("--sigma-start", type=_finite, default=None, help="first level of the grid (default sigma_max)")
-    p.add_argument("--init", choices=("noise", "zero"), default=None, help="start from noise or from z = 0")
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="evaluate on the test split (default) or on the run's validation split (data.val_size)")
-    p.add_argument("--limit", type=_at_least(0), default=None,
-                   help="evaluate on the split's first N images (text: windows) only")
-    p.add_argument("--eval-t", type=_at_least(1), default=None,
-                   help="mdlm: stratified masking times per window in the bound (default mdlm.eval_t)")
-    p.add_argument("--num", type=_at_least(1), default=None,
-                   help="imagegen: samples for the FD (default gen.fd_samples)")
-    p.add_argument("--steps", type=_at_least(1), default=None, help="imagegen: sampling steps (default gen.steps)")
-    p.add_argument("--sampler", choices=("euler", "heun"), default=None, help="imagegen: ODE sampler")
-    p.add_argument("--cfg-scale", type=_finite, default=None, help="imagegen: classifier-free guidance scale")
-    p.add_argument("--fd-model", default=None, metavar="PATH",
-                   help="imagegen: also an FD in the features of this TorchScript extractor (e.g. Inception-v3 "
-                        "pool3, images given at 299x299 in [0, 255]: the standard FID); never downloaded")
+    _add_options(p, "eval")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -498,27 +407,10 @@ def _sample_parser(sub):
                                    "generation: a PNG grid (and with --npz the raw uint8 samples and their classes). "
                                    "Language models: a text file of --num samples of --length tokens.")
     p.add_argument("run", help="run directory (task imagegen, mdlm or arlm)")
-    p.add_argument("--num", type=_at_least(1), default=64,
-                   help=f"samples (images: at most {MAX_GRID} in the grid, more with --npz up to "
-                        f"{MAX_NPZ_BYTES // 2**30} GiB; text: --num x --length at most {MAX_TEXT_TOKENS:,} tokens)")
-    p.add_argument("--steps", type=_at_least(1), default=None,
-                   help="sampling steps (default gen.steps; mdlm: mdlm.sample_steps)")
-    p.add_argument("--length", type=_at_least(1), default=None, help="text: tokens per sample, the prompt's included "
-                                                              "(default data.seq_len)")
-    p.add_argument("--prompt", default=None, help="text: the start of every sample")
-    p.add_argument("--temperature", type=_finite, default=None,
-                   help="arlm: the softmax temperature of each drawn token, 0 = greedy (default 1; DiffusionBlocks: "
-                        "arlm.temperature, applied at the chain's last step)")
-    p.add_argument("--init", choices=("zero", "noise"), default=None,
-                   help="arlm DiffusionBlocks: start each token's Euler chain from z = 0 (deterministic) or from "
-                        "sigma_max noise (default dblocks.init; free generation needs noise: benchmarks/README.md)")
-    p.add_argument("--sampler", choices=("euler", "heun"), default=None)
-    p.add_argument("--grid", choices=GRID_KINDS, default=None)
-    p.add_argument("--cfg-scale", type=_finite, default=None, help="classifier-free guidance (conditional models)")
-    p.add_argument("--classes", default=None, help="comma-separated classes, cycled over the samples")
+    p.add_argument("--num", type=at_least(1), default=64, help="samples (default 64; what one call may draw is capped: "
+                                                                "see --npz, --length)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nrow", type=_at_least(1), default=None, help="images per row of the grid")
-    p.add_argument("--npz", action="store_true", help="also write the samples as OUT.npz")
+    _add_options(p, "sample")
     p.add_argument("--out", required=True, help="the PNG (images) or text file to write (not a file of a run)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and OUT.npz)")
     p.set_defaults(func=cmd_sample)

@@ -330,8 +330,14 @@ def test_the_readme_minimal_use_runs_as_written(capsys):
     assert "mean distance" in capsys.readouterr().out
 
 
-def test_every_task_eval_option_has_an_eval_flag():
+def test_the_cli_imports_no_task_module_and_offers_every_option_a_task_declares():
+    imported = _imports()["diffusionblocks.cli"]
+    assert "diffusionblocks.tasks" in imported  # the registry
+    assert {m for m in imported if m.startswith("diffusionblocks.tasks.")} == set()
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
-    flags = {a.dest for a in sub["eval"]._actions}
-    missing = {(name, k) for name, task in TASKS.items() for k in task.eval_options if k not in flags}
-    assert missing == set() and len(flags) > 5
+    for kind in ("eval", "sample"):
+        flags = {a.dest: a for a in sub[kind]._actions}
+        for task in TASKS.values():
+            for o in task.options(kind):  # a flag of the declared name, type and choices (the same for every task)
+                parsed = (None, None) if o.type is bool else (o.type, o.choices)
+                assert (flags[o.name].type, flags[o.name].choices) == parsed, (kind, task.name, o.name)

@@ -307,7 +307,7 @@ def test_cli_train_eval_and_sample(corpus, tmp_path, capsys):
     samples = text.read_text().split("=== sample ")[1:]
     assert len(samples) == 3 and all(s.split("\n", 1)[1].startswith("the king") for s in samples)
     assert main(["sample", run, "--out", str(text), "--overwrite", "--cfg-scale", "2"]) == 2
-    assert "--cfg-scale: options of image generation" in capsys.readouterr().err
+    assert "--cfg-scale: not an option of mdlm runs" in capsys.readouterr().err
 
 
 def test_compare_has_the_autoregressive_floor(corpus, tmp_path):

@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import randomized
 
-from diffusionblocks import cli
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, load_preset
 from diffusionblocks.images import read_png_size
+from diffusionblocks.tasks import imagegen
 from diffusionblocks.tasks.arlm import ARDiffusionLM, ARLMTask, AutoregressiveLM
+from diffusionblocks.tasks.lm import MAX_TEXT_TOKENS
 
 COMPARE = ["compare", "--preset", "tiny", "--methods", "e2e", "--no-progress", "train.steps=4"]
 
@@ -143,17 +144,17 @@ def test_sample_refuses_text_past_its_cap_before_sampling(text_run, tmp_path, ca
     monkeypatch.setattr(ARLMTask, "write_samples", never)
     for flags in (["--length", "1000000000"], ["--num", "100000", "--length", "8"]):
         assert main(["sample", str(text_run), *flags, "--out", str(tmp_path / "s.txt")]) == 2
-        assert f"over the {cli.MAX_TEXT_TOKENS:,}" in capsys.readouterr().err
+        assert f"over the {MAX_TEXT_TOKENS:,}" in capsys.readouterr().err
 
 
 def test_sample_refuses_images_past_its_caps_before_sampling(image_run, tmp_path, capsys, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("sampled")
 
-    monkeypatch.setattr(cli, "generate", never)
+    monkeypatch.setattr(imagegen, "generate", never)
     out = str(tmp_path / "s.png")
     assert main(["sample", str(image_run), "--num", "100000000", "--out", out]) == 2
-    assert f"at most {cli.MAX_GRID} images; add --npz" in capsys.readouterr().err
+    assert f"at most {imagegen.MAX_GRID} images; add --npz" in capsys.readouterr().err
     assert main(["sample", str(image_run), "--num", "100000000", "--npz", "--out", out]) == 2
     assert "GiB" in capsys.readouterr().err
 
@@ -161,13 +162,13 @@ def test_sample_refuses_images_past_its_caps_before_sampling(image_run, tmp_path
 def test_sample_npz_past_the_grid_and_never_over_an_existing_npz(image_run, tmp_path, capsys):
     out = tmp_path / "s.png"
     (tmp_path / "s.npz").write_bytes(b"data")
-    argv = ["sample", str(image_run), "--num", str(cli.MAX_GRID + 1), "--steps", "1", "--npz", "--out", str(out)]
+    argv = ["sample", str(image_run), "--num", str(imagegen.MAX_GRID + 1), "--steps", "1", "--npz", "--out", str(out)]
     assert main(argv) == 2
     assert "exists: give --overwrite" in capsys.readouterr().err and (tmp_path / "s.npz").read_bytes() == b"data"
     assert not out.exists()
     assert main([*argv, "--overwrite"]) == 0
     assert read_png_size(out) == (64 * 10 + 2,) * 2  # the first 64 x 64 of the 4097 8x8 images
-    assert np.load(tmp_path / "s.npz")["x"].shape == (cli.MAX_GRID + 1, 1, 8, 8)
+    assert np.load(tmp_path / "s.npz")["x"].shape == (imagegen.MAX_GRID + 1, 1, 8, 8)
 
 
 @pytest.mark.parametrize("model_cls", [AutoregressiveLM, ARDiffusionLM])

@@ -4,7 +4,7 @@ a new task is one new file (its class on the `base.Task` interface) plus its bac
 from __future__ import annotations
 
 from ..registry import discover
-from .base import SPLITS, ImageTask, Task, run_split, split_arrays
+from .base import SPLITS, ImageTask, Option, Task, at_least, run_split, split_arrays
 
 TASKS: dict[str, type[Task]] = discover(__name__, __path__, "TASK")
 
@@ -15,4 +15,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["SPLITS", "TASKS", "ImageTask", "Task", "get_task", "run_split", "split_arrays"]
+__all__ = ["SPLITS", "TASKS", "ImageTask", "Option", "Task", "at_least", "get_task", "run_split", "split_arrays"]

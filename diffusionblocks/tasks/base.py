@@ -9,10 +9,14 @@ headline metric, `metric`, better when `higher_is_better`). The loop never asks 
 
 from __future__ import annotations
 
+import argparse
+import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +25,9 @@ from torch import nn
 
 from .. import io
 from ..config import RunConfig
-from ..data import DATA_SHAPES, Batches, ImageDataset, augment, iterate_eval, load_dataset, to_float
+from ..data import DATA_SHAPES, Batches, DataError, ImageDataset, augment, iterate_eval, load_dataset, to_float
+from ..noise import GRID_KINDS
+from ..precond import BRIDGES
 
 SPLITS = ("test", "validation")
 VALIDATION_SEED = 20_261_201  # the validation split is the same for every run seed (data.val_size)
@@ -49,33 +55,6 @@ def split_arrays(data, split: str):
 Reference = Callable[[RunConfig, str, bool], nn.Module]
 
 
-class StackBlocks:
-    """The BlockModel interface (methods/base.py) of a model whose blocks are a BlockStack `self.stack` over the
-    noise partition `self.partition`: the number of blocks and of layers, a block's own parameters and modules,
-    its layer count, and the shared stem/head (a tied parameter once)."""
-
-    @property
-    def num_blocks(self) -> int:
-        return self.partition.num_blocks  # known before the stack is built
-
-    @property
-    def num_layers(self) -> int:
-        """Layers of one pass through every block (the end-to-end step's layer-updates)."""
-        return sum(self.stack.allocation)
-
-    def block_parameters(self, block: int) -> list[nn.Parameter]:
-        return list(self.stack.block_parameters(block, include_shared=False))
-
-    def block_modules(self, block: int) -> list[nn.Module]:
-        return [self.stack.blocks[block]]
-
-    def block_layers(self, block: int) -> int:
-        return self.stack.allocation[block]
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return list(dict.fromkeys(self.stack.shared_parameters()))
-
-
 @dataclass(frozen=True)
 class ImageShapes:
     """The shapes an image task builds its model from, without loading data (the memory planner)."""
@@ -83,6 +62,59 @@ class ImageShapes:
     image_size: tuple[int, int]
     channels: int
     num_classes: int
+
+
+@cache
+def at_least(low: int) -> Callable[[str], int]:
+    """A parser of an option's text: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
+def finite(text: str) -> float:
+    """A parser of an option's text: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    """A keyword option of a task's score() (the `eval` command) or sample() (`sample`): the flag --NAME
+    (underscores as dashes), None unless given."""
+
+    name: str
+    type: Callable[[str], Any] | None = None  # parses the flag's text (None: the text itself; bool: a switch)
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+# what an option's name stands for in a task's eval_options / sample_options: the evaluation's prefix and the
+# diffusion-inference options the models name (their inference_options)
+COMMON_OPTIONS = {o.name: o for o in (
+    Option("limit", at_least(0), "evaluate on the split's first N images (text: windows) only"),
+    Option("steps_per_block", at_least(1), "Euler steps per block"),
+    Option("grid", help="the inference grid", choices=GRID_KINDS),
+    Option("bridge", help="x0 estimate from the logits: soft, hard, or unit (the soft one at unit norm)",
+           choices=BRIDGES),
+    Option("sigma_start", finite, "first level of the grid (default sigma_max)"),
+    Option("init", help="DiffusionBlocks: start the Euler chain from sigma_max noise or from z = 0 (deterministic; "
+                        "default dblocks.init)", choices=("noise", "zero")))}
 
 
 class Task:
@@ -98,10 +130,13 @@ class Task:
     compare_roles: ClassVar[tuple[str, ...]] = ("e2e", "dblocks")  # the arms of `compare`
     shared_metrics: ClassVar[tuple[str, ...]] = ()  # results keys besides result_metric that its e2e runs hold,
     # so another task's compare may take this task as an arm reporting that key (arlm's test_bpc for mdlm)
-    eval_options: ClassVar[tuple[str, ...]] = ()  # keyword options evaluate()/score() take (CLI `eval` flags)
+    eval_options: ClassVar[tuple[Option | str, ...]] = ()  # score()'s keyword options (`eval` flags)
+    sample_options: ClassVar[tuple[Option | str, ...]] = ()  # sample()'s keyword options (`sample` flags)
+    named_options: ClassVar[dict[str, Option]] = COMMON_OPTIONS  # what a name in those two stands for
     run_files: ClassVar[tuple[str, ...]] = (DATA_FILE,)  # files save_with_run writes into a run directory
     # config presets `compare` starts from: "full", "quick", and "offline"/"offline-quick" without Fashion-MNIST
     presets: ClassVar[dict[str, str]] = {}
+    train_preset: ClassVar[str | None] = None  # the preset `train` starts from without --preset (None: "full")
 
     model_forms: ClassVar[tuple[str, ...]] = ("end-to-end", "blocks")  # the model forms build_model makes
     classifies_images: ClassVar[bool] = False  # builds a method's own image classifier (build_classifier)
@@ -109,6 +144,15 @@ class Task:
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         """Raise ValueError for settings this task cannot use."""
+
+    @classmethod
+    def options(cls, kind: str) -> tuple[Option, ...]:
+        """The Options this task takes in `eval` (kind "eval") or `sample` ("sample")."""
+        return tuple(cls.named_options[o] if isinstance(o, str) else o for o in getattr(cls, f"{kind}_options"))
+
+    def compare_preset(self, quick: bool) -> str:
+        """The preset `compare` starts from without --preset."""
+        return self.presets["quick" if quick else "full"]
 
     def arm_config(self, cfg: RunConfig, role: str) -> RunConfig:
         """A `compare` arm's config after the harness set its method and budget (compare.role_config), for the
@@ -197,6 +241,13 @@ class Task:
         the meta device): stem, head and loss, at cfg.train.batch_size and `element` bytes per element."""
         raise ValueError(f"the planner's activation formula does not cover task={self.name!r} yet")
 
+    def sample(self, model: nn.Module, data, cfg: RunConfig, out: str, *, num: int, seed: int,
+               writable: Callable[[str, str], None], **options) -> str:
+        """Draw `num` samples (seeded) into the file `out` (the `sample` command; `options`: sample_options given);
+        `writable(path, flag)` refuses any other file to write. Returns a line saying what was written."""
+        raise ValueError(f"a {self.name} run has nothing to sample: sample draws images from an image generation "
+                         "run or text from a language-model run")
+
     def summary(self, results: dict) -> str:
         """One line on a finished training run's results."""
         raise NotImplementedError
@@ -239,6 +290,18 @@ class ImageStream:
 
 class ImageTask(Task):
     """Labelled images (data.py): uint8 batches made float in [-1, 1] and augmented per unit stream."""
+
+    train_preset = "fashion"
+
+    def compare_preset(self, quick: bool) -> str:
+        """The digits presets where Fashion-MNIST is missing (it is never downloaded here)."""
+        try:
+            load_dataset("fashion-mnist", download=False)
+        except DataError:
+            print("Fashion-MNIST not found (apt-get install dataset-fashion-mnist); comparing on digits",
+                  file=sys.stderr)
+            return self.presets["offline-quick" if quick else "offline"]
+        return super().compare_preset(quick)
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:

@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..blocks import BlockStack
-from ..config import RunConfig, allocation_of, load_preset
+from .. import io
+from ..blocks import BlockStack, StackModel
+from ..config import RunConfig, allocation_of, load_preset, parse_ints
 from ..data import to_float
 from ..fd import ScriptedFeatures, features, frechet_distance
 from ..images import grid, save_png, to_uint8
@@ -29,10 +31,20 @@ from ..models import DiTHead, DiTStem, vit_layers
 from ..noise import GRID_KINDS, LogNormalLevels, Partition
 from ..precond import EDMPrecond, mse_loss
 from ..sample import SAMPLERS
-from .base import ImageShapes, ImageTask, Reference, StackBlocks, interleaved_seconds, split_arrays, unknown_form
+from .base import (
+    ImageShapes,
+    ImageTask,
+    Option,
+    Reference,
+    at_least,
+    finite,
+    interleaved_seconds,
+    split_arrays,
+    unknown_form,
+)
 
 
-class ImageGenerator(StackBlocks, nn.Module):
+class ImageGenerator(StackModel, nn.Module):
     """An EDM denoiser D(z, sigma, label) over images, as B blocks (num_blocks=1: end-to-end, plain EDM;
     default: dblocks.num_blocks)."""
 
@@ -242,6 +254,13 @@ def real_floor(classifier, x_split, x_train, num: int, f_real: torch.Tensor, spl
     return frechet_distance(f_other, f_real), where
 
 
+MAX_GRID = 4096  # images in one PNG grid (64 x 64): a bigger one is no use to look at; --npz takes more
+MAX_NPZ_BYTES = 2**31  # the samples of one `sample` call are held in memory (uint8) until written
+STEPS = Option("steps", at_least(1), "sampling steps (default gen.steps)")
+SAMPLER = Option("sampler", help="the ODE sampler (default gen.sampler)", choices=tuple(SAMPLERS))
+CFG_SCALE = Option("cfg_scale", finite, "classifier-free guidance scale (conditional models; default gen.cfg_scale)")
+
+
 class ImageGenTask(ImageTask):
     """Class-conditional image generation (DiT under EDM). Evaluated during training by the denoising loss
     at fixed levels; scored by FD (classifier features) of generated samples, lower is better."""
@@ -250,7 +269,15 @@ class ImageGenTask(ImageTask):
     metric, higher_is_better, result_metric, curve_metric = "fd_classifier_features", False, None, "eval_loss"
     compare_roles = ("e2e", "control", "dblocks")
     presets = {"full": "gen-fashion", "quick": "gen-quick", "offline": "gen-tiny", "offline-quick": "gen-tiny"}
-    eval_options = ("num", "steps", "sampler", "grid", "cfg_scale", "fd_model")
+    eval_options = (Option("num", at_least(1), "samples for the FD (default gen.fd_samples)"), STEPS, SAMPLER, "grid",
+                    CFG_SCALE, Option("fd_model", help="also an FD in the features of the TorchScript extractor at "
+                                      "this path (e.g. Inception-v3 pool3, images given at 299x299 in [0, 255]: the "
+                                      "standard FID); never downloaded"))
+    sample_options = (STEPS, SAMPLER, "grid", CFG_SCALE,
+                      Option("classes", help="comma-separated classes, cycled over the samples"),
+                      Option("nrow", at_least(1), "images per row of the grid"),
+                      Option("npz", bool, f"also write the uint8 samples (and classes) as OUT.npz: up to "
+                                          f"{MAX_NPZ_BYTES // 2**30} GiB, past the grid's {MAX_GRID} images"))
 
     def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
         if form not in ("end-to-end", "blocks"):
@@ -304,6 +331,36 @@ class ImageGenTask(ImageTask):
             raise ValueError("FD needs a reference classifier: pass reference=train.reference_model")
         return evaluate_samples(model, cfg, data, reference=reference, split=split, device=device, progress=progress,
                                 **{k: v for k, v in options.items() if v is not None})
+
+    def sample(self, model: ImageGenerator, data, cfg: RunConfig, out: str, *, num: int, seed: int, writable,
+               classes: str | None = None, nrow: int | None = None, npz: bool = False, **ode) -> str:
+        """A PNG grid of the first MAX_GRID samples at `out`; with `npz` all of them and their classes in OUT.npz.
+        `ode`: steps, sampler, grid, cfg_scale (default: the run's gen settings)."""
+        if not out.lower().endswith(".png"):
+            raise ValueError(f"--out {out!r}: expected a .png path")
+        npz_path = out[:-4] + ".npz"
+        if npz:
+            writable(npz_path, "--npz")
+        classes = parse_ints(classes, "--classes", "0,1,2") if classes else None
+        if classes is not None:
+            model.check_classes(classes)
+        if num > MAX_GRID and not npz:
+            raise ValueError(f"--num {num}: a PNG grid shows at most {MAX_GRID} images; add --npz for more (the grid "
+                             f"then shows the first {MAX_GRID})")
+        shape = (model.channels, *model.image_size)
+        if num * math.prod(shape) > MAX_NPZ_BYTES:
+            raise ValueError(f"--num {num}: samples of {'x'.join(map(str, shape))} take "
+                             f"{num * math.prod(shape) / 2**30:.1f} GiB, over the {MAX_NPZ_BYTES / 2**30:g} GiB one "
+                             f"call holds; sample fewer per call (another --seed for more)")
+        ode = {k: ode.get(k, getattr(cfg.gen, k)) for k in ("steps", "sampler", "grid", "cfg_scale")}
+        images, labels, seconds = generate(model, num, seed=seed, classes=classes, uint8=True, **ode)
+        save_png(grid(images[:MAX_GRID], nrow=nrow), out)
+        said = f"wrote {out}: {min(num, MAX_GRID)} of {num} samples, {ode['steps']} steps, {seconds:.2f} s of sampling"
+        if not npz:
+            return said
+        with io.atomic_file(npz_path) as f:
+            np.savez(f, x=images.numpy(), **({"y": labels.numpy()} if labels is not None else {}))
+        return f"{said}\nwrote {npz_path} (x: uint8 images" + (", y: classes)" if labels is not None else ")")
 
     def summary(self, results: dict) -> str:
         if self.metric in results:  # a scored run (block-parallel)

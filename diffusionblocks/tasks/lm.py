@@ -39,7 +39,7 @@ from ..text import (
     prepare_tokens,
     tokens_meta,
 )
-from .base import Task
+from .base import Option, Task, at_least, finite
 
 LN2 = math.log(2.0)
 TOKENIZER_FILE = "tokenizer.json"  # saved in every language-model run directory
@@ -148,6 +148,9 @@ def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, limit: int =
     return batches(), windows, covered
 
 
+MAX_TEXT_TOKENS = 2**18  # --num x --length: text samples are drawn as one batch, a forward pass per token
+
+
 class LMTask(Task):
     """A language model of text, scored in bits per character (lower is better) on held-out windows. A model
     offers `loss(x)` or `block_loss(block, x)` (nats per token, for training), `sequence_nats(x, pad,
@@ -155,9 +158,21 @@ class LMTask(Task):
     generator, device, **options)` (token ids)."""
 
     metric, higher_is_better, result_metric, curve_metric = "bpc", False, "test_bpc", "bpc"
-    eval_options: ClassVar[tuple[str, ...]] = ("limit",)
+    eval_options = ("limit",)
     run_files: ClassVar[tuple[str, ...]] = (*Task.run_files, TOKENIZER_FILE)
-    sample_options: ClassVar[tuple[str, ...]] = ()  # keyword options of the model's sample() (CLI `sample` flags)
+    # every language task samples --length tokens after a --prompt; a task names the model's options it takes
+    text_options = (Option("length", at_least(1), "tokens per sample, the prompt's included (default data.seq_len; "
+                                                   f"--num x --length at most {MAX_TEXT_TOKENS:,})"),
+                    Option("prompt", help="the start of every sample"))
+    named_options = {**Task.named_options, **{o.name: o for o in (
+        Option("eval_t", at_least(1), "stratified masking times per window in the bound (default mdlm.eval_t)"),
+        Option("steps", at_least(1), "sampling steps (default mdlm.sample_steps)"),
+        Option("temperature", finite, "the softmax temperature of each drawn token, 0 = greedy (default 1; "
+                                      "DiffusionBlocks: arlm.temperature, applied at the chain's last step)"))}}
+
+    @classmethod
+    def options(cls, kind: str) -> tuple[Option, ...]:
+        return (*(cls.text_options if kind == "sample" else ()), *super().options(kind))
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -284,14 +299,18 @@ class LMTask(Task):
         """How the figure was estimated, for summaries (" (exact)", " (an upper bound, K ...)")."""
         return ""
 
+    def sample(self, model, data: TextData, cfg: RunConfig, out, *, num: int, seed: int, writable,
+               length: int | None = None, prompt: str = "", **options) -> str:
+        length = length or cfg.data.seq_len
+        if num * length > MAX_TEXT_TOKENS:
+            raise ValueError(f"--num {num} x --length {length} = {num * length:,} tokens, over the "
+                             f"{MAX_TEXT_TOKENS:,} of one call (drawn as one batch, a forward pass per token)")
+        return self.write_samples(model, data, cfg, out, num=num, length=length, prompt=prompt, seed=seed, **options)
+
     def write_samples(self, model, data: TextData, cfg: RunConfig, out: str | Path, *, num: int, length: int,
                       prompt: str = "", seed: int = 0, device="cpu", **options) -> str:
         """`num` samples of `length` tokens (the prompt's included) decoded into a text file; returns a line
         saying what was written."""
-        unknown = [k for k, v in options.items() if v is not None and k not in self.sample_options]
-        if unknown:
-            flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-            raise ValueError(f"{flags}: not an option of {self.name} runs")
         options = {k: v for k, v in options.items() if v is not None}
         ids = data.tokenizer.encode(prompt) if prompt else np.zeros(0, dtype=np.int64)
         unk = data.tokenizer.unk_id
