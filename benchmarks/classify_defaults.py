@@ -59,7 +59,7 @@ def main():
     for weight, flip, mix in itertools.product(args.weights.split(","), [float(f) for f in args.flips.split(",")],
                                                [float(m) for m in args.mixes.split(",")]):
         cfg = role_config(base, "dblocks", args.seed)
-        cfg.dblocks.loss_weight, cfg.dblocks.input_flip, cfg.dblocks.input_mix = weight, flip, mix
+        cfg.chain.loss_weight, cfg.chain.input_flip, cfg.chain.input_mix = weight, flip, mix
         run_dir = out / f"dblocks-w{weight}-flip{flip}-mix{mix}"
         if not (run_dir / "results.json").exists():  # finished runs and their evaluations are reused
             train(cfg, run_dir, progress=False, overwrite=True)

@@ -39,8 +39,8 @@ def main():
     x, y = split_arrays(data, run_split(cfg))
     x, y = to_float(x[:args.n]), y[:args.n]
     stack, precond, gen = model.stack, model.stack.precond, torch.Generator().manual_seed(0)
-    report = {"run": args.run, "dim": model.labels.table.shape[1], "input_mix": cfg.dblocks.input_mix,
-              "input_flip": cfg.dblocks.input_flip, "training": [], "chain": []}
+    report = {"run": args.run, "dim": model.labels.table.shape[1], "input_mix": cfg.chain.input_mix,
+              "input_flip": cfg.chain.input_flip, "training": [], "chain": []}
     for b in range(model.num_blocks):  # training inputs, drawn as block_loss draws them
         z, sigma = stack.noisy_input(b, model.training_target(y, gen), gen)
         report["training"].append({"block": b, "sigma": stats(sigma), "z_norm": stats(z.norm(dim=-1)),
@@ -52,7 +52,7 @@ def main():
     model.predict(x, generator=torch.Generator().manual_seed(0))
     stack.denoise = denoise
     for block, z, sigma in seen:
-        report["chain"].append({"block": block, "sigma": sigma[0].item(), "init": cfg.dblocks.init,
+        report["chain"].append({"block": block, "sigma": sigma[0].item(), "init": cfg.chain.init,
                                 "z_norm": stats(z.norm(dim=-1)),
                                 "net_input_norm": stats((precond.c_in(sigma)[:, None] * z).norm(dim=-1))})
     fmt = lambda s: f"{s['median']:.3f} [{s['p05']:.3f}, {s['p95']:.3f}]"

@@ -61,7 +61,7 @@ def main():
 
     e2e, e2e_full, ds, cfg = arm(args.preset, args.overrides, "e2e")
     dblocks, dblocks_full, _, dcfg = arm(args.preset, args.overrides, "dblocks")
-    B, depth, n = dcfg.dblocks.num_blocks, cfg.model.depth, cfg.train.batch_size
+    B, depth, n = dcfg.blocks.num_blocks, cfg.model.depth, cfg.train.batch_size
     x, y = to_float(ds.x_train[:n]), ds.y_train[:n]
     fns = {"e2e": lambda: e2e.step((x, y)), "dblocks_cycle": lambda: [dblocks.step((x, y), b) for b in range(B)],
            "e2e_full": e2e_full, "dblocks_cycle_full": dblocks_full}

@@ -26,7 +26,7 @@ ARMS = {
     "c_noise unscaled (x1)": ["model.noise_scale=1"],
     "AdamW beta2 0.999": ["train.beta2=0.999"],
     "no weight decay": ["train.weight_decay=0"],
-    "half the inputs clean (chain-matched)": ["dblocks.input_clean=0.5"],
+    "half the inputs clean (chain-matched)": ["chain.input_clean=0.5"],
 }
 
 

@@ -47,7 +47,7 @@ def arm_configs(preset: str, overrides: list[str]) -> dict[str, RunConfig]:
         return cfg
 
     base = make()
-    if (base.dblocks.num_blocks, base.dblocks.partition, base.dblocks.gamma) != (3, "equiprob", 0.05):
+    if (base.blocks.num_blocks, base.blocks.partition, base.blocks.gamma) != (3, "equiprob", 0.05):
         raise SystemExit("the arms are defined around B = 3, equiprob, gamma 0.05: the preset has other defaults")
     arms = {DEFAULT: base,
             "B=3 uniform-log gamma=0.05": make(partition="uniform-log"),

@@ -125,7 +125,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/parallel.json")
     args = ap.parse_args()
     common = ["--preset", args.preset, "--method", "dblocks", "--num-blocks", str(args.blocks), "--no-progress",
-              "dblocks.shared_stem_head=false", "dblocks.block_choice=sequential", f"train.steps={args.steps}",
+              "blocks.shared_stem_head=false", "dblocks.block_choice=sequential", f"train.steps={args.steps}",
               "train.threads=1", "train.eval_limit=1000"]
     tmp = Path(tempfile.mkdtemp(prefix="parallel-bench-", dir="."))
     times: dict[str, list[float]] = {"one process": [], f"{args.blocks} processes": []}

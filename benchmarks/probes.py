@@ -77,9 +77,9 @@ def main():
         DB + ["train", "--preset", "gen-tiny", "--no-progress", "train.steps=4", "--out", "gen"],
         DB + ["train", "--preset", "lm-tiny", "--task", "arlm", "--method", "e2e", "--no-progress", "train.steps=4",
               "--out", "ar"],
-        DB + ["train", *tiny, "--method", "dblocks", "--blocks", "0", "dblocks.shared_stem_head=false",
+        DB + ["train", *tiny, "--method", "dblocks", "--blocks", "0", "blocks.shared_stem_head=false",
               "dblocks.block_choice=round-robin", "--out", "job0"],
-        DB + ["train", *tiny, "--method", "dblocks", "--blocks", "1", "dblocks.shared_stem_head=false",
+        DB + ["train", *tiny, "--method", "dblocks", "--blocks", "1", "blocks.shared_stem_head=false",
               "dblocks.block_choice=round-robin", "--out", "job1"],
     ]
     for cmd in setup:
@@ -200,7 +200,7 @@ def main():
                            shutil.copy(w / "job0" / "model.safetensors", w / "j1" / "model.safetensors")))
     probe("torchrun --nproc-per-node 1 --parallel blocks",
           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m",
-           "diffusionblocks", "train", *tiny, "--method", "dblocks", "dblocks.shared_stem_head=false",
+           "diffusionblocks", "train", *tiny, "--method", "dblocks", "blocks.shared_stem_head=false",
            "dblocks.block_choice=round-robin", "--parallel", "blocks", "--out", "par1"], want="ok")
     # data
     probe("CIFAR batch with a pickle payload", ["train", *tiny, "--data", "cifar10", "data.root=cifar",

@@ -33,7 +33,8 @@ from diffusionblocks.tasks.recurrent import (  # noqa: E402
 
 def flops(cfg, vocab: int, batch: int) -> dict:
     torch.manual_seed(0)
-    huginn, blocks = HuginnLM(cfg, vocab), RecurrentDiffusionLM(cfg, vocab)
+    huginn = HuginnLM(cfg.model, cfg.recurrent, cfg.arlm, vocab, cfg.data.seq_len)
+    blocks = RecurrentDiffusionLM(cfg.model, cfg.blocks, cfg.chain, cfg.recurrent, cfg.arlm, vocab, cfg.data.seq_len)
     x = torch.randint(vocab, (batch, cfg.data.seq_len))
     seed = torch.zeros(batch, dtype=torch.long)
     h = expected_huginn_flops(

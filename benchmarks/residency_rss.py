@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="block steps (random block choice: every block trains)")
     ap.add_argument("--out", default="benchmarks/results/residency_rss.json")
     ap.add_argument("overrides", nargs="*", default=["model.width=512", "model.heads=8", "train.batch_size=16",
-                                                     "dblocks.num_blocks=3"])
+                                                     "blocks.num_blocks=3"])
     args = ap.parse_args()
     rows = []
     for policy in ("all", "active"):

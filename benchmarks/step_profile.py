@@ -54,7 +54,7 @@ def main():
         ds = task.load_data(cfg)
         m = METHODS[method](build_model(cfg, ds), cfg, 10_000)
         arms[method] = (m, {b: task.stream(ds, cfg, seed) for b, seed in m.stream_seeds().items()})
-    B = cfg.dblocks.num_blocks
+    B = cfg.blocks.num_blocks
 
     def full(method, streams, block):  # as train.Run.step: the unit's batch, prepared, then the step
         stream = streams[block]

@@ -31,7 +31,7 @@ RUNS = {  # name: (preset, overrides)
                                               "data.seq_len=16"]),
     "recurrent-e2e": ("recurrent-quick", ["train.method=e2e", "train.steps=4", "model.width=32", "data.seq_len=16"]),
 }
-JOB = ["train.method=dblocks", "train.steps=20", "dblocks.shared_stem_head=false", "dblocks.block_choice=round-robin"]
+JOB = ["train.method=dblocks", "train.steps=20", "blocks.shared_stem_head=false", "dblocks.block_choice=round-robin"]
 
 
 def digest(path: Path) -> str:

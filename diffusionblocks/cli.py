@@ -67,7 +67,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 def _run_config(args: argparse.Namespace) -> RunConfig:
     cfg = load_preset(args.preset)
     for value, key in ((getattr(args, "task", None), "task"), (getattr(args, "method", None), "train.method"),
-                       (args.num_blocks, "dblocks.num_blocks"), (args.data, "data.name"), (args.steps, "train.steps"),
+                       (args.num_blocks, "blocks.num_blocks"), (args.data, "data.name"), (args.steps, "train.steps"),
                        (getattr(args, "seed", None), "train.seed"), (getattr(args, "blocks", None), "train.blocks"),
                        (getattr(args, "parallel", None), "train.parallel")):
         if value is not None and value != "":

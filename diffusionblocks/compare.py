@@ -33,7 +33,7 @@ def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
     cfg = copy.deepcopy(base)
     cfg.train.seed = seed
     cfg.train.budget = "layer-updates"
-    B = base.dblocks.num_blocks
+    B = base.blocks.num_blocks
     if role == "e2e":
         cfg.train.method = "e2e"
     elif role == "dblocks":

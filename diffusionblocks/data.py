@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gzip
 import hashlib
@@ -223,7 +224,9 @@ def absolute_data_paths(cfg):
     builtin = d.name.strip().lower() in _ALIASES or d.name in CORPORA
     name = d.name if builtin or not Path(d.name).expanduser().exists() else os.path.abspath(Path(d.name).expanduser())
     root, tokenizer_file = (os.path.abspath(Path(p).expanduser()) if p else p for p in (d.root, d.tokenizer_file))
-    return dataclasses.replace(cfg, data=dataclasses.replace(d, name=name, root=root, tokenizer_file=tokenizer_file))
+    cfg = copy.copy(cfg)  # the other sections are shared
+    cfg.data = dataclasses.replace(d, name=name, root=root, tokenizer_file=tokenizer_file)
+    return cfg
 
 
 def _read_bytes(path: Path) -> bytes:

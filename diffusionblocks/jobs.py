@@ -7,7 +7,7 @@ optimizer, so a block's weights do not depend on which other blocks trained besi
 or on which machine: a sequential run, a set of per-block jobs merged afterwards and a torchrun with the
 blocks spread over ranks give the same weights (bit-identical on a CPU; tests/test_jobs.py).
 
-This needs independent blocks: a replicated stem/head (``dblocks.shared_stem_head=false``). A shared
+This needs independent blocks: a replicated stem/head (``blocks.shared_stem_head=false``). A shared
 stem/head would be trained by every block, so jobs holding different blocks would end with different
 copies of it and no merge could be sound; jobs and parallel mode refuse it.
 
@@ -110,8 +110,8 @@ def _check_one_model(jobs):
             diff = _differences(job0[what], job[what])
             if diff:
                 raise ValueError(f"cannot merge {run0} and {run}: their {what} differs ({'; '.join(diff[:4])})")
-        if job["config_hash"] != job0["config_hash"]:
-            diff = _differences(model_identity(cfg0), model_identity(cfg))
+        diff = _differences(model_identity(cfg0), model_identity(cfg))  # as loaded: any version's config.json
+        if diff:
             raise ValueError(f"cannot merge {run0} and {run}: their configs differ ({'; '.join(diff[:4])})")
 
 

@@ -11,17 +11,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import cut
+from .config import BackboneConfig
 from .nn import AttentionLayout, NoiseEmbedding, PreNormLayer, SequenceLayer, TransformerLayer, run_layers
 
 
-def vit_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, *,
-               layer: str = "adaln", recompute_gate: bool = True) -> list[nn.Module]:
-    """`depth` transformer layers: adaLN-zero conditioned, or plain pre-norm ("prenorm", ignores c)."""
+def vit_layers(m: BackboneConfig, layer: str | None = None) -> list[nn.Module]:
+    """The backbone's transformer layers: adaLN-zero conditioned, or plain pre-norm ("prenorm", ignores c); `layer`
+    defaults to the backbone's."""
+    layer = layer or m.layer
     if layer == "prenorm":
-        return [PreNormLayer(width, heads, mlp_ratio, dropout) for _ in range(depth)]
+        return [PreNormLayer(m.width, m.heads, m.mlp_ratio, m.dropout) for _ in range(m.depth)]
     if layer != "adaln":
         raise ValueError(f"layer={layer!r}: expected 'adaln' or 'prenorm'")
-    return [TransformerLayer(width, heads, width, mlp_ratio, dropout, recompute_gate) for _ in range(depth)]
+    return [TransformerLayer(m.width, m.heads, m.width, m.mlp_ratio, m.dropout, m.gate_recompute)
+            for _ in range(m.depth)]
 
 
 class PatchEmbed(nn.Module):
@@ -235,11 +238,11 @@ class VectorHead(nn.Module):
 # -- language models: token stem and tied head around SequenceLayer stacks (tasks mdlm, arlm) ---------------
 
 
-def lm_layers(depth: int, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, *,
-              recompute_gate: bool = True, rope: bool = False) -> list[nn.Module]:
-    """`depth` adaLN-zero transformer layers that take (c, attention mask) as their conditioning; `rope`: rotary
-    positions in attention."""
-    return [SequenceLayer(width, heads, width, mlp_ratio, dropout, recompute_gate, rope) for _ in range(depth)]
+def lm_layers(m: BackboneConfig, depth: int | None = None) -> list[nn.Module]:
+    """The backbone's adaLN-zero transformer layers (`depth` of them, default its depth) that take (c, attention
+    mask) as their conditioning; with positions=rope, rotary positions in attention."""
+    return [SequenceLayer(m.width, m.heads, m.width, m.mlp_ratio, m.dropout, m.gate_recompute, m.positions == "rope")
+            for _ in range(m.depth if depth is None else depth)]
 
 
 def attention_mask(seq_len: int, causal: bool, pad: torch.Tensor | None, device) -> torch.Tensor | None:

@@ -85,7 +85,7 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
         hashes = _gather(config_hash(cfg), world)
         if len(set(hashes)) > 1:
             raise ValueError(f"the ranks were started with different configs (hashes {hashes})")
-        B = cfg.dblocks.num_blocks
+        B = cfg.blocks.num_blocks
         blocks = rank_blocks(B, world, rank)
         data_parallel = None
         if world > B:  # one sub-group per block; every rank takes part in creating every group
@@ -161,5 +161,5 @@ def _merge_and_score(cfg: RunConfig, out: Path, jobs: list[Path], device) -> dic
     task = get_task(cfg_m.task)
     split = run_split(cfg_m)
     score = task.score(model, data, cfg_m, split=split, device=device, reference=reference_model)
-    return {"task": cfg.task, "method": cfg.train.method, "num_blocks": cfg.dblocks.num_blocks,
+    return {"task": cfg.task, "method": cfg.train.method, "num_blocks": cfg.blocks.num_blocks,
             "metric": task.metric, "eval_split": split, **task.results(score, split)}

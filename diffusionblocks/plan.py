@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig, allocation_of
+from .config import RunConfig
 from .images import pyplot
 from .memory import StepMemory, measure_step
 from .methods import get_method
@@ -128,12 +128,12 @@ class Configuration:
         cfg.train.method = self.method
         cfg.model.checkpoint = self.checkpoint
         if self.method == "dblocks":
-            cfg.dblocks.num_blocks = self.num_blocks
+            cfg.blocks.num_blocks = self.num_blocks
             cfg.dblocks.residency = self.residency
             if cfg.model.depth % self.num_blocks:
-                cfg.dblocks.allocation = ",".join(str(n) for n in _even_allocation(cfg.model.depth, self.num_blocks))
-            elif allocation_of(cfg) and len(allocation_of(cfg)) != self.num_blocks:
-                cfg.dblocks.allocation = ""
+                cfg.blocks.allocation = ",".join(str(n) for n in _even_allocation(cfg.model.depth, self.num_blocks))
+            elif (given := cfg.blocks.layers_per_block()) and len(given) != self.num_blocks:
+                cfg.blocks.allocation = ""
         return cfg
 
 
@@ -285,7 +285,7 @@ def format_table(result: dict) -> str:
     uneven = {r["num_blocks"]: r["split"] for r in result["rows"] if len(set(r.get("split", ()))) > 1}
     for B, split in uneven.items():
         lines.append(f"B={B} splits the {sum(split)} layers {'+'.join(map(str, split))} (the rows count the largest "
-                     f"block); train it with dblocks.allocation={','.join(map(str, split))}")
+                     f"block); train it with blocks.allocation={','.join(map(str, split))}")
     return "\n".join(lines)
 
 

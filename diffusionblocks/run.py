@@ -312,9 +312,9 @@ def check_checkpoint(out: Path, state: dict, ema: bool) -> None:
 def job_record(cfg: RunConfig, model, blocks: list[int], steps_per_block: int, finished: bool = False) -> dict:
     """What `merge` checks: the job's blocks, partition, architecture, data and config hash."""
     part = model.partition
-    return {"blocks": blocks, "num_blocks": cfg.dblocks.num_blocks, "config_hash": config_hash(cfg),
+    return {"blocks": blocks, "num_blocks": cfg.blocks.num_blocks, "config_hash": config_hash(cfg),
             "partition": {"kind": part.kind, "gamma": part.gamma, "boundaries": part.boundaries.tolist()},
-            "architecture": dict(cfg.model.__dict__, shared_stem_head=cfg.dblocks.shared_stem_head,
+            "architecture": dict(cfg.model.__dict__, shared_stem_head=cfg.blocks.shared_stem_head,
                                  allocation=[model.block_layers(b) for b in range(model.num_blocks)]),
             "data": dict(cfg.data.__dict__), "steps_per_block": steps_per_block, "finished": finished}
 

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from diffusionblocks.config import construct
 from diffusionblocks.models import VectorHead, VectorStem
 from diffusionblocks.nn import ResidualMLP
 
@@ -29,6 +30,11 @@ def signal_on_step(monkeypatch, method_cls, call: int, signum: int):
 
     monkeypatch.setattr(method_cls, "step", step)
     return original
+
+
+def language_model(cls, cfg, vocab_size: int, **kwargs):
+    """A language model of class `cls` built from the config sections it names, over `vocab_size` symbols."""
+    return construct(cls, cfg, vocab_size=vocab_size, seq_len=cfg.data.seq_len, **kwargs)
 
 
 def randomized(model, std=0.2):

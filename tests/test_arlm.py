@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_plan_matches, randomized
+from conftest import assert_plan_matches, language_model, randomized
 
 from diffusionblocks.cli import main
 from diffusionblocks.compare import compare
@@ -27,7 +27,7 @@ V = 27  # the text8 alphabet
 def model_cfg(*overrides):
     cfg = load_preset("lm-tiny")
     cfg.task = "arlm"
-    return apply_overrides(cfg, ["data.seq_len=12", "dblocks.input_flip=0", "dblocks.input_mix=0", *overrides])
+    return apply_overrides(cfg, ["data.seq_len=12", "chain.input_flip=0", "chain.input_mix=0", *overrides])
 
 
 LEVELS = ["token", "window"]
@@ -37,7 +37,7 @@ LEVELS = ["token", "window"]
 def test_noisy_tokens_see_themselves_and_earlier_clean_tokens_only(level):
     """Perturbing x_j for j >= i leaves z_i's output unchanged; for j < i it changes it; perturbing any noisy
     token leaves every clean output unchanged (the clean stream never reads a noisy token)."""
-    model = randomized(ARDiffusionLM(model_cfg(f"arlm.noise_level={level}"), V)).eval()
+    model = randomized(language_model(ARDiffusionLM, model_cfg(f"arlm.noise_level={level}"), V)).eval()
     T, Dy = 12, model.labels.table.shape[1]
     x = torch.randint(V, (2, T), generator=torch.Generator().manual_seed(0))
     z = torch.randn(2, T, Dy, generator=torch.Generator().manual_seed(1))
@@ -81,7 +81,7 @@ def test_both_copies_of_a_position_share_its_id():
 
 
 def test_the_bridge_uses_the_normalised_rows():
-    model = ARDiffusionLM(model_cfg(), V)
+    model = language_model(ARDiffusionLM, model_cfg(), V)
     with torch.no_grad():
         model.labels.table.mul_(torch.linspace(0.5, 3.0, V)[:, None])  # rows of many norms
     logits = torch.randn(4, 3, V)
@@ -99,8 +99,8 @@ def test_the_bridge_uses_the_normalised_rows():
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_one_block_per_euler_step_per_token(level):
-    cfg = model_cfg(f"arlm.noise_level={level}", "dblocks.num_blocks=2", "dblocks.steps_per_block=2")
-    model = randomized(ARDiffusionLM(cfg, V))
+    cfg = model_cfg(f"arlm.noise_level={level}", "blocks.num_blocks=2", "chain.steps_per_block=2")
+    model = randomized(language_model(ARDiffusionLM, cfg, V))
     calls, real = [], model.decode_step
 
     def counted(block, z, sigma, x_new, cache):
@@ -120,7 +120,8 @@ def test_one_block_per_euler_step_per_token(level):
 def test_the_cache_gives_the_logits_of_a_full_forward_pass(level, positions):
     """DiffusionBlocks: D of a noisy token decoded after cached clean tokens equals D at that position of the whole
     window's forward pass; greedy generation is what the teacher-forced chain predicts. End to end: the same."""
-    model = randomized(ARDiffusionLM(model_cfg(f"arlm.noise_level={level}", f"model.positions={positions}"), V)).eval()
+    cfg = model_cfg(f"arlm.noise_level={level}", f"model.positions={positions}")
+    model = randomized(language_model(ARDiffusionLM, cfg, V)).eval()
     T, Dy = 12, model.labels.table.shape[1]
     x = torch.randint(V, (2, T), generator=torch.Generator().manual_seed(0))
     z = torch.randn(2, T, Dy, generator=torch.Generator().manual_seed(1))
@@ -134,7 +135,7 @@ def test_the_cache_gives_the_logits_of_a_full_forward_pass(level, positions):
                 assert torch.allclose(d[:, 0], full[:, i], atol=1e-5), (block, i)
     greedy = model.sample(2, T, temperature=0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.chain(greedy).argmax(-1), greedy)
-    e2e = randomized(AutoregressiveLM(model_cfg(f"model.positions={positions}"), V)).eval()
+    e2e = randomized(language_model(AutoregressiveLM, model_cfg(f"model.positions={positions}"), V)).eval()
     tokens = e2e.sample(2, T + 3, temperature=0)  # past the window: recomputed, not cached
     assert torch.equal(e2e.logits(tokens[:, :T]).argmax(-1), tokens[:, :T])
     cache, logits = KVCache(), e2e.logits(tokens[:, :T])
@@ -146,8 +147,8 @@ def test_the_cache_gives_the_logits_of_a_full_forward_pass(level, positions):
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_a_block_step_trains_its_own_block_on_its_own_levels(level):
-    cfg = model_cfg(f"arlm.noise_level={level}", "dblocks.shared_stem_head=false")
-    model = randomized(ARDiffusionLM(cfg, V), std=0.05)
+    cfg = model_cfg(f"arlm.noise_level={level}", "blocks.shared_stem_head=false")
+    model = randomized(language_model(ARDiffusionLM, cfg, V), std=0.05)
     drawn = []
     real = model.partition.sample
     model.partition.sample = lambda b, n, g=None, device=None: drawn.append((b, n)) or real(b, n, g, device)
@@ -165,7 +166,7 @@ def test_the_loss_weight_is_a_setting():
     x = torch.randint(V, (4, 12))
     losses = {}
     for weight in ("none", "edm"):
-        model = randomized(ARDiffusionLM(model_cfg(f"dblocks.loss_weight={weight}"), V), std=0.05)
+        model = randomized(language_model(ARDiffusionLM, model_cfg(f"chain.loss_weight={weight}"), V), std=0.05)
         losses[weight] = model.block_loss(0, x, torch.Generator().manual_seed(0))
     # block 0 owns the largest sigma, where w = 1 / c_out^2 is about 4: the weighted loss is larger
     assert torch.all(losses["edm"] > 2 * losses["none"])
@@ -212,7 +213,7 @@ def test_distinct_n():
 
 
 @pytest.mark.parametrize("overrides", [[], ["arlm.noise_level=window"], ["model.positions=learned",
-                                                                         "dblocks.shared_stem_head=false"]])
+                                                                         "blocks.shared_stem_head=false"]])
 def test_planner_predicts_autoregressive_blocks(overrides):
     """Twice the window through every layer, the (2T)^2 mask, the stem, head, readout and noise embedding: the
     activations to the byte (within 2% with checkpointing)."""
@@ -257,7 +258,8 @@ def test_cli_trains_evaluates_and_samples_autoregressive_blocks(corpus, tmp_path
 
 
 def test_sigma_max_share_moves_only_the_noisiest_blocks_levels():
-    model = ARDiffusionLM(model_cfg("arlm.sigma_max_share=0.25", "dblocks.num_blocks=2", "arlm.noise_level=token"), V)
+    cfg = model_cfg("arlm.sigma_max_share=0.25", "blocks.num_blocks=2", "arlm.noise_level=token")
+    model = language_model(ARDiffusionLM, cfg, V)
     seen = []
     real = model.denoise
     model.denoise = lambda block, z, sigma, x: seen.append(sigma) or real(block, z, sigma, x)

@@ -11,13 +11,14 @@ from conftest import randomized, signal_on_step
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.config import apply_overrides, construct
 from diffusionblocks.methods import dgl as dgl_module
 from diffusionblocks.methods import ff as ff_module
 from diffusionblocks.methods import get_method
 from diffusionblocks.methods import greedy as greedy_module
 from diffusionblocks.methods.ff import negative_labels
 from diffusionblocks.run import validate
+from diffusionblocks.tasks.classify import preset_tiny
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
 LOCAL = ("ff", "dgl", "greedy")
@@ -26,7 +27,8 @@ LOCAL = ("ff", "dgl", "greedy")
 def build(method, *overrides):
     cfg = apply_overrides(preset_tiny(), [f"train.method={method}", *overrides])
     torch.manual_seed(0)
-    model = randomized(get_method(method).classifier(cfg, (8, 8), 1, 10))  # every parameter gets a gradient
+    shape = {"image_size": (8, 8), "channels": 1, "num_classes": 10}
+    model = randomized(construct(get_method(method).classifier, cfg, **shape))  # every parameter gets a gradient
     return cfg, model, get_method(method)(model, cfg, 20)
 
 
@@ -72,7 +74,7 @@ def test_no_gradient_crosses_a_unit_boundary(monkeypatch, method):
         assert len(calls) == 2
     else:
         trainer.step((x, y), 0)
-        units = {"ff": cfg.model.depth + 1, "dgl": cfg.dblocks.num_blocks}[method]  # ff: every layer + the readout
+        units = {"ff": cfg.model.depth + 1, "dgl": cfg.blocks.num_blocks}[method]  # ff: every layer + the readout
         assert len(calls) == units
 
 
@@ -87,9 +89,9 @@ def test_ff_layers_read_direction_not_goodness():
 
 
 def test_ff_neutral_label_is_its_own_row_or_the_mean_of_the_class_rows():
-    """baseline.ff_neutral: the readout's label token; class tokens are the same either way, and so is the init."""
+    """ff.neutral: the readout's label token; class tokens are the same either way, and so is the init."""
     _, own, _ = build("ff")
-    _, mean, _ = build("ff", "baseline.ff_neutral=mean")
+    _, mean, _ = build("ff", "ff.neutral=mean")
     assert all(torch.equal(a, b) for a, b in zip(own.parameters(), mean.parameters()))
     x, labels = torch.randn(2, 1, 8, 8), torch.tensor([4, 10])  # a class, then the neutral label
     table = own.labels.weight
@@ -97,8 +99,8 @@ def test_ff_neutral_label_is_its_own_row_or_the_mean_of_the_class_rows():
     assert torch.allclose(own.embed(x, labels)[:, 0], torch.stack([rms(table[4]), rms(table[10])]), atol=1e-5)
     assert torch.allclose(mean.embed(x, labels)[:, 0], torch.stack([rms(table[4]), rms(table[:10].mean(0))]),
                           atol=1e-5)
-    with pytest.raises(ValueError, match="baseline.ff_neutral"):
-        validate(apply_overrides(preset_tiny(), ["train.method=ff", "baseline.ff_neutral=zero"]))
+    with pytest.raises(ValueError, match="ff.neutral"):
+        validate(apply_overrides(preset_tiny(), ["train.method=ff", "ff.neutral=zero"]))
 
 
 def test_ff_sweep_runs_one_pass_per_class():

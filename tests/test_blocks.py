@@ -4,10 +4,11 @@ from conftest import vector_parts
 from torch import nn
 
 from diffusionblocks.blocks import BlockStack, StackModel, split_layers
-from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.config import apply_overrides
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.noise import LogNormalLevels, Partition
 from diffusionblocks.precond import mse_loss
+from diffusionblocks.tasks.classify import preset_tiny
 
 
 def make_stack(num_blocks=3, num_layers=6, shared=True, allocation=None, gamma=0.05):
@@ -203,7 +204,7 @@ def test_a_model_on_the_stack_shares_its_readout_or_gives_each_block_one(shared)
         assert readouts == {f"readouts.{b}.{k}": [b] for b in range(3) for k in ("weight", "bias")}
         assert model.readout_of(1) is model.readouts[1] and model.readouts[1] in model.block_modules(1)
     # DiffusionBlocks trains it: a step updates the block's own parameters and the shared ones, nothing else
-    cfg = apply_overrides(preset_tiny(), ["dblocks.num_blocks=3", "dblocks.block_choice=round-robin"])
+    cfg = apply_overrides(preset_tiny(), ["blocks.num_blocks=3", "dblocks.block_choice=round-robin"])
     randomize(model)
     method = DBlocks(model, cfg, 6)
     y, cond = torch.randn(8, 4), torch.randn(8, 3)

@@ -3,38 +3,38 @@
 import pytest
 import torch
 
-from diffusionblocks.config import apply_overrides, preset_tiny
-from diffusionblocks.tasks.classify import DiffusionClassifier, EndToEndClassifier
+from diffusionblocks.config import apply_overrides, construct
+from diffusionblocks.tasks.classify import DiffusionClassifier, EndToEndClassifier, preset_tiny
 
 
 def model(*overrides, cls=DiffusionClassifier):
     cfg = apply_overrides(preset_tiny(), list(overrides))
     torch.manual_seed(0)
-    return cls(cfg, (8, 8), 1, 10)
+    return construct(cls, cfg, image_size=(8, 8), channels=1, num_classes=10)
 
 
 def test_training_target_paper_flip_and_mix():
     y = torch.arange(10).repeat(20)
-    plain = model("dblocks.input_flip=0", "dblocks.input_mix=0")
+    plain = model("chain.input_flip=0", "chain.input_mix=0")
     assert torch.equal(plain.training_target(y), plain.labels(y))
-    flipped = model("dblocks.input_flip=1", "dblocks.input_mix=0")
+    flipped = model("chain.input_flip=1", "chain.input_mix=0")
     t = flipped.training_target(y, torch.Generator().manual_seed(0))
     # every target is the embedding of some class, never the true one
     sims = t @ flipped.labels.normalized.T  # (N, V)
     assert torch.allclose(sims.max(-1).values, torch.ones(len(y)), atol=1e-5)
     assert bool((sims.argmax(-1) != y).all())
-    mixed = model("dblocks.input_flip=0", "dblocks.input_mix=1")
+    mixed = model("chain.input_flip=0", "chain.input_mix=1")
     t = mixed.training_target(y, torch.Generator().manual_seed(0))
     norms = t.norm(dim=-1)
     assert bool((norms < 1 - 1e-3).all())  # strictly inside the ball: true mixtures
-    half = model("dblocks.input_flip=0", "dblocks.input_mix=0.5").training_target(y, torch.Generator().manual_seed(1))
+    half = model("chain.input_flip=0", "chain.input_mix=0.5").training_target(y, torch.Generator().manual_seed(1))
     is_vertex = (half.norm(dim=-1) - 1).abs() < 1e-5
     assert 0.3 < is_vertex.float().mean() < 0.7
 
 
 @pytest.mark.parametrize("shared,head", [(True, "plain"), (False, "plain"), (True, "adaln"), (False, "adaln")])
 def test_a_block_step_touches_only_its_block(shared, head):
-    m = model(f"dblocks.shared_stem_head={shared}", f"model.label_head={head}")
+    m = model(f"blocks.shared_stem_head={shared}", f"model.label_head={head}")
     with torch.no_grad():  # leave the zero init, so every parameter gets a gradient
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -49,8 +49,8 @@ def test_a_block_step_touches_only_its_block(shared, head):
 
 def test_block_loss_is_per_sample_and_weighting_switch():
     x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
-    plain = model("dblocks.loss_weight=none").block_loss(0, x, y, torch.Generator().manual_seed(0))
-    edm = model("dblocks.loss_weight=edm").block_loss(0, x, y, torch.Generator().manual_seed(0))
+    plain = model("chain.loss_weight=none").block_loss(0, x, y, torch.Generator().manual_seed(0))
+    edm = model("chain.loss_weight=edm").block_loss(0, x, y, torch.Generator().manual_seed(0))
     assert plain.shape == edm.shape == (5,)
     assert bool((edm > plain).all())  # w(sigma) >= 4 on block 0's range, same draws and weights
 
@@ -89,7 +89,7 @@ def test_activation_checkpointing_same_gradients_fewer_saved_bytes(method):
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     grads, saved = {}, {}
     for every in (0, 1, 2):
-        m = model(f"train.method={method}", f"model.checkpoint={every}", "dblocks.allocation=2,2", cls=cls)
+        m = model(f"train.method={method}", f"model.checkpoint={every}", "blocks.allocation=2,2", cls=cls)
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -111,13 +111,13 @@ def test_a_learned_label_table_is_a_shared_parameter():
 
     fixed = model()
     assert "labels.table" in dict(fixed.named_buffers()) and not any("labels" in n for n, _ in fixed.named_parameters())
-    learned = model("dblocks.label_table=learned")
+    learned = model("chain.label_table=learned")
     assert any(p is learned.labels.table for p in learned.shared_parameters())
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
     learned.block_loss(1, x, y, torch.Generator().manual_seed(0)).mean().backward()
     assert learned.labels.table.grad is not None and learned.labels.table.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="label_table=learned.*shared_stem_head=true"):
-        validate(apply_overrides(preset_tiny(), ["dblocks.label_table=learned", "dblocks.shared_stem_head=false"]))
+        validate(apply_overrides(preset_tiny(), ["chain.label_table=learned", "blocks.shared_stem_head=false"]))
 
 
 def test_the_paper_side_settings():
@@ -149,7 +149,7 @@ def test_the_paper_side_settings():
 
 @pytest.mark.parametrize("clean", [0.0, 1.0])
 def test_input_clean_feeds_the_unnoised_point(clean):
-    m = model(f"dblocks.input_clean={clean}", "dblocks.input_flip=0", "dblocks.input_mix=0")
+    m = model(f"chain.input_clean={clean}", "chain.input_flip=0", "chain.input_mix=0")
     seen = {}
     denoise = m.stack.denoise
 
@@ -161,6 +161,6 @@ def test_input_clean_feeds_the_unnoised_point(clean):
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
     m.block_loss(1, x, y, torch.Generator().manual_seed(0))
     assert torch.allclose(seen["z"], m.labels(y)) == (clean == 1.0)
-    with pytest.raises(ValueError, match="dblocks.input_clean"):
+    with pytest.raises(ValueError, match="chain.input_clean"):
         from diffusionblocks.config import validate
-        validate(apply_overrides(preset_tiny(), ["dblocks.input_clean=1.5"]))
+        validate(apply_overrides(preset_tiny(), ["chain.input_clean=1.5"]))

@@ -11,9 +11,9 @@ from conftest import randomized, signal_on_step
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.config import apply_overrides
 from diffusionblocks.methods.dtp import DTP, DTPClassifier, targets
-from diffusionblocks.tasks.classify import EndToEndClassifier
+from diffusionblocks.tasks.classify import EndToEndClassifier, preset_tiny
 from diffusionblocks.train import train
 
 
@@ -26,7 +26,7 @@ def config(*overrides):
 def method(*overrides, randomize=True):
     cfg = config(*overrides)
     torch.manual_seed(0)
-    model = DTPClassifier(cfg, (8, 8), 1, 10)
+    model = DTPClassifier(cfg.model, cfg.blocks, (8, 8), 1, 10)
     if randomize:  # a fresh adaLN-zero layer is the identity, which would hide attention and the inverses
         randomized(model)
     return DTP(model, cfg, cfg.train.steps)
@@ -38,18 +38,18 @@ def batch(n=6):
 
 
 def test_same_network_as_end_to_end_and_its_cut():
-    cfg = config("dblocks.num_blocks=2")
+    cfg = config("blocks.num_blocks=2")
     torch.manual_seed(0)
-    e2e = EndToEndClassifier(cfg, (8, 8), 1, 10)
+    e2e = EndToEndClassifier(cfg.model, (8, 8), 1, 10)
     torch.manual_seed(0)
-    dtp = DTPClassifier(cfg, (8, 8), 1, 10)
+    dtp = DTPClassifier(cfg.model, cfg.blocks, (8, 8), 1, 10)
     x, _ = batch()
     assert torch.equal(dtp(x), e2e.vit(x))  # same layers, same initial weights for the same seed
     assert dtp.allocation == [2, 2] and len(dtp.inverses) == 1
-    assert DTPClassifier(config("dblocks.num_blocks=3", "dblocks.allocation=2,1,1"), (8, 8), 1, 10).allocation \
-        == [2, 1, 1]
+    uneven = config("blocks.num_blocks=3", "blocks.allocation=2,1,1")
+    assert DTPClassifier(uneven.model, uneven.blocks, (8, 8), 1, 10).allocation == [2, 1, 1]
     with pytest.raises(ValueError, match="do not split evenly"):
-        DTPClassifier(config("dblocks.num_blocks=3"), (8, 8), 1, 10)
+        DTPClassifier(cfg.model, config("blocks.num_blocks=3").blocks, (8, 8), 1, 10)
 
 
 @pytest.mark.parametrize("num_blocks", [2, 4])
@@ -57,7 +57,7 @@ def test_no_gradient_crosses_a_block_boundary(num_blocks):
     """Block b's local loss reaches its own parameters only (block 0's also the patch embedding and CLS token),
     inverse g_b's loss g_b's only, the CE the head's only; and each reaches all of its own but the adaLN
     modulation weights (they multiply the zero conditioning vector, so no loss reaches them, end to end neither)."""
-    m = method(f"dblocks.num_blocks={num_blocks}")
+    m = method(f"blocks.num_blocks={num_blocks}")
     model = m.model
     out = m.losses(*batch())
     params = list(model.parameters())
@@ -104,7 +104,7 @@ def test_difference_correction():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(targets(Affine(error=5.0), outputs, top), exact))
     # the model's own (imperfect, random) inverses: h_hat_(b-1) - h_(b-1) = g_b(h_hat_b) - g_b(h_b), and a top
     # target equal to the top gives every block its own output as target
-    m = method("dblocks.num_blocks=4")
+    m = method("blocks.num_blocks=4")
     model = m.model
     with torch.no_grad():
         hs = [model.embed(batch()[0])]
@@ -121,7 +121,7 @@ def test_difference_correction():
 def test_top_target_is_a_step_down_the_per_sample_loss():
     """||f_top(h) - h_hat_top||^2 = mean((step * dCE_n/dh_top)^2): the step is along the per-sample CE's gradient,
     which reaches the CLS token only."""
-    m = method("baseline.dtp_target_step=0.5")
+    m = method("dtp.target_step=0.5")
     x, y = batch()
     top = m.model.embed(x)
     for b in range(m.model.num_blocks):
@@ -153,7 +153,7 @@ def test_tiny_run_learns_and_the_inverses_improve(tmp_path, monkeypatch):
 
     monkeypatch.setattr(DTP, "__init__", init)
     monkeypatch.setattr(DTP, "step", step)
-    cfg = config("train.steps=80", "train.eval_limit=100", "train.eval_every=1000", "baseline.dtp_target_step=1")
+    cfg = config("train.steps=80", "train.eval_limit=100", "train.eval_every=1000", "dtp.target_step=1")
     results = train(cfg, tmp_path / "run", progress=False)
     inverse = [sum(r["inverse_losses"]) for r in recorded]
     ce = [r["loss"] for r in recorded]

@@ -6,11 +6,11 @@ import torch
 from diffusionblocks import io
 from diffusionblocks.blocks import BlockStack
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, preset_gen_tiny
+from diffusionblocks.config import apply_overrides
 from diffusionblocks.fd import frechet_distance
 from diffusionblocks.images import grid, png_bytes, read_png_size
 from diffusionblocks.models import DiTHead, DiTStem
-from diffusionblocks.tasks.imagegen import ImageGenerator
+from diffusionblocks.tasks.imagegen import ImageGenerator, preset_gen_tiny
 
 DIGITS = ((8, 8), 1, 10)
 
@@ -23,7 +23,8 @@ def gen_cfg(method="dblocks", *overrides):
 
 def model_for(method="dblocks", *overrides):
     torch.manual_seed(0)
-    return ImageGenerator(gen_cfg(method, *overrides), *DIGITS, num_blocks=1 if method == "e2e" else None)
+    cfg = gen_cfg(method, *overrides)
+    return ImageGenerator(cfg.model, cfg.blocks, cfg.gen, *DIGITS, num_blocks=1 if method == "e2e" else None)
 
 
 def test_dit_head_unpatchifies_and_starts_at_zero():
@@ -265,7 +266,7 @@ def test_compare_imagegen_scores_three_arms_on_one_budget(tmp_path, monkeypatch,
 def test_colour_images_and_uneven_sides():
     cfg = gen_cfg("dblocks", "model.patch=3")
     torch.manual_seed(0)
-    model = ImageGenerator(cfg, (10, 7), 3, 4)  # 3 channels, sides not multiples of the patch
+    model = ImageGenerator(cfg.model, cfg.blocks, cfg.gen, (10, 7), 3, 4)  # 3 channels, sides not a patch multiple
     x, y = torch.rand(5, 3, 10, 7) * 2 - 1, torch.randint(4, (5,))
     loss = model.block_loss(1, x, y, torch.Generator().manual_seed(0))
     assert loss.shape == (5,) and torch.isfinite(loss).all()
@@ -279,8 +280,8 @@ def test_presets_build():
     for name in ("gen-tiny", "gen-quick", "gen-fashion", "gen-dit-s"):
         cfg = validate(load_preset(name))
         with torch.device("meta"):
-            model = ImageGenerator(cfg, (32, 32), 3, 10)
-        assert model.num_blocks == cfg.dblocks.num_blocks
+            model = ImageGenerator(cfg.model, cfg.blocks, cfg.gen, (32, 32), 3, 10)
+        assert model.num_blocks == cfg.blocks.num_blocks
 
 
 def test_scripted_feature_extractor_is_an_optional_fd_path(tmp_path):

@@ -18,11 +18,12 @@ from conftest import signal_on_step
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.config import apply_overrides
 from diffusionblocks.jobs import merge
 from diffusionblocks.methods.dblocks import DBlocks, owned_blocks
 from diffusionblocks.parallel import rank_blocks, train_parallel
 from diffusionblocks.run import load_model
+from diffusionblocks.tasks.classify import preset_tiny
 from diffusionblocks.train import train
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
@@ -33,7 +34,7 @@ _spec = importlib.util.spec_from_file_location("parallel_bench", BENCH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-COMMON = ["train.method=dblocks", "dblocks.num_blocks=2", "dblocks.shared_stem_head=false",
+COMMON = ["train.method=dblocks", "blocks.num_blocks=2", "blocks.shared_stem_head=false",
           "dblocks.block_choice=sequential", "train.steps=6", "train.threads=1", "train.ema=0.9",
           "data.test_limit=40", "train.eval_limit=40"]
 
@@ -142,7 +143,7 @@ def test_a_killed_job_resumes_and_the_merge_is_unchanged(runs, tmp_path, monkeyp
 
 def test_jobs_need_independent_blocks_and_a_fixed_share(tmp_path):
     with pytest.raises(ValueError, match="shared_stem_head=false"):
-        train(cfg_with("train.blocks=0", "dblocks.shared_stem_head=true"), tmp_path / "a", progress=False)
+        train(cfg_with("train.blocks=0", "blocks.shared_stem_head=true"), tmp_path / "a", progress=False)
     with pytest.raises(ValueError, match="block_choice=random"):
         train(cfg_with("train.blocks=0", "dblocks.block_choice=random"), tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="do not exist"):
@@ -155,7 +156,7 @@ def test_jobs_need_independent_blocks_and_a_fixed_share(tmp_path):
     with pytest.raises(ValueError, match="3 processes for 2 blocks"):
         rank_blocks(2, 3, 0)
     assert main(["train", "--method", "dblocks", "--parallel", "blocks", "--preset", "tiny", "--out",
-                 str(tmp_path / "d"), "dblocks.shared_stem_head=false"]) == 2  # not under torchrun
+                 str(tmp_path / "d"), "blocks.shared_stem_head=false"]) == 2  # not under torchrun
 
 
 def _earlier_parallel_run(out):

@@ -13,13 +13,14 @@ from torch import nn
 import diffusionblocks
 from diffusionblocks import io
 from diffusionblocks.cli import build_parser
-from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.config import apply_overrides
 from diffusionblocks.methods import METHODS, Method
 from diffusionblocks.methods.base import Optimizer, stream_seed, update
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.run import load_model, validate
 from diffusionblocks.tasks import TASKS
 from diffusionblocks.tasks.base import Task
+from diffusionblocks.tasks.classify import preset_tiny
 from diffusionblocks.train import train
 
 PACKAGE = Path(diffusionblocks.__file__).parent
@@ -299,7 +300,7 @@ class TiedCore(nn.Module):
 
 @pytest.mark.parametrize("own", [True, False])
 def test_dblocks_trains_a_core_tied_across_blocks(own):
-    cfg = apply_overrides(preset_tiny(), ["dblocks.num_blocks=3", "dblocks.block_choice=round-robin"])
+    cfg = apply_overrides(preset_tiny(), ["blocks.num_blocks=3", "dblocks.block_choice=round-robin"])
     model = TiedCore(own)
     method = DBlocks(model, cfg, 9)
     x, y = torch.randn(16, 4), torch.randn(16, 4)
@@ -316,7 +317,7 @@ def test_a_parameter_owned_by_two_blocks_is_refused():
     model = TiedCore()
     model.block_parameters = lambda b: [model.scales[0]]  # the same parameter claimed by every block
     with pytest.raises(RuntimeError, match="owned by blocks 0 and 1.*shared parameter"):
-        DBlocks(model, apply_overrides(preset_tiny(), ["dblocks.num_blocks=3"]), 9)
+        DBlocks(model, apply_overrides(preset_tiny(), ["blocks.num_blocks=3"]), 9)
 
 
 def test_the_readme_minimal_use_runs_as_written(capsys):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_plan_matches, randomized
+from conftest import assert_plan_matches, language_model, randomized
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
@@ -42,7 +42,7 @@ def model_cfg(*overrides) -> RunConfig:
 
 def test_masking_rate_matches_alpha():
     for schedule in ("linear", "cosine"):
-        model = MaskedDiffusionLM(model_cfg(f"mdlm.schedule={schedule}"), V, num_blocks=1)
+        model = language_model(MaskedDiffusionLM, model_cfg(f"mdlm.schedule={schedule}"), V, num_blocks=1)
         x = torch.randint(V, (64, 256))
         gen = torch.Generator().manual_seed(0)
         for t in (0.1, 0.5, 0.9):
@@ -58,7 +58,7 @@ def test_masking_rate_matches_alpha():
 def test_block_loss_equals_a_hand_computed_elbo(monkeypatch):
     """t = 0.5, positions 0 and 2 of x = (0, 1, 2) masked, a predictor with fixed probabilities (.4, .3, .2, .1):
     nats per token = (1 - 2 eps) / (1 - alpha(0.5)) * (-ln .4 - ln .2) / 3."""
-    model = MaskedDiffusionLM(model_cfg(), 4, num_blocks=1)
+    model = language_model(MaskedDiffusionLM, model_cfg(), 4, num_blocks=1)
     x = torch.tensor([[0, 1, 2]])
     masked = torch.tensor([[True, False, True]])
     half = torch.tensor([0.5], dtype=torch.float64)
@@ -76,7 +76,7 @@ def test_a_uniform_predictor_scores_log2_V_bits_per_token():
     tokens = np.random.default_rng(0).integers(0, V, 400 * 64).astype(np.uint8)
     data = TextData("toy", Text8Tokenizer(), {"test": tokens}, {"test": len(tokens)}, 64)
     cfg = model_cfg("data.seq_len=64", "data.test_limit=0", "mdlm.eval_t=4", "train.eval_batch_size=200")
-    for model in (AutoregressiveLM(cfg, V), MaskedDiffusionLM(cfg, V)):
+    for model in (language_model(AutoregressiveLM, cfg, V), language_model(MaskedDiffusionLM, cfg, V)):
         embed = model.stack.stem.embed if isinstance(model, MaskedDiffusionLM) else model.stem.embed
         embed.weight.data.zero_()  # the tied head then gives logits 0: uniform over the V tokens
         ev = get_task("mdlm").evaluate(model, data, cfg)  # any LM task: evaluation asks the model for its nats
@@ -92,11 +92,11 @@ def test_bidirectional_attention_sees_everything_and_causal_cannot_see_the_futur
     x = torch.randint(V, (2, 16))
     later = x.clone()
     later[:, 10:] = (later[:, 10:] + 1) % V
-    mdlm = randomized(MaskedDiffusionLM(cfg, V, num_blocks=1)).eval()
+    mdlm = randomized(language_model(MaskedDiffusionLM, cfg, V, num_blocks=1)).eval()
     t = torch.full((2,), 0.5, dtype=torch.float64)
     with torch.no_grad():
         assert not torch.allclose(mdlm.stack(x, t)[:, 0], mdlm.stack(later, t)[:, 0])  # position 0 sees token 10
-        ar = randomized(AutoregressiveLM(cfg, V)).eval()
+        ar = randomized(language_model(AutoregressiveLM, cfg, V)).eval()
         a, b = ar.logits(x), ar.logits(later)
     assert torch.allclose(a[:, :11], b[:, :11], atol=1e-6)  # position i reads [BOS] + x_<i: 0..10 see no change
     assert not torch.allclose(a[:, 11:], b[:, 11:])
@@ -131,9 +131,9 @@ def test_rotary_positions_are_relative_exact_in_gradient_and_save_nothing():
     with pytest.raises(ValueError, match="learned positions"):
         validate_run(apply_overrides(load_preset("tiny"), ["model.positions=rope"]))
     has_table = lambda model: any(name.endswith("stem.pos") for name, _ in model.named_parameters())
-    assert not has_table(MaskedDiffusionLM(model_cfg("model.positions=rope"), V))
-    assert has_table(MaskedDiffusionLM(model_cfg("model.positions=learned"), V))
-    assert not has_table(AutoregressiveLM(model_cfg("model.positions=rope"), V))
+    assert not has_table(language_model(MaskedDiffusionLM, model_cfg("model.positions=rope"), V))
+    assert has_table(language_model(MaskedDiffusionLM, model_cfg("model.positions=learned"), V))
+    assert not has_table(language_model(AutoregressiveLM, model_cfg("model.positions=rope"), V))
 
 
 def test_noisy_clean_layout_sees_what_block_diffusion_allows_and_shares_position_ids():
@@ -177,12 +177,12 @@ def test_padding_is_never_masked_scored_or_seen():
     pad[:, 12:] = True
     other = x.clone()
     other[pad] = (other[pad] + 5) % V
-    mdlm = randomized(MaskedDiffusionLM(cfg, V, num_blocks=2)).eval()
+    mdlm = randomized(language_model(MaskedDiffusionLM, cfg, V, num_blocks=2)).eval()
     _, masked = mdlm.corrupt(x.repeat(50, 1), torch.ones(200, dtype=torch.float64), pad.repeat(50, 1),
                              torch.Generator().manual_seed(0))
     assert not (masked & pad.repeat(50, 1)).any()
     assert masked[~pad.repeat(50, 1)].float().mean() > 0.99  # t = 1: all but padding (and eps of the rest)
-    ar = randomized(AutoregressiveLM(cfg, V)).eval()
+    ar = randomized(language_model(AutoregressiveLM, cfg, V)).eval()
     with torch.no_grad():
         for model in (mdlm, ar):
             nats = [model.sequence_nats(v, pad, generator=torch.Generator().manual_seed(0)) for v in (x, other)]
@@ -196,7 +196,7 @@ def test_padding_is_never_masked_scored_or_seen():
 def test_tied_embedding_is_saved_once_and_reloads_tied(corpus, tmp_path):
     for shared in ("true", "false"):
         run = tmp_path / shared
-        train(tiny(corpus, "dblocks", "mdlm", "train.steps=2", f"dblocks.shared_stem_head={shared}"), run,
+        train(tiny(corpus, "dblocks", "mdlm", "train.steps=2", f"blocks.shared_stem_head={shared}"), run,
               progress=False)
         with open(run / "model.safetensors", "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
@@ -221,7 +221,7 @@ def test_tied_embedding_is_saved_once_and_reloads_tied(corpus, tmp_path):
 def test_per_block_jobs_of_a_tied_model_merge(corpus, tmp_path):
     """Independent blocks each hold their own tied table: a job saves only its own blocks (the table under both of
     its names), and the merged model is tied again."""
-    ind = ["train.steps=2", "dblocks.shared_stem_head=false", "dblocks.block_choice=sequential"]
+    ind = ["train.steps=2", "blocks.shared_stem_head=false", "dblocks.block_choice=sequential"]
     jobs = [tmp_path / f"job{b}" for b in (0, 1)]
     for b, job in enumerate(jobs):
         train(tiny(corpus, "dblocks", "mdlm", *ind, f"train.blocks={b}"), job, progress=False)
@@ -233,7 +233,7 @@ def test_per_block_jobs_of_a_tied_model_merge(corpus, tmp_path):
 
 
 def test_autoregressive_sampling_with_and_without_a_prompt():
-    model = AutoregressiveLM(model_cfg(), V)
+    model = language_model(AutoregressiveLM, model_cfg(), V)
     g = torch.Generator().manual_seed(0)
     assert model.sample(2, 5, generator=g).shape == (2, 5)  # no prompt: the first token reads [BOS] alone
     prompt = torch.tensor([3, 4, 5])
@@ -242,7 +242,7 @@ def test_autoregressive_sampling_with_and_without_a_prompt():
 
 
 def test_one_block_call_per_sampling_step():
-    model = MaskedDiffusionLM(model_cfg("dblocks.num_blocks=2", "data.seq_len=16"), V)
+    model = language_model(MaskedDiffusionLM, model_cfg("blocks.num_blocks=2", "data.seq_len=16"), V)
     calls = []
     denoise = model.stack.denoise
     model.stack.denoise = lambda block, *a, **k: calls.append(block) or denoise(block, *a, **k)
@@ -253,9 +253,9 @@ def test_one_block_call_per_sampling_step():
 
 def test_a_block_step_trains_only_its_block(corpus):
     for shared in (False, True):
-        cfg = apply_overrides(model_cfg("dblocks.num_blocks=2", "data.seq_len=16"),
-                              [f"dblocks.shared_stem_head={shared}"])
-        model = MaskedDiffusionLM(cfg, V)
+        cfg = apply_overrides(model_cfg("blocks.num_blocks=2", "data.seq_len=16"),
+                              [f"blocks.shared_stem_head={shared}"])
+        model = language_model(MaskedDiffusionLM, cfg, V)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         DBlocks(model, cfg, 4).step((torch.randint(V, (8, 16)),), block=1)
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

@@ -8,7 +8,7 @@ from conftest import assert_plan_matches
 
 from diffusionblocks.blocks import split_layers
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, load_preset, parse_ints, preset_tiny
+from diffusionblocks.config import apply_overrides, load_preset, parse_ints
 from diffusionblocks.memory import AllocationPeak, SavedTensors, saved_activation_bytes
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.nn import AdaLNZero, GatedResidual, Mlp, ModulatedNorm, PreNormLayer, TransformerLayer
@@ -26,7 +26,7 @@ from diffusionblocks.residency import Residency
 from diffusionblocks.run import new_model
 from diffusionblocks.run import place as _place
 from diffusionblocks.tasks.base import ImageShapes
-from diffusionblocks.tasks.classify import ClassifyTask
+from diffusionblocks.tasks.classify import ClassifyTask, preset_tiny
 
 DIGITS = ImageShapes((8, 8), 1, 10)
 
@@ -109,7 +109,7 @@ def test_one_more_layer_costs_exactly_the_formula():
 def test_dblocks_step_saves_what_the_same_layers_save_end_to_end():
     """The physical limit: one block's step keeps (almost) only what its layers keep in e2e."""
     counts = {}
-    for name, overrides in (("dblocks B=2", ("train.method=dblocks", "dblocks.num_blocks=2")),
+    for name, overrides in (("dblocks B=2", ("train.method=dblocks", "blocks.num_blocks=2")),
                             ("e2e, 2 layers", ("train.method=e2e", "model.depth=2")),
                             ("e2e prenorm, 2 layers", ("train.method=e2e", "model.depth=2", "model.layer=prenorm")),
                             ("e2e, 4 layers", ("train.method=e2e",))):
@@ -165,7 +165,7 @@ def test_checkpointing_reduces_saved_bytes_in_both_methods():
 
 
 def test_active_residency_keeps_idle_blocks_off_the_device(tmp_path):
-    cfg = tiny("dblocks.residency=active", "dblocks.num_blocks=2", "dblocks.block_choice=round-robin")
+    cfg = tiny("dblocks.residency=active", "blocks.num_blocks=2", "dblocks.block_choice=round-robin")
     torch.manual_seed(0)
     model = new_model(cfg, DIGITS)
     method = DBlocks(model, cfg, 10, offload_dir=tmp_path)
@@ -209,7 +209,7 @@ def test_active_residency_trains_exactly_like_all(tmp_path, choice):
 
 
 def test_sequential_loads_each_block_once_and_freezes_the_shared_parts_after_block_0():
-    cfg = tiny("dblocks.residency=active", "dblocks.num_blocks=2", "dblocks.block_choice=sequential")
+    cfg = tiny("dblocks.residency=active", "blocks.num_blocks=2", "dblocks.block_choice=sequential")
     torch.manual_seed(0)
     model = new_model(cfg, DIGITS)
     method = DBlocks(model, cfg, 6)
@@ -233,8 +233,8 @@ def test_residency_rejects_unknown_policy():
 
 
 def test_measure_step_counts_only_resident_bytes_under_active():
-    all_ = measure_configuration(tiny("dblocks.num_blocks=4", "model.depth=4"), DIGITS)
-    active = measure_configuration(tiny("dblocks.num_blocks=4", "model.depth=4", "dblocks.residency=active"),
+    all_ = measure_configuration(tiny("blocks.num_blocks=4", "model.depth=4"), DIGITS)
+    active = measure_configuration(tiny("blocks.num_blocks=4", "model.depth=4", "dblocks.residency=active"),
                                    DIGITS)
     assert active.params < all_.params and active.optimizer < all_.optimizer
     assert active.grads == all_.grads and active.activations == all_.activations
@@ -322,8 +322,8 @@ def test_plan_says_the_split_it_assumes_for_an_uneven_b(capsys):
     out = capsys.readouterr().out
     # 4 layers in 3 blocks: the planner's split, and the setting that trains it (training refuses an uneven B
     # without one); an even B needs no such line
-    assert "B=3 splits the 4 layers 2+1+1" in out and "dblocks.allocation=2,1,1" in out and "B=2 splits" not in out
-    split_layers(4, 3, parse_ints("2,1,1", "dblocks.allocation", ""))
+    assert "B=3 splits the 4 layers 2+1+1" in out and "blocks.allocation=2,1,1" in out and "B=2 splits" not in out
+    split_layers(4, 3, parse_ints("2,1,1", "blocks.allocation", ""))
     assert main(["plan", "--preset", "tiny", "--data", "digits", "--blocks", "3", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["split"] for r in rows if r["method"] == "dblocks"] == [[2, 1, 1]] * 3 and rows[0]["split"] == [4]
@@ -347,7 +347,7 @@ def test_the_ema_averages_follow_their_parameters_onto_the_device(tmp_path, monk
     records which tensors went through .to(device)."""
     from diffusionblocks.methods import EMA
 
-    cfg = tiny(f"dblocks.residency={policy}", "dblocks.num_blocks=2")
+    cfg = tiny(f"dblocks.residency={policy}", "blocks.num_blocks=2")
     torch.manual_seed(0)
     model = new_model(cfg, DIGITS)
     ema = EMA(model, 0.9)

@@ -6,15 +6,16 @@ import torch
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.config import apply_overrides
 from diffusionblocks.methods.noprop import NoPropClassifier, cosine_alpha_bar, snr, step_coefficients
 from diffusionblocks.run import validate
+from diffusionblocks.tasks.classify import preset_tiny
 
 
 def model(*overrides):
     cfg = apply_overrides(preset_tiny(), ["train.method=noprop", *overrides])
     torch.manual_seed(0)
-    return NoPropClassifier(cfg, (8, 8), 1, 10)
+    return NoPropClassifier(cfg.model, cfg.blocks, cfg.noprop, (8, 8), 1, 10)
 
 
 @pytest.mark.parametrize("T", [2, 3, 10])
@@ -40,7 +41,7 @@ def test_schedule_and_the_inference_step_is_the_posterior(T):
 
 def test_predict_with_a_perfect_denoiser_lands_on_q_of_z_T():
     """predict's chain, with u_hat = u_y, ends in z_T ~ q(z_T | y); each block starts at its own level."""
-    m = model("dblocks.num_blocks=4")
+    m = model("blocks.num_blocks=4")
     N, y = 20_000, 3
     u = m.table[y]
     m.denoise = lambda block, z, x: u.expand_as(z)  # the oracle: the clean embedding
@@ -57,7 +58,7 @@ def test_predict_with_a_perfect_denoiser_lands_on_q_of_z_T():
 
 @pytest.mark.parametrize("shared,table", [(True, "learned"), (False, "learned"), (True, "fixed"), (False, "fixed")])
 def test_a_block_step_touches_only_its_block(shared, table):
-    m = model(f"dblocks.shared_stem_head={shared}", f"baseline.noprop_label_table={table}", "dblocks.num_blocks=2")
+    m = model(f"blocks.shared_stem_head={shared}", f"noprop.label_table={table}", "blocks.num_blocks=2")
     with torch.no_grad():  # leave the zero init, so every parameter gets a gradient
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -93,18 +94,18 @@ def test_refused_where_it_cannot_run(tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
     tiny = lambda *o: apply_overrides(preset_tiny(), ["train.method=noprop", *o])  # noqa: E731
     with pytest.raises(ValueError, match="trained by every block"):  # the output layer is shared: no per-block jobs
-        validate(tiny("train.blocks=0", "dblocks.shared_stem_head=false", "dblocks.block_choice=round-robin"))
-    with pytest.raises(ValueError, match="baseline.noprop_label_table"):
-        validate(tiny("baseline.noprop_label_table=onehot"))
-    with pytest.raises(ValueError, match="baseline.noprop_eta"):
-        validate(tiny("baseline.noprop_eta=-1"))
-    with pytest.raises(ValueError, match="baseline.noprop_label_scale"):
-        validate(tiny("baseline.noprop_label_scale=onehot"))
+        validate(tiny("train.blocks=0", "blocks.shared_stem_head=false", "dblocks.block_choice=round-robin"))
+    with pytest.raises(ValueError, match="noprop.label_table"):
+        validate(tiny("noprop.label_table=onehot"))
+    with pytest.raises(ValueError, match="noprop.eta"):
+        validate(tiny("noprop.eta=-1"))
+    with pytest.raises(ValueError, match="noprop.label_scale"):
+        validate(tiny("noprop.label_scale=onehot"))
 
 
 def test_label_scale_sets_the_rows_length_and_only_that():
     """noprop_label_scale=unit-norm: the same directions as unit-variance, each row of length 1 (one-hot's)."""
-    wide, unit = model(), model("baseline.noprop_label_scale=unit-norm")
+    wide, unit = model(), model("noprop.label_scale=unit-norm")
     D = wide.table.shape[1]
     assert torch.allclose(unit.table.norm(dim=-1), torch.ones(10), atol=1e-5)
     assert 0.7 * D ** 0.5 < wide.table.norm(dim=-1).mean() < 1.3 * D ** 0.5

@@ -7,17 +7,18 @@ import math
 
 import pytest
 import torch
-from conftest import randomized
+from conftest import language_model, randomized
 from safetensors.torch import load_file
 
 from diffusionblocks.cli import main
-from diffusionblocks.config import RecurrentConfig, apply_overrides, load_preset, validate
+from diffusionblocks.config import apply_overrides, load_preset, validate
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.run import load_model
 from diffusionblocks.tasks import get_task
 from diffusionblocks.tasks.recurrent import (
     HuginnLM,
     RecurrenceWindows,
+    RecurrentConfig,
     RecurrentDiffusionLM,
     draw_recurrences,
     expected_huginn_flops,
@@ -76,7 +77,7 @@ def test_the_stream_draws_recurrences_resumably(corpus):
 def test_only_the_last_k_iterations_carry_gradients():
     """With r = 6 and k = 2 the core runs six times, the first four without recording gradients; the prelude (the
     core's input at every iteration) still gets its gradient through the last two."""
-    model = randomized(HuginnLM(tiny(), V))
+    model = randomized(language_model(HuginnLM, tiny(), V))
     recorded = []
     model.core[0].register_forward_hook(lambda *_: recorded.append(torch.is_grad_enabled()))
     x = torch.randint(V, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -109,7 +110,7 @@ def hand_flops(r, k, N, T, D, hidden, V, P, C, Cd, dblocks=False):
 def test_the_flop_counter_matches_a_hand_count():
     cfg = tiny("model.width=8", "data.seq_len=4", "recurrent.core=2")
     sizes = dict(k=2, N=2, T=4, D=8, hidden=16, V=V, P=1, C=2, Cd=1)
-    huginn, blocks = HuginnLM(cfg, V), RecurrentDiffusionLM(cfg, V)
+    huginn, blocks = language_model(HuginnLM, cfg, V), language_model(RecurrentDiffusionLM, cfg, V)
     x, seed = torch.randint(V, (2, 4)), torch.zeros(2, dtype=torch.long)
     for r in (1, 2, 3, 5):
         assert step_flops(lambda r=r: huginn.loss(x, torch.full((2,), r), seed).mean().backward()) == \
@@ -126,7 +127,7 @@ def test_tied_weights_stay_tied_after_a_dblocks_step_and_a_checkpoint(corpus, tm
     """The core is one set of layers: a DiffusionBlocks step trains it once, the checkpoint holds it once, and after
     loading, every Euler step (a recurrence) runs those same layers; the head stays the stem's table."""
     cfg = tiny(f"data.name={corpus}", "train.method=dblocks", "train.steps=3", "recurrent.eval_recurrences=4")
-    model = randomized(RecurrentDiffusionLM(cfg, V), std=0.05)
+    model = randomized(language_model(RecurrentDiffusionLM, cfg, V), std=0.05)
     method = DBlocks(model, cfg, 3)
     before = model.core[0].attn.branch.qkv.weight.detach().clone()
     out = method.step((torch.randint(V, (4, 12)), torch.full((4,), 3), torch.zeros(4, dtype=torch.long)), 0)
@@ -161,7 +162,7 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match="model.depth"):
         task.check(tiny("recurrent.core=3"))
     with pytest.raises(ValueError, match="num_blocks"):
-        task.check(tiny("dblocks.num_blocks=2"))
+        task.check(tiny("blocks.num_blocks=2"))
     for override, key in (("recurrent.core=0", "core"), ("recurrent.backprop_depth=0", "backprop_depth"),
                           ("recurrent.mean_recurrence=0", "mean_recurrence"),
                           ("recurrent.dblocks_epochs=0", "dblocks_epochs")):

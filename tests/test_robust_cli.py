@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import randomized
+from conftest import language_model, randomized
 
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, load_preset
@@ -177,7 +177,7 @@ def test_text_sampling_never_copies_the_whole_sample_per_token(model_cls, monkey
     window (growing the sample by concatenation is quadratic in its length)."""
     cfg = apply_overrides(load_preset("lm-tiny"), ["data.seq_len=12"])
     cfg.task = "arlm"
-    model = randomized(model_cls(cfg, 27))
+    model = randomized(language_model(model_cls, cfg, 27))
     cat, widths = torch.cat, []
 
     def recording(tensors, dim=0, **kwargs):

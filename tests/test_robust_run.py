@@ -16,11 +16,12 @@ from conftest import signal_on_step
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.config import apply_overrides
 from diffusionblocks.jobs import merge
 from diffusionblocks.methods.e2e import EndToEnd
 from diffusionblocks.run import RunLock, load_model
 from diffusionblocks.tasks.base import ImageTask
+from diffusionblocks.tasks.classify import preset_tiny
 from diffusionblocks.train import train
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
@@ -269,7 +270,7 @@ def test_merge_refuses_a_job_holding_another_blocks_weights(tmp_path):
     jobs = []
     for b in (0, 1):
         jobs.append(tmp_path / f"job{b}")
-        train(tiny("dblocks", "train.steps=4", f"train.blocks={b}", "dblocks.shared_stem_head=false",
+        train(tiny("dblocks", "train.steps=4", f"train.blocks={b}", "blocks.shared_stem_head=false",
               "dblocks.block_choice=round-robin"), jobs[-1],
               progress=False)
     (jobs[1] / "model.safetensors").write_bytes((jobs[0] / "model.safetensors").read_bytes())
@@ -280,7 +281,7 @@ def test_merge_refuses_a_job_holding_another_blocks_weights(tmp_path):
 def test_a_job_of_every_block_writes_its_record(tmp_path):
     """One torchrun process owns every block: its job still leaves job.json, so the merge that follows works."""
     run = tmp_path / "job"
-    results = train(tiny("dblocks", "train.steps=4", "train.blocks=0,1", "dblocks.shared_stem_head=false",
+    results = train(tiny("dblocks", "train.steps=4", "train.blocks=0,1", "blocks.shared_stem_head=false",
               "dblocks.block_choice=round-robin"), run,
                     progress=False)
     assert io.load_json(run / "job.json")["finished"] and "test_accuracy" in results

@@ -10,11 +10,12 @@ from conftest import signal_on_step
 
 from diffusionblocks import io
 from diffusionblocks.cli import main
-from diffusionblocks.config import apply_overrides, preset_tiny
+from diffusionblocks.config import apply_overrides
 from diffusionblocks.data import DataError
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.methods.e2e import EndToEnd
 from diffusionblocks.run import evaluate, load_model, validate
+from diffusionblocks.tasks.classify import preset_tiny
 from diffusionblocks.train import train
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
@@ -198,9 +199,9 @@ def test_clear_errors(tmp_path):
 @pytest.mark.parametrize("override", ["train.log_every=0", "train.ckpt_every=0", "train.threads=-1",
                                       "model.mlp_ratio=0", "train.min_lr_ratio=-5", "train.lr=inf",
                                       "data.train_limit=-5", "data.test_limit=-1", "train.eval_batch_size=0",
-                                      "dblocks.steps_per_block=0", "train.eval_limit=-1",
-                                      "baseline.ff_theta=nan", "baseline.aux_pool=max", "baseline.noprop_eta=-1",
-                                      "baseline.dtp_target_step=0"])
+                                      "chain.steps_per_block=0", "train.eval_limit=-1",
+                                      "ff.theta=nan", "dgl.aux_pool=max", "noprop.eta=-1",
+                                      "dtp.target_step=0"])
 def test_bad_values_are_refused_before_training(tmp_path, capsys, override):
     """Each of these crashed or trained wrongly (issue 16, items 4 and 5); now a one-line error naming the key, and
     nothing is written."""

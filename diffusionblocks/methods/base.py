@@ -81,7 +81,8 @@ class Method:
     unowned_names: set[str] = frozenset()  # state-dict entries this run does not hold (other jobs' blocks)
     warn_starved: bool = False  # report units that got no update in a logging window
     # a method that brings its own image classifier (the block-wise baselines: model_form names it) sets its class
-    # here, called as classifier(cfg, image_size, channels, num_classes); tasks that classify images build it
+    # here; tasks that classify images build it with image_size, channels, num_classes and the config sections its
+    # constructor's parameters name (config.construct)
     classifier: ClassVar[type[nn.Module] | None] = None
 
     @classmethod

@@ -4,7 +4,7 @@ Which block: "random" (the paper), "round-robin", or "sequential" (block 0 for i
 steps, then block 1, ...). Under "sequential" the shared parameters (a shared stem/head) are trained
 during block 0's phase only and frozen afterwards: were they trained on, the later blocks would move them
 under the earlier ones, which never see them again. With a replicated stem/head
-(dblocks.shared_stem_head=false) the blocks are independent: each has its own optimizer, its own noise
+(blocks.shared_stem_head=false) the blocks are independent: each has its own optimizer, its own noise
 stream and its own data stream, so round-robin, sequential, per-block jobs and parallel ranks all train
 exactly the same weights (jobs.py, parallel.py).
 
@@ -17,17 +17,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
-from ..config import RunConfig, parse_ints
+from ..config import RunConfig, parse_ints, section, setting
 from ..residency import Residency
 from .base import EMA, Method, Optimizer, stream_seed, update
 
 
+@section("dblocks")
+@dataclass
+class DBlocksConfig:
+    """The DiffusionBlocks trainer's own settings: which block a step trains and where idle blocks live."""
+
+    block_choice: str = setting("random", "random (the paper), round-robin, or sequential (each block's whole budget "
+                                          "in turn: each block is loaded once)",
+                                choices=("random", "round-robin", "sequential"))
+    residency: str = setting("all", "all blocks on the device, or only the active one (idle blocks offloaded)",
+                             choices=("all", "active"))
+
+
 def owned_blocks(cfg: RunConfig) -> list[int]:
-    """The blocks this job trains: train.blocks ("" = all), checked against dblocks.num_blocks."""
-    B = cfg.dblocks.num_blocks
+    """The blocks this job trains: train.blocks ("" = all), checked against blocks.num_blocks."""
+    B = cfg.blocks.num_blocks
     blocks = parse_ints(cfg.train.blocks, "train.blocks", "0,2")
     if not blocks:
         return list(range(B))
@@ -56,8 +69,8 @@ class DBlocks(Method):
     @classmethod
     def check_independent(cls, cfg: RunConfig, why: str) -> None:
         """Blocks trained apart (jobs, ranks) must not share parameters and must get a fixed share of steps."""
-        if cfg.dblocks.shared_stem_head:
-            raise ValueError(f"{why} needs independent blocks: set dblocks.shared_stem_head=false (a shared "
+        if cfg.blocks.shared_stem_head:
+            raise ValueError(f"{why} needs independent blocks: set blocks.shared_stem_head=false (a shared "
                              f"stem/head is trained by every block, so jobs holding different blocks could not "
                              f"be merged)")
         if cfg.dblocks.block_choice == "random" and cfg.train.blocks.strip():
@@ -67,7 +80,7 @@ class DBlocks(Method):
 
     @classmethod
     def budget(cls, cfg: RunConfig) -> tuple[int, str]:
-        t, B = cfg.train, cfg.dblocks.num_blocks
+        t, B = cfg.train, cfg.blocks.num_blocks
         if t.budget == "steps":
             total, rule = t.steps, f"{t.steps} steps ({t.budget} budget)"
         else:

@@ -11,14 +11,25 @@ block).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import split_layers
-from ..config import RunConfig, allocation_of
+from ..config import BackboneConfig, BlocksConfig, RunConfig, section, setting
 from ..models import CutViT, vit_layers
 from .base import Method, Optimizer, stream_seed, update
+
+
+@section("dgl")
+@dataclass
+class DGLConfig:
+    """DGL's and greedy's auxiliary heads (train.method=dgl or greedy)."""
+
+    aux_pool: str = setting("mean", "the auxiliary head's pooling over tokens: mean, or the CLS token",
+                            choices=("mean", "cls"))
 
 
 class AuxHead(nn.Module):
@@ -27,7 +38,7 @@ class AuxHead(nn.Module):
     def __init__(self, width: int, num_classes: int, pool: str):
         super().__init__()
         if pool not in ("mean", "cls"):
-            raise ValueError(f"baseline.aux_pool={pool!r}: expected 'mean' or 'cls'")
+            raise ValueError(f"dgl.aux_pool={pool!r}: expected 'mean' or 'cls'")
         self.pool = pool
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, num_classes)
@@ -42,14 +53,14 @@ class LocalClassifier(CutViT):
 
     inference_options = ()
 
-    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, dgl: DGLConfig, image_size, channels: int,
+                 num_classes: int):
         super().__init__()
-        m = cfg.model
+        m = model
         self.build_stem(image_size, channels, m.patch, m.width)  # stem first: the weights every result here had
-        layers = vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, layer=m.layer,
-                            recompute_gate=m.gate_recompute)
-        self.build_blocks(layers, split_layers(m.depth, cfg.dblocks.num_blocks, allocation_of(cfg)), m.checkpoint)
-        self.heads = nn.ModuleList(AuxHead(m.width, num_classes, cfg.baseline.aux_pool) for _ in self.allocation)
+        self.build_blocks(vit_layers(m), split_layers(m.depth, blocks.num_blocks, blocks.layers_per_block()),
+                          m.checkpoint)
+        self.heads = nn.ModuleList(AuxHead(m.width, num_classes, dgl.aux_pool) for _ in self.allocation)
 
     def block_layers(self, block: int) -> int:
         return self.allocation[block]

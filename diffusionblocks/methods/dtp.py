@@ -33,15 +33,28 @@ f_b(h_(b-1) + eps) builds no graph.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import split_layers
-from ..config import RunConfig, allocation_of
+from ..config import BackboneConfig, BlocksConfig, RunConfig, section, setting
 from ..models import CutViT, vit_layers
 from ..nn import TransformerLayer
 from .base import Method, Optimizer, stream_seed, update
+
+
+@section("dtp")
+@dataclass
+class DTPConfig:
+    """Difference target propagation (train.method=dtp). The top step was chosen on validation: benchmarks/README.md,
+    baselines."""
+
+    inverse_noise: float = setting(0.1, "std of the noise that trains each approximate inverse", range="[0, inf)")
+    target_step: float = setting(0.3, "the step size of the top target (h_top - step * dLoss/dh_top)",
+                                 range="(0, inf)")
 
 
 class DTPClassifier(CutViT):
@@ -55,13 +68,11 @@ class DTPClassifier(CutViT):
     it the identity at first, the exact inverse of a fresh block (a fresh adaLN-zero block is the identity too).
     """
 
-    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, image_size, channels: int, num_classes: int):
         super().__init__()
-        m = cfg.model
-        layers = vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, layer=m.layer,
-                            recompute_gate=m.gate_recompute)
+        m, layers = model, vit_layers(model)
         self.build_stem(image_size, channels, m.patch, m.width)
-        self.build_blocks(layers, split_layers(m.depth, cfg.dblocks.num_blocks, allocation_of(cfg)), m.checkpoint)
+        self.build_blocks(layers, split_layers(m.depth, blocks.num_blocks, blocks.layers_per_block()), m.checkpoint)
         self.norm = nn.LayerNorm(m.width)
         self.head = nn.Linear(m.width, num_classes)
         # inverses[b - 1] is g_b; no dropout: a target is a deterministic function of the forward pass
@@ -138,7 +149,7 @@ class DTP(Method):
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """The step's losses, each on its own graph: "ce" (N,), "blocks" [B] and "inverses" [B] (0 for block 0)
         scalars; all computed with the weights as they are (targets before any update, Algorithm 1)."""
-        model, B, c = self.model, self.model.num_blocks, self.cfg.baseline
+        model, B, c = self.model, self.model.num_blocks, self.cfg.dtp
         outputs, h = [], model.embed(x)  # block 0's graph starts at the image
         for b in range(B):  # each block on a detached input: its graph is its own, kept for its local loss
             outputs.append(model.block(b, h))
@@ -148,13 +159,13 @@ class DTP(Method):
         # the per-sample loss's gradient (Sec. 2.2: the target is a small step down the loss from h_(B-1))
         (grad,) = torch.autograd.grad(ce.sum(), top, retain_graph=True)
         top_target = h.clone()
-        top_target[:, 0] -= c.dtp_target_step * grad  # the other tokens do not reach the loss
+        top_target[:, 0] -= c.target_step * grad  # the other tokens do not reach the loss
         hats = targets(model, [o.detach() for o in outputs], top_target)
         blocks = [F.mse_loss(outputs[b], hats[b]) for b in range(B)]
         inverses = [torch.zeros((), device=x.device)]
         for b in range(1, B):  # each inverse reconstructs a noise-corrupted input of its block
             inp = outputs[b - 1].detach()
-            noisy = inp + c.dtp_inverse_noise * torch.randn(inp.shape, generator=self.noise,
+            noisy = inp + c.inverse_noise * torch.randn(inp.shape, generator=self.noise,
                                                             dtype=inp.dtype).to(inp.device)
             with torch.no_grad():
                 f = model.block(b, noisy)

@@ -17,13 +17,28 @@ detached features: one forward pass, `test_accuracy_readout`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import RunConfig
+from ..config import BackboneConfig, RunConfig, section, setting
 from ..models import PatchEmbed, vit_layers
 from .base import Method, Optimizer, stream_seed, update
+
+
+@section("ff")
+@dataclass
+class FFConfig:
+    """Forward-Forward (train.method=ff). Departures chosen on validation: benchmarks/README.md, baselines."""
+
+    theta: float = setting(0.5, "the goodness threshold (goodness: the mean squared activation; 1 for a fresh layer "
+                                "on its normalised input)", range="(-inf, inf)")
+    readout: bool = setting(True, "also train a linear readout on the frozen features (under the neutral label)")
+    neutral: str = setting("own", "the readout's neutral label token: own (a row of the label table that no goodness "
+                                  "loss sees) or mean (of the class rows: Hinton's, 1/C of each class)",
+                           choices=("own", "mean"))
 
 
 def rms_normalize(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -36,22 +51,20 @@ class FFClassifier(nn.Module):
 
     inference_options = ()  # no sampler to set
 
-    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+    def __init__(self, model: BackboneConfig, ff: FFConfig, image_size, channels: int, num_classes: int):
         super().__init__()
-        m = cfg.model
-        self.num_classes, self.width = num_classes, m.width
-        self.patches = PatchEmbed(image_size, channels, m.patch, m.width)
-        self.labels = nn.Embedding(num_classes + 1, m.width)  # row num_classes: the neutral label (readout)
-        self.layers = nn.ModuleList(vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, layer=m.layer,
-                                               recompute_gate=m.gate_recompute))
-        self.num_layers = m.depth
-        self.scored = list(range(1, m.depth)) if m.depth > 1 else [0]  # the layers the sweep and readout read
-        self.readout = nn.Linear(len(self.scored) * m.width, num_classes)
-        self.theta, self.neutral = cfg.baseline.ff_theta, cfg.baseline.ff_neutral
+        self.num_classes, self.width = num_classes, model.width
+        self.patches = PatchEmbed(image_size, channels, model.patch, model.width)
+        self.labels = nn.Embedding(num_classes + 1, model.width)  # row num_classes: the neutral label (readout)
+        self.layers = nn.ModuleList(vit_layers(model))
+        self.num_layers = model.depth
+        self.scored = list(range(1, model.depth)) if model.depth > 1 else [0]  # the layers the sweep and readout read
+        self.readout = nn.Linear(len(self.scored) * model.width, num_classes)
+        self.theta, self.neutral = ff.theta, ff.neutral
 
     def embed(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W), (N,) -> the first layer's input (N, 1 + T, D), normalised. Label num_classes is the
-        neutral one: its own row, or (baseline.ff_neutral=mean) the mean of the class rows."""
+        neutral one: its own row, or (ff.neutral=mean) the mean of the class rows."""
         tokens = self.labels(labels)
         if self.neutral == "mean":
             tokens = torch.where((labels == self.num_classes)[:, None],
@@ -120,7 +133,7 @@ class ForwardForward(Method):
         stem = list(model.patches.parameters()) + list(model.labels.parameters())
         self.units = [stem * (i == 0) + list(layer.parameters()) for i, layer in enumerate(model.layers)]
         self.opts = [Optimizer(p, cfg, total_steps) for p in self.units]
-        self.readout = list(model.readout.parameters()) if cfg.baseline.ff_readout else []
+        self.readout = list(model.readout.parameters()) if cfg.ff.readout else []
         self.readout_opt = Optimizer(self.readout, cfg, total_steps) if self.readout else None
         self.trained = {id(p) for p in model.parameters()}
         self.negatives = torch.Generator().manual_seed(stream_seed(cfg.train.seed) + 5)

@@ -18,17 +18,31 @@ is the objective and the sampler. The training loop is DBlocks' (methods/dblocks
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import BlockStack, StackModel
-from ..config import RunConfig, allocation_of
+from ..config import BackboneConfig, BlocksConfig, RunConfig, section, setting
 from ..models import LabelHead, LabelStem, vit_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import PlainPrecond
 from .dblocks import DBlocks
+
+
+@section("noprop")
+@dataclass
+class NoPropConfig:
+    """NoProp-DT (train.method=noprop): the weight of its denoising terms and its class embedding."""
+
+    eta: float = setting(0.1, "the weight eta of the denoising terms", range="[0, inf)")
+    label_table: str = setting("learned", "the class embedding: learned jointly, or fixed",
+                               choices=("learned", "fixed"))
+    label_scale: str = setting("unit-variance", "the class embedding's initial rows: unit-variance (each coordinate "
+                                                "N(0, 1), the VP noise's scale) or unit-norm (a one-hot label's "
+                                                "length)", choices=("unit-variance", "unit-norm"))
 
 
 def cosine_alpha_bar(num_blocks: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -76,22 +90,22 @@ class NoPropClassifier(StackModel, nn.Module):
 
     inference_options = ()  # the sampler has no settings: one step per block, as trained
 
-    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, noprop: NoPropConfig, image_size, channels: int,
+                 num_classes: int):
         super().__init__()
-        m, d, base = cfg.model, cfg.dblocks, cfg.baseline
-        label_dim = m.label_dim or m.width
-        self.eta = base.noprop_eta
-        # u_y: unit variance per coordinate, the scale of the unit noise of the VP process, or (noprop_label_scale=
+        m, label_dim = model, model.label_dim or model.width
+        self.eta = noprop.eta
+        # u_y: unit variance per coordinate, the scale of the unit noise of the VP process, or (noprop.label_scale=
         # unit-norm) rows of length 1, a one-hot label's. The same draw in every run; "learned" trains it (a shared
         # parameter) through all three terms, as the paper does.
         table = torch.randn(num_classes, label_dim, generator=torch.Generator().manual_seed(1234))
-        if base.noprop_label_scale == "unit-norm":
+        if noprop.label_scale == "unit-norm":
             table = table / table.norm(dim=-1, keepdim=True)
-        if base.noprop_label_table == "learned":
+        if noprop.label_table == "learned":
             self.table = nn.Parameter(table)
         else:
             self.register_buffer("table", table)
-        alpha_bar = cosine_alpha_bar(d.num_blocks)
+        alpha_bar = cosine_alpha_bar(blocks.num_blocks)
         a, b, c = step_coefficients(alpha_bar)
         # z_t / sqrt(alpha_bar_t) = u_y + sigma_t eps: z_t's level on DiffusionBlocks' scale, sigma_t = SNR(t)^(-1/2).
         # Block b owns (sigma_(b+1), sigma_b] and starts at its upper edge, the level of its input z_b, as a
@@ -102,14 +116,13 @@ class NoPropClassifier(StackModel, nn.Module):
         for name, value in (("alpha_bar", alpha_bar), ("snr", snr(alpha_bar)), ("a", a), ("b", b), ("c", c),
                             ("c_noise", sigma[:-1].log() / 4)):  # c_noise: EDM's ln(sigma) / 4 of each input
             self.register_buffer(name, value.float(), persistent=False)  # a function of the config: not saved
-        layers = vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, layer=m.layer,
-                            recompute_gate=m.gate_recompute)
+        layers = vit_layers(m)
         # The head reads the label token into class logits; u_hat = softmax(logits) @ u, a mixture of the class
         # embeddings (NoProp's blocks end in a softmax over the classes whose probabilities weight the embeddings).
         # No preconditioning: z has unit variance at every level (VP).
         self.stack = BlockStack(layers, LabelStem(image_size, channels, m.patch, m.width, label_dim, m.noise_scale),
                                 LabelHead(m.width, num_classes, m.label_head), self.partition,
-                                allocation=allocation_of(cfg), shared_stem_head=d.shared_stem_head,
+                                allocation=blocks.layers_per_block(), shared_stem_head=blocks.shared_stem_head,
                                 precond=PlainPrecond(), checkpoint_every=m.checkpoint)
         self.readout = nn.Linear(label_dim, num_classes)  # p_out(y | z_T): shared by all blocks, whatever the stem/head
 

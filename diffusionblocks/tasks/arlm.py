@@ -1,4 +1,4 @@
-"""Autoregressive language modelling, end to end and as DiffusionBlocks (issue 13; docs/METHOD.md section 7).
+"""Autoregressive language modelling, end to end and as DiffusionBlocks (docs/METHOD.md section 7).
 
 End to end: a causal transformer of the same layers, sizes and data as the masked-diffusion model, scored by its
 exact likelihood (the floor of `compare --task mdlm`). Each window is modelled on its own, like masked
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,18 @@ from torch import nn
 
 from .. import io
 from ..blocks import BlockStack, StackModel
-from ..config import RunConfig, allocation_of
+from ..config import (
+    BackboneConfig,
+    BlocksConfig,
+    ChainConfig,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    load_preset,
+    preset,
+    section,
+    setting,
+)
 from ..models import NoisyCleanStem, NoisyHead, TokenHead, TokenStem, lm_layers
 from ..nn import KVCache, run_layers
 from ..noise import LogNormalLevels, Partition
@@ -34,19 +46,36 @@ from .base import check_label_table, interleaved_seconds, unknown_form
 from .lm import LN2, LMTask, TextData, load_text, token_ce
 
 
-class AutoregressiveLM(nn.Module):
-    """A causal transformer LM over windows of data.seq_len tokens, tied input and output embeddings."""
+@section("arlm")
+@dataclass
+class ARLMConfig:
+    """Autoregressive language modelling as DiffusionBlocks (task=arlm; paper App. E.4): how the noise level reaches
+    the denoiser, and the evaluation's and the sampler's own settings. The Euler chain's are chain.*, as for
+    classification."""
 
-    def __init__(self, cfg: RunConfig, vocab_size: int):
+    noise_level: str = setting("window", "window: one sigma per window, given to every layer by adaLN (the paper's; "
+                                         "one key/value cache per Euler step); token: every noisy token its own sigma, "
+                                         "embedded into its input (one cache per block; benchmarks/README.md)",
+                               choices=("window", "token"))
+    sigma_max_share: float = setting(0.0, "training: this fraction of the noisiest block's levels set to sigma_max, "
+                                          "where every chain starts (0: the paper)", range="[0, 1]")
+    eval_draws: int = setting(4, "M: chains per token in the chain cross-entropy (one when the chain is "
+                                 "deterministic, chain.init=zero)", range="[1, 10_000]")
+    temperature: float = setting(1.0, "sampling: the last step's softmax temperature (0: greedy)",
+                                 range="[0, inf) 0 = greedy")
+
+
+class AutoregressiveLM(nn.Module):
+    """A causal transformer LM over windows of seq_len tokens, tied input and output embeddings."""
+
+    def __init__(self, model: BackboneConfig, vocab_size: int, seq_len: int):
         super().__init__()
-        m = cfg.model
-        self.vocab_size, self.bos, self.seq_len = vocab_size, vocab_size, cfg.data.seq_len
-        self.num_layers, self.checkpoint_every = m.depth, m.checkpoint
-        self.stem = TokenStem(vocab_size + 1, cfg.data.seq_len, m.width, causal=True, conditioned=False,
-                              learned_positions=m.positions == "learned")
-        self.layers = nn.ModuleList(lm_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout,
-                                              recompute_gate=m.gate_recompute, rope=m.positions == "rope"))
-        self.head = TokenHead(self.stem.embed, m.width, vocab_size)
+        self.vocab_size, self.bos, self.seq_len = vocab_size, vocab_size, seq_len
+        self.num_layers, self.checkpoint_every = model.depth, model.checkpoint
+        self.stem = TokenStem(vocab_size + 1, seq_len, model.width, causal=True, conditioned=False,
+                              learned_positions=model.positions == "learned")
+        self.layers = nn.ModuleList(lm_layers(model))
+        self.head = TokenHead(self.stem.embed, model.width, vocab_size)
 
     def logits(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x (N, T) -> logits (N, T, V); position i reads [BOS] + x_<i. (No randomness: `generator` is for models
@@ -128,18 +157,18 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator | 
 class NextTokenChain:
     """The Euler chain over the next token's embedding, shared by the models that denoise it (ARDiffusionLM here,
     RecurrentDiffusionLM in tasks/recurrent.py), and the statistics it is scored by. A model sets `partition`,
-    `labels` (a ClassEmbedding: the fixed table of unit rows the targets and the bridge use), `cfg` (its
-    DBlocksConfig: grid, bridge, init), `steps_per_block` and `eval_draws`, and implements `context(x)` (what every
+    `labels` (a ClassEmbedding: the fixed table of unit rows the targets and the bridge use), `chain_cfg` (its
+    ChainConfig: grid, bridge, init), `steps_per_block` and `eval_draws`, and implements `context(x)` (what every
     step reads of the clean windows x, computed once per chain) and `step_logits(block, z, sigma, context)` (the
     logits (N, T, V) of one denoiser call at level sigma)."""
 
     def steps(self, steps_per_block: int | None = None, grid: str | None = None) -> list[tuple[float, float, int]]:
         """The chain's (sigma, sigma_next, block) steps, from sigma_max down to 0."""
-        g = self.partition.inference_grid(steps_per_block or self.steps_per_block, grid or self.cfg.grid)
+        g = self.partition.inference_grid(steps_per_block or self.steps_per_block, grid or self.chain_cfg.grid)
         return [(g[k].item(), g[k + 1].item(), int(self.partition.route(g[k]))) for k in range(len(g) - 1)]
 
     def start(self, shape, sigma_max: float, init: str | None, generator, device) -> torch.Tensor:
-        init = init or self.cfg.init
+        init = init or self.chain_cfg.init
         if init not in ("zero", "noise"):
             raise ValueError(f"init={init!r}: expected 'zero' or 'noise'")
         if init == "zero":
@@ -149,7 +178,7 @@ class NextTokenChain:
     def bridge(self, logits: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """The x0 estimate from logits (ClassEmbedding.estimate): softmax(logits) @ e_hat ("soft"), e_hat[argmax]
         ("hard") or the soft one at unit norm ("unit"), from the same normalised rows as the training targets."""
-        return self.labels.estimate(logits, kind or self.cfg.bridge)
+        return self.labels.estimate(logits, kind or self.chain_cfg.bridge)
 
     def chain(self, x: torch.Tensor, generator: torch.Generator | None = None, *, steps_per_block: int | None = None,
               grid: str | None = None, bridge: str | None = None, init: str | None = None, record=None):
@@ -167,7 +196,7 @@ class NextTokenChain:
 
     def draws(self, init: str | None = None, draws: int | None = None) -> int:
         """M, the chains per token of the chain cross-entropy: one when the chain is deterministic (init zero)."""
-        return 1 if (init or self.cfg.init) == "zero" else (draws or self.eval_draws)
+        return 1 if (init or self.chain_cfg.init) == "zero" else (draws or self.eval_draws)
 
     @torch.no_grad()
     def window_stats(self, x: torch.Tensor, pad: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -215,10 +244,10 @@ class ARDiffusionLM(NextTokenChain, StackModel, nn.Module):
     A window x (N, T) is laid out twice, [z_1..z_T ; x_1..x_T]: z_i = e_hat(x_i) + sigma eps (e_hat a fixed random
     table of unit rows, as classification's labels) sees itself and x_<i, x_i sees x_<=i (models.noisy_clean_layout;
     both copies of position i carry position id i). D_i = c_skip z_i + c_out F_i is read out to logits over the
-    vocabulary; the loss is the cross-entropy of every token (times w(sigma) with dblocks.loss_weight=edm). The
+    vocabulary; the loss is the cross-entropy of every token (times w(sigma) with chain.loss_weight=edm). The
     noise level reaches the denoiser per token or per window (arlm.noise_level; NoisyCleanStem).
 
-    Inference per token: dblocks.steps_per_block Euler steps per block from sigma_max (init: z = 0 or sigma_max
+    Inference per token: chain.steps_per_block Euler steps per block from sigma_max (init: z = 0 or sigma_max
     eps), the x0 estimate between steps the bridge softmax(logits) @ e_hat (soft) or e_hat[argmax] (hard); the
     last step's logits give the token. All positions of a window can run the chain at once (the clean stream is
     the true text): that is how it is evaluated. Generation runs it a token at a time, each block's clean stream
@@ -227,24 +256,24 @@ class ARDiffusionLM(NextTokenChain, StackModel, nn.Module):
 
     inference_options = ("steps_per_block", "grid", "bridge", "init")
 
-    def __init__(self, cfg: RunConfig, vocab_size: int):
+    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, chain: ChainConfig, arlm: ARLMConfig,
+                 vocab_size: int, seq_len: int):
         super().__init__()
-        m, d, a = cfg.model, cfg.dblocks, cfg.arlm
-        self.cfg, self.noise_level, self.eval_draws, self.temperature = d, a.noise_level, a.eval_draws, a.temperature
-        self.steps_per_block = d.steps_per_block
+        m, a = model, arlm
+        self.chain_cfg, self.steps_per_block = chain, chain.steps_per_block
+        self.noise_level, self.eval_draws, self.temperature = a.noise_level, a.eval_draws, a.temperature
         self.sigma_max_share = a.sigma_max_share
-        self.vocab_size, self.seq_len = vocab_size, cfg.data.seq_len
+        self.vocab_size, self.seq_len = vocab_size, seq_len
         label_dim = m.label_dim or m.width
-        self.partition = Partition.create(LogNormalLevels(), d.num_blocks, kind=d.partition, gamma=d.gamma)
+        self.partition = Partition.create(LogNormalLevels(), blocks.num_blocks, kind=blocks.partition,
+                                          gamma=blocks.gamma)
         gen = torch.Generator().manual_seed(1234)  # the token table is fixed, and the same in every run
-        self.labels = ClassEmbedding(vocab_size, label_dim, learnable=d.label_table == "learned", generator=gen)
-        stem = NoisyCleanStem(vocab_size, cfg.data.seq_len, m.width, label_dim, noise_level=a.noise_level,
+        self.labels = ClassEmbedding(vocab_size, label_dim, learnable=chain.label_table == "learned", generator=gen)
+        stem = NoisyCleanStem(vocab_size, seq_len, m.width, label_dim, noise_level=a.noise_level,
                               noise_scale=m.noise_scale, learned_positions=m.positions == "learned")
         self.stack = BlockStack(
-            lm_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, recompute_gate=m.gate_recompute,
-                      rope=m.positions == "rope"),
-            stem, NoisyHead(m.width, label_dim), self.partition, allocation=allocation_of(cfg),
-            shared_stem_head=d.shared_stem_head, precond=EDMPrecond(), checkpoint_every=m.checkpoint)
+            lm_layers(m), stem, NoisyHead(m.width, label_dim), self.partition, allocation=blocks.layers_per_block(),
+            shared_stem_head=blocks.shared_stem_head, precond=EDMPrecond(), checkpoint_every=m.checkpoint)
         self.add_readout(lambda: nn.Linear(label_dim, vocab_size))  # per block when stem/head are replicated
 
     def extra_shared(self) -> list[nn.Parameter]:
@@ -264,7 +293,7 @@ class ARDiffusionLM(NextTokenChain, StackModel, nn.Module):
 
     def block_loss(self, block: int, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Nats per token (N,) of `block` alone, on its own levels: every token's cross-entropy."""
-        d = self.cfg
+        d = self.chain_cfg
         N, T = x.shape
         target = label_target(self.labels, x, d.input_flip, d.input_mix, generator)  # (N, T, Dy)
         n = N * T if self.noise_level == "token" else N
@@ -362,9 +391,9 @@ class ARLMTask(LMTask):
 
     def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
         if form == "end-to-end":
-            return AutoregressiveLM(cfg, data.vocab_size)
+            return AutoregressiveLM(cfg.model, data.vocab_size, cfg.data.seq_len)
         if form == "blocks":
-            return ARDiffusionLM(cfg, data.vocab_size)
+            return ARDiffusionLM(cfg.model, cfg.blocks, cfg.chain, cfg.arlm, data.vocab_size, cfg.data.seq_len)
         raise unknown_form(self.name, form, ("end-to-end", "blocks"))
 
     def plan_tokens(self, cfg: RunConfig, shapes, form: str = "end-to-end") -> int:
@@ -561,3 +590,45 @@ def distinct_n(tokens: torch.Tensor, orders=(1, 2, 3, 4)) -> list[float]:
 
 
 TASK = ARLMTask
+
+
+@preset("lm-ar-cpu")
+def preset_lm_ar_cpu() -> RunConfig:
+    """The autoregressive compare on a 2-core CPU (`compare --task arlm`: e2e, the 2-layer control, DiffusionBlocks):
+    lm-cpu's data, model and budget (Shakespeare in the text8 alphabet, windows of 128, 6 layers of width 192,
+    320 end-to-end steps of 32 windows, AdamW 1e-3) with B = 3 and the paper's text overlap gamma 0.1; scored on
+    the first 512 test windows (of 2,029)."""
+    cfg = load_preset("lm-cpu")
+    cfg.task = "arlm"
+    cfg.blocks.gamma = 0.1
+    cfg.chain.input_flip = cfg.chain.input_mix = 0.0  # classification's departures: not measured for text
+    cfg.data.test_limit = 512
+    return cfg
+
+
+@preset("lm-ar-quick")
+def preset_lm_ar_quick() -> RunConfig:
+    """Under a minute for the three arms of the autoregressive compare (a smoke run): 12 steps, windows of 64 (the
+    samples and the generation timing are one window long), 64 test windows."""
+    cfg = preset_lm_ar_cpu()
+    cfg.data.seq_len = 64
+    cfg.train.steps = 12
+    cfg.train.eval_limit = 16
+    cfg.data.test_limit = 64
+    return cfg
+
+
+@preset("lm-ar-lm1b")
+def preset_lm_ar_lm1b() -> RunConfig:
+    """The paper's autoregressive setting for a GPU (App. E.4): LM1B (through HF `datasets`), windows of 256, 12
+    layers of width 768 with 12 heads, B = 4, gamma 0.1, AdamW 3e-4, batch 256. The tokenizer is a BPE of 8,192
+    symbols trained on the corpus (data.bpe_vocab), or a local tokenizer.json (data.tokenizer_file=PATH, e.g. GPT-2's
+    for OpenWebText). Set train.steps for the budget you have."""
+    cfg = RunConfig(task="arlm")
+    cfg.data = DataConfig(name="lm1b", tokenizer="bpe", bpe_vocab=8192, seq_len=256)
+    cfg.model = BackboneConfig(depth=12, width=768, heads=12, mlp_ratio=4.0, positions="rope")
+    cfg.blocks.num_blocks, cfg.blocks.gamma = 4, 0.1
+    cfg.chain.input_flip = cfg.chain.input_mix = 0.0
+    cfg.train = TrainConfig(steps=100_000, batch_size=256, lr=3e-4, weight_decay=0.03, warmup=0.02, eval_limit=512,
+                            eval_batch_size=128, ckpt_every=2000, device="auto")
+    return cfg

@@ -114,7 +114,7 @@ COMMON_OPTIONS = {o.name: o for o in (
            choices=BRIDGES),
     Option("sigma_start", finite, "first level of the grid (default sigma_max)"),
     Option("init", help="DiffusionBlocks: start the Euler chain from sigma_max noise or from z = 0 (deterministic; "
-                        "default dblocks.init)", choices=("noise", "zero")))}
+                        "default chain.init)", choices=("noise", "zero")))}
 
 
 class Task:
@@ -377,9 +377,9 @@ def interleaved_seconds(calls: dict[str, Callable[[int], object]], repeats: int)
 def check_label_table(cfg: RunConfig) -> None:
     """A learned label (or token) table is trained by every block, a shared parameter: refuse it with blocks that
     share nothing."""
-    if cfg.dblocks.label_table == "learned" and not cfg.dblocks.shared_stem_head:
-        raise ValueError("dblocks.label_table=learned is trained by every block (a shared parameter): it needs "
-                         "dblocks.shared_stem_head=true; independent blocks share the fixed table")
+    if cfg.chain.label_table == "learned" and not cfg.blocks.shared_stem_head:
+        raise ValueError("chain.label_table=learned is trained by every block (a shared parameter): it needs "
+                         "blocks.shared_stem_head=true; independent blocks share the fixed table")
 
 
 def unknown_form(task: str, form: str, known: tuple[str, ...]) -> ValueError:

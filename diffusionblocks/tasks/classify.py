@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..blocks import BlockStack, StackModel
-from ..config import RunConfig, allocation_of
+from ..config import BackboneConfig, BlocksConfig, ChainConfig, DataConfig, RunConfig, TrainConfig, construct, preset
 from ..data import to_float
 from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
 from ..noise import LogNormalLevels, Partition
@@ -28,20 +28,14 @@ from ..sample import euler
 from .base import ImageShapes, ImageTask, check_label_table, unknown_form
 
 
-def layers_of(m) -> list[nn.Module]:
-    return vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, layer=m.layer,
-                      recompute_gate=m.gate_recompute)
-
-
 class EndToEndClassifier(nn.Module):
     """The plain ViT, trained with cross-entropy through all layers."""
 
-    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+    def __init__(self, model: BackboneConfig, image_size, channels: int, num_classes: int):
         super().__init__()
-        m = cfg.model
-        self.vit = ViTClassifier(layers_of(m), image_size,
-                                 channels, m.patch, m.width, num_classes, checkpoint_every=m.checkpoint)
-        self.num_layers = m.depth
+        self.vit = ViTClassifier(vit_layers(model), image_size, channels, model.patch, model.width, num_classes,
+                                 checkpoint_every=model.checkpoint)
+        self.num_layers = model.depth
 
     inference_options = ()  # a plain forward pass: no sampler to set
 
@@ -56,18 +50,19 @@ class EndToEndClassifier(nn.Module):
 class DiffusionClassifier(StackModel, nn.Module):
     """The same layers cut into B label denoisers (DiffusionBlocks)."""
 
-    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int):
+    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, chain: ChainConfig, image_size, channels: int,
+                 num_classes: int):
         super().__init__()
-        m, d = cfg.model, cfg.dblocks
-        label_dim = m.label_dim or m.width
-        self.cfg = d
-        self.partition = Partition.create(LogNormalLevels(), d.num_blocks, kind=d.partition, gamma=d.gamma)
+        m, label_dim = model, model.label_dim or model.width
+        self.chain_cfg = chain
+        self.partition = Partition.create(LogNormalLevels(), blocks.num_blocks, kind=blocks.partition,
+                                          gamma=blocks.gamma)
         gen = torch.Generator().manual_seed(1234)  # the label table is fixed, and the same in every run
-        self.labels = ClassEmbedding(num_classes, label_dim, learnable=d.label_table == "learned", generator=gen)
-        self.stack = BlockStack(layers_of(m),
+        self.labels = ClassEmbedding(num_classes, label_dim, learnable=chain.label_table == "learned", generator=gen)
+        self.stack = BlockStack(vit_layers(m),
                                 LabelStem(image_size, channels, m.patch, m.width, label_dim, m.noise_scale),
                                 LabelHead(m.width, label_dim, m.label_head), self.partition,
-                                allocation=allocation_of(cfg), shared_stem_head=d.shared_stem_head,
+                                allocation=blocks.layers_per_block(), shared_stem_head=blocks.shared_stem_head,
                                 checkpoint_every=m.checkpoint)
         self.add_readout(lambda: nn.Linear(label_dim, num_classes))  # per block when stem/head are replicated
 
@@ -80,11 +75,11 @@ class DiffusionClassifier(StackModel, nn.Module):
         """Per-sample loss (N,) of `block` alone; no other block runs."""
         target = self.training_target(y, generator)
         z, sigma = self.stack.noisy_input(block, target, generator)
-        if self.cfg.input_clean:  # the noise-free kind of point the inference chain hands a block
-            clean = torch.rand(y.shape[0], 1, generator=generator).to(y.device) < self.cfg.input_clean
+        if self.chain_cfg.input_clean:  # the noise-free kind of point the inference chain hands a block
+            clean = torch.rand(y.shape[0], 1, generator=generator).to(y.device) < self.chain_cfg.input_clean
             z = torch.where(clean, target, z)
         logits = self.readout_of(block)(self.stack.denoise(block, z, sigma, x))  # the target stays y
-        weight = self.stack.precond.weight(sigma) if self.cfg.loss_weight == "edm" else None
+        weight = self.stack.precond.weight(sigma) if self.chain_cfg.loss_weight == "edm" else None
         return ce_loss(logits, y, weight)
 
     def training_target(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -97,24 +92,25 @@ class DiffusionClassifier(StackModel, nn.Module):
         input_mix: a fraction of points replaced by a random soft mixture softmax(k * onehot(label) + g) @ E
         (k ~ U(0, 6), g ~ N(0, I)): an ambiguous estimate to denoise towards the true class. (It does not
         make the noised input look like the point the chain hands over, which is 3 to 6 times shorter;
-        dblocks.input_clean feeds that kind of point: see block_loss.)
+        chain.input_clean feeds that kind of point: see block_loss.)
         """
-        return label_target(self.labels, y, self.cfg.input_flip, self.cfg.input_mix, generator)
+        return label_target(self.labels, y, self.chain_cfg.input_flip, self.chain_cfg.input_mix, generator)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, *, steps_per_block: int | None = None, grid: str | None = None,
                 bridge: str | None = None, sigma_start: float | None = None, init: str | None = None,
                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Class predictions after every Euler step (the last entry is the model's prediction)."""
-        grid = self.partition.inference_grid(steps_per_block or self.cfg.steps_per_block, grid or self.cfg.grid)
-        sigma_start = self.cfg.sigma_start if sigma_start is None else sigma_start
+        c = self.chain_cfg
+        grid = self.partition.inference_grid(steps_per_block or c.steps_per_block, grid or c.grid)
+        sigma_start = c.sigma_start if sigma_start is None else sigma_start
         lo, hi = self.partition.levels.lo, self.partition.levels.hi
         if sigma_start and not lo <= sigma_start <= hi:
             raise ValueError(f"sigma_start={sigma_start:g}: expected 0 (start at sigma_max) or a noise level the "
                              f"blocks trained on, in [{lo:g}, {hi:g}]")
         if sigma_start:  # start lower: drop the levels above sigma_start
             grid = torch.cat([grid.new_tensor([sigma_start]), grid[grid < sigma_start]])
-        bridge, init = bridge or self.cfg.bridge, init or self.cfg.init
+        bridge, init = bridge or c.bridge, init or c.init
         estimate = lambda logits: self.labels.estimate(logits, bridge)  # x0 from logits, (N, Dy)
         preds = []
 
@@ -151,10 +147,10 @@ class ClassifyTask(ImageTask):
     def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
         if form not in self.forms:
             raise unknown_form(self.name, form, tuple(self.forms))
-        return self.forms[form](cfg, data.image_size, data.channels, data.num_classes)
+        return self.build_classifier(cfg, data, self.forms[form])
 
     def build_classifier(self, cfg: RunConfig, data, model: type[nn.Module]) -> nn.Module:
-        return model(cfg, data.image_size, data.channels, data.num_classes)
+        return construct(model, cfg, image_size=data.image_size, channels=data.channels, num_classes=data.num_classes)
 
     def plan_tokens(self, cfg: RunConfig, shapes: ImageShapes, form: str = "end-to-end") -> int:
         """Patches plus the CLS / label token."""
@@ -243,3 +239,71 @@ def _others(results: dict, prefix: str) -> str:
 
 
 TASK = ClassifyTask
+
+
+@preset("tiny")
+def preset_tiny() -> RunConfig:
+    """Seconds on a CPU: digits, a 4-layer width-32 ViT. For tests and smoke runs."""
+    cfg = RunConfig()
+    cfg.data = DataConfig(name="digits", crop_padding=0, hflip=False)
+    cfg.model = BackboneConfig(depth=4, width=32, heads=2, patch=2, mlp_ratio=2.0)
+    cfg.blocks.num_blocks = 2
+    cfg.train = TrainConfig(steps=150, batch_size=64, lr=3e-3, eval_limit=360, log_every=10, ckpt_every=1000)
+    return cfg
+
+
+@preset("fashion")
+def preset_fashion() -> RunConfig:
+    """The compare preset, about 15 minutes for its three arms on 2 CPU cores: Fashion-MNIST, a 6-layer ViT of
+    width 96 with 7x7 patches (16 tokens), 2500 end-to-end steps of batch 128 (5.3 epochs); sized in
+    benchmarks/README.md."""
+    cfg = RunConfig()
+    cfg.model = BackboneConfig(depth=6, width=96, heads=4, patch=7, mlp_ratio=2.0)
+    cfg.train.lr = 2e-3
+    cfg.train.steps = 2500
+    return cfg
+
+
+@preset("quick")
+def preset_quick() -> RunConfig:
+    """About one minute for the three arms: the fashion preset on a tenth of the steps."""
+    cfg = preset_fashion()
+    cfg.train.steps = 250
+    cfg.train.eval_limit = 1000
+    return cfg
+
+
+@preset("digits")
+def preset_digits() -> RunConfig:
+    """The compare preset where Fashion-MNIST is missing: scikit-learn digits (8x8)."""
+    cfg = preset_tiny()
+    cfg.model = BackboneConfig(depth=6, width=64, heads=4, patch=2, mlp_ratio=2.0)
+    cfg.blocks.num_blocks = 3
+    cfg.train.steps = 600
+    return cfg
+
+
+@preset("digits-quick")
+def preset_digits_quick() -> RunConfig:
+    """The digits preset on a sixth of the steps."""
+    cfg = preset_digits()
+    cfg.train.steps = 100
+    return cfg
+
+
+@preset("vit12")
+def preset_vit12() -> RunConfig:
+    """The memory benchmark's model: Fashion-MNIST, a 12-layer ViT of width 128 with 4x4 patches (50
+    tokens), batch 128. B = 2, 3, 4, 6 split it evenly."""
+    cfg = RunConfig()
+    cfg.model = BackboneConfig(depth=12, width=128, heads=4, patch=4, mlp_ratio=2.0)
+    return cfg
+
+
+@preset("vit-s")
+def preset_vit_s() -> RunConfig:
+    """A larger ViT for a GPU: 12 layers of width 384, 6 heads, 4x4 patches on Fashion-MNIST."""
+    cfg = preset_vit12()
+    cfg.model = BackboneConfig(depth=12, width=384, heads=6, patch=4, mlp_ratio=4.0)
+    cfg.train.device = "auto"
+    return cfg

@@ -15,6 +15,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch import nn
 
 from .. import io
 from ..blocks import BlockStack, StackModel
-from ..config import RunConfig, allocation_of, load_preset, parse_ints
+from ..config import BackboneConfig, BlocksConfig, RunConfig, load_preset, parse_ints, preset, section, setting
 from ..data import to_float
 from ..fd import ScriptedFeatures, features, frechet_distance
 from ..images import grid, save_png, to_uint8
@@ -44,23 +45,43 @@ from .base import (
 )
 
 
+@section("gen")
+@dataclass
+class GenConfig:
+    """Image generation (task=imagegen): EDM settings and the sampler used by eval/compare."""
+
+    conditional: bool = setting(True, "class-conditional, with a null class for classifier-free guidance")
+    label_dropout: float = setting(0.1, "training: fraction of labels replaced by the null class", range="[0, 1)")
+    sigma_data: float = setting(0.5, "EDM's data scale (images are in [-1, 1])", range="(0, inf)")
+    steps: int = setting(18, "sampling steps (a multiple of B gives every block the same number)",
+                         range="[1, 100_000]")
+    sampler: str = setting("euler", "the ODE sampler", choices=tuple(SAMPLERS))
+    grid: str = setting("equiprob", "sampling grid: equiprob (each block's levels), cdf (whatever the partition) or "
+                                    "karras", choices=GRID_KINDS)
+    cfg_scale: float = setting(1.0, "classifier-free guidance scale at sampling (1 = none)", range="(-inf, inf)")
+    fd_samples: int = setting(1000, "generated images for the Frechet distance",
+                              range="[2, 10_000_000] a Frechet distance needs 2")
+
+
 class ImageGenerator(StackModel, nn.Module):
     """An EDM denoiser D(z, sigma, label) over images, as B blocks (num_blocks=1: end-to-end, plain EDM;
-    default: dblocks.num_blocks)."""
+    default: blocks.num_blocks)."""
 
-    def __init__(self, cfg: RunConfig, image_size, channels: int, num_classes: int, num_blocks: int | None = None):
+    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, gen: GenConfig, image_size, channels: int,
+                 num_classes: int, num_blocks: int | None = None):
         super().__init__()
-        m, d, g = cfg.model, cfg.dblocks, cfg.gen
-        B = d.num_blocks if num_blocks is None else num_blocks
-        self.cfg, self.image_size, self.channels = cfg, tuple(image_size), channels
-        self.num_classes = num_classes if g.conditional else 0
-        self.partition = Partition.create(LogNormalLevels(), B, kind=d.partition, gamma=d.gamma if B > 1 else 0.0)
+        m, B = model, blocks.num_blocks if num_blocks is None else num_blocks
+        self.image_size, self.channels, self.label_dropout = tuple(image_size), channels, gen.label_dropout
+        self.num_classes = num_classes if gen.conditional else 0
+        self.partition = Partition.create(LogNormalLevels(), B, kind=blocks.partition,
+                                          gamma=blocks.gamma if B > 1 else 0.0)
         self.stack = BlockStack(
-            vit_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, recompute_gate=m.gate_recompute),
+            vit_layers(m, layer="adaln"),
             DiTStem(image_size, channels, m.patch, m.width, self.num_classes, m.noise_scale),
             DiTHead(image_size, channels, m.patch, m.width), self.partition,
-            allocation=allocation_of(cfg) if B > 1 else None, shared_stem_head=d.shared_stem_head or B == 1,
-            precond=EDMPrecond(g.sigma_data), checkpoint_every=m.checkpoint)
+            allocation=blocks.layers_per_block() if B > 1 else None,
+            shared_stem_head=blocks.shared_stem_head or B == 1, precond=EDMPrecond(gen.sigma_data),
+            checkpoint_every=m.checkpoint)
 
     @property
     def null_class(self) -> int:
@@ -72,7 +93,7 @@ class ImageGenerator(StackModel, nn.Module):
         """The class labels with a fraction gen.label_dropout replaced by the null class; None if unconditional."""
         if not self.num_classes:
             return None
-        p = self.cfg.gen.label_dropout
+        p = self.label_dropout
         if p > 0:
             drop = torch.rand(y.shape, generator=generator).to(y.device) < p
             y = torch.where(drop, torch.full_like(y, self.null_class), y)
@@ -282,7 +303,7 @@ class ImageGenTask(ImageTask):
     def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
         if form not in ("end-to-end", "blocks"):
             raise unknown_form(self.name, form, ("end-to-end", "blocks"))
-        return ImageGenerator(cfg, data.image_size, data.channels, data.num_classes,
+        return ImageGenerator(cfg.model, cfg.blocks, cfg.gen, data.image_size, data.channels, data.num_classes,
                               num_blocks=1 if form == "end-to-end" else None)
 
     def plan_tokens(self, cfg: RunConfig, shapes: ImageShapes, form: str = "end-to-end") -> int:
@@ -414,3 +435,47 @@ class ImageGenTask(ImageTask):
 
 
 TASK = ImageGenTask
+
+
+@preset("gen-tiny")
+def preset_gen_tiny() -> RunConfig:
+    """Seconds on a CPU: class-conditional DiT on digits (8x8, 2x2 patches), 4 layers of width 32, B = 2."""
+    cfg = load_preset("tiny")
+    cfg.task = "imagegen"
+    cfg.data.crop_padding = 0
+    cfg.train.lr = 2e-3
+    cfg.gen.steps = 8
+    cfg.gen.fd_samples = 360
+    return cfg
+
+
+@preset("gen-fashion")
+def preset_gen_fashion() -> RunConfig:
+    """Fashion-MNIST DiT: 6 layers of width 128, 4x4 patches (49 tokens), B = 3, no augmentation."""
+    cfg = RunConfig(task="imagegen")
+    cfg.model = BackboneConfig(depth=6, width=128, heads=4, patch=4, mlp_ratio=2.0)
+    cfg.data.crop_padding = 0
+    cfg.data.hflip = False
+    cfg.train.lr = 1e-3
+    cfg.train.steps = 2000
+    cfg.train.eval_limit = 500
+    return cfg
+
+
+@preset("gen-quick")
+def preset_gen_quick() -> RunConfig:
+    """A few minutes: the Fashion-MNIST DiT on a tenth of the steps, FD over 500 samples."""
+    cfg = preset_gen_fashion()
+    cfg.train.steps = 200
+    cfg.gen.fd_samples = 500
+    return cfg
+
+
+@preset("gen-dit-s")
+def preset_gen_dit_s() -> RunConfig:
+    """DiT-S/2-like for a GPU: CIFAR-10 (32x32x3, 2x2 patches: 256 tokens), 12 layers of width 384, 6 heads."""
+    cfg = preset_gen_fashion()
+    cfg.data.name, cfg.data.hflip = "cifar10", True
+    cfg.model = BackboneConfig(depth=12, width=384, heads=6, patch=2, mlp_ratio=4.0)
+    cfg.train.lr, cfg.train.steps, cfg.train.ema, cfg.train.device = 2e-4, 100_000, 0.9999, "auto"
+    return cfg

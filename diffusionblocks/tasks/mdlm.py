@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..blocks import BlockStack, StackModel
-from ..config import RunConfig, allocation_of
+from ..config import BackboneConfig, BlocksConfig, DataConfig, RunConfig, TrainConfig, preset, section, setting
 from ..models import TokenHead, TokenStem, lm_layers
 from ..noise import MaskLevels, Partition
 from ..precond import PlainPrecond
@@ -52,24 +53,37 @@ def masked_ce(logits: torch.Tensor, x: torch.Tensor, scored: torch.Tensor) -> to
     return (token_ce(logits, x) * scored).sum(1)
 
 
+@section("mdlm")
+@dataclass
+class MDLMConfig:
+    """Masked-diffusion language modelling (task=mdlm, MD4): the schedule, the bound's estimator, sampling."""
+
+    schedule: str = setting("linear", "alpha(t): linear 1 - t, or cosine cos(pi t / 2) (noise.MaskLevels)",
+                            choices=("linear", "cosine"))
+    eps: float = setting(1e-4, "MD4's shift: alpha = (1 - 2 eps) alpha(t) + eps, so 0 < 1 - alpha < 1 at both ends",
+                         range="(0, 0.5)")
+    eval_t: int = setting(4, "K: stratified masking times per held-out window in the bound", range="[1, 10_000]")
+    sample_steps: int = setting(128, "ancestral sampling steps (a multiple of B gives every block as many)",
+                                range="[1, 1_000_000]")
+
+
 class MaskedDiffusionLM(StackModel, nn.Module):
     """A masked-diffusion LM as B blocks over the masking time t (num_blocks=1: end to end, MD4 itself)."""
 
-    def __init__(self, cfg: RunConfig, vocab_size: int, num_blocks: int | None = None):
+    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, mdlm: MDLMConfig, vocab_size: int, seq_len: int,
+                 num_blocks: int | None = None):
         super().__init__()
-        m, d, md = cfg.model, cfg.dblocks, cfg.mdlm
-        B = d.num_blocks if num_blocks is None else num_blocks
-        self.vocab_size, self.mask_id, self.seq_len = vocab_size, vocab_size, cfg.data.seq_len
-        self.eps, self.eval_t, self.sample_steps = md.eps, md.eval_t, md.sample_steps
-        self.partition = Partition.create(MaskLevels(md.schedule), B, kind=d.partition, gamma=d.gamma if B > 1 else 0.0)
-        shared = d.shared_stem_head or B == 1
-        stem = TokenStem(vocab_size + 1, cfg.data.seq_len, m.width, noise_scale=m.noise_scale,
+        m, B = model, blocks.num_blocks if num_blocks is None else num_blocks
+        self.vocab_size, self.mask_id, self.seq_len = vocab_size, vocab_size, seq_len
+        self.eps, self.eval_t, self.sample_steps = mdlm.eps, mdlm.eval_t, mdlm.sample_steps
+        self.partition = Partition.create(MaskLevels(mdlm.schedule), B, kind=blocks.partition,
+                                          gamma=blocks.gamma if B > 1 else 0.0)
+        shared = blocks.shared_stem_head or B == 1
+        stem = TokenStem(vocab_size + 1, seq_len, m.width, noise_scale=m.noise_scale,
                          learned_positions=m.positions == "learned")
         self.stack = BlockStack(
-            lm_layers(m.depth, m.width, m.heads, m.mlp_ratio, m.dropout, recompute_gate=m.gate_recompute,
-                      rope=m.positions == "rope"),
-            stem, TokenHead(stem.embed, m.width, vocab_size), self.partition,
-            allocation=allocation_of(cfg) if B > 1 else None, shared_stem_head=shared, precond=PlainPrecond(),
+            lm_layers(m), stem, TokenHead(stem.embed, m.width, vocab_size), self.partition,
+            allocation=blocks.layers_per_block() if B > 1 else None, shared_stem_head=shared, precond=PlainPrecond(),
             checkpoint_every=m.checkpoint)
         if not shared:  # BlockStack deep-copies stem and head apart: tie each block's head to its own stem again
             for blk in self.stack.blocks:
@@ -189,7 +203,8 @@ class MDLMTask(LMTask):
     def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
         if form not in ("end-to-end", "blocks"):
             raise unknown_form(self.name, form, ("end-to-end", "blocks"))
-        return MaskedDiffusionLM(cfg, data.vocab_size, num_blocks=1 if form == "end-to-end" else None)
+        return MaskedDiffusionLM(cfg.model, cfg.blocks, cfg.mdlm, data.vocab_size, cfg.data.seq_len,
+                                 num_blocks=1 if form == "end-to-end" else None)
 
     def _plan_extra_bytes(self, cfg: RunConfig, shapes, model: nn.Module, element: int) -> int:
         """The masking time's embedding (sinusoidal features, the MLP's hidden before and after SiLU, c), which
@@ -232,3 +247,63 @@ class MDLMTask(LMTask):
 
 
 TASK = MDLMTask
+
+
+@preset("lm-tiny")
+def preset_lm_tiny() -> RunConfig:
+    """Seconds on a CPU (tests, smoke runs): masked diffusion, 2 layers of width 32, B = 2, windows of 32 tokens of
+    Shakespeare in the text8 alphabet; evaluated on the first 16 test windows, K = 2."""
+    cfg = RunConfig(task="mdlm")
+    cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=32, test_limit=16)
+    cfg.model = BackboneConfig(depth=2, width=32, heads=2, mlp_ratio=2.0, positions="rope")
+    cfg.blocks.num_blocks = 2
+    cfg.train = TrainConfig(steps=30, batch_size=16, lr=3e-3, weight_decay=0.03, eval_limit=8, eval_batch_size=64,
+                            log_every=10, ckpt_every=1000)
+    cfg.mdlm = MDLMConfig(eval_t=2, sample_steps=8)
+    return cfg
+
+
+@preset("lm-cpu")
+def preset_lm_cpu() -> RunConfig:
+    """The language compare on a 2-core CPU (`compare --task mdlm`: four arms, about 13 minutes for one seed):
+    Shakespeare in the text8 alphabet, windows of 128, 6 layers of width 192 (3 heads, MLP x2, rotary positions),
+    B = 3, gamma 0.05, 320 end-to-end steps of 32 windows (1.3M tokens, a third of an epoch of the 4.1M training
+    characters), AdamW 1e-3 (chosen on validation: benchmarks/lm_settings.py). The bound on the whole test split
+    (2,029 windows) with K = 2; sampling timed at 126 steps."""
+    cfg = RunConfig(task="mdlm")
+    cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=128)
+    cfg.model = BackboneConfig(depth=6, width=192, heads=3, mlp_ratio=2.0, positions="rope")
+    cfg.blocks.num_blocks, cfg.blocks.gamma = 3, 0.05
+    cfg.train = TrainConfig(steps=320, batch_size=32, lr=1e-3, weight_decay=0.03, eval_limit=64, eval_batch_size=64,
+                            log_every=20, ckpt_every=500)
+    cfg.mdlm = MDLMConfig(eval_t=2, sample_steps=126)
+    return cfg
+
+
+@preset("lm-quick")
+def preset_lm_quick() -> RunConfig:
+    """Under a minute for the four arms of the language compare (a smoke run): the CPU preset on 12 steps, scored
+    on the first 64 test windows, sampling time at 12 steps."""
+    cfg = preset_lm_cpu()
+    cfg.train.steps = 12
+    cfg.train.eval_limit = 16
+    cfg.data.test_limit = 64
+    cfg.mdlm.sample_steps = 12
+    return cfg
+
+
+@preset("lm-text8")
+def preset_lm_text8() -> RunConfig:
+    """The paper's masked-diffusion setting for a GPU (Table 3): text8, windows of 256, 12 layers of width 768 with
+    12 heads, batch 256, AdamW 3e-4 with weight decay 0.03 and 2k warm-up steps, B = 3, gamma 0.05. The steps
+    are 100 epochs of text8's 90M training characters (the paper's budget); set train.steps for a shorter run
+    (the warm-up is a fraction of the steps: set train.warmup = 2000 / steps to keep 2k)."""
+    cfg = RunConfig(task="mdlm")
+    cfg.data = DataConfig(name="text8", tokenizer="text8", seq_len=256)
+    cfg.model = BackboneConfig(depth=12, width=768, heads=12, mlp_ratio=4.0, positions="rope")
+    cfg.blocks.num_blocks, cfg.blocks.gamma = 3, 0.05
+    steps = 100 * 90_000_000 // (256 * 256)
+    cfg.train = TrainConfig(steps=steps, batch_size=256, lr=3e-4, weight_decay=0.03, warmup=2000 / steps,
+                            eval_limit=512, eval_batch_size=256, ckpt_every=2000, device="auto")
+    cfg.mdlm = MDLMConfig(eval_t=4, sample_steps=255)
+    return cfg

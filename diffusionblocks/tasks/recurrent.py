@@ -1,4 +1,4 @@
-"""Recurrent depth (issue 14): a Huginn-style language model (Geiping et al. 2025) trained as Huginn trains it and
+"""Recurrent depth: a Huginn-style language model (Geiping et al. 2025) trained as Huginn trains it and
 as DiffusionBlocks does (paper Sec. 5.5, App. E.5; docs/METHOD.md section 8), and the training compute of each,
 measured.
 
@@ -31,6 +31,7 @@ import copy
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +39,53 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from ..config import RecurrentConfig, RunConfig
+from ..config import (
+    BackboneConfig,
+    BlocksConfig,
+    ChainConfig,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    preset,
+    section,
+    setting,
+)
 from ..images import pyplot
 from ..memory import saved_activation_bytes
 from ..models import TokenHead, TokenStem, lm_layers
 from ..nn import NoiseEmbedding, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond
-from .arlm import ARLMTask, NextTokenChain, draw, prefilled
+from .arlm import ARLMConfig, ARLMTask, NextTokenChain, draw, prefilled
 from .base import unknown_form
 from .lm import TextData, TokenWindows, token_ce
+
+
+@section("recurrent")
+@dataclass
+class RecurrentConfig:
+    """Recurrent depth (task=recurrent; Huginn, Geiping et al. 2025; paper Sec. 5.5): prelude layers, a core of
+    tied layers applied r times, coda layers. End to end (Huginn's training) r is drawn per step from
+    Poisson(LogNormal(ln mean_recurrence - sigma^2 / 2, sigma)) + 1 and backpropagation runs through the last
+    backprop_depth iterations only; DiffusionBlocks trains the same network as one denoiser in a single pass and
+    reads the recurrences as Euler steps at inference (docs/METHOD.md section 8)."""
+
+    prelude: int = setting(1, "layers before the core", range="[0, 10_000]")
+    core: int = setting(2, "layers of the core (one set of weights, applied r times)", range="[1, 10_000]")
+    coda: int = setting(1, "layers after the core", range="[0, 10_000]")
+    mean_recurrence: int = setting(8, "r_bar: the mean of the log-normal rate (Huginn: 32; E[r] = r_bar + 1)",
+                                   range="[1, 10_000]")
+    recurrence_sigma: float = setting(0.5, "the log-normal's standard deviation (Huginn: 0.5)", range="[0, 10)")
+    backprop_depth: int = setting(4, "k: iterations that carry gradients, the last k (Huginn: 8)", range="[1, 10_000]")
+    state_std: float = setting(1.0, "end to end: the random initial state's standard deviation", range="[0, inf)")
+    eval_recurrences: int = setting(0, "recurrences at evaluation and sampling, for both forms (0 = mean_recurrence)",
+                                    range="[0, 10_000] 0 = the mean")
+    dblocks_epochs: float = setting(3.0, "compare: the DiffusionBlocks arm's steps as a multiple of the end-to-end "
+                                         "arm's (the paper's protocol: 15 epochs against Huginn's 5)",
+                                    range="(0, 1000)")
+
+    def recurrences(self) -> int:
+        return self.eval_recurrences or self.mean_recurrence
 
 
 def draw_recurrences(rec: RecurrentConfig, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -85,15 +123,15 @@ class RecurrentDepth(nn.Module):
     """What both forms share: the token stem, prelude, adapter of [state, prelude output], core (one set of layers,
     applied as often as asked), coda and the head tied to the stem's table."""
 
-    def __init__(self, cfg: RunConfig, vocab_size: int):
+    def __init__(self, model: BackboneConfig, recurrent: RecurrentConfig, arlm: ARLMConfig, vocab_size: int,
+                 seq_len: int):
         super().__init__()
-        m, r = cfg.model, cfg.recurrent
-        self.vocab_size, self.bos, self.seq_len = vocab_size, vocab_size, cfg.data.seq_len
-        self.recurrences, self.sizes = r.recurrences(), (r.prelude, r.core, r.coda)
-        self.stem = TokenStem(vocab_size + 1, cfg.data.seq_len, m.width, causal=True, conditioned=False,
+        m, r = model, recurrent
+        self.vocab_size, self.bos, self.seq_len = vocab_size, vocab_size, seq_len
+        self.recurrences, self.sizes, self.temperature = r.recurrences(), (r.prelude, r.core, r.coda), arlm.temperature
+        self.stem = TokenStem(vocab_size + 1, seq_len, m.width, causal=True, conditioned=False,
                               learned_positions=m.positions == "learned")
-        layers = lambda n: nn.ModuleList(lm_layers(n, m.width, m.heads, m.mlp_ratio, m.dropout,
-                                                   recompute_gate=m.gate_recompute, rope=m.positions == "rope"))
+        layers = lambda n: nn.ModuleList(lm_layers(m, n))
         self.prelude, self.core, self.coda = layers(r.prelude), layers(r.core), layers(r.coda)
         self.adapter = nn.Linear(2 * m.width, m.width)
         self.head = TokenHead(self.stem.embed, m.width, vocab_size)
@@ -141,10 +179,11 @@ class HuginnLM(RecurrentDepth):
 
     inference_options = ()
 
-    def __init__(self, cfg: RunConfig, vocab_size: int):
-        super().__init__(cfg, vocab_size)
-        r = cfg.recurrent
-        self.backprop_depth, self.state_std, self.temperature = r.backprop_depth, r.state_std, cfg.arlm.temperature
+    def __init__(self, model: BackboneConfig, recurrent: RecurrentConfig, arlm: ARLMConfig, vocab_size: int,
+                 seq_len: int):
+        super().__init__(model, recurrent, arlm, vocab_size, seq_len)
+        r = recurrent
+        self.backprop_depth, self.state_std = r.backprop_depth, r.state_std
         # layer applications that carry gradients in a step of r >= k (the layer-update unit)
         self.num_layers = r.prelude + r.backprop_depth * r.core + r.coda
 
@@ -190,17 +229,17 @@ class RecurrentDiffusionLM(NextTokenChain, RecurrentDepth):
 
     inference_options = ("steps_per_block", "grid", "bridge", "init")
 
-    def __init__(self, cfg: RunConfig, vocab_size: int):
-        super().__init__(cfg, vocab_size)
-        m, d = cfg.model, cfg.dblocks
-        if d.num_blocks != 1:
-            raise ValueError(f"dblocks.num_blocks={d.num_blocks}: recurrent depth trains its one tied core as a single "
-                             "denoiser over the whole range of sigma (num_blocks=1)")
-        self.cfg, self.eval_draws, self.temperature = d, cfg.arlm.eval_draws, cfg.arlm.temperature
-        self.loss_weight, self.steps_per_block = d.loss_weight, self.recurrences  # one Euler step per recurrence
-        self.partition = Partition.create(LogNormalLevels(), 1, kind=d.partition, gamma=d.gamma)
-        self.labels = ClassEmbedding(vocab_size, m.width, generator=torch.Generator().manual_seed(1234))
-        self.noise = NoiseEmbedding(m.width, scale=m.noise_scale)
+    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, chain: ChainConfig, recurrent: RecurrentConfig,
+                 arlm: ARLMConfig, vocab_size: int, seq_len: int):
+        super().__init__(model, recurrent, arlm, vocab_size, seq_len)
+        if blocks.num_blocks != 1:
+            raise ValueError(f"blocks.num_blocks={blocks.num_blocks}: recurrent depth trains its one tied core as a "
+                             "single denoiser over the whole range of sigma (num_blocks=1)")
+        self.chain_cfg, self.eval_draws = chain, arlm.eval_draws
+        self.loss_weight, self.steps_per_block = chain.loss_weight, self.recurrences  # one Euler step per recurrence
+        self.partition = Partition.create(LogNormalLevels(), 1, kind=blocks.partition, gamma=blocks.gamma)
+        self.labels = ClassEmbedding(vocab_size, model.width, generator=torch.Generator().manual_seed(1234))
+        self.noise = NoiseEmbedding(model.width, scale=model.noise_scale)
         self.precond = EDMPrecond()
         self.num_layers = sum(self.sizes)
 
@@ -317,15 +356,16 @@ class RecurrentTask(ARLMTask):
         if cfg.model.depth != r.prelude + r.core + r.coda:
             raise ValueError(f"model.depth={cfg.model.depth}: a recurrent-depth model's distinct layers are "
                              f"prelude + core + coda = {r.prelude + r.core + r.coda}; set model.depth to that")
-        if cfg.dblocks.num_blocks != 1:
-            raise ValueError(f"dblocks.num_blocks={cfg.dblocks.num_blocks}: recurrent depth trains its one tied core "
-                             "as a single denoiser over the whole range of sigma (dblocks.num_blocks=1)")
+        if cfg.blocks.num_blocks != 1:
+            raise ValueError(f"blocks.num_blocks={cfg.blocks.num_blocks}: recurrent depth trains its one tied core "
+                             "as a single denoiser over the whole range of sigma (blocks.num_blocks=1)")
 
     def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
         if form == "end-to-end":
-            return HuginnLM(cfg, data.vocab_size)
+            return HuginnLM(cfg.model, cfg.recurrent, cfg.arlm, data.vocab_size, cfg.data.seq_len)
         if form == "blocks":
-            return RecurrentDiffusionLM(cfg, data.vocab_size)
+            return RecurrentDiffusionLM(cfg.model, cfg.blocks, cfg.chain, cfg.recurrent, cfg.arlm, data.vocab_size,
+                                        cfg.data.seq_len)
         raise unknown_form(self.name, form, ("end-to-end", "blocks"))
 
     def arm_config(self, cfg: RunConfig, role: str) -> RunConfig:
@@ -509,3 +549,55 @@ def compute_lines(c: dict) -> list[str]:
 
 
 TASK = RecurrentTask
+
+
+def _one_denoiser(cfg: RunConfig) -> None:
+    """Recurrent depth's DiffusionBlocks: one block over the whole range of sigma (the core is tied), no overlap to
+    widen; classification's training-input departures off (not measured for text)."""
+    cfg.blocks.num_blocks, cfg.blocks.gamma = 1, 0.0
+    cfg.chain.input_flip = cfg.chain.input_mix = 0.0
+
+
+@preset("recurrent-cpu")
+def preset_recurrent_cpu() -> RunConfig:
+    """Recurrent depth on a 2-core CPU (`compare --task recurrent`: Huginn's training against DiffusionBlocks'
+    single pass): Shakespeare in the text8 alphabet, windows of 128, prelude 1 / core 2 / coda 1 layers of width
+    128 (4 heads, MLP x2, rotary positions), r_bar 8 (E[r] = 9), backpropagation through the last 4 iterations,
+    batch 32, AdamW 1e-3 (lm-cpu's, chosen on validation there); the end-to-end arm trains 500 steps (2M tokens,
+    half an epoch), DiffusionBlocks and the plain control 3 times as many (the paper's 5 vs 15 epochs). Scored at 8
+    recurrences on the first 512 test windows."""
+    cfg = RunConfig(task="recurrent")
+    cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=128, test_limit=512)
+    cfg.model = BackboneConfig(depth=4, width=128, heads=4, mlp_ratio=2.0, positions="rope")
+    cfg.recurrent = RecurrentConfig(prelude=1, core=2, coda=1, mean_recurrence=8, backprop_depth=4)
+    _one_denoiser(cfg)
+    cfg.train = TrainConfig(steps=500, batch_size=32, lr=1e-3, weight_decay=0.03, eval_limit=64, eval_batch_size=64,
+                            log_every=20, ckpt_every=500)
+    return cfg
+
+
+@preset("recurrent-quick")
+def preset_recurrent_quick() -> RunConfig:
+    """Under a minute for the three arms of the recurrent-depth compare (a smoke run): 10 end-to-end steps (30 for
+    DiffusionBlocks and the control), windows of 64, 32 test windows, evaluated and sampled at 4 recurrences."""
+    cfg = preset_recurrent_cpu()
+    cfg.data.seq_len, cfg.data.test_limit = 64, 32
+    cfg.train.steps, cfg.train.eval_limit = 10, 16
+    cfg.recurrent.eval_recurrences = 4
+    return cfg
+
+
+@preset("recurrent-lm1b")
+def preset_recurrent_lm1b() -> RunConfig:
+    """The paper's recurrent-depth setting for a GPU (Sec. 5.5, App. E.5): prelude 2 / core 4 / coda 2 layers of
+    width 512 with 8 heads, r_bar 32, backpropagation through the last 8 iterations, LM1B (through HF `datasets`,
+    a BPE of 8,192 symbols or data.tokenizer_file) in windows of 256, batch 256, AdamW 3e-4. train.steps is a
+    placeholder for 5 epochs: set it from your corpus's token count (DiffusionBlocks trains 3 times as many)."""
+    cfg = RunConfig(task="recurrent")
+    cfg.data = DataConfig(name="lm1b", tokenizer="bpe", bpe_vocab=8192, seq_len=256)
+    cfg.model = BackboneConfig(depth=8, width=512, heads=8, mlp_ratio=4.0, positions="rope")
+    cfg.recurrent = RecurrentConfig(prelude=2, core=4, coda=2, mean_recurrence=32, backprop_depth=8)
+    _one_denoiser(cfg)
+    cfg.train = TrainConfig(steps=50_000, batch_size=256, lr=3e-4, weight_decay=0.03, warmup=0.02, eval_limit=512,
+                            eval_batch_size=128, ckpt_every=2000, device="auto")
+    return cfg
