@@ -1,5 +1,5 @@
-"""Free generation of a trained autoregressive DiffusionBlocks run under each bridge and start of the Euler chain
-(issue 13): distinct-n and a generative perplexity scored by an end-to-end run, the same seed and sample count
+"""Free generation of a trained autoregressive DiffusionBlocks run under each bridge and start of the Euler chain:
+distinct-n and a generative perplexity scored by an end-to-end run, the same seed and sample count
 for every arm; also the samples' most frequent tokens (the chain's bias under the soft bridge).
 
     python benchmarks/ar_bridges.py runs/compare-ar-cpu/dblocks-seed0 runs/compare-ar-cpu/e2e-seed0

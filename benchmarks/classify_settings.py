@@ -1,7 +1,7 @@
 """One change at a time from the classification defaults, scored on a validation split: the settings that
-depart from the paper or the official code without a measurement behind them (issue 11, item 11) and the
-chain-matched training input (item 3). Every arm is the defaults plus one override; same seed, budget,
-split and sampler. The best arm on validation, and the defaults, are then evaluated once on test.
+depart from the paper or the official code, and the chain-matched training input (chain.input_clean). Every
+arm is the defaults plus one override; same seed, budget, split and sampler. The best arm on validation, and
+the defaults, are then evaluated once on test.
 
     python benchmarks/classify_settings.py --steps 300 --out runs/settings model.width=128 model.patch=4 train.lr=1e-3
 """

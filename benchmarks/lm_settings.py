@@ -6,14 +6,14 @@ here reads the test split; the chosen setting then goes into the preset and `com
 
     python benchmarks/lm_settings.py --preset lm-cpu --arms "lr 1e-3,lr 2e-3,lr 4e-3" --out runs/lm-settings
 
-Autoregressive DiffusionBlocks (issue 13; the validation split capped at 512 windows, the sampler's own settings
+Autoregressive DiffusionBlocks (the validation split capped at 512 windows, the sampler's own settings
 evaluated on the first arm's DiffusionBlocks run with --inference):
 
     python benchmarks/lm_settings.py --preset lm-ar-cpu --arms base --inference --out runs/ar-settings data.val_size=512
     python benchmarks/lm_settings.py --preset lm-ar-cpu --roles dblocks \\
         --arms "noise per window,edm weight,gamma 0,B 2,B 6" --out runs/ar-settings2 data.val_size=512
 
-The block-wise baselines (issue 15) on scikit-learn digits, 300 training images held out:
+The block-wise baselines on scikit-learn digits, 300 training images held out:
 
     python benchmarks/lm_settings.py --preset digits --roles ff --arms "base,ff theta 1,ff theta 4,lr 1e-3" \
         --out runs/baseline-settings data.val_size=300
@@ -50,7 +50,7 @@ ARMS = {
     "B 6": ["blocks.num_blocks=6"],
     "sigma_max share 0.25": ["arlm.sigma_max_share=0.25"],
     "sigma_max share 0.5": ["arlm.sigma_max_share=0.5"],
-    # the block-wise baselines (issue 15; roles ff, dgl, greedy, noprop, dtp on an image preset)
+    # the block-wise baselines (roles ff, dgl, greedy, noprop, dtp on an image preset)
     "ff theta 0.5": ["ff.theta=0.5"],
     "ff theta 1": ["ff.theta=1"],
     "ff theta 4": ["ff.theta=4"],

@@ -1,4 +1,4 @@
-"""Memory benchmark (issue 4): the targets, measured on this machine.
+"""Memory benchmark: the targets, measured on this machine.
 
 1. Activations of one dblocks step vs what the same layers plus stem/head save in an e2e step (an e2e
    model with L/B layers), both with our adaLN-zero layers and with plain pre-norm layers; and the ratio

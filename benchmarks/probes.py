@@ -5,7 +5,7 @@ classed by what a user would see: ok (it did what was asked), clean error (exit 
 wrong (exit 0 where a refusal was due, or a file that had to survive changed), data loss, code execution (a data
 file's payload ran) or unbounded (still running at the time limit). Writes probes.json beside --out.
 
-    python benchmarks/probes.py --out runs/probes        # about 5 minutes on 2 cores
+    python benchmarks/probes.py --out runs/probes
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A digest of the weights that tiny runs of every task train, and of a per-block job merge: run it before and after a
 change that must not change behaviour, and compare the two JSON files (equal digests: bit-identical weights).
 
-    python benchmarks/weights_digest.py --out before.json      # about a minute on 2 cores
+    python benchmarks/weights_digest.py --out before.json
 """
 
 from __future__ import annotations

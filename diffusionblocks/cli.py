@@ -427,7 +427,8 @@ def _compare_parser(sub):
                         "diffusion arms and the autoregressive floor, bits per character; arlm: autoregressive; "
                         "recurrent: Huginn's training vs DiffusionBlocks, with measured training compute "
                         "(default: the preset's task, classify)")
-    p.add_argument("--quick", action="store_true", help="a one-minute version")
+    p.add_argument("--quick", action="store_true",
+                   help="the task's small preset: the same arms on a fraction of the steps (a smoke run)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--methods", default=None,
                    help="the arms, comma-separated: training methods (" + ", ".join(METHODS) + "), control "
@@ -482,8 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # overrides may come anywhere among the options ("train --out DIR train.steps=10 --no-progress train.lr=1e-3"):
-    # argparse fills the positional list once, so the later ones come back unparsed and join it here
+    # overrides may sit between options: argparse fills the positional list once; the later ones join it here
     try:
         args, extra = parser.parse_known_args(argv)
         stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]

@@ -192,7 +192,8 @@ class BlocksConfig:
 @dataclass
 class ChainConfig:
     """The label chain (classify, arlm, recurrent): how a block learns to denoise a label's embedding, and the Euler
-    chain over it at inference. The departures from the paper are measured in benchmarks/README.md."""
+    chain over it at inference. Its departures from the paper: benchmarks/README.md, "Sampler and training defaults
+    for classification"."""
 
     loss_weight: str = setting("none", "none: plain cross-entropy per sample; edm: w(sigma) x cross-entropy (Eq. 2)",
                                choices=("none", "edm"))
@@ -275,8 +276,7 @@ class RunConfig:
         return cfg
 
 
-REQUIRED = ("task", "model", "data", "train", "dblocks")  # in every config.json ever written (dblocks: the earlier
-# layout's whole DiffusionBlocks section, or today's trainer section); the other sections default
+REQUIRED = ("task", "model", "data", "train", "dblocks")  # in every config.json ever written; the rest default
 
 # the key names of earlier versions (config.json files, command lines) -> today's
 ALIASES = {

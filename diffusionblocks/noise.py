@@ -286,8 +286,7 @@ class Partition:
                 parts.append(part)
             grid = torch.cat(parts)
         elif kind == "cdf":
-            # fractions j / n of the training mass, as `create` computes an equi-probability partition's
-            # edges: where j / n = b / B the level is that partition's edge bit for bit (and routes like it)
+            # mass fractions j / n, as `create` computes edges: at j / n = b / B the equiprob edge bit for bit
             grid = self.levels.icdf(torch.arange(n, 0, -1, dtype=torch.float64, device="cpu") / n)
             grid[0] = self.levels.hi
         elif kind == "karras":

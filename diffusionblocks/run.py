@@ -37,8 +37,7 @@ SCORE = "score.json"  # compare's cached test score of a run
 MERGE = "merge.json"  # a merged run's record of which job each block came from
 WRITER = f"diffusionblocks {__version__}"  # recorded in every weights file's metadata
 LOCK = ".lock"  # held while a process trains into the directory
-# what a run writes (besides its task's Task.run_files): a new run over an old one removes these first
-# (--overwrite), so no file of the old one survives
+# what a run writes besides Task.run_files; --overwrite removes them first, so no file of the old run survives
 RUN_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, STATE, METRICS, RESULTS, JOB, SCORE, MERGE)
 
 
@@ -287,8 +286,7 @@ def save_checkpoint(out: Path, model: nn.Module, method: Method, ema: EMA | None
             **({"architecture": json.dumps(architecture(cfg), sort_keys=True)} if cfg else {})}
     files = {WEIGHTS: lambda f: f.write(io.safetensors_bytes(weights, out / WEIGHTS, meta))}
     if ema is not None:  # the evaluation weights: the state dict with parameters replaced by their averages
-        # a tied parameter has several names and one average (under its first name): every name gets that same
-        # tensor, so the file keeps the tie (saved once) and loading cannot overwrite the average with raw weights
+        # every name of a tied parameter gets its one average, so the file keeps the tie and holds no raw weights
         first: dict[int, str] = {}
         average_of = {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
         averaged = dict(weights, **{k: ema.shadow[src] for k, src in average_of.items() if k in weights})

@@ -1,4 +1,4 @@
-"""Text for language modelling (issue 12, part 1): corpora split into train / validation / test, four tokenizers
+"""Text for language modelling: corpora split into train / validation / test, four tokenizers
 behind one interface, and token arrays cached as memory-mapped files (like nanoGPT's .bin), keyed by corpus,
 tokenizer and split so a second run does not re-tokenize.
 

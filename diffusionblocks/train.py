@@ -179,8 +179,7 @@ class Run:
 
     def loop(self, progress: bool):
         cfg, state, method = self.cfg, self.state, self.method
-        # ten evaluations over the run's layer-updates (total steps of depth / B layers each); none in a
-        # per-block job, which cannot run the whole model
+        # ten evaluations over the run's layer-updates (steps x depth / B); a per-block job evaluates none
         eval_every = cfg.train.eval_every or max(1, self.total * cfg.model.depth // method.num_blocks // 10)
         bar = Progress(self.total, cfg.train.method + (f" blocks {cfg.train.blocks}" if method.partial else ""),
                        progress)
