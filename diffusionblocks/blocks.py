@@ -7,7 +7,7 @@ Block b is the denoiser D_b(z, level, cond) = precond(F_b), with
 where layers_b are the block's contiguous slice of the stack. The interfaces are small:
 
     stem(z_in, c_noise, cond) -> (h, c)   # state h (N, ..., D) and conditioning vector c (N, Dc)
-    layer(h, c) -> h                      # e.g. nn.TransformerLayer, adaLN-zero conditioned
+    layer(h, c) -> h                      # e.g. nn.py's TransformerLayer; torch's and HF's layers: adapters.py
     head(h, c) -> out                     # shaped like z (for EDM) or whatever the task reads out
 
 No gradient crosses a block boundary: a block's input is built from the data alone (the clean target
@@ -15,12 +15,15 @@ plus noise of its own level), never from another block's output. The stem and he
 by all blocks (one copy, trained by every block) or replicated per block (fully independent blocks).
 Calling the stack with a level routes each sample to the block that owns it, so a sampler sees a plain
 denoiser whatever the number of blocks. The stack says which parameters each block owns (the BlockModel contract,
-methods/base.py); a model built on it gets the contract, with its readout, from StackModel.
+methods/base.py); a model built on it gets the contract, with its readout, from StackModel. A layer that does not fit
+layer(h, c) -> h is refused, naming what to wrap it in (diffusionblocks.adapters), when the stack is built
+(check_layer) or else on its block's first call (probe_layers).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -85,6 +88,9 @@ class BlockStack(nn.Module):
         self.partition = partition
         self.precond = precond if precond is not None else EDMPrecond()
         self.shared_stem_head = shared_stem_head
+        for i, layer in enumerate(layers):
+            check_layer(layer, i)
+        self._checked: set[int] = set()  # blocks whose first call went through (probe_layers)
         self.allocation = split_layers(len(layers), partition.num_blocks, allocation)
         if shared_stem_head:
             self.stem, self.head = stem, head
@@ -139,7 +145,19 @@ class BlockStack(nn.Module):
         """F_block: the inner network of block `block` (before preconditioning)."""
         stem, head = self.stem_head(block)
         h, c = stem(z_in, c_noise, cond)
-        return head(run_layers(self.blocks[block].layers, h, c, self.checkpoint_every), c)
+        layers = self.blocks[block].layers
+        if block in self._checked:
+            return head(run_layers(layers, h, c, self.checkpoint_every), c)
+        try:  # the first call: a failure is traced to the layer that does not fit, at no cost when none fails
+            out = run_layers(layers, h, c, self.checkpoint_every)
+        except Exception:
+            probe_layers(layers, self.layer_range(block).start, h, c)
+            raise  # every layer fits: the error is not the contract's
+        if not isinstance(out, torch.Tensor) or out.shape != h.shape:
+            probe_layers(layers, self.layer_range(block).start, h, c)
+            raise ValueError(f"block {block}'s layers returned {_describe(out)} for h {tuple(h.shape)}: {_CONTRACT}")
+        self._checked.add(block)
+        return head(out, c)
 
     def denoise(self, block: int, z: torch.Tensor, level: torch.Tensor, cond=None) -> torch.Tensor:
         """D_block(z, level, cond): run one block only (training, and routing below)."""
@@ -172,6 +190,69 @@ class BlockStack(nn.Module):
             raise TypeError("noisy_input adds Gaussian noise; masked levels corrupt their input in the task")
         sigma = self.partition.sample(block, y.shape[0], generator, device=y.device).to(y.dtype)
         return self.precond.noise(y, sigma, generator), sigma
+
+
+_CONTRACT = "every layer is a module called as layer(h, c) that returns the new state, shaped like h"
+
+
+def _adapter_for(layer) -> str:
+    """What to wrap a layer in (diffusionblocks.adapters), by what it is."""
+    name = type(layer).__name__
+    if isinstance(layer, nn.TransformerEncoderLayer):
+        return "wrap it as diffusionblocks.adapters.TorchEncoderLayer(layer) (causal=True for autoregression)"
+    if isinstance(layer, nn.TransformerDecoderLayer):
+        return ("an nn.TransformerDecoderLayer needs a memory to cross-attend to; for causal self-attention use an "
+                "nn.TransformerEncoderLayer wrapped as diffusionblocks.adapters.TorchEncoderLayer(layer, causal=True)")
+    if type(layer).__module__.startswith("transformers."):
+        kind = "decoder" if "Decoder" in name or name.endswith("Block") else "encoder"
+        return f"wrap it as diffusionblocks.adapters.HFLayer(layer, kind={kind!r})"
+    if type(layer).__module__.startswith("diffusionblocks."):  # one of ours, adapters included: built for other sizes?
+        return "check that it was built for the widths of the stem's h and c (dim, cond_dim)"
+    return ("wrap a function or module f(h) that returns an update as diffusionblocks.adapters.Residual(f, dim), "
+            "which computes h + f(h) conditioned on c")
+
+
+def check_layer(layer, index: int) -> None:
+    """Before any call: layer `index` is a module that can be called as layer(h, c); the layers known not to fit
+    (torch's and Hugging Face's transformer layers, which take an attention mask second) are named with their
+    adapter."""
+    where = f"layer {index} ({type(layer).__name__})"
+    if not isinstance(layer, nn.Module):
+        raise ValueError(f"{where} is not an nn.Module: {_CONTRACT}; {_adapter_for(layer)}")
+    known = type(layer).forward in (nn.TransformerEncoderLayer.forward, nn.TransformerDecoderLayer.forward)
+    if known or type(layer).__module__.startswith("transformers."):
+        raise ValueError(f"{where} does not take (h, c): {_CONTRACT}; {_adapter_for(layer)}")
+    try:
+        inspect.signature(layer.forward).bind(None, None)
+    except TypeError:
+        raise ValueError(f"{where} cannot be called as layer(h, c): {_CONTRACT}; {_adapter_for(layer)}") from None
+    except ValueError:  # no signature to read: the first call tells
+        pass
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor {tuple(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of ({', '.join(_describe(v) for v in x)})"
+    return "None" if x is None else f"a {type(x).__name__}"
+
+
+@torch.no_grad()
+def probe_layers(layers: Sequence[nn.Module], first: int, h: torch.Tensor, c) -> None:
+    """Run the layers one at a time on (h, c) and raise a ValueError naming the first that fails or does not return
+    a state shaped like h (`first` is the index of layers[0] in the stack); return if every layer fits."""
+    shape = tuple(h.shape)
+    for i, layer in enumerate(layers, first):
+        where = f"layer {i} ({type(layer).__name__})"
+        try:
+            out = layer(h, c)
+        except Exception as error:
+            raise ValueError(f"{where} failed when called as layer(h, c) with h {_describe(h)} and c {_describe(c)} "
+                             f"({type(error).__name__}: {error}): {_CONTRACT}; {_adapter_for(layer)}") from error
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != shape:
+            raise ValueError(f"{where} returned {_describe(out)} for h {shape}: {_CONTRACT}; {_adapter_for(layer)}")
+        h = out
 
 
 def parameters_of(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
