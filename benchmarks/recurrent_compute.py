@@ -1,6 +1,6 @@
 """FLOPs per training step of a recurrent-depth preset, Huginn's training against DiffusionBlocks' single pass,
 without training or a GPU: the models are built at the preset's sizes and one step of each is counted by torch's
-FlopCounterMode (tasks/recurrent.step_flops: matrix products and attention, forward and backward) at batch 1, then
+FlopCounterMode (measure.step_flops: matrix products and attention, forward and backward) at batch 1, then
 scaled to the preset's batch (every count is linear in the batch: checked at batch 2). Huginn's step is averaged
 over its distribution of r. Prints ratio (a), per step, and (b), the paper's protocol (DiffusionBlocks trains
 recurrent.dblocks_epochs times the steps), beside the paper's arithmetic (5 epochs x ~32 recurrences against 15 x 1:
@@ -22,13 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusionblocks.config import apply_overrides, load_preset  # noqa: E402
+from diffusionblocks.measure import step_flops  # noqa: E402
 from diffusionblocks.tasks import get_task  # noqa: E402
-from diffusionblocks.tasks.recurrent import (  # noqa: E402
-    HuginnLM,
-    RecurrentDiffusionLM,
-    expected_huginn_flops,
-    step_flops,
-)
+from diffusionblocks.tasks.recurrent import HuginnLM, RecurrentDiffusionLM, expected_huginn_flops  # noqa: E402
 
 
 def flops(cfg, vocab: int, batch: int) -> dict:

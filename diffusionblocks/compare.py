@@ -1,10 +1,11 @@
 """Side-by-side comparison on one layer-update budget, for any task: end-to-end, DiffusionBlocks and (where
 the task lists it) an end-to-end control with only one block's depth (does stacking the blocks add anything
 over one of them?). Every arm over the same seeds; the task's headline metric with its spread; the
-task's own extras (classification: accuracy after each inference step; image generation: sampling time
-and sample grids). A role that names another registered task is that task's end-to-end model on the same
-config (same data, size and budget) and must report the same headline: masked diffusion's autoregressive
-floor, role "arlm"."""
+task's own extras (Task.compare_extras: classification's accuracy after each inference step, image generation's
+sampling time and sample grids), which see each arm with the model form its method trains (tasks.optional.Arm).
+A role that names another method trains the task's model with it (the block-wise baselines); a role that names
+another registered task is that task's end-to-end model on the same config (same data, size and budget) and must
+report the same headline: masked diffusion's autoregressive floor, role "arlm"."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .images import pyplot
 from .methods import METHODS, get_method
 from .run import CONFIG, RESULTS, SCORE, STATE, WEIGHTS, load_model, read_config, validate
 from .tasks import TASKS, Task, get_task
+from .tasks.optional import Arm
 from .train import reference_model, train
 
 ROLES = ("e2e", "control", "dblocks")  # and any other method's name (METHODS), and another task's
@@ -34,24 +36,20 @@ def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
     cfg.train.seed = seed
     cfg.train.budget = "layer-updates"
     B = base.blocks.num_blocks
-    if role == "e2e":
-        cfg.train.method = "e2e"
-    elif role == "dblocks":
-        cfg.train.method = "dblocks"
-    elif role == "control":  # one block's depth, trained end to end, B times as many steps
+    if role == "control":  # one block's depth, trained end to end, B times as many steps
         if base.model.depth % B:
             raise ValueError(f"the control needs model.depth={base.model.depth} divisible by num_blocks={B}")
         cfg.train.method = "e2e"
         cfg.model.depth = base.model.depth // B
         cfg.train.steps = base.train.steps * B
-    elif role in METHODS:  # another training method (the block-wise baselines) on the same model and budget
+    elif role in METHODS:  # e2e, dblocks, or a block-wise baseline, on the same model and budget
         cfg.train.method = role
     elif role in TASKS:  # another task's model of the same size on the same data, end to end
         cfg.task = role
         cfg.train.method = "e2e"
     else:
         raise ValueError(f"unknown role {role!r}")
-    return get_task(base.task).arm_config(cfg, role)
+    return get_task(base.task).arm_config(cfg, get_method(cfg.train.method).model_form)
 
 
 # train.* settings that change where and how fast an arm runs, or how often it logs and checkpoints, never what it
@@ -116,11 +114,18 @@ def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bo
     return runs
 
 
+def headline_key(task: Task) -> str:
+    """The key compare reports: test_<metric> of results.json where training's evaluation measures the headline, else
+    the metric itself, scored after training (Task.curve_metric)."""
+    return f"test_{task.metric}" if task.curve_metric in (None, task.metric) else task.metric
+
+
 def headline(task: Task, run: Path, results: dict, progress: bool) -> tuple[float, dict | None]:
     """The task's headline metric of a finished run: from results.json when training measured it, else
     the task's score on the test split (cached in run/score.json, recomputed when the config changed)."""
-    if task.result_metric is not None and task.result_metric in results:
-        return results[task.result_metric], None
+    key = headline_key(task)
+    if key != task.metric and key in results:
+        return results[key], None
     cached = run / SCORE
     cfg = io.load_json(run / CONFIG)
     if cached.exists():
@@ -221,23 +226,24 @@ def verdict(rows: dict, key: str, task: Task) -> list[str]:
     return out
 
 
-def plot(runs: dict[str, list[dict]], task: Task, path: Path) -> bool:
+def plot(arms: dict[str, Arm], task: Task, path: Path) -> bool:
     """The task's curve metric vs layer-updates for every arm (mean over seeds). False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
-    key = task.curve_metric
+    key = task.curve_metric or task.metric
     scale = 100 if task.percent and key == task.metric else 1
     fig, ax = plt.subplots(figsize=(6, 4))
-    for role, results in runs.items():
+    for role, arm in arms.items():
+        results = arm.runs
         xs = [p["layer_updates"] for p in results[0]["curve"]]
         ys = [scale * statistics.mean(r["curve"][i][key] for r in results) for i in range(len(xs))]
         label = LABELS.get(role) or (get_method(role).title or role if role in METHODS  # a baseline by its name,
                                      else f"{role}, end-to-end")  # another task's arm by its task
-        label += f" (B={results[0]['num_blocks']})" if role == "dblocks" else ""
+        label += f" (B={results[0]['num_blocks']})" if arm.form == "blocks" else ""
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set_xlabel("layer-updates")
-    first = next(iter(runs.values()))[0]
+    first = next(iter(arms.values())).runs[0]
     split, n = first.get("eval_split", "test"), first.get("curve_n", "?")
     ax.set_ylabel(f"{split} {key}" + (" (%)" if scale == 100 else ""))
     ax.set_title(f"{key} on the first {n} {split} items, mean over seeds", fontsize=9)
@@ -263,34 +269,39 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
         if twice:
             raise ValueError(f"{what} {', '.join(twice)} given twice: each {what} runs once (a duplicate would count "
                              f"one run twice in the spread)")
-    key = task.result_metric or task.metric  # scored on the test split: compare reports settings chosen before
+    key = headline_key(task)  # scored on the test split: compare reports settings chosen before
+    configs = {}
     for role in roles:
         if role not in ROLES and role not in METHODS and role not in TASKS:
             raise ValueError(f"unknown arm {role!r}: expected a method ({', '.join(METHODS)}), control, or a task "
                              f"({', '.join(TASKS)})")
-        validate(role_config(base, role, seeds[0]))  # every arm's config before any arm trains
+        configs[role] = validate(role_config(base, role, seeds[0]))  # every arm's config before any arm trains
         other = get_task(role) if role in TASKS else task
-        if (other.result_metric or other.metric) != key and key not in other.shared_metrics:
-            raise ValueError(f"role {role!r} reports {other.result_metric or other.metric}, not {key}: an arm of "
-                             f"another task must report the same headline")
+        if headline_key(other) != key and key not in other.shared_metrics:
+            raise ValueError(f"role {role!r} reports {headline_key(other)}, not {key}: an arm of another task must "
+                             f"report the same headline")
     runs = train_arms(base, out, seeds, roles, progress, overwrite)
     for role, results in runs.items():
         for seed, r in zip(seeds, results):
             r[key], score = headline(task, out / f"{role}-seed{seed}", r, progress)
             if score is not None:
                 r["score"] = score
+    arms = {role: Arm(role, get_method(cfg.train.method).model_form, cfg.task,
+                      cfg.task == base.task and cfg.model.depth == base.model.depth, runs[role],
+                      [r[key] for r in runs[role]], lambda run=out / f"{role}-seed{seeds[0]}": load_model(run)[1])
+            for role, cfg in configs.items()}
     rows = summarize(runs, key)
     scale = 100 if task.percent else 1
     name = key.replace("_", " ")
     label = f"{name} (%)" if scale == 100 else f"{name} ({'higher' if task.higher_is_better else 'lower'} is better)"
-    extras, lines = task.compare_extras(runs, lambda role: load_model(out / f"{role}-seed{seeds[0]}")[1], base, out)
+    extras, lines = task.compare_extras(arms, base, out)
     report = {"task": task.name, "metric": key, "higher_is_better": task.higher_is_better, "rows": rows,
               "verdict": verdict(rows, key, task), "seeds": seeds, **extras}
     io.save_json(out / "compare.json", report)
     md = markdown_table(rows, key, label, scale) + "".join(f"\n{line}\n" for line in lines) + "\n" \
         + "\n".join(f"- {v}" for v in report["verdict"]) + "\n"
     io.atomic_write_text(out / "compare.md", md)
-    plotted = plot(runs, task, out / "compare.png")
+    plotted = plot(arms, task, out / "compare.png")
     print("\n" + md, end="")
     print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}" + (f", {out / 'compare.png'}" if plotted else ""))
     return report

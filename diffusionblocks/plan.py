@@ -1,8 +1,10 @@
 """The memory planner: predict the training memory of each method before training anything.
 
-For a model (a preset or given sizes), a batch, a dtype and an optimizer it predicts, per configuration
-(e2e, e2e with activation checkpointing, DiffusionBlocks at each B with each residency policy, and
-DiffusionBlocks with checkpointing), the four parts of training memory on the device:
+For a model (a preset or given sizes), a batch, a dtype and an optimizer it predicts, per configuration, the four
+parts of training memory on the device. The configurations come from the methods: each declares how a step of it is
+planned (Method.plan): as a whole network (e2e: with and without activation checkpointing) or one block at a time
+(DiffusionBlocks: at each B with each residency policy, and with checkpointing); a method that declares nothing is
+named in one line and skipped.
 
 - params, grads, optimizer: exact. The model is built on PyTorch's "meta" device (shapes, no storage),
   so every parameter is counted as the real model has it; AdamW keeps two moments per parameter (and,
@@ -23,6 +25,7 @@ The total (the sum of the parts) is an upper bound on the steady tensors of a st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -36,7 +39,7 @@ import torch
 from .config import RunConfig
 from .images import pyplot
 from .memory import StepMemory, measure_step
-from .methods import get_method
+from .methods import METHODS, get_method
 from .run import new_model, place, resolve_device, validate
 from .tasks import get_task
 
@@ -61,7 +64,7 @@ def parse_bytes(text: str) -> int:
 @dataclass
 class Spec:
     """What the planner needs: the run config (model sizes, method settings, batch) and the data's shapes (what
-    the task's build_model reads: tasks.base.ImageShapes for images, tasks.lm.TextShapes for text; the task's
+    the task's build_model reads: tasks.images.ImageShapes for images, tasks.lm.TextShapes for text; the task's
     `plan_shapes` gives them from a config)."""
 
     cfg: RunConfig
@@ -112,22 +115,31 @@ class Spec:
 
 @dataclass(frozen=True)
 class Configuration:
-    method: str  # "e2e" or "dblocks"
-    num_blocks: int = 1
-    residency: str = "all"
+    """A row of the table: a method that declares how it is planned (Method.plan) and its settings."""
+
+    method: str
+    num_blocks: int = 1  # a blockwise method's blocks
+    residency: str = "all"  # a blockwise method's idle blocks: on the device ("all") or off it ("active")
     checkpoint: int = 0  # layers per checkpointed group (0 = off)
 
     @property
+    def blockwise(self) -> bool:
+        plan = get_method(self.method).plan
+        if plan is None:
+            raise ValueError(f"the memory planner cannot plan train.method={self.method}: it declares no plan "
+                             "(Method.plan)")
+        return plan == "blockwise"
+
+    @property
     def name(self) -> str:
-        if self.method == "e2e":
-            return "e2e" + (f"+ckpt{self.checkpoint}" if self.checkpoint else "")
-        return f"dblocks B={self.num_blocks} {self.residency}" + (f"+ckpt{self.checkpoint}" if self.checkpoint else "")
+        blocks = f" B={self.num_blocks} {self.residency}" if self.blockwise else ""
+        return self.method + blocks + (f"+ckpt{self.checkpoint}" if self.checkpoint else "")
 
     def apply(self, cfg: RunConfig) -> RunConfig:
         cfg = RunConfig.from_dict(cfg.to_dict())
         cfg.train.method = self.method
         cfg.model.checkpoint = self.checkpoint
-        if self.method == "dblocks":
+        if self.blockwise:
             cfg.blocks.num_blocks = self.num_blocks
             cfg.dblocks.residency = self.residency
             if cfg.model.depth % self.num_blocks:
@@ -143,13 +155,26 @@ def _even_allocation(depth: int, blocks: int) -> list[int]:
 
 
 def configurations(depth: int, blocks=(2, 3, 4, 6), checkpoint: int = 1) -> list[Configuration]:
-    """The standard table: e2e, e2e+ckpt, dblocks at each B with both residencies, dblocks active+ckpt."""
-    out = [Configuration("e2e"), Configuration("e2e", checkpoint=checkpoint)]
+    """The standard table: each method planned as a whole network with and without checkpointing, then each
+    blockwise one at each B with both residencies, and with residency=active and checkpointing."""
+    planned = [m for m in METHODS.values() if m.plan is not None]
+    out = [Configuration(m.name, checkpoint=c) for m in planned if m.plan == "whole" for c in (0, checkpoint)]
     for B in blocks:
         if not 1 <= B <= depth:
             raise ValueError(f"B={B}: must be between 1 and the number of layers ({depth})")
-        out += [Configuration("dblocks", B, "all"), Configuration("dblocks", B, "active"),
-                Configuration("dblocks", B, "active", checkpoint)]
+        out += [Configuration(m.name, B, r, c) for m in planned if m.plan == "blockwise"
+                for r, c in (("all", 0), ("active", 0), ("active", checkpoint))]
+    return out
+
+
+def unplanned(cfg: RunConfig) -> list[str]:
+    """The methods that could train this config but declare no plan (Method.plan): the planner skips them."""
+    out = []
+    for name in (name for name, method in METHODS.items() if method.plan is None):
+        other = RunConfig.from_dict(cfg.to_dict())
+        other.train.method = name
+        with contextlib.suppress(ValueError):
+            out.append(validate(other).train.method)
     return out
 
 
@@ -201,6 +226,7 @@ def predict(spec: Spec, conf: Configuration) -> dict:
     spec = dataclasses.replace(spec, cfg=cfg)  # the method's tokens (autoregressive DiffusionBlocks: twice the window)
     layer = layer_activation_bytes(spec)
     N, T, D = cfg.train.batch_size, spec.tokens, cfg.model.width
+    numel = lambda ps: sum(p.numel() for p in ps)
 
     def layer_part(n_layers: int) -> tuple[int, int]:
         if not conf.checkpoint:
@@ -208,29 +234,21 @@ def predict(spec: Spec, conf: Configuration) -> dict:
         k = min(conf.checkpoint, n_layers)
         return math.ceil(n_layers / k) * N * T * D * s, k * layer
 
-    if conf.method == "e2e":
-        params = list(model.parameters())
-        acts, transient = layer_part(depth)
-        acts += spec.task.plan_outer_bytes(cfg, spec.shapes, model, s)
-        resident, trained, with_state = params, params, params
-        block_layers, split = depth, [depth]
-    else:
-        B = model.num_blocks
+    # the units a step may train, each (its parameters, its layers), and the parameters every step trains
+    if conf.blockwise:
+        units = [(model.block_parameters(b), model.block_layers(b)) for b in range(model.num_blocks)]
         shared = model.shared_parameters()
-        blocks = [model.block_parameters(b) for b in range(B)]
-        big = max(range(B), key=lambda b: (model.block_layers(b), sum(p.numel() for p in blocks[b])))
-        block_layers, split = model.block_layers(big), [model.block_layers(b) for b in range(B)]
-        acts, transient = layer_part(block_layers)
-        acts += spec.task.plan_outer_bytes(cfg, spec.shapes, model, s)
-        trained = blocks[big] + shared
-        if conf.residency == "all":
-            resident = with_state = [p for params in blocks for p in params] + shared
-        else:
-            resident = with_state = trained
-    numel = lambda ps: sum(p.numel() for p in ps)
+    else:
+        units, shared = [(list(model.parameters()), depth)], []
+    params, block_layers = max(units, key=lambda u: (u[1], numel(u[0])))  # the largest unit
+    split = [n for _, n in units]
+    acts, transient = layer_part(block_layers)
+    acts += spec.task.plan_outer_bytes(cfg, spec.shapes, model, s)
+    trained = params + shared
+    offloaded = conf.blockwise and conf.residency == "active"
+    resident = with_state = trained if offloaded else [p for ps, _ in units for p in ps] + shared
     optimizer = _state_bytes(with_state, spec)
-    if conf.method == "dblocks" and conf.residency == "active" and spec.device == "cpu" \
-            and spec.optimizer in ("adamw", "adam"):
+    if offloaded and spec.device == "cpu" and spec.optimizer in ("adamw", "adam"):
         # idle blocks' step counters are 0-d CPU tensors: they stay where they are
         optimizer += 4 * (len(list(model.parameters())) - len(with_state))
     out = {"name": conf.name, "method": conf.method, "num_blocks": conf.num_blocks, "residency": conf.residency,
@@ -259,7 +277,7 @@ def plan(spec: Spec, confs: list[Configuration], device_memory: int | None = Non
                       "patch": m.patch, "tokens": _token_counts(rows), "layer": m.layer},
             "task": spec.cfg.task, "data": dataclasses.asdict(spec.shapes),
             "batch_size": spec.cfg.train.batch_size, "dtype": spec.dtype, "optimizer": spec.optimizer,
-            "device_memory": device_memory, "rows": rows}
+            "device_memory": device_memory, "rows": rows, "unplanned": unplanned(spec.cfg)}
 
 
 def format_table(result: dict) -> str:
@@ -286,6 +304,9 @@ def format_table(result: dict) -> str:
     for B, split in uneven.items():
         lines.append(f"B={B} splits the {sum(split)} layers {'+'.join(map(str, split))} (the rows count the largest "
                      f"block); train it with blocks.allocation={','.join(map(str, split))}")
+    if result.get("unplanned"):
+        lines.append(f"not planned: {', '.join(result['unplanned'])} (a method without a plan declaration, "
+                     "Method.plan)")
     return "\n".join(lines)
 
 
@@ -302,8 +323,8 @@ def measure_all(spec: Spec, confs: list[Configuration], progress: bool = True, o
 
 
 def plot_memory(result: dict, path) -> bool:
-    """Measured peak training memory vs B, one line per method (e2e as horizontal lines); the
-    planner's total as crosses. False when matplotlib is missing."""
+    """Measured peak training memory vs B, one line per blockwise method and residency (whole-network methods as
+    horizontal lines); the planner's total as crosses. False when matplotlib is missing."""
     plt = pyplot()
     if plt is None:
         return False
@@ -316,18 +337,18 @@ def plot_memory(result: dict, path) -> bool:
     series: dict[str, list[dict]] = {}
     for r in rows:
         ckpt = f" + ckpt{r['checkpoint']}" if r["checkpoint"] else ""
-        if r["method"] == "e2e":
+        if not Configuration(r["method"]).blockwise:
             c = next(colors)
-            ax.axhline(value(r), color=c, ls="--", label=f"e2e{ckpt}")
+            ax.axhline(value(r), color=c, ls="--", label=f"{r['method']}{ckpt}")
             ax.axhline(mib(r["total"]), color=c, ls=":", lw=0.8)
         else:
-            series.setdefault(f"dblocks, {r['residency']}{ckpt}", []).append(r)
+            series.setdefault(f"{r['method']}, {r['residency']}{ckpt}", []).append(r)
     for label, rs in series.items():
         c = next(colors)
         xs = [r["num_blocks"] for r in rs]
         ax.plot(xs, [value(r) for r in rs], "o-", color=c, label=label)
         ax.plot(xs, [mib(r["total"]) for r in rs], "x", color=c, ms=9)
-    ax.set_xticks(sorted({r["num_blocks"] for r in rows if r["method"] == "dblocks"}))
+    ax.set_xticks(sorted({r["num_blocks"] for rs in series.values() for r in rs}))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("number of blocks B")
     ax.set_ylabel(f"training memory per step, MiB ({what})")

@@ -4,6 +4,7 @@ runs as written."""
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from diffusionblocks.config import apply_overrides
 from diffusionblocks.methods import METHODS, Method
 from diffusionblocks.methods.base import Optimizer, stream_seed, update
 from diffusionblocks.methods.dblocks import DBlocks
+from diffusionblocks.registry import discover
 from diffusionblocks.run import load_model, validate
 from diffusionblocks.tasks import TASKS
 from diffusionblocks.tasks.base import Task
@@ -28,8 +30,9 @@ ROOT = PACKAGE.parent
 # the layers of the import order (README, the package docstring); a module imports only from its own row
 # or the rows above, and nothing forms a circle
 LAYERS = [
-    {"noise", "precond", "blocks", "sample", "nn"},
-    {"models", "data", "config", "io", "images", "fd", "text", "memory", "residency", "registry", "version"},
+    {"noise", "precond", "blocks", "sample", "nn", "adapters"},
+    {"models", "data", "config", "io", "images", "fd", "text", "memory", "measure", "residency", "registry",
+     "version"},
     {"tasks", "methods"},
     {"run"},
     {"train"},
@@ -139,6 +142,20 @@ def test_cli_choices_come_from_the_registries():
         validate(apply_overrides(preset_tiny(), ["train.method=sgd"]))
 
 
+def test_a_file_is_a_plugin_only_where_it_defines_one(tmp_path, monkeypatch):
+    """A pipeline the plug-ins share (tasks/images.py, tasks/lm.py) or an interface defines no TASK: not a task."""
+    pkg = tmp_path / "toyplugins"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pipeline.py").write_text("class Shared:\n    name = 'shared'\n")
+    (pkg / "toy.py").write_text("from .pipeline import Shared\n\nclass Toy(Shared):\n    name = 'toy'\n\nTASK = Toy\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert list(discover("toyplugins", [str(pkg)], "TASK")) == ["toy"]
+    shared = [f"diffusionblocks.tasks.{m}" for m in ("base", "images", "lm", "optional")]
+    assert not any(hasattr(sys.modules[m], "TASK") for m in shared)
+    assert {cls.__module__ for cls in TASKS.values()}.isdisjoint(shared)
+
+
 # -- a task and a method that the package has never seen plug into the loop ---------------------------------
 
 
@@ -182,7 +199,7 @@ class ToyRegressor(nn.Module):
 
 
 class ToyTask(Task):
-    name, metric, higher_is_better, curve_metric = "toy", "mse", False, "mse"
+    name, metric, higher_is_better = "toy", "mse", False
 
     def load_data(self, cfg):
         return ToyData()

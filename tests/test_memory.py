@@ -10,6 +10,7 @@ from diffusionblocks.blocks import split_layers
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, load_preset, parse_ints
 from diffusionblocks.memory import AllocationPeak, SavedTensors, saved_activation_bytes
+from diffusionblocks.methods import METHODS, Method
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.nn import AdaLNZero, GatedResidual, Mlp, ModulatedNorm, PreNormLayer, TransformerLayer
 from diffusionblocks.plan import (
@@ -25,8 +26,8 @@ from diffusionblocks.plan import (
 from diffusionblocks.residency import Residency
 from diffusionblocks.run import new_model
 from diffusionblocks.run import place as _place
-from diffusionblocks.tasks.base import ImageShapes
 from diffusionblocks.tasks.classify import ClassifyTask, preset_tiny
+from diffusionblocks.tasks.images import ImageShapes
 
 DIGITS = ImageShapes((8, 8), 1, 10)
 
@@ -315,6 +316,19 @@ def test_plan_cli(capsys):
                 ["--data", "mine.npz"], ["--image-size", "28x"]):
         assert main(["plan", "--preset", "tiny", "--data", "digits", *bad]) == 2, bad
         assert "error" in capsys.readouterr().err
+
+
+def test_a_method_without_a_plan_is_named_in_one_line_and_skipped(monkeypatch, capsys):
+    """A method declares how a step of it is planned (Method.plan); one that declares nothing gets no row, and `plan`
+    and `memory` say so in one line."""
+    unplanned = type("Unplanned", (Method,), {"name": "unplanned", "model_form": "end-to-end"})
+    monkeypatch.setitem(METHODS, "unplanned", unplanned)
+    assert main(["plan", "--preset", "tiny", "--data", "digits", "--blocks", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "unplanned" in line]
+    assert len(lines) == 1 and lines[0].startswith("not planned: ") and "Method.plan" in lines[0]
+    assert "unplanned" not in {c.method for c in configurations(4, (2,))}
+    with pytest.raises(ValueError, match="cannot plan train.method=unplanned"):
+        plan(Spec(tiny(), DIGITS), [Configuration("unplanned")])
 
 
 def test_plan_says_the_split_it_assumes_for_an_uneven_b(capsys):

@@ -1,4 +1,4 @@
-"""Recurrent depth (issue 14): Huginn's distribution of recurrences and its truncated backpropagation, the tied core
+"""Recurrent depth: Huginn's distribution of recurrences and its truncated backpropagation, the tied core
 under DiffusionBlocks training and a checkpoint round trip, the FLOP count against a hand count, the compute
 ratios, and `compare --task recurrent`, on the tests' small corpus (seconds)."""
 
@@ -12,18 +12,18 @@ from safetensors.torch import load_file
 
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, load_preset, validate
+from diffusionblocks.measure import compute_ratios, step_flops
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.run import load_model
 from diffusionblocks.tasks import get_task
 from diffusionblocks.tasks.recurrent import (
+    REACH,
     HuginnLM,
     RecurrenceWindows,
     RecurrentConfig,
     RecurrentDiffusionLM,
     draw_recurrences,
     expected_huginn_flops,
-    ratios,
-    step_flops,
 )
 from diffusionblocks.train import train
 
@@ -181,13 +181,15 @@ def test_compute_ratios():
     compute = {"flops_per_step": {"e2e": 30.0, "dblocks": 10.0}, "seconds_per_step_mean": {"e2e": 2.0, "dblocks": 1.0}}
     runs = {"e2e": [{"seed": 0, "steps": 100, "curve": curve([0.1, 0.3], 50)}],
             "dblocks": [{"seed": 0, "steps": 300, "curve": curve([0.1, 0.31, 0.2, 0.3, 0.35, 0.4], 50)}]}
-    r = ratios(compute, runs)["ratios"]
+    ratios = lambda: compute_ratios(compute["flops_per_step"], compute["seconds_per_step_mean"], runs, "e2e", "dblocks",
+                                    REACH)
+    r = ratios()
     assert r["per_step"] == {"flops": 3.0, "seconds": 2.0}
     assert r["protocol"]["flops"] == pytest.approx(1.0) and r["protocol"]["seconds"] == pytest.approx(2 / 3)
     acc = r["reach"]["next-token accuracy"][0]
     assert acc["reached_at_step"] == 200 and acc["flops"] == pytest.approx(30 * 100 / (10 * 200))
     runs["dblocks"][0]["curve"] = curve([0.1, 0.2, 0.29], 100)
-    assert ratios(compute, runs)["ratios"]["reach"]["cross-entropy"][0]["reached_at_step"] is None
+    assert ratios()["reach"]["cross-entropy"][0]["reached_at_step"] is None
 
 
 def test_compare_measures_both_arms_compute(corpus, tmp_path, capsys):

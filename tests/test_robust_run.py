@@ -20,8 +20,8 @@ from diffusionblocks.config import apply_overrides
 from diffusionblocks.jobs import merge
 from diffusionblocks.methods.e2e import EndToEnd
 from diffusionblocks.run import RunLock, load_model
-from diffusionblocks.tasks.base import ImageTask
 from diffusionblocks.tasks.classify import preset_tiny
+from diffusionblocks.tasks.images import ImageTask
 from diffusionblocks.train import train
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")

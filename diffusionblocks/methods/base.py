@@ -84,6 +84,11 @@ class Method:
     # here; tasks that classify images build it with image_size, channels, num_classes and the config sections its
     # constructor's parameters name (config.construct)
     classifier: ClassVar[type[nn.Module] | None] = None
+    # how the memory planner (plan.py) counts a training step: "whole" (the whole network: every parameter, its
+    # gradient and optimizer state, every layer's activations) or "blockwise" (one block of a BlockModel at a time: its
+    # parameters and the shared ones trained, its layers' activations; the idle blocks' weights and optimizer state on
+    # the device, or off it under residency=active); None: the planner cannot plan this method
+    plan: ClassVar[str | None] = None
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:

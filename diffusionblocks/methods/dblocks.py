@@ -57,6 +57,7 @@ class DBlocks(Method):
 
     name = "dblocks"
     model_form = "blocks"
+    plan = "blockwise"
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:

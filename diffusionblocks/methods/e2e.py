@@ -11,6 +11,7 @@ class EndToEnd(Method):
 
     name = "e2e"
     model_form = "end-to-end"
+    plan = "whole"
 
     def __init__(self, model, cfg: RunConfig, total_steps: int, **_):
         self.model, self.cfg, self.total = model, cfg, total_steps

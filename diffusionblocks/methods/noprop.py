@@ -189,6 +189,7 @@ class NoPropDT(DBlocks):
     title = "NoProp-DT"
     model_form = "noprop"
     classifier = NoPropClassifier
+    plan = None  # the planner has no formula for its classifier
 
     @classmethod
     def check_independent(cls, cfg: RunConfig, why: str) -> None:

@@ -1,10 +1,12 @@
-"""Tasks, one file each; every module here that defines `TASK` is registered in `TASKS` under its name, so
-a new task is one new file (its class on the `base.Task` interface) plus its backbone in models.py."""
+"""Tasks, one file each; every module here that defines `TASK` is registered in `TASKS` under its name, so a new task
+is one new file (its class on the `base.Task` interface) plus its backbone in models.py. The pipelines the tasks share
+(images.py, lm.py) and the optional parts (optional.py) define no TASK and are not tasks."""
 
 from __future__ import annotations
 
 from ..registry import discover
-from .base import SPLITS, ImageTask, Option, Task, at_least, run_split, split_arrays
+from .base import SPLITS, Task, run_split, split_arrays
+from .optional import Option, at_least
 
 TASKS: dict[str, type[Task]] = discover(__name__, __path__, "TASK")
 
@@ -15,4 +17,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["SPLITS", "TASKS", "ImageTask", "Option", "Task", "at_least", "get_task", "run_split", "split_arrays"]
+__all__ = ["SPLITS", "TASKS", "Option", "Task", "at_least", "get_task", "run_split", "split_arrays"]

@@ -37,13 +37,15 @@ from ..config import (
     section,
     setting,
 )
+from ..measure import interleaved_seconds
 from ..models import NoisyCleanStem, NoisyHead, TokenHead, TokenStem, lm_layers
 from ..nn import KVCache, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond, label_target
 from ..sample import euler_step
-from .base import check_label_table, interleaved_seconds, unknown_form
-from .lm import LN2, LMTask, TextData, load_text, token_ce
+from .base import check_label_table, evaluating
+from .lm import LN2, TEXT_OPTIONS, LMTask, TextData, load_text, token_ce
+from .optional import Option, finite, pick
 
 
 @section("arlm")
@@ -115,10 +117,8 @@ class AutoregressiveLM(nn.Module):
         tokens after [BOS], a window as in training, recomputed for every token. Temperature 0: greedy."""
         out, start = prefilled(num, length, prompt, device)
         bos = torch.full((num, 1), self.bos, dtype=torch.long, device=device)
-        was_training = self.training
-        self.eval()
         cache = None
-        try:
+        with evaluating(self):
             for n in range(start, length):
                 if n >= self.seq_len:  # a sliding window: its positions move, so nothing cached is valid
                     cache, new = KVCache(), torch.cat([bos, out[:, n - self.seq_len + 1:n]], dim=1)
@@ -128,8 +128,6 @@ class AutoregressiveLM(nn.Module):
                     new = out[:, n - 1:n]
                 logits = self.decode(new, cache)[:, -1]
                 out[:, n:n + 1] = draw(logits, temperature, generator).to(device)
-        finally:
-            self.train(was_training)
         return out
 
 
@@ -343,10 +341,8 @@ class ARDiffusionLM(NextTokenChain, StackModel, nn.Module):
         temperature = self.temperature if temperature is None else temperature
         steps = self.steps(steps_per_block, grid)
         out, start = prefilled(num, length, prompt, device)
-        was_training = self.training
-        self.eval()
         caches: dict = {}
-        try:
+        with evaluating(self):
             for n in range(start, length):
                 context = out[:, max(0, n - self.seq_len + 1):n]
                 if n >= self.seq_len:
@@ -361,8 +357,6 @@ class ARDiffusionLM(NextTokenChain, StackModel, nn.Module):
                         record(k, s, logits, estimate)
                     z = euler_step(z, estimate, s, s_next)
                 out[:, n:n + 1] = draw(logits[:, 0], temperature, generator).to(device)
-        finally:
-            self.train(was_training)
         return out
 
 
@@ -373,14 +367,15 @@ class ARLMTask(LMTask):
     reports is next-token accuracy; the two kinds of cross-entropy never share a column."""
 
     name = "arlm"
-    metric, higher_is_better, result_metric, curve_metric = ("next_token_accuracy", True, "test_next_token_accuracy",
-                                                             "next_token_accuracy")
+    metric, higher_is_better = "next_token_accuracy", True
     percent = True
     shared_metrics = ("test_bpc",)  # what the end-to-end model reports for another task's compare (mdlm's floor)
     compare_roles = ("e2e", "control", "dblocks")
     presets = {"full": "lm-ar-cpu", "quick": "lm-ar-quick", "offline": "lm-ar-cpu", "offline-quick": "lm-ar-quick"}
     eval_options = ("limit", *ARDiffusionLM.inference_options)
-    sample_options = ("temperature", "init")  # init: DiffusionBlocks runs only
+    sample_options = (*TEXT_OPTIONS, Option("temperature", finite, "the softmax temperature of each drawn token, 0 "
+                                            "= greedy (default 1; DiffusionBlocks: arlm.temperature, applied at the "
+                                            "chain's last step)"), "init")  # init: DiffusionBlocks runs only
     published = "; a published 124M rebuild: 5.08 at sigma_max vs 4.00 autoregressive"  # quoted in compare
     time_generation = True  # compare times cached generation, end to end vs DiffusionBlocks
 
@@ -390,11 +385,9 @@ class ARLMTask(LMTask):
         check_label_table(cfg)
 
     def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
-        if form == "end-to-end":
-            return AutoregressiveLM(cfg.model, data.vocab_size, cfg.data.seq_len)
         if form == "blocks":
             return ARDiffusionLM(cfg.model, cfg.blocks, cfg.chain, cfg.arlm, data.vocab_size, cfg.data.seq_len)
-        raise unknown_form(self.name, form, ("end-to-end", "blocks"))
+        return AutoregressiveLM(cfg.model, data.vocab_size, cfg.data.seq_len)
 
     def plan_tokens(self, cfg: RunConfig, shapes, form: str = "end-to-end") -> int:
         """The window, twice over for DiffusionBlocks (noisy and clean copies)."""
@@ -440,10 +433,8 @@ class ARLMTask(LMTask):
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: sampler options of a "
                              f"DiffusionBlocks language model; this run is {type(model).__name__}")
         batches, windows, covered, gen = self.eval_batches(data, cfg, split, limit)
-        was_training = model.training
-        model.eval()
         sums: dict = {}
-        try:
+        with evaluating(model):
             for x, pad in batches:
                 x, pad = x.to(device), pad.to(device)
                 if blocks:
@@ -456,8 +447,6 @@ class ARLMTask(LMTask):
                             "tokens": scored.sum().double().cpu()}
                 for k, v in part.items():
                     sums[k] = sums[k] + v if k in sums else v
-        finally:
-            model.train(was_training)
         n_tok = sums["tokens"].item()
         out = {"next_token_accuracy": sums["hits"].item() / n_tok, "tokens": covered, "n": windows}
         if not blocks:
@@ -473,15 +462,8 @@ class ARLMTask(LMTask):
                 "entropy_last": sums["entropy_last"].item() / n_tok, "eval_draws": model.draws(options.get("init")),
                 "sigma_per_step": [s for s, _, _ in steps]}
 
-    MEASURED = ("bpc", "bpt", "ce", "nats", "chars", "tokens", "n", "next_token_accuracy", "ce_sigma_max", "chain_ce",
-                "accuracy_per_step", "bridge_norm_per_step", "top1_last", "top1_last_t2", "entropy_last")
-
-    def results(self, ev: dict, split: str = "test") -> dict:
-        prefix = "val_" if split == "validation" else "test_"
-        out = {(prefix + k if k in self.MEASURED else k): v for k, v in ev.items()}
-        if split == "validation":
-            out["validation"] = {"windows": ev["n"], "from": "the corpus's validation split"}
-        return out
+    MEASURED = (*LMTask.MEASURED, "ce", "next_token_accuracy", "ce_sigma_max", "chain_ce", "accuracy_per_step",
+                "bridge_norm_per_step", "top1_last", "top1_last_t2", "entropy_last")
 
     def score(self, model, data, cfg: RunConfig, *, split: str = "test", device="cpu", progress: bool = False,
               reference=None, **options) -> dict:
@@ -507,75 +489,75 @@ class ARLMTask(LMTask):
             raise ValueError("--init: the start of a DiffusionBlocks run's Euler chain; this run is end to end")
         return super().write_samples(model, data, cfg, out, **kwargs)
 
-    def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
+    def compare_extras(self, arms, base: RunConfig, out) -> tuple[dict, list[str]]:
         """Each kind of cross-entropy on its own line; the DiffusionBlocks chain's diagnostics (the published
         negative findings: accuracy and the bridge's norm after every step, the last step's confidence); for each
         arm's seed-0 model: samples (written to out/samples-ROLE.txt), their distinct-n, a generative perplexity
         scored by the end-to-end model, and generation time per token (cached, interleaved, median of 3)."""
         extras, lines = {}, []
-        mean = lambda role, key: statistics.mean(r[key] for r in runs[role])
-        for role in runs:
-            if "test_bpc" in runs[role][0]:
-                lines.append(f"{role}: exact cross-entropy {mean(role, 'test_ce'):.4f} nats per token, "
-                             f"{mean(role, 'test_bpc'):.4f} bits per character (a likelihood)")
-        if "dblocks" in runs:
-            r = runs["dblocks"]
-            diag = {k: mean("dblocks", "test_" + k) for k in ("ce_sigma_max", "chain_ce", "top1_last",
-                                                               "top1_last_t2", "entropy_last")}
+        mean = lambda arm, key: statistics.mean(r[key] for r in arm.runs)
+        for role, arm in arms.items():
+            if "test_bpc" in arm.runs[0]:
+                lines.append(f"{role}: exact cross-entropy {mean(arm, 'test_ce'):.4f} nats per token, "
+                             f"{mean(arm, 'test_bpc'):.4f} bits per character (a likelihood)")
+        e2e, blocks = pick(arms, "end-to-end"), pick(arms, "blocks")
+        if blocks is not None:
+            diag = {k: mean(blocks, "test_" + k) for k in ("ce_sigma_max", "chain_ce", "top1_last", "top1_last_t2",
+                                                            "entropy_last")}
             for key in ("accuracy_per_step", "bridge_norm_per_step"):
-                diag[key] = [statistics.mean(v) for v in zip(*(x["test_" + key] for x in r))]
-            diag["sigma_per_step"], diag["eval_draws"] = r[0]["sigma_per_step"], r[0]["eval_draws"]
-            extras["dblocks_chain"] = diag
-            lines.append(f"dblocks: cross-entropy at sigma_max {diag['ce_sigma_max']:.4f}, chain cross-entropy "
+                diag[key] = [statistics.mean(v) for v in zip(*(r["test_" + key] for r in blocks.runs))]
+            diag["sigma_per_step"], diag["eval_draws"] = blocks.runs[0]["sigma_per_step"], blocks.runs[0]["eval_draws"]
+            extras[f"{blocks.role}_chain"] = diag
+            lines.append(f"{blocks.role}: cross-entropy at sigma_max {diag['ce_sigma_max']:.4f}, chain cross-entropy "
                          f"{diag['chain_ce']:.4f} nats per token (M = {diag['eval_draws']}; estimates, not "
                          f"likelihoods{self.published})")
             steps = ", ".join(f"sigma {s:.3g}: {100 * a:.2f}% / {n:.3f}" for s, a, n in
                               zip(diag["sigma_per_step"], diag["accuracy_per_step"], diag["bridge_norm_per_step"]))
-            lines.append(f"dblocks chain, accuracy / bridge norm after each step: {steps}; last step: mean top-1 "
+            lines.append(f"{blocks.role} chain, accuracy / bridge norm after each step: {steps}; last step: mean top-1 "
                          f"probability {diag['top1_last']:.3f} ({diag['top1_last_t2']:.3f} at temperature 2), "
                          f"entropy {diag['entropy_last']:.3f} nats")
-        models = {role: load(role) for role in runs}
+        models = {role: arm.load() for role, arm in arms.items()}
         if not models:
             return extras, lines
         num, length = 8, base.data.seq_len
         gen = lambda i: torch.Generator().manual_seed(1000 + i)
         samples = {role: m.sample(num, length, generator=gen(0)) for role, m in models.items()}
-        if "dblocks" in models:  # the chain from sigma_max noise (zero start: deterministic), and temperatures
-            samples["dblocks-noise"] = models["dblocks"].sample(num, length, init="noise", generator=gen(0))
+        if blocks is not None:  # the chain from sigma_max noise (zero start: deterministic), and temperatures
+            chain = models[blocks.role]
+            samples[f"{blocks.role}-noise"] = chain.sample(num, length, init="noise", generator=gen(0))
             for t in (0.5, 2.0):
-                samples[f"dblocks-t{t:g}"] = models["dblocks"].sample(num, length, temperature=t, generator=gen(0))
+                samples[f"{blocks.role}-t{t:g}"] = chain.sample(num, length, temperature=t, generator=gen(0))
         data = load_text(base)
         real = torch.from_numpy(np.asarray(data.splits["test"][:num * length], dtype=np.int64)).view(num, length)
         gen_stats = {"real test text": {"distinct": distinct_n(real)}}
-        scorer = models.get("e2e")
         for name, tokens in samples.items():
             io.atomic_write_text(Path(out) / f"samples-{name}.txt", "".join(
                 f"=== sample {i} ===\n{data.tokenizer.decode(row.numpy())}\n\n" for i, row in enumerate(tokens)))
             gen_stats[name] = {"distinct": distinct_n(tokens)}
-        if scorer is not None:
+        if e2e is not None:
             for name, st in gen_stats.items():
                 tokens = real if name == "real test text" else samples[name]
                 with torch.no_grad():
-                    st["perplexity_by_e2e"] = math.exp(scorer.token_nats(tokens).mean().item())
+                    st["perplexity_by_e2e"] = math.exp(models[e2e.role].token_nats(tokens).mean().item())
         extras["generation"] = gen_stats
         lines.append(f"generated text ({num} samples of {length} tokens from no prompt, seed-0 models): "
                      "distinct-1/2/3/4"
                      + (" and generative perplexity scored by the end-to-end model (same budget and data; it favours "
-                        "its own samples)" if scorer is not None else "") + ": "
+                        "its own samples)" if e2e is not None else "") + ": "
                      + "; ".join(f"{name} " + "/".join(f"{d:.2f}" for d in st["distinct"])
                                  + (f", {st['perplexity_by_e2e']:.2f}" if "perplexity_by_e2e" in st else "")
                                  for name, st in gen_stats.items()))
-        timed = {role: m for role, m in models.items() if role in ("e2e", "dblocks")}
-        if len(timed) == 2 and self.time_generation:
-            seconds = interleaved_seconds({role: lambda i, m=m: m.sample(num, length, generator=gen(i))
-                                           for role, m in timed.items()}, repeats=3)
+        if e2e is not None and blocks is not None and self.time_generation:
+            seconds = interleaved_seconds({arm.role: lambda i, m=models[arm.role]: m.sample(num, length,
+                                                                                             generator=gen(i))
+                                           for arm in (e2e, blocks)}, repeats=3)
             per_token = {role: t / length for role, t in seconds.items()}
             extras.update(generation_seconds_per_token=per_token,
-                          generation_slowdown=per_token["dblocks"] / per_token["e2e"])
-            B = runs["dblocks"][0]["num_blocks"]
-            lines.append(f"generation, batch of {num}, key/value cache: {1000 * per_token['e2e']:.2f} ms per token "
-                         f"end-to-end vs {1000 * per_token['dblocks']:.2f} ms DiffusionBlocks (B = {B}, "
-                         f"{len(models['dblocks'].steps())} block calls per token): "
+                          generation_slowdown=per_token[blocks.role] / per_token[e2e.role])
+            B = blocks.runs[0]["num_blocks"]
+            lines.append(f"generation, batch of {num}, key/value cache: {1000 * per_token[e2e.role]:.2f} ms per token "
+                         f"end-to-end vs {1000 * per_token[blocks.role]:.2f} ms DiffusionBlocks (B = {B}, "
+                         f"{len(models[blocks.role].steps())} block calls per token): "
                          f"{extras['generation_slowdown']:.2f}x the time")
         return extras, lines
 

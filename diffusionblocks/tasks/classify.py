@@ -25,7 +25,9 @@ from ..models import LabelHead, LabelStem, ViTClassifier, vit_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, ce_loss, label_target
 from ..sample import euler
-from .base import ImageShapes, ImageTask, check_label_table, unknown_form
+from .base import check_label_table, evaluating
+from .images import ImageShapes, ImageTask
+from .optional import pick
 
 
 class EndToEndClassifier(nn.Module):
@@ -131,7 +133,7 @@ class ClassifyTask(ImageTask):
     """Image classification: accuracy of the final prediction, and after every inference step."""
 
     name = "classify"
-    metric, higher_is_better, result_metric, curve_metric = "accuracy", True, "test_accuracy", "accuracy"
+    metric, higher_is_better = "accuracy", True
     percent, paper_gap = True, "paper, CIFAR-100: -0.95"
     compare_roles = ("e2e", "control", "dblocks")
     presets = {"full": "fashion", "quick": "quick", "offline": "digits", "offline-quick": "digits-quick"}
@@ -145,8 +147,6 @@ class ClassifyTask(ImageTask):
         check_label_table(cfg)
 
     def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
-        if form not in self.forms:
-            raise unknown_form(self.name, form, tuple(self.forms))
         return self.build_classifier(cfg, data, self.forms[form])
 
     def build_classifier(self, cfg: RunConfig, data, model: type[nn.Module]) -> nn.Module:
@@ -183,19 +183,17 @@ class ClassifyTask(ImageTask):
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: sampler options of a "
                              f"DiffusionBlocks classifier; this run is {cfg.train.method} "
                              f"({type(model).__name__})")
-        was_training = model.training
-        model.eval()
         batches, n, gen = self.eval_batches(data, cfg, split, limit)
         correct, other = None, {}
-        for xb, yb in batches:
-            x = to_float(xb).to(device)
-            preds = model.predict(x, generator=gen, **options)
-            hits = torch.stack([(p.cpu() == yb).sum() for p in preds])
-            correct = hits if correct is None else correct + hits
-            # a second way to read a prediction off the same model (Forward-Forward's linear readout)
-            for name, p in getattr(model, "other_predictions", lambda _: {})(x).items():
-                other[name] = other.get(name, 0) + int((p.cpu() == yb).sum())
-        model.train(was_training)
+        with evaluating(model):
+            for xb, yb in batches:
+                x = to_float(xb).to(device)
+                preds = model.predict(x, generator=gen, **options)
+                hits = torch.stack([(p.cpu() == yb).sum() for p in preds])
+                correct = hits if correct is None else correct + hits
+                # a second way to read a prediction off the same model (Forward-Forward's linear readout)
+                for name, p in getattr(model, "other_predictions", lambda _: {})(x).items():
+                    other[name] = other.get(name, 0) + int((p.cpu() == yb).sum())
         per_step = (correct.double() / n).tolist()
         return {"accuracy": per_step[-1], "accuracy_per_step": per_step,
                 **{f"accuracy_{name}": hits / n for name, hits in other.items()}, "n": n}
@@ -222,14 +220,15 @@ class ClassifyTask(ImageTask):
         return (f"{score.get('split', 'test')} accuracy {100 * score['accuracy']:.2f}% on {score['n']} images "
                 f"(after each inference step: {steps}{_others(score, 'accuracy_')})")
 
-    def compare_extras(self, runs, load, base, out) -> tuple[dict, list[str]]:
+    def compare_extras(self, arms, base, out) -> tuple[dict, list[str]]:
         """Accuracy after each inference step of the block-wise arm (mean over seeds)."""
-        if "dblocks" not in runs:
+        blocks = pick(arms, "blocks")
+        if blocks is None:
             return {}, []
-        per_step = [sum(s) / len(s) for s in zip(*(r["accuracy_per_step"] for r in runs["dblocks"]))]
+        per_step = [sum(s) / len(s) for s in zip(*(r["accuracy_per_step"] for r in blocks.runs))]
         steps = ", ".join(f"{100 * a:.2f}" for a in per_step)
         line = f"DiffusionBlocks accuracy after each inference step (%): {steps}"
-        return {"dblocks_accuracy_per_step": per_step}, [line]
+        return {f"{blocks.role}_accuracy_per_step": per_step}, [line]
 
 
 def _others(results: dict, prefix: str) -> str:

@@ -28,21 +28,14 @@ from ..config import BackboneConfig, BlocksConfig, RunConfig, load_preset, parse
 from ..data import to_float
 from ..fd import ScriptedFeatures, features, frechet_distance
 from ..images import grid, save_png, to_uint8
+from ..measure import interleaved_seconds
 from ..models import DiTHead, DiTStem, vit_layers
 from ..noise import GRID_KINDS, LogNormalLevels, Partition
 from ..precond import EDMPrecond, mse_loss
 from ..sample import SAMPLERS
-from .base import (
-    ImageShapes,
-    ImageTask,
-    Option,
-    Reference,
-    at_least,
-    finite,
-    interleaved_seconds,
-    split_arrays,
-    unknown_form,
-)
+from .base import Reference, evaluating, split_arrays
+from .images import ImageShapes, ImageTask
+from .optional import Option, at_least, finite, pick
 
 
 @section("gen")
@@ -160,13 +153,9 @@ class ImageGenerator(StackModel, nn.Module):
             labels = labels.to(device)
         z = torch.randn(num, self.channels, *self.image_size, generator=generator).to(device) * sigmas[0].item()
         uncond = torch.full_like(labels, self.null_class) if labels is not None else None
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             x = SAMPLERS[sampler](self.stack, z, sigmas, labels, cfg_scale=cfg_scale, uncond=uncond,
                                   callback=callback)
-        finally:
-            self.train(was_training)
         return x, labels
 
     # -- a cheap quality signal for training curves --------------------------------------------
@@ -287,7 +276,7 @@ class ImageGenTask(ImageTask):
     at fixed levels; scored by FD (classifier features) of generated samples, lower is better."""
 
     name = "imagegen"
-    metric, higher_is_better, result_metric, curve_metric = "fd_classifier_features", False, None, "eval_loss"
+    metric, higher_is_better, curve_metric = "fd_classifier_features", False, "eval_loss"
     compare_roles = ("e2e", "control", "dblocks")
     presets = {"full": "gen-fashion", "quick": "gen-quick", "offline": "gen-tiny", "offline-quick": "gen-tiny"}
     eval_options = (Option("num", at_least(1), "samples for the FD (default gen.fd_samples)"), STEPS, SAMPLER, "grid",
@@ -301,8 +290,6 @@ class ImageGenTask(ImageTask):
                                           f"{MAX_NPZ_BYTES // 2**30} GiB, past the grid's {MAX_GRID} images"))
 
     def build_model(self, cfg: RunConfig, data, form: str) -> nn.Module:
-        if form not in ("end-to-end", "blocks"):
-            raise unknown_form(self.name, form, ("end-to-end", "blocks"))
         return ImageGenerator(cfg.model, cfg.blocks, cfg.gen, data.image_size, data.channels, data.num_classes,
                               num_blocks=1 if form == "end-to-end" else None)
 
@@ -329,13 +316,11 @@ class ImageGenTask(ImageTask):
     def evaluate(self, model, data, cfg: RunConfig, *, split: str = "test", limit: int = 0, device="cpu",
                  **options) -> dict:
         """The denoising loss at fixed levels (`eval_loss`); sample quality is score()'s job."""
-        was_training = model.training
-        model.eval()
         batches, n, gen = self.eval_batches(data, cfg, split, limit)
         total = 0.0
-        for xb, yb in batches:
-            total += model.denoising_loss(to_float(xb).to(device), yb.to(device), generator=gen) * len(yb)
-        model.train(was_training)
+        with evaluating(model):
+            for xb, yb in batches:
+                total += model.denoising_loss(to_float(xb).to(device), yb.to(device), generator=gen) * len(yb)
         return {"eval_loss": total / n, "n": n}
 
     def results(self, ev: dict, split: str = "test") -> dict:
@@ -398,11 +383,13 @@ class ImageGenTask(ImageTask):
                 f"{score['fd_real_floor']:.3f}; {score['steps']} {score['sampler']} steps, cfg {score['cfg_scale']})"
                 f"{acc}; sampling {1000 * score['seconds_per_image']:.2f} ms per image")
 
-    def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
-        """Sampling time at equal steps (interleaved, median) and the same noise through both arms' models."""
-        if not {"e2e", "dblocks"} <= set(runs):
+    def compare_extras(self, arms, base: RunConfig, out) -> tuple[dict, list[str]]:
+        """Sampling time at equal steps (interleaved, median) and the same noise through the end-to-end and the
+        block-wise arm's models."""
+        e2e, blocks = pick(arms, "end-to-end"), pick(arms, "blocks")
+        if e2e is None or blocks is None:
             return {}, []
-        models = {role: load(role) for role in ("e2e", "dblocks")}
+        models = {arm.role: arm.load() for arm in (e2e, blocks)}
         steps = base.gen.steps
         speed = interleaved_seconds({role: lambda i, m=model: m.sample(64, steps,
                                                                        generator=torch.Generator().manual_seed(i))
@@ -416,11 +403,11 @@ class ImageGenTask(ImageTask):
         both = torch.zeros(c, h, 2 * w + 8, dtype=torch.uint8)
         both[..., :w], both[..., w + 8:] = grids[0], grids[1]
         save_png(both, Path(out) / "samples.png")
-        B = runs["dblocks"][0]["num_blocks"]
-        ratio = speed["e2e"] / speed["dblocks"]
-        scores = [r["score"] for rs in runs.values() for r in rs if "score" in r]
-        acc = {role: [r["score"]["class_accuracy"] for r in rs if "class_accuracy" in r.get("score", {})]
-               for role, rs in runs.items()}
+        B = blocks.runs[0]["num_blocks"]
+        ratio = speed[e2e.role] / speed[blocks.role]
+        scores = [r["score"] for arm in arms.values() for r in arm.runs if "score" in r]
+        acc = {role: [r["score"]["class_accuracy"] for r in arm.runs if "class_accuracy" in r.get("score", {})]
+               for role, arm in arms.items()}
         counts = sorted({(s["num_generated"], s["num_real"]) for s in scores})
         floors = [s["fd_real_floor"] for s in scores if "fd_real_floor" in s]
         lines = ["generated images classified as their class: " + ", ".join(
@@ -429,8 +416,9 @@ class ImageGenTask(ImageTask):
             lines.insert(0, "FD over " + ", ".join(f"{g} generated vs {r} test images" for g, r in counts)
                          + (f"; real-vs-real floor at that count {statistics.mean(floors):.3f}" if floors else ""))
         lines += [f"sampling at {steps} steps: DiffusionBlocks (B={B}) is {ratio:.2f}x faster than end-to-end "
-                 f"(ideal B = {B}); seconds per batch of 64: e2e {speed['e2e']:.3f}, dblocks {speed['dblocks']:.3f}",
-                 "samples.png: e2e left, dblocks right"]
+                  f"(ideal B = {B}); seconds per batch of 64: "
+                  + ", ".join(f"{role} {seconds:.3f}" for role, seconds in speed.items()),
+                  f"samples.png: {e2e.role} left, {blocks.role} right"]
         return {"sampling_seconds_per_batch_of_64": speed, "sampling_speedup": ratio}, lines
 
 

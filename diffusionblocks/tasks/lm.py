@@ -1,7 +1,7 @@
-"""What the language-model tasks share (issue 12): a run's text data (tokenizer, memory-mapped token arrays of
-the three splits, characters per split), random training windows, evaluation windows, and the common half of
-the task interface: bits per character, results, summaries, written samples. No TASK here: tasks/mdlm.py and
-tasks/arlm.py build on it.
+"""The language pipeline the language tasks share (tasks/mdlm.py, tasks/arlm.py, tasks/recurrent.py); no TASK here.
+A run's text data (tokenizer, memory-mapped token arrays of the three splits, characters per split), random training
+windows, evaluation windows, and the common half of the task interface: bits per character, results, summaries,
+written samples.
 
 Evaluation cuts a held-out split into consecutive windows of data.seq_len tokens, the last one padded; every
 token is scored exactly once, in its window, with the window as its only context (the same windows for every
@@ -39,7 +39,8 @@ from ..text import (
     prepare_tokens,
     tokens_meta,
 )
-from .base import Option, Task, at_least, finite
+from .base import Task, evaluating
+from .optional import Option, at_least
 
 LN2 = math.log(2.0)
 TOKENIZER_FILE = "tokenizer.json"  # saved in every language-model run directory
@@ -149,6 +150,10 @@ def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int, limit: int =
 
 
 MAX_TEXT_TOKENS = 2**18  # --num x --length: text samples are drawn as one batch, a forward pass per token
+# every language task samples --length tokens after a --prompt
+TEXT_OPTIONS = (Option("length", at_least(1), "tokens per sample, the prompt's included (default data.seq_len; "
+                                              f"--num x --length at most {MAX_TEXT_TOKENS:,})"),
+                Option("prompt", help="the start of every sample"))
 
 
 class LMTask(Task):
@@ -157,22 +162,10 @@ class LMTask(Task):
     generator, **options)` (nats of each window, or a bound on them) and `sample(num, length, prompt,
     generator, device, **options)` (token ids)."""
 
-    metric, higher_is_better, result_metric, curve_metric = "bpc", False, "test_bpc", "bpc"
+    metric, higher_is_better = "bpc", False
     eval_options = ("limit",)
+    sample_options = TEXT_OPTIONS  # a task adds the options its models' sample() takes
     run_files: ClassVar[tuple[str, ...]] = (*Task.run_files, TOKENIZER_FILE)
-    # every language task samples --length tokens after a --prompt; a task names the model's options it takes
-    text_options = (Option("length", at_least(1), "tokens per sample, the prompt's included (default data.seq_len; "
-                                                   f"--num x --length at most {MAX_TEXT_TOKENS:,})"),
-                    Option("prompt", help="the start of every sample"))
-    named_options = {**Task.named_options, **{o.name: o for o in (
-        Option("eval_t", at_least(1), "stratified masking times per window in the bound (default mdlm.eval_t)"),
-        Option("steps", at_least(1), "sampling steps (default mdlm.sample_steps)"),
-        Option("temperature", finite, "the softmax temperature of each drawn token, 0 = greedy (default 1; "
-                                      "DiffusionBlocks: arlm.temperature, applied at the chain's last step)"))}}
-
-    @classmethod
-    def options(cls, kind: str) -> tuple[Option, ...]:
-        return (*(cls.text_options if kind == "sample" else ()), *super().options(kind))
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
@@ -260,22 +253,19 @@ class LMTask(Task):
         data.val_size / data.test_limit cap the validation / test windows). Seeded, so it is reproducible."""
         options = {k: v for k, v in options.items() if v is not None}
         batches, windows, covered, gen = self.eval_batches(data, cfg, split, limit)
-        was_training = model.training
-        model.eval()
         nats = 0.0
-        try:
+        with evaluating(model):
             for x, pad in batches:
                 nats += model.sequence_nats(x.to(device), pad.to(device), generator=gen, **options).sum().item()
-        finally:
-            model.train(was_training)
         chars = data.chars_of(split, covered)
         return {"bpc": nats / (chars * LN2), "bpt": nats / (covered * LN2), "nats": nats, "chars": chars,
                 "tokens": covered, "n": windows, **self.estimator(model, options)}
 
+    MEASURED = ("bpc", "bpt", "nats", "chars", "tokens", "n")  # results.json holds them as test_ / val_ (n: windows)
+
     def results(self, ev: dict, split: str = "test") -> dict:
         prefix = "val_" if split == "validation" else "test_"
-        measured = ("bpc", "bpt", "nats", "chars", "tokens", "n")  # n: windows
-        out = {(prefix + k if k in measured else k): v for k, v in ev.items()}
+        out = {(prefix + k if k in self.MEASURED else k): v for k, v in ev.items()}
         if split == "validation":
             out["validation"] = {"windows": ev["n"], "from": "the corpus's validation split"}
         return out

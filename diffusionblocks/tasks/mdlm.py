@@ -41,11 +41,13 @@ from torch import nn
 
 from ..blocks import BlockStack, StackModel
 from ..config import BackboneConfig, BlocksConfig, DataConfig, RunConfig, TrainConfig, preset, section, setting
+from ..measure import interleaved_seconds
 from ..models import TokenHead, TokenStem, lm_layers
 from ..noise import MaskLevels, Partition
 from ..precond import PlainPrecond
-from .base import interleaved_seconds, unknown_form
-from .lm import LMTask, TextData, token_ce
+from .base import evaluating
+from .lm import TEXT_OPTIONS, LMTask, TextData, token_ce
+from .optional import Option, at_least, pick
 
 
 def masked_ce(logits: torch.Tensor, x: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
@@ -171,9 +173,7 @@ class MaskedDiffusionLM(StackModel, nn.Module):
         z = torch.full((num, length), self.mask_id, dtype=torch.long, device=device)
         if prompt is not None and len(prompt):
             z[:, :len(prompt)] = prompt.to(device)
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             for i in range(len(grid) - 1):
                 t, s = grid[i:i + 2]
                 masked = z == self.mask_id
@@ -184,8 +184,6 @@ class MaskedDiffusionLM(StackModel, nn.Module):
                 p = 1.0 if i == len(grid) - 2 else ((a_s - a_t) / (1 - a_t)).item()  # the last step reveals all
                 reveal = torch.rand((num, length), generator=generator).to(device) < p
                 z = torch.where(masked & reveal, drawn, z)
-        finally:
-            self.train(was_training)
         return z
 
 
@@ -195,14 +193,13 @@ class MDLMTask(LMTask):
 
     name = "mdlm"
     paper_gap = "paper, text8: 1.45 - 1.56 = -0.11"
-    compare_roles = ("e2e", "control", "dblocks", "arlm")  # "arlm": another task's e2e model (compare.py)
+    compare_roles = ("e2e", "control", "dblocks", "arlm")  # "arlm": another task's end-to-end model (compare.py)
     presets = {"full": "lm-cpu", "quick": "lm-quick", "offline": "lm-cpu", "offline-quick": "lm-quick"}
-    eval_options = ("limit", "eval_t")
-    sample_options = ("steps",)
+    eval_options = ("limit", Option("eval_t", at_least(1), "stratified masking times per window in the bound (default "
+                                                           "mdlm.eval_t)"))
+    sample_options = (*TEXT_OPTIONS, Option("steps", at_least(1), "sampling steps (default mdlm.sample_steps)"))
 
     def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
-        if form not in ("end-to-end", "blocks"):
-            raise unknown_form(self.name, form, ("end-to-end", "blocks"))
         return MaskedDiffusionLM(cfg.model, cfg.blocks, cfg.mdlm, data.vocab_size, cfg.data.seq_len,
                                  num_blocks=1 if form == "end-to-end" else None)
 
@@ -220,29 +217,31 @@ class MDLMTask(LMTask):
     def _how(self, ev: dict) -> str:
         return f" (an upper bound, {ev['eval_t']} stratified t per window)" if "eval_t" in ev else ""
 
-    def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
-        """The autoregressive floor beside each masked-diffusion arm, and sampling time at equal steps."""
+    def compare_extras(self, arms, base: RunConfig, out) -> tuple[dict, list[str]]:
+        """The autoregressive floor (the arm of another task) beside each masked-diffusion arm, and sampling time at
+        equal steps."""
         extras, lines = {}, []
-        key = self.result_metric
-        if "arlm" in runs:
-            floor = statistics.mean(r[key] for r in runs["arlm"])
-            gaps = {role: statistics.mean(r[key] for r in rs) - floor for role, rs in runs.items() if role != "arlm"}
+        floor_arm = next((arm for arm in arms.values() if arm.task != self.name), None)
+        if floor_arm is not None:
+            floor = statistics.mean(floor_arm.values)
+            gaps = {role: statistics.mean(arm.values) - floor for role, arm in arms.items() if arm is not floor_arm}
             extras["gap_to_autoregressive"] = gaps
             lines.append(f"autoregressive floor (exact, same size, data and budget): {floor:.4f} bits per character; "
                          "masked diffusion above it (a bound): "
                          + ", ".join(f"{role} +{gap:.4f}" for role, gap in gaps.items()))
-        if {"e2e", "dblocks"} <= set(runs):
+        e2e, blocks = pick(arms, "end-to-end"), pick(arms, "blocks")
+        if e2e is not None and blocks is not None:
             steps = base.mdlm.sample_steps
-            models = {role: load(role) for role in ("e2e", "dblocks")}
+            models = {arm.role: arm.load() for arm in (e2e, blocks)}
             speed = interleaved_seconds({role: lambda i, m=model: m.sample(8, base.data.seq_len, steps=steps,
                                                                            generator=torch.Generator().manual_seed(i))
                                          for role, model in models.items()}, repeats=3)
-            ratio = speed["e2e"] / speed["dblocks"]
-            B = runs["dblocks"][0]["num_blocks"]
+            ratio = speed[e2e.role] / speed[blocks.role]
+            B = blocks.runs[0]["num_blocks"]
             extras.update(sampling_seconds_per_batch_of_8=speed, sampling_speedup=ratio)
             lines.append(f"sampling {base.data.seq_len} tokens in {steps} steps: DiffusionBlocks (B={B}) is "
-                         f"{ratio:.2f}x faster than end-to-end (ideal B = {B}); seconds per batch of 8: e2e "
-                         f"{speed['e2e']:.3f}, dblocks {speed['dblocks']:.3f}")
+                         f"{ratio:.2f}x faster than end-to-end (ideal B = {B}); seconds per batch of 8: "
+                         + ", ".join(f"{role} {seconds:.3f}" for role, seconds in speed.items()))
         return extras, lines
 
 
@@ -268,7 +267,7 @@ def preset_lm_cpu() -> RunConfig:
     """The language compare on a 2-core CPU (`compare --task mdlm`: four arms, about 13 minutes for one seed):
     Shakespeare in the text8 alphabet, windows of 128, 6 layers of width 192 (3 heads, MLP x2, rotary positions),
     B = 3, gamma 0.05, 320 end-to-end steps of 32 windows (1.3M tokens, a third of an epoch of the 4.1M training
-    characters), AdamW 1e-3 (chosen on validation: benchmarks/lm_settings.py). The bound on the whole test split
+    characters), AdamW 1e-3 (benchmarks/lm_settings.py). The bound on the whole test split
     (2,029 windows) with K = 2; sampling timed at 126 steps."""
     cfg = RunConfig(task="mdlm")
     cfg.data = DataConfig(name="shakespeare", tokenizer="text8", seq_len=128)

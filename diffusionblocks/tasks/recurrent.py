@@ -19,25 +19,23 @@ cross-entropy. At inference the recurrences are the Euler steps of NextTokenChai
 sigma_max, the x0 estimate between steps the bridge softmax(logits) @ e_hat, so every recurrence runs the core, the
 coda and the head; the prelude runs once.
 
-Compute (compare_extras): FLOPs per training step counted by torch's FlopCounterMode (matrix products and attention,
-forward and backward), wall time per step interleaved in one process, saved-activation bytes; and three ratios:
+Compute (compare_extras, measured by measure.py): FLOPs per training step counted by torch's FlopCounterMode (matrix
+products and attention, forward and backward), wall time per step interleaved in one process, saved-activation bytes;
+and three ratios:
 per step, the paper's protocol (DiffusionBlocks trains `dblocks_epochs` times the steps) and, the only compute
 reduction, the compute DiffusionBlocks needs to reach the end-to-end arm's final held-out figure.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ..config import (
     BackboneConfig,
@@ -51,14 +49,16 @@ from ..config import (
     setting,
 )
 from ..images import pyplot
+from ..measure import compute_ratios, expected_flops, interleaved_times, step_flops, training_step
 from ..memory import saved_activation_bytes
 from ..models import TokenHead, TokenStem, lm_layers
 from ..nn import NoiseEmbedding, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond
 from .arlm import ARLMConfig, ARLMTask, NextTokenChain, draw, prefilled
-from .base import unknown_form
+from .base import evaluating
 from .lm import TextData, TokenWindows, token_ce
+from .optional import Arm, pick
 
 
 @section("recurrent")
@@ -162,14 +162,10 @@ class RecurrentDepth(nn.Module):
         token (no key/value cache); past one window the last seq_len - 1 tokens are the context."""
         temperature = self.temperature if temperature is None else temperature
         out, start = prefilled(num, length, prompt, device)
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             for n in range(start, length):
                 logits = self.next_logits(out[:, max(0, n - self.seq_len + 1):n], generator, **options)
                 out[:, n:n + 1] = draw(logits, temperature, generator).to(device)
-        finally:
-            self.train(was_training)
         return out
 
 
@@ -293,46 +289,6 @@ class RecurrentDiffusionLM(NextTokenChain, RecurrentDepth):
         return self.chain(x, generator, **options)
 
 
-# -- compute: FLOPs, time and saved bytes of a training step ------------------------------------------------------
-
-
-def _cpu_attention_flops() -> dict:
-    """FLOP formulas for the CPU's fused attention, which torch's counter leaves out (it registers the CUDA kernels
-    only): the same counts as for those (two products forward; backward five, the scores recomputed)."""
-    aten = torch.ops.aten
-    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        return {}
-    return {aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v),
-            aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda grad, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad, q, k, v)}
-
-
-def step_flops(step) -> int:
-    """FLOPs of `step()` (a forward and backward pass) as torch's FlopCounterMode counts them: matrix products and
-    attention (2 per multiply-add; attention over the full T x T scores whatever the mask), forward and backward;
-    elementwise work, norms and softmaxes are not counted."""
-    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
-        step()
-    return counter.get_total_flops()
-
-
-def expected_huginn_flops(flops_at, rec: RecurrentConfig, draws: int = 200_000) -> dict:
-    """E[FLOPs per step] over the configured distribution of r. flops_at(r) is counted for r = 1..k+2; past r = k
-    every further iteration adds one no-grad core pass, the same FLOPs each time (checked: F(k+2) - F(k+1) = F(k+1) -
-    F(k)), so F(r) = F(k+2) + (r - k - 2) * that pass for larger r. Averaged over `draws` seeded draws of r."""
-    k = rec.backprop_depth
-    counted = {r: flops_at(r) for r in range(1, k + 3)}
-    per_pass = counted[k + 2] - counted[k + 1]
-    if counted[k + 1] - counted[k] != per_pass:
-        raise RuntimeError(f"FLOPs per step are not affine in r past k: {counted}")
-    r = draw_recurrences(rec, draws, torch.Generator().manual_seed(0))
-    table = [counted.get(n, counted[k + 2] + (n - k - 2) * per_pass) for n in range(int(r.max()) + 1)]
-    values = torch.tensor(table, dtype=torch.float64)[r]
-    return {"mean": values.mean().item(), "mean_recurrences": r.double().mean().item(),
-            "per_recurrence_no_grad": per_pass, "counted": {str(n): f for n, f in counted.items()}}
-
-
 class RecurrentTask(ARLMTask):
     """Recurrent-depth language modelling: Huginn's training (`--method e2e`, exact cross-entropy at a fixed number
     of recurrences) against DiffusionBlocks' single pass (`--method dblocks`, scored like autoregressive
@@ -361,21 +317,20 @@ class RecurrentTask(ARLMTask):
                              "as a single denoiser over the whole range of sigma (blocks.num_blocks=1)")
 
     def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
-        if form == "end-to-end":
-            return HuginnLM(cfg.model, cfg.recurrent, cfg.arlm, data.vocab_size, cfg.data.seq_len)
         if form == "blocks":
             return RecurrentDiffusionLM(cfg.model, cfg.blocks, cfg.chain, cfg.recurrent, cfg.arlm, data.vocab_size,
                                         cfg.data.seq_len)
-        raise unknown_form(self.name, form, ("end-to-end", "blocks"))
+        return HuginnLM(cfg.model, cfg.recurrent, cfg.arlm, data.vocab_size, cfg.data.seq_len)
 
-    def arm_config(self, cfg: RunConfig, role: str) -> RunConfig:
-        """DiffusionBlocks (and the plain control) train recurrent.dblocks_epochs times the end-to-end arm's steps
-        (the paper's protocol); every arm evaluates 20 times over its run, so the compute to reach a figure is
-        resolved to 1/20."""
-        if role != "e2e":
+    def arm_config(self, cfg: RunConfig, form: str) -> RunConfig:
+        """Every arm but Huginn's (this task's end-to-end model) trains recurrent.dblocks_epochs times its steps (the
+        paper's protocol); every arm evaluates 20 times over its run, so the compute to reach a figure is resolved to
+        1/20."""
+        huginn = cfg.task == self.name and form == "end-to-end"
+        if not huginn:
             cfg.train.steps = max(1, round(cfg.train.steps * cfg.recurrent.dblocks_epochs))
         r = cfg.recurrent
-        layers = r.prelude + r.coda + (r.backprop_depth * r.core if role == "e2e" else r.core)
+        layers = r.prelude + r.coda + (r.backprop_depth * r.core if huginn else r.core)
         cfg.train.eval_every = max(1, cfg.train.steps * layers // 20)
         return cfg
 
@@ -399,139 +354,110 @@ class RecurrentTask(ARLMTask):
 
     # -- compare: quality (ARLMTask's lines) and the measured training compute ------------------------------------
 
-    def compare_extras(self, runs, load, base: RunConfig, out) -> tuple[dict, list[str]]:
-        extras, lines = super().compare_extras(runs, load, base, out)
-        if "e2e" not in runs or "dblocks" not in runs:
+    def compare_extras(self, arms, base: RunConfig, out) -> tuple[dict, list[str]]:
+        extras, lines = super().compare_extras(arms, base, out)
+        e2e, blocks = pick(arms, "end-to-end"), pick(arms, "blocks")
+        if e2e is None or blocks is None:
             return extras, lines
-        # 20 timed rounds (5 for a smoke run of under 500 steps)
-        repeats = 20 if base.train.steps >= 500 else 5
-        compute = measure_compute({role: load(role) for role in runs}, base, repeats)
-        compute.update(ratios(compute, runs))
+        plain = [arm for arm in arms.values() if arm.task != self.name]  # the control without recurrence
+        compute = measure_compute(e2e, blocks, plain, base, repeats=20 if base.train.steps >= 500 else 5)
+        compute["ratios"] = compute_ratios(compute["flops_per_step"], compute["seconds_per_step_mean"],
+                                           {arm.role: arm.runs for arm in (e2e, blocks)}, e2e.role, blocks.role, REACH)
         extras["compute"] = compute
         extras["flops_per_step"], extras["ratios"] = compute["flops_per_step"], compute["ratios"]
-        lines += compute_lines(compute)
-        if plot_compute(runs, compute, Path(out) / "compute.png"):
+        lines += compute_lines(compute, e2e.role, blocks.role)
+        series = [(e2e, "Huginn, end to end", "ce"), (blocks, "DiffusionBlocks", "chain_ce"),
+                  *((arm, "plain, core once, end to end", "ce") for arm in plain)]
+        if plot_compute(series, compute["flops_per_step"], Path(out) / "compute.png"):
             lines.append("held-out figures against training FLOPs: compute.png")
         return extras, lines
 
 
-def measure_compute(models: dict[str, nn.Module], base: RunConfig, repeats: int = 20) -> dict:
-    """FLOPs per training step of each arm (the end-to-end one averaged over its distribution of r), the wall time of
-    a step (forward, backward and an AdamW update on a copy of each model; the arms interleaved in this process,
-    the end-to-end steps at r drawn as in training), and the bytes a step saves for backward."""
+def expected_huginn_flops(flops_at, rec: RecurrentConfig, draws: int = 200_000) -> dict:
+    """E[FLOPs per step] of Huginn's training over `draws` seeded draws of its r (measure.expected_flops)."""
+    return expected_flops(flops_at, draw_recurrences(rec, draws, torch.Generator().manual_seed(0)),
+                          rec.backprop_depth)
+
+
+def measure_compute(e2e: Arm, blocks: Arm, plain: list[Arm], base: RunConfig, repeats: int = 20) -> dict:
+    """FLOPs per training step of each arm (Huginn's averaged over its distribution of r; the plain control's, not
+    timed), the wall time of a step of the end-to-end and the block-wise arm (forward, backward and an AdamW update;
+    interleaved in this process, Huginn's steps at r drawn as in training), and the bytes a step saves for backward."""
     rec, N = base.recurrent, base.train.batch_size
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(models["e2e"].vocab_size, (N, base.data.seq_len), generator=gen)
+    huginn, dblocks = e2e.load().train(), blocks.load().train()
+    plain_models = {arm.role: arm.load().train() for arm in plain}
+    x = torch.randint(huginn.vocab_size, (N, base.data.seq_len), generator=torch.Generator().manual_seed(0))
     seed = torch.zeros(N, dtype=torch.long)
-    huginn, dblocks = (copy.deepcopy(models[r]).train() for r in ("e2e", "dblocks"))
     noise = torch.Generator().manual_seed(1)
     h_loss = lambda r: huginn.loss(x, torch.full((N,), r), seed).mean()  # one step of each arm, as training takes it
     d_loss = lambda: dblocks.block_loss(0, x, generator=noise).mean()
     flops_h = expected_huginn_flops(lambda r: step_flops(lambda: h_loss(r).backward()), rec)
-    flops = {"e2e": flops_h["mean"], "dblocks": float(step_flops(lambda: d_loss().backward()))}
-    if "arlm" in models:  # the plain control: its FLOPs only (not timed)
-        plain = copy.deepcopy(models["arlm"]).train()
-        flops["arlm"] = float(step_flops(lambda: plain.loss(x).mean().backward()))
+    flops = {e2e.role: flops_h["mean"], blocks.role: float(step_flops(lambda: d_loss().backward()))}
+    for role, model in plain_models.items():
+        flops[role] = float(step_flops(lambda m=model: m.loss(x).mean().backward()))
     probe_r = max(rec.mean_recurrence, rec.backprop_depth)  # what a step saves does not depend on r >= k
-    saved = {"e2e": saved_activation_bytes(lambda: h_loss(probe_r), list(huginn.parameters()))[0],
-             "dblocks": saved_activation_bytes(d_loss, list(dblocks.parameters()))[0]}
-    opts = {role: torch.optim.AdamW(m.parameters(), lr=1e-6) for role, m in (("e2e", huginn), ("dblocks", dblocks))}
+    saved = {e2e.role: saved_activation_bytes(lambda: h_loss(probe_r), list(huginn.parameters()))[0],
+             blocks.role: saved_activation_bytes(d_loss, list(dblocks.parameters()))[0]}
     depth = torch.Generator().manual_seed(2)
-    times: dict[str, list[float]] = {"e2e": [], "dblocks": []}
-    for i in range(repeats + 1):  # round 0 warms up
-        r = int(draw_recurrences(rec, 1, depth))
-        for role, loss in (("e2e", lambda r=r: h_loss(r)), ("dblocks", d_loss)):
-            t0 = time.perf_counter()
-            loss().backward()
-            opts[role].step()
-            opts[role].zero_grad(set_to_none=True)
-            if i:
-                times[role].append(time.perf_counter() - t0)
+    r = [int(draw_recurrences(rec, 1, depth)) for _ in range(repeats + 1)]  # one per round, the warm-up's included
+    times = interleaved_times({e2e.role: training_step(huginn, lambda i: h_loss(r[i])),
+                               blocks.role: training_step(dblocks, lambda i: d_loss())}, repeats)
     return {"flops_per_step": flops, "huginn_flops": flops_h, "seconds_per_step_median":
             {k: statistics.median(v) for k, v in times.items()},
             "seconds_per_step_mean": {k: statistics.mean(v) for k, v in times.items()},
             "saved_bytes_per_step": saved, "timing_repeats": repeats, "batch": N, "seq_len": base.data.seq_len}
 
 
-def ratios(compute: dict, runs: dict) -> dict:
-    """(a) per step; (b) the paper's protocol: each arm's steps as trained; (c) the compute DiffusionBlocks needed to
-    reach the end-to-end arm's final held-out figure (next-token accuracy; cross-entropy: the end-to-end exact one
-    against the DiffusionBlocks chain's, a real predictive distribution when the chain is deterministic), per seed
-    from the evaluation curves (the first curve point from which the curve stays at or past the target: an upper
-    bound at the curve's resolution). Every ratio is end-to-end / DiffusionBlocks: above 1, DiffusionBlocks used
-    less."""
-    f, t = compute["flops_per_step"], compute["seconds_per_step_mean"]
-    out = {"per_step": {"flops": f["e2e"] / f["dblocks"], "seconds": t["e2e"] / t["dblocks"]}}
-    steps = {role: statistics.mean(r["steps"] for r in runs[role]) for role in ("e2e", "dblocks")}
-    out["protocol"] = {"steps": steps, "flops": f["e2e"] * steps["e2e"] / (f["dblocks"] * steps["dblocks"]),
-                       "seconds": t["e2e"] * steps["e2e"] / (t["dblocks"] * steps["dblocks"])}
-    reach = {}
-    for label, key_e, key_d, higher in (("next-token accuracy", "next_token_accuracy", "next_token_accuracy", True),
-                                        ("cross-entropy", "ce", "chain_ce", False)):
-        per_seed = []
-        for he, db in zip(runs["e2e"], runs["dblocks"]):
-            target = he["curve"][-1][key_e]
-            past = [p[key_d] >= target if higher else p[key_d] <= target for p in db["curve"]]
-            # the first curve point from which every later one is at or past the target (a noisy curve may cross
-            # early and fall back)
-            hit = next((p for i, p in enumerate(db["curve"]) if all(past[i:])), None)
-            row = {"seed": he["seed"], "target": target, "dblocks_final": db["curve"][-1][key_d],
-                   "reached_at_step": hit["step"] if hit else None}
-            if hit:
-                row["flops"] = f["e2e"] * he["steps"] / (f["dblocks"] * hit["step"])
-                row["seconds"] = t["e2e"] * he["steps"] / (t["dblocks"] * hit["step"])
-            per_seed.append(row)
-        reach[label] = per_seed
-    out["reach"] = reach
-    return {"ratios": out}
+# what DiffusionBlocks must reach of the end-to-end arm's final held-out figures (compute_ratios' targets): next-token
+# accuracy, and cross-entropy (the end-to-end exact one against the chain's, a real predictive distribution when the
+# chain is deterministic)
+REACH = (("next-token accuracy", "next_token_accuracy", "next_token_accuracy", True),
+         ("cross-entropy", "ce", "chain_ce", False))
 
 
-def plot_compute(runs: dict, compute: dict, path: Path) -> bool:
-    """Both arms' held-out next-token accuracy and cross-entropy (end to end: exact; DiffusionBlocks: the chain's)
+def plot_compute(series: list[tuple[Arm, str, str]], flops: dict[str, float], path: Path) -> bool:
+    """Each arm's held-out next-token accuracy and cross-entropy (`series`: arm, label, its cross-entropy's key)
     against training FLOPs (steps x FLOPs per step), every seed. False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    keys = {"e2e": ("next_token_accuracy", "ce"), "dblocks": ("next_token_accuracy", "chain_ce")}
-    keys["arlm"] = keys["e2e"]
-    for role, color in (("e2e", "C0"), ("dblocks", "C1"), ("arlm", "C2")):
-        for i, r in enumerate(runs.get(role, []) if role in compute["flops_per_step"] else []):
-            xs = [p["step"] * compute["flops_per_step"][role] for p in r["curve"]]
-            for ax, key in zip(axes, keys[role]):
+    for n, (arm, label, ce) in enumerate(series):
+        for i, r in enumerate(arm.runs):
+            xs = [p["step"] * flops[arm.role] for p in r["curve"]]
+            for ax, key in zip(axes, ("next_token_accuracy", ce)):
                 scale = 100 if key == "next_token_accuracy" else 1
-                ax.plot(xs, [scale * p[key] for p in r["curve"]], color=color, alpha=0.8, marker="o", markersize=2,
-                        label=(f"{LABELS[role]} ({key})" if i == 0 else None))
-    axes[0].set_ylabel(f"{runs['e2e'][0].get('eval_split', 'test')} next-token accuracy (%)")
+                ax.plot(xs, [scale * p[key] for p in r["curve"]], color=f"C{n}", alpha=0.8, marker="o", markersize=2,
+                        label=(f"{label} ({key})" if i == 0 else None))
+    first = series[0][0].runs[0]
+    axes[0].set_ylabel(f"{first.get('eval_split', 'test')} next-token accuracy (%)")
     axes[1].set_ylabel("cross-entropy (nats per token)")
     for ax in axes:
         ax.set_xlabel("training FLOPs (FlopCounterMode)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"on the first {runs['e2e'][0].get('curve_n', '?')} windows, every seed", fontsize=9)
+    fig.suptitle(f"on the first {first.get('curve_n', '?')} windows, every seed", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-LABELS = {"e2e": "Huginn, end to end", "dblocks": "DiffusionBlocks", "arlm": "plain, core once, end to end"}
-
-
-def compute_lines(c: dict) -> list[str]:
+def compute_lines(c: dict, a: str, b: str) -> list[str]:
+    """The report's lines on the compute of Huginn's arm `a` and DiffusionBlocks' arm `b` (and the plain control's)."""
     f, t, s, r = c["flops_per_step"], c["seconds_per_step_mean"], c["saved_bytes_per_step"], c["ratios"]
     h, med = c["huginn_flops"], c["seconds_per_step_median"]
+    plain = "".join(f"; the plain control (no recurrence) {f[role] / 1e9:.3f} GFLOP per step"
+                    for role in f if role not in (a, b))
     lines = [f"training compute per step (batch {c['batch']} x {c['seq_len']} tokens; FLOPs counted by torch's "
              f"FlopCounterMode: matrix products and attention, forward and backward): end-to-end (Huginn, r drawn "
-             f"per step, mean {h['mean_recurrences']:.2f}) {f['e2e'] / 1e9:.3f} GFLOP, DiffusionBlocks (one pass) "
-             f"{f['dblocks'] / 1e9:.3f} GFLOP; wall time (mean of {c['timing_repeats']}, interleaved, AdamW included) "
-             f"{1000 * t['e2e']:.1f} vs {1000 * t['dblocks']:.1f} ms (medians {1000 * med['e2e']:.1f} "
-             f"vs {1000 * med['dblocks']:.1f}); saved for backward {s['e2e'] / 2**20:.1f} vs "
-             f"{s['dblocks'] / 2**20:.1f} MiB"
-             + (f"; the plain control (no recurrence) {f['arlm'] / 1e9:.3f} GFLOP per step" if "arlm" in f else ""),
+             f"per step, mean {h['mean_recurrences']:.2f}) {f[a] / 1e9:.3f} GFLOP, DiffusionBlocks (one pass) "
+             f"{f[b] / 1e9:.3f} GFLOP; wall time (mean of {c['timing_repeats']}, interleaved, AdamW included) "
+             f"{1000 * t[a]:.1f} vs {1000 * t[b]:.1f} ms (medians {1000 * med[a]:.1f} vs {1000 * med[b]:.1f}); saved "
+             f"for backward {s[a] / 2**20:.1f} vs {s[b] / 2**20:.1f} MiB{plain}",
              f"ratios, end-to-end / DiffusionBlocks: (a) per step {r['per_step']['flops']:.2f}x FLOPs, "
-             f"{r['per_step']['seconds']:.2f}x time; (b) the paper's protocol ({r['protocol']['steps']['e2e']:g} vs "
-             f"{r['protocol']['steps']['dblocks']:g} steps) {r['protocol']['flops']:.2f}x FLOPs, "
+             f"{r['per_step']['seconds']:.2f}x time; (b) the paper's protocol ({r['protocol']['steps'][a]:g} vs "
+             f"{r['protocol']['steps'][b]:g} steps) {r['protocol']['flops']:.2f}x FLOPs, "
              f"{r['protocol']['seconds']:.2f}x time. Neither is a compute reduction: (b) is compute spent, not "
              f"compute needed for a given quality"]
     for label, rows in r["reach"].items():
@@ -539,7 +465,7 @@ def compute_lines(c: dict) -> list[str]:
         for row in rows:
             if row["reached_at_step"] is None:
                 cells.append(f"seed {row['seed']}: not reached (target {row['target']:.4f}, DiffusionBlocks ended at "
-                             f"{row['dblocks_final']:.4f})")
+                             f"{row[f'{b}_final']:.4f})")
             else:
                 cells.append(f"seed {row['seed']}: reached by step {row['reached_at_step']}, {row['flops']:.2f}x "
                              f"FLOPs, {row['seconds']:.2f}x time")
@@ -563,7 +489,7 @@ def preset_recurrent_cpu() -> RunConfig:
     """Recurrent depth on a 2-core CPU (`compare --task recurrent`: Huginn's training against DiffusionBlocks'
     single pass): Shakespeare in the text8 alphabet, windows of 128, prelude 1 / core 2 / coda 1 layers of width
     128 (4 heads, MLP x2, rotary positions), r_bar 8 (E[r] = 9), backpropagation through the last 4 iterations,
-    batch 32, AdamW 1e-3 (lm-cpu's, chosen on validation there); the end-to-end arm trains 500 steps (2M tokens,
+    batch 32, AdamW 1e-3 (lm-cpu's); the end-to-end arm trains 500 steps (2M tokens,
     half an epoch), DiffusionBlocks and the plain control 3 times as many (the paper's 5 vs 15 epochs). Scored at 8
     recurrences on the first 512 test windows."""
     cfg = RunConfig(task="recurrent")
