@@ -6,11 +6,11 @@ Heun over a grid). Training: `train(cfg, out)` runs a task (`tasks/`) with a met
 `load_model(run)` rebuilds a trained model.
 
 Imports go one way (a module imports only from the rows above its own):
-    core      noise, precond, blocks, sample, nn
-    parts     models, data, config, io, images, fd, text, memory, residency, registry, version
-    plug-ins  tasks/ (base, classify, imagegen, lm, mdlm, arlm, recurrent), methods/ (base, e2e, dblocks, ff,
-              greedy, dgl, noprop, dtp): each declares its own config sections and presets, registered on import
-              (so importing any module of the package registers them all)
+    core      noise, precond, blocks, sample, nn, adapters
+    parts     models, data, config, io, images, fd, text, memory, measure, residency, registry, version
+    plug-ins  tasks/ (base, optional, images, classify, imagegen, lm, mdlm, arlm, recurrent), methods/ (base,
+              e2e, dblocks, ff, greedy, dgl, noprop, dtp): each declares its own config sections and presets,
+              registered on import (so importing any module of the package registers them all)
     runs      run (file names, checkpoints, building and loading a run's model, the device)
     loop      train
     harness   jobs, parallel, compare, plan, cli

@@ -155,7 +155,7 @@ def resolve_device(name: str) -> torch.device:
 
 def new_model(cfg: RunConfig, shapes) -> nn.Module:
     """The task's model in the form the method trains; `shapes` is the data (or any object with the
-    attributes the task reads, e.g. tasks.base.ImageShapes). Uses the global RNG as it stands.
+    attributes the task reads, e.g. tasks.images.ImageShapes). Uses the global RNG as it stands.
     A model too large for the host's memory is a user error (a setting or a dataset), not a traceback."""
     task, method = get_task(cfg.task), get_method(cfg.train.method)
     try:
