@@ -3,6 +3,8 @@ lower its loss; a layer that does not fit layer(h, c) -> h is refused, naming wh
 layers are built from tiny configs, offline (nothing is downloaded); those tests skip without transformers."""
 
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,35 +302,14 @@ def test_an_error_of_a_layer_that_fits_is_not_rewritten():
     assert not isinstance(error.value, ValueError)
 
 
-README_SNIPPET = '''
-import torch
-from torch import nn
-from transformers import BertConfig, BertLayer
-from diffusionblocks import BlockStack, LogNormalLevels, Partition, mse_loss
-from diffusionblocks.adapters import HFLayer, Residual, TorchEncoderLayer
-from diffusionblocks.models import VectorHead, VectorStem
-
-D = 32
-layers = [Residual(nn.Sequential(nn.Linear(D, 64), nn.GELU(), nn.Linear(64, D)), dim=D),  # h + f(h), adaLN-zero
-          TorchEncoderLayer(nn.TransformerEncoderLayer(D, 2, 64, batch_first=True)),   # causal=True: autoregressive
-          HFLayer(BertLayer(BertConfig(hidden_size=D, num_attention_heads=2, intermediate_size=64,
-                                       attn_implementation="eager")), kind="encoder")]
-stack = BlockStack(layers, VectorStem(2, D), VectorHead(D, 2), Partition.create(LogNormalLevels(), num_blocks=3))
-y = torch.randn(64, 8, 2)                                    # 64 sequences of 8 tokens in 2-D, (N, T, 2)
-for block in range(3):                                       # one step of each block's loss; train as above
-    z, sigma = stack.noisy_input(block, y)
-    mse_loss(stack.denoise(block, z, sigma), y, stack.precond.weight(sigma)).mean().backward()
-try:                                                         # an unwrapped layer is refused, naming its adapter
-    BlockStack([nn.TransformerEncoderLayer(D, 2)] * 3, VectorStem(2, D), VectorHead(D, 2), stack.partition)
-except ValueError as error:
-    print(error)
-'''
 
 
 def test_readme_snippet(capsys):
     pytest.importorskip("transformers")
     namespace: dict = {}
-    exec(compile(README_SNIPPET, "README snippet", "exec"), namespace)
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"Your own layers as block layers.*?```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), namespace)
     assert all(p.grad is not None for p in namespace["stack"].parameters())  # every block ran and backpropagated
     assert "layer 0 (TransformerEncoderLayer) does not take (h, c)" in capsys.readouterr().out
 
