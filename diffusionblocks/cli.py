@@ -276,8 +276,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     spec = _plan_spec(args)
-    if spec.dtype != "float32":
-        raise ValueError("memory measures float32 training (the trainer's dtype); plan predicts other dtypes")
+    if spec.weight_dtype != "float32":
+        raise ValueError("memory measures training as train.precision runs it (float32 weights); give "
+                         "train.precision=bf16 or fp16 instead of --dtype, or predict it with plan")
     if spec.optimizer != "adamw":
         raise ValueError("memory measures the trainer's optimizer (adamw); plan predicts other optimizers")
     confs = _configurations(args, spec)
@@ -315,7 +316,8 @@ def _add_size_args(p: argparse.ArgumentParser):
     p.add_argument("--image-size", default=None, help="N or HxW (with --channels and --classes, for other data)")
     p.add_argument("--channels", type=int, default=None)
     p.add_argument("--classes", type=int, default=None)
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16: train wholly in it (default: as "
+                   "train.precision trains: float32 weights, activations in its autocast dtype)")
     p.add_argument("--optimizer", default="adamw", help="adamw, adam, momentum or sgd")
     p.add_argument("--blocks", default="2,3,4,6", help="values of B, comma-separated")
     p.add_argument("--checkpoint", type=int, default=1, help="layers per checkpointed group in the ckpt rows")

@@ -162,6 +162,11 @@ class TrainConfig:
     blocks: str = setting("", "a per-block job: train only these blocks, e.g. 0,2 (\"\" = all)")
     parallel: str = setting("none", "blocks: under torchrun, spread the blocks over the ranks (jobs.py)",
                             choices=("none", "blocks"))
+    precision: str = setting("fp32", "a step's forward and loss: fp32, or autocast to bf16 or fp16 (fp16 with a loss "
+                                     "scaler per optimizer); weights, optimizer state and EMA stay fp32",
+                             choices=("fp32", "bf16", "fp16"))
+    compile: bool = setting(False, "torch.compile the layers a step runs (a one-off compile at the start; on by "
+                                   "choice only)")
 
     def check(self):
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -40,9 +40,12 @@ from .config import RunConfig
 from .images import pyplot
 from .memory import StepMemory, measure_step
 from .methods import METHODS, get_method
+from .methods.base import autocast
 from .run import new_model, place, resolve_device, validate
 from .tasks import get_task
 
+# train.precision -> the dtype its autocast saves activations in (weights, gradients and optimizer state stay float32)
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DTYPES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 OPTIMIZERS = {"adamw": 2, "adam": 2, "momentum": 1, "sgd": 0}  # state tensors per parameter
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -69,13 +72,22 @@ class Spec:
 
     cfg: RunConfig
     shapes: Any
-    dtype: str = "float32"
+    dtype: str | None = None  # of the activations; None: what the config trains in (train.precision's autocast)
     optimizer: str = "adamw"
     device: str = "cpu"  # where AdamW's step counters live matters for exactness on a CPU only
+    # of the weights, gradients and optimizer state; None: float32 when `dtype` is the config's autocast (which keeps
+    # them float32), else `dtype` (a run trained wholly in it)
+    weight_dtype: str | None = None
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        derived = self.dtype is None
+        if derived:
+            self.dtype = PRECISION_DTYPES[self.cfg.train.precision]
+        if self.weight_dtype is None:
+            self.weight_dtype = "float32" if derived else self.dtype
+        for dtype in (self.dtype, self.weight_dtype):
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         m = self.cfg.model
@@ -100,7 +112,13 @@ class Spec:
 
     @property
     def bytes_per_element(self) -> int:
+        """Of the saved activations (under autocast, the autocast dtype: the planner's model of it)."""
         return DTYPES[self.dtype]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Of a parameter, its gradient and each optimizer moment."""
+        return DTYPES[self.weight_dtype]
 
     @property
     def tokens(self) -> int:
@@ -189,7 +207,7 @@ def _meta_model(spec: Spec, cfg: RunConfig):
 def _state_bytes(params: list[torch.nn.Parameter], spec: Spec) -> int:
     """Optimizer state of these parameters: moments in the training dtype, step counters (CPU, 4 bytes)."""
     n = sum(p.numel() for p in params)
-    moments = OPTIMIZERS[spec.optimizer] * n * spec.bytes_per_element
+    moments = OPTIMIZERS[spec.optimizer] * n * spec.weight_bytes
     counters = 4 * len(params) if spec.optimizer in ("adamw", "adam") and spec.device == "cpu" else 0
     return moments + counters
 
@@ -253,7 +271,8 @@ def predict(spec: Spec, conf: Configuration) -> dict:
         optimizer += 4 * (len(list(model.parameters())) - len(with_state))
     out = {"name": conf.name, "method": conf.method, "num_blocks": conf.num_blocks, "residency": conf.residency,
            "checkpoint": conf.checkpoint, "layers_per_step": block_layers, "split": split, "tokens": T,
-           "params": numel(resident) * s, "grads": numel(trained) * s, "optimizer": optimizer,
+           "params": numel(resident) * spec.weight_bytes, "grads": numel(trained) * spec.weight_bytes,
+           "optimizer": optimizer,
            "activations": acts, "transient": transient}
     out["total"] = out["params"] + out["grads"] + out["optimizer"] + out["activations"] + transient
     return out
@@ -276,7 +295,8 @@ def plan(spec: Spec, confs: list[Configuration], device_memory: int | None = Non
     return {"model": {"depth": m.depth, "width": m.width, "heads": m.heads, "mlp_ratio": m.mlp_ratio,
                       "patch": m.patch, "tokens": _token_counts(rows), "layer": m.layer},
             "task": spec.cfg.task, "data": dataclasses.asdict(spec.shapes),
-            "batch_size": spec.cfg.train.batch_size, "dtype": spec.dtype, "optimizer": spec.optimizer,
+            "batch_size": spec.cfg.train.batch_size, "dtype": spec.dtype, "weight_dtype": spec.weight_dtype,
+            "optimizer": spec.optimizer,
             "device_memory": device_memory, "rows": rows, "unplanned": unplanned(spec.cfg)}
 
 
@@ -380,7 +400,11 @@ def measure_configuration(cfg: RunConfig, shapes, *, warmup: int | None = None, 
     place(model, device, residency, None)
     batch = tuple(t.to(device) for t in get_task(cfg.task).random_batch(cfg, shapes, torch.Generator().manual_seed(0)))
     try:
-        return measure_step(lambda: method.step(batch, method.next_block()), model, method.optimizers,
+        def step():  # under the config's train.precision, as training runs it
+            with autocast(cfg.train.precision, device):
+                return method.step(batch, method.next_block())
+
+        return measure_step(step, model, method.optimizers,
                             device=device, offloaded=residency.offloaded_storages if residency else set,
                             warmup=2 * method.num_blocks if warmup is None else warmup)
     finally:

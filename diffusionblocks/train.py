@@ -21,6 +21,7 @@ from .config import RunConfig, save_config
 from .data import absolute_data_paths
 from .memory import saved_activation_bytes
 from .methods import EMA, Method, get_method
+from .methods.base import autocast, compile_error, compile_layers
 from .run import (
     CONFIG,
     JOB,
@@ -94,6 +95,8 @@ class Run:
         self.method: Method = method_cls(self.model, cfg, self.total, device=self.device, ema=self.ema,
                                          offload_dir=cfg.train.offload_dir or out, data_parallel=data_parallel)
         self.data_parallel = data_parallel
+        if cfg.train.compile:
+            compile_layers(self.model)
         member = data_parallel.index if data_parallel is not None else 0
         self.streams = {b: self.task.stream(self.data, cfg, seed, member)
                         for b, seed in self.method.stream_seeds().items()}
@@ -228,7 +231,7 @@ class Run:
             raw = tuple(self.data_parallel.shard(t) for t in raw)
         t0 = time.perf_counter()
         batch = self.task.prepare(raw, stream, self.cfg, self.data, self.device)
-        m = self.method.step(batch, block)
+        m = self.train_step(batch, block)
         m.setdefault("block", block)
         if self.ema is not None and not m.get("skipped"):
             self.ema.update(self.model, m["trained"])
@@ -240,6 +243,16 @@ class Run:
         else:
             state["block_updates"][block] += 1
         return m
+
+    def train_step(self, batch, block: int) -> dict:
+        """The method's step under train.precision's autocast; a torch.compile failure is a one-line error."""
+        with autocast(self.cfg.train.precision, self.device):
+            if not self.cfg.train.compile:
+                return self.method.step(batch, block)
+            try:
+                return self.method.step(batch, block)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                raise compile_error(e) from e
 
     # -- logging and evaluation ---------------------------------------------------------------------
 
@@ -289,7 +302,8 @@ class Run:
     def activation_bytes(self) -> int:
         """Bytes saved for backward by one training step of this method, at the configured batch size."""
         batch = self.task.probe_batch(self.data, self.cfg, self.device)
-        with self.all_resident():
+        eager = torch.compiler.set_stance("force_eager") if self.cfg.train.compile else contextlib.nullcontext()
+        with self.all_resident(), autocast(self.cfg.train.precision, self.device), eager:  # what eager saves
             nbytes, _ = saved_activation_bytes(lambda: self.method.probe_loss(batch), list(self.model.parameters()))
         return nbytes
 

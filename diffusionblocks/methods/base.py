@@ -8,6 +8,7 @@ prepared batches and never asks which method it is.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -147,10 +148,34 @@ def lr_factor(update: int, total: int, warmup: float, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# train.precision -> the dtype a step's forward and loss are autocast to (None: plain float32)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The context a step's forward and loss run in: autocast to train.precision's dtype on `device` (nothing for
+    fp32). Weights, gradients, optimizer state and the EMA stay float32; `update` leaves autocast for backward."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def loss_scaler(cfg: RunConfig) -> torch.amp.GradScaler | None:
+    """A dynamic loss scaler for train.precision=fp16 (float16 gradients underflow without one), else None."""
+    if cfg.train.precision != "fp16":
+        return None
+    device = cfg.train.device.split(":")[0]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.amp.GradScaler(device)
+
+
 class Optimizer:
     """AdamW over some parameters with its own warmup + cosine schedule counted in its own updates.
     Weight decay applies to every parameter of two or more dimensions: weight matrices, convolution kernels,
-    and the learned positions and CLS/label tokens (shaped (1, T, D)); not to biases and norm scales."""
+    and the learned positions and CLS/label tokens (shaped (1, T, D)); not to biases and norm scales.
+    Under train.precision=fp16 it has its own loss scaler (`scaler`), saved with its state."""
 
     def __init__(self, params: list[nn.Parameter], cfg: RunConfig, total_updates: int):
         t = cfg.train
@@ -159,51 +184,96 @@ class Optimizer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=(0.9, t.beta2))
         self.params, self.cfg, self.total, self.updates = params, t, max(1, total_updates), 0
+        self.scaler = loss_scaler(cfg)
 
-    def step(self) -> float:
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> float:
+        """One AdamW step (through `scaler`, whose gradients were unscaled, when the loss was scaled)."""
         lr = self.cfg.lr * lr_factor(self.updates, self.total, self.cfg.warmup, self.cfg.min_lr_ratio)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        self.opt.step()
+        if scaler is None:
+            self.opt.step()
+        else:
+            scaler.step(self.opt)
         self.updates += 1
         return lr
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "updates": self.updates}
+        state = {"opt": self.opt.state_dict(), "updates": self.updates}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict):
         self.opt.load_state_dict(state["opt"])
         self.updates = state["updates"]
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def update(loss: torch.Tensor, params: list[nn.Parameter], optimizers: list[Optimizer], clip: float,
-           sync=None) -> dict[str, Any]:
+           sync=None, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
     """One update of `params` from a scalar `loss`: fresh gradients, (averaged over a data-parallel group
     by `sync(params)`), clipped to norm `clip` (0: not clipped), one step of each optimizer, gradients freed.
 
     A non-finite loss or gradient norm skips the step: the gradients are cleared and the weights stay as
     they were. Returns {"loss", "grad_norm", "lr"} or {"skipped": True, "loss"}. With `sync`, every member
-    of the group sees the same gradients and takes (or skips) the same step."""
+    of the group sees the same gradients and takes (or skips) the same step.
+
+    Under fp16 the loss is scaled by `scaler` (default: the first optimizer's), the gradients unscaled before
+    clipping, and the scaler updated; an overflow is a skipped step like any non-finite gradient. Clipping and
+    the optimizer steps run outside autocast."""
     if not 0 <= clip < math.inf:  # only 0 turns clipping off; a negative or NaN clip is a mistake, not "off"
         raise ValueError(f"train.clip={clip}: must be a finite number >= 0 (0 = off)")
+    scaler = (scaler or optimizers[0].scaler) if optimizers else None
     free_grads(params)
     if sync is None and not torch.isfinite(loss):
         return {"skipped": True, "loss": loss.item()}
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()  # in the forward's autocast state: the layers'
+    # own autograd Functions recompute in it
     if sync is not None:
         sync(params)
-    if clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
-            else torch.zeros(())
-    if not torch.isfinite(norm):
-        free_grads(params)
-        return {"skipped": True, "loss": loss.item()}
-    lrs = [opt.step() for opt in optimizers]
+    device = loss.device.type
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
+        if scaler is not None:
+            for opt in optimizers:
+                scaler.unscale_(opt.opt)
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+                else torch.zeros(())
+        if not torch.isfinite(norm):
+            if scaler is not None:
+                scaler.update()  # the overflow backs the scale off
+            free_grads(params)
+            return {"skipped": True, "loss": loss.item()}
+        lrs = [opt.step(scaler) for opt in optimizers]
+        if scaler is not None:
+            scaler.update()
     free_grads(params)  # a block's gradients must not stay resident while others train
     return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lrs[0] if lrs else None}
+
+
+def compile_layers(model: nn.Module) -> int:
+    """torch.compile, in place, each layer a step runs: every element of a module list that holds no module list
+    itself (a stack's layers, not the blocks that group them). Parameters and state-dict names are unchanged; the
+    compile happens at a layer's first call. Returns how many modules were compiled."""
+    layers = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst
+              if not any(isinstance(sub, nn.ModuleList) for sub in m.modules())]
+    if not layers:
+        raise ValueError(f"train.compile: {type(model).__name__} has no list of layers to compile")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def compile_error(error: Exception) -> RuntimeError:
+    """The one-line error of a torch.compile failure (train.compile)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RuntimeError(f"train.compile: torch.compile could not compile this model's layers ({first}); "
+                        f"train without it (train.compile=false)")
 
 
 def free_grads(params: list[nn.Parameter]):

@@ -23,7 +23,7 @@ import torch
 
 from ..config import RunConfig, parse_ints, section, setting
 from ..residency import Residency
-from .base import EMA, Method, Optimizer, stream_seed, update
+from .base import EMA, Method, Optimizer, loss_scaler, stream_seed, update
 
 
 @section("dblocks")
@@ -120,6 +120,9 @@ class DBlocks(Method):
         self.opts = {b: Optimizer(p, cfg, self.share) for b, p in self.block_params.items() if p}
         self.shared_opt = (Optimizer(self.shared_params, cfg, self.share if self.sequential else total_steps)
                            if self.shared_params else None)
+        # fp16: each block's loss scaler is its optimizer's; a block with no parameters of its own gets one here, so
+        # no scaler sees two blocks' steps (the shared optimizer steps under the scaler of the block that trains)
+        self.scalers = {b: self.opts[b].scaler if b in self.opts else loss_scaler(cfg) for b in self.owned}
         self.choice = torch.Generator().manual_seed(cfg.train.seed * 7919 + 17)
         # a data-parallel member draws its own noise for its shard of the batch
         member = data_parallel.index if data_parallel is not None else 0
@@ -164,7 +167,7 @@ class DBlocks(Method):
         opts = ([self.opts[block]] if block in self.opts else []) + ([self.shared_opt] if train_shared else [])
         with self._block_rng(block):
             loss = self.model.block_loss(block, *batch, generator=self.noise[block]).mean()
-            out = update(loss, params, opts, self.cfg.train.clip, self.sync)
+            out = update(loss, params, opts, self.cfg.train.clip, self.sync, scaler=self.scalers[block])
         self.block_steps[block] += 1
         if out.get("skipped"):
             return dict(out, block=block, layers=0)
@@ -189,7 +192,9 @@ class DBlocks(Method):
         return {"opts": {b: o.state_dict() for b, o in self.opts.items()},
                 "shared_opt": self.shared_opt.state_dict() if self.shared_opt else None,
                 "choice": self.choice.get_state(), "noise": {b: g.get_state() for b, g in self.noise.items()},
-                "next_index": self.next_index, "steps_done": self.steps_done, "block_steps": dict(self.block_steps)}
+                "next_index": self.next_index, "steps_done": self.steps_done, "block_steps": dict(self.block_steps),
+                **({"scalers": {b: self.scalers[b].state_dict() for b in self.owned if b not in self.opts}}
+                   if self.cfg.train.precision == "fp16" else {})}
 
     def load_state_dict(self, state):
         for b, o in self.opts.items():
@@ -201,6 +206,8 @@ class DBlocks(Method):
             g.set_state(state["noise"][b])
         self.next_index, self.steps_done = state["next_index"], state["steps_done"]
         self.block_steps.update(state.get("block_steps", {}))  # absent in runs written before 0.2
+        for b, scaler_state in state.get("scalers", {}).items():  # fp16: blocks without an optimizer of their own
+            self.scalers[b].load_state_dict(scaler_state)
 
 
 def _check_ownership(model, blocks: dict[int, list], shared: list):
