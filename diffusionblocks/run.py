@@ -249,18 +249,38 @@ def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, object
     """Rebuild a trained model from a run directory: (config, model, data). The weights are the averaged
     ema.safetensors when the run kept an EMA (the weights its results were measured with)."""
     run = Path(run_dir)
+    cfg = run_config(run)
+    task = get_task(cfg.task)
+    data = task.load_data(cfg)
+    task.check_run(data, run)
+    return cfg, trained_model(run, cfg, data), data
+
+
+def run_config(run: Path) -> RunConfig:
+    """The validated config of a whole run (not a per-block job) in directory `run`."""
     if not (run / CONFIG).exists() or not (run / WEIGHTS).exists():
         raise ValueError(f"{run} is not a run directory: it needs {CONFIG} and {WEIGHTS}")
     cfg = validate(read_config(run / CONFIG))
     if cfg.train.blocks.strip():
         raise ValueError(f"{run} is a per-block job (blocks {cfg.train.blocks}): merge the jobs of all blocks "
                          f"first (diffusionblocks merge RUN... --out DIR), then evaluate the merged run")
-    task = get_task(cfg.task)
-    data = task.load_data(cfg)
-    task.check_run(data, run)
-    model = build_model(cfg, data)
+    return cfg
+
+
+def trained_model(run: Path, cfg: RunConfig, shapes) -> nn.Module:
+    """The run's model built from `shapes` (the data, or the shapes it recorded) with its evaluation weights."""
+    model = build_model(cfg, shapes)
     load_weights(model, run / (EMA_WEIGHTS if (run / EMA_WEIGHTS).exists() else WEIGHTS), cfg=cfg)
-    return cfg, model, data
+    return model
+
+
+def load_model_from_shapes(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, object] | None:
+    """(config, model, shapes) rebuilt from the shapes the run recorded (shapes.json) without reading its data; None
+    for a run from before shapes were recorded (load_model reads the data for them)."""
+    run = Path(run_dir)
+    cfg = run_config(run)
+    shapes = get_task(cfg.task).saved_shapes(run)
+    return None if shapes is None else (cfg, trained_model(run, cfg, shapes), shapes)
 
 
 def evaluate(model: nn.Module, data, cfg: RunConfig, limit: int = 0, device="cpu", **options) -> dict:
@@ -318,5 +338,5 @@ def job_record(cfg: RunConfig, model, blocks: list[int], steps_per_block: int, f
 
 
 __all__ = ["CONFIG", "EMA_WEIGHTS", "JOB", "METRICS", "RESULTS", "STATE", "WEIGHTS", "Task", "build_model",
-           "build_model_for", "evaluate", "job_record", "load_model", "load_weights", "new_model", "place",
-           "resolve_device", "save_checkpoint", "validate"]
+           "build_model_for", "evaluate", "job_record", "load_model", "load_model_from_shapes", "load_weights",
+           "new_model", "place", "resolve_device", "save_checkpoint", "validate"]

@@ -68,7 +68,8 @@ def test_an_old_layout_config_loads_to_the_same_settings_as_the_new_layout():
     new = apply_overrides(load_preset("tiny"), NEW_KEYS)
     assert RunConfig.from_dict(OLD) == new
     assert validate(RunConfig.from_dict(OLD)).to_dict() == new.to_dict()
-    assert keys(old_layout(new.to_dict())) == keys(OLD)  # the alias table covers every key that moved, both ways
+    added = {"train.precision", "train.compile"}  # settings new since that version, which it cannot hold
+    assert keys(old_layout(new.to_dict())) - added == keys(OLD)  # the alias table covers every key that moved
     assert RunConfig.from_dict(json.loads(json.dumps(new.to_dict()))) == new
 
 

@@ -36,7 +36,7 @@ LAYERS = [
     {"tasks", "methods"},
     {"run"},
     {"train"},
-    {"jobs", "parallel", "compare", "plan", "cli", "__main__"},
+    {"jobs", "parallel", "compare", "plan", "cli", "inference", "__main__"},
 ]
 
 

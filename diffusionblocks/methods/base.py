@@ -225,7 +225,7 @@ def update(loss: torch.Tensor, params: list[nn.Parameter], optimizers: list[Opti
     the optimizer steps run outside autocast."""
     if not 0 <= clip < math.inf:  # only 0 turns clipping off; a negative or NaN clip is a mistake, not "off"
         raise ValueError(f"train.clip={clip}: must be a finite number >= 0 (0 = off)")
-    scaler = (scaler or optimizers[0].scaler) if optimizers else None
+    scaler = (scaler or getattr(optimizers[0], "scaler", None)) if optimizers else None  # a custom stepper: none
     free_grads(params)
     if sync is None and not torch.isfinite(loss):
         return {"skipped": True, "loss": loss.item()}
@@ -249,7 +249,7 @@ def update(loss: torch.Tensor, params: list[nn.Parameter], optimizers: list[Opti
                 scaler.update()  # the overflow backs the scale off
             free_grads(params)
             return {"skipped": True, "loss": loss.item()}
-        lrs = [opt.step(scaler) for opt in optimizers]
+        lrs = [opt.step() if scaler is None else opt.step(scaler) for opt in optimizers]  # a custom stepper: step()
         if scaler is not None:
             scaler.update()
     free_grads(params)  # a block's gradients must not stay resident while others train

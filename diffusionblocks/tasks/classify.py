@@ -48,6 +48,11 @@ class EndToEndClassifier(nn.Module):
     def predict(self, x: torch.Tensor, **_) -> list[torch.Tensor]:
         return [self.vit(x).argmax(-1)]
 
+    @torch.no_grad()
+    def step_logits(self, x: torch.Tensor, **_) -> list[torch.Tensor]:
+        """The class logits (N, classes), as the one entry of a list (DiffusionClassifier's form)."""
+        return [self.vit(x)]
+
 
 class DiffusionClassifier(StackModel, nn.Module):
     """The same layers cut into B label denoisers (DiffusionBlocks)."""
@@ -99,10 +104,15 @@ class DiffusionClassifier(StackModel, nn.Module):
         return label_target(self.labels, y, self.chain_cfg.input_flip, self.chain_cfg.input_mix, generator)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, *, steps_per_block: int | None = None, grid: str | None = None,
-                bridge: str | None = None, sigma_start: float | None = None, init: str | None = None,
-                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    def predict(self, x: torch.Tensor, **options) -> list[torch.Tensor]:
         """Class predictions after every Euler step (the last entry is the model's prediction)."""
+        return [logits.argmax(-1) for logits in self.step_logits(x, **options)]
+
+    @torch.no_grad()
+    def step_logits(self, x: torch.Tensor, *, steps_per_block: int | None = None, grid: str | None = None,
+                    bridge: str | None = None, sigma_start: float | None = None, init: str | None = None,
+                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The class logits (N, classes) after every Euler step (the last entry is the model's)."""
         c = self.chain_cfg
         grid = self.partition.inference_grid(steps_per_block or c.steps_per_block, grid or c.grid)
         sigma_start = c.sigma_start if sigma_start is None else sigma_start
@@ -119,7 +129,7 @@ class DiffusionClassifier(StackModel, nn.Module):
         def denoiser(z, sigma, images):
             block = int(self.partition.route(sigma[:1]))
             logits = self.readout_of(block)(self.stack.denoise(block, z, sigma, images))
-            preds.append(logits.argmax(-1))
+            preds.append(logits)
             return estimate(logits).to(x.dtype)
 
         noise = torch.randn(x.shape[0], self.labels.table.shape[1], generator=generator, dtype=x.dtype,

@@ -102,6 +102,12 @@ class ImageTask(Task):
             return self.presets["offline-quick" if quick else "offline"]
         return super().compare_preset(quick)
 
+    def shapes_record(self, data) -> dict:
+        return {"image_size": list(data.image_size), "channels": data.channels, "num_classes": data.num_classes}
+
+    def shapes_from_record(self, record: dict) -> ImageShapes:
+        return ImageShapes(tuple(record["image_size"]), record["channels"], record["num_classes"])
+
     def plan_shapes(self, cfg: RunConfig, image_size=None, channels=None, classes=None) -> ImageShapes:
         known = DATA_SHAPES.get(cfg.data.name, (None, None, None))
         image_size, channels, classes = (v if v is not None else k

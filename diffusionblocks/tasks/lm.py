@@ -190,6 +190,12 @@ class LMTask(Task):
                              f"{data.name!r} ({data.tokenizer.kind}); the text changed since training, so its ids "
                              f"would decode into other text. Point data.name / data.root at the text it trained on")
 
+    def shapes_record(self, data: TextData) -> dict:
+        return {"vocab_size": data.vocab_size, "seq_len": data.seq_len}
+
+    def shapes_from_record(self, record: dict) -> TextShapes:
+        return TextShapes(record["vocab_size"])
+
     # -- the memory planner: windows of data.seq_len tokens over the tokenizer's vocabulary
 
     def plan_shapes(self, cfg: RunConfig, **given) -> TextShapes:

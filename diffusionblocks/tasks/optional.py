@@ -28,15 +28,34 @@ from ..precond import BRIDGES
 # -- RunFiles -----------------------------------------------------------------------------------------------------
 
 DATA_FILE = "data.json"  # in a run directory: the sha256 of each data file the run read (data.sources)
+SHAPES_FILE = "shapes.json"  # in a run directory: what the model was built from (its shapes), so no data is read
 
 
 class RunFiles:
-    """What a run keeps beside its weights: by default its data files' fingerprints (text adds the tokenizer)."""
+    """What a run keeps beside its weights: its data files' fingerprints and the shapes its model was built from
+    (text adds the tokenizer)."""
 
-    run_files: ClassVar[tuple[str, ...]] = (DATA_FILE,)  # the files save_with_run writes into a run directory
+    run_files: ClassVar[tuple[str, ...]] = (DATA_FILE, SHAPES_FILE)  # the files save_with_run writes into a run
 
     def save_with_run(self, data, out) -> None:
         io.save_json(Path(out) / DATA_FILE, {"files": getattr(data, "sources", {})})
+        io.save_json(Path(out) / SHAPES_FILE, self.shapes_record(data))
+
+    def shapes_record(self, data) -> dict:
+        """What build_model reads of `data`, as JSON (the task's override); {} records nothing."""
+        return {}
+
+    def shapes_from_record(self, record: dict) -> Any:
+        """The object build_model takes in place of the data, from shapes_record's dict."""
+        raise ValueError(f"task {self.name!r} records no shapes: its model is rebuilt from its data")
+
+    def saved_shapes(self, run) -> Any | None:
+        """The shapes a run recorded at its start (shapes.json), None for a run from before they were recorded."""
+        path = Path(run) / SHAPES_FILE
+        if not path.exists():
+            return None
+        record = io.load_json(path)
+        return self.shapes_from_record(record) if record else None
 
     def check_run(self, data, run) -> None:
         """Raise ValueError when `data`, loaded now for the run in directory `run`, is not what it trained on: a data
