@@ -18,7 +18,8 @@ from diffusionblocks.models import NoisyCleanStem, noisy_clean_layout
 from diffusionblocks.nn import KVCache
 from diffusionblocks.plan import Spec, configurations, measure_all
 from diffusionblocks.run import load_model
-from diffusionblocks.tasks.arlm import ARDiffusionLM, AutoregressiveLM, distinct_n
+from diffusionblocks.tasks.arlm import distinct_n
+from diffusionblocks.tasks.arlm_models import ARDiffusionLM, AutoregressiveLM
 from diffusionblocks.train import train
 
 V = 27  # the text8 alphabet

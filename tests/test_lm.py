@@ -19,7 +19,7 @@ from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.run import load_model
 from diffusionblocks.run import validate as validate_run
 from diffusionblocks.tasks import get_task
-from diffusionblocks.tasks.arlm import AutoregressiveLM
+from diffusionblocks.tasks.arlm_models import AutoregressiveLM
 from diffusionblocks.tasks.lm import TextData, eval_windows
 from diffusionblocks.tasks.mdlm import MaskedDiffusionLM
 from diffusionblocks.text import Text8Tokenizer

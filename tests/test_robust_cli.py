@@ -15,7 +15,8 @@ from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, load_preset
 from diffusionblocks.images import read_png_size
 from diffusionblocks.tasks import imagegen
-from diffusionblocks.tasks.arlm import ARDiffusionLM, ARLMTask, AutoregressiveLM
+from diffusionblocks.tasks.arlm import ARLMTask
+from diffusionblocks.tasks.arlm_models import ARDiffusionLM, AutoregressiveLM
 from diffusionblocks.tasks.lm import MAX_TEXT_TOKENS
 
 COMPARE = ["compare", "--preset", "tiny", "--methods", "e2e", "--no-progress", "train.steps=4"]

@@ -2,7 +2,7 @@
 as DiffusionBlocks does (paper Sec. 5.5, App. E.5; docs/METHOD.md section 8), and the training compute of each,
 measured.
 
-The network, shared by both forms: the [BOS]-shifted window (position i reads [BOS] + x_<i, as tasks/arlm.py's
+The network, shared by both forms: the [BOS]-shifted window (position i reads [BOS] + x_<i, as tasks/arlm_models.py's
 causal model) through `prelude` layers gives e; a state s (N, T, D) goes through the core, `core` layers with one
 set of weights, as s <- core(adapter([s, e])), r times; `coda` layers and the tied head read the last state.
 
@@ -12,10 +12,10 @@ backpropagation runs through the last k only. It is a causal LM at a fixed r: it
 drawn initial state.
 
 DiffusionBlocks (RecurrentDiffusionLM): the state is the noisy next-token embedding, z = e_hat(x_i) + sigma eps (e_hat
-the fixed table of unit rows of tasks/arlm.py), one core application is the denoiser, D = c_skip z + c_out core(
+the fixed table of unit rows of tasks/arlm_models.py), one core application is the denoiser, D = c_skip z + c_out core(
 adapter([c_in z, e])) with sigma given to the core's layers by adaLN (one sigma per window), and the coda and head
 read D out to logits: one pass per training step over the whole range of sigma (one block), the loss the
-cross-entropy. At inference the recurrences are the Euler steps of NextTokenChain (tasks/arlm.py): r steps from
+cross-entropy. At inference the recurrences are the Euler steps of NextTokenChain (tasks/arlm_models.py): r steps from
 sigma_max, the x0 estimate between steps the bridge softmax(logits) @ e_hat, so every recurrence runs the core, the
 coda and the head; the prelude runs once.
 
@@ -55,7 +55,8 @@ from ..models import TokenHead, TokenStem, lm_layers
 from ..nn import NoiseEmbedding, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond
-from .arlm import ARLMConfig, ARLMTask, NextTokenChain, draw, prefilled
+from .arlm import ARLMTask
+from .arlm_models import ARLMConfig, NextTokenChain, draw, prefilled
 from .base import evaluating
 from .lm import TextData, TokenWindows, token_ce
 from .optional import Arm, pick
