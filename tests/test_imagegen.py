@@ -246,8 +246,8 @@ def test_compare_imagegen_scores_three_arms_on_one_budget(tmp_path, monkeypatch,
     monkeypatch.setenv("DIFFUSIONBLOCKS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("diffusionblocks.tasks.imagegen.reference_config", _tiny_reference)
     out = tmp_path / "cmp"
-    args = ["compare", "--task", "imagegen", "--preset", "gen-tiny", "--steps", "10", "--seeds", "0,1", "--out",
-            str(out), "--no-progress", "gen.fd_samples=60"]
+    args = ["compare", "--task", "imagegen", "--preset", "gen-tiny", "--steps", "4", "--seeds", "0,1", "--out",
+            str(out), "--no-progress", "gen.fd_samples=20", "train.eval_every=100000", "train.eval_limit=40"]
     assert main(args) == 0
     report = io.load_json(out / "compare.json")
     rows = report["rows"]
@@ -257,7 +257,7 @@ def test_compare_imagegen_scores_three_arms_on_one_budget(tmp_path, monkeypatch,
     assert all(len(r["fd_classifier_features"]) == 2 and min(r["fd_classifier_features"]) > 0 for r in rows.values())
     assert report["sampling_speedup"] > 0 and (out / "samples.png").exists()
     text = (out / "compare.md").read_text()
-    assert "60 generated vs 60 test images" in text and "real-vs-real floor" in text and "| control |" in text
+    assert "20 generated vs 20 test images" in text and "real-vs-real floor" in text and "| control |" in text
     scored = (out / "control-seed1" / "score.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "control-seed1" / "score.json").stat().st_mtime_ns == scored  # reused, not rescored
