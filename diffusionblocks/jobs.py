@@ -27,7 +27,7 @@ import torch
 
 from . import io
 from .config import RunConfig, model_identity
-from .run import CONFIG, EMA_WEIGHTS, JOB, MERGE, STATE, WEIGHTS, WRITER, build_model_for, read_config, validate
+from .run import CONFIG, EMA_WEIGHTS, JOB, MERGE, STATE, WEIGHTS, WRITER, build_model, read_config, validate
 from .tasks import get_task
 
 # -- merge -------------------------------------------------------------------------------------------
@@ -59,21 +59,24 @@ def merge(runs: list[str | os.PathLike], out: str | os.PathLike, *, allow_missin
     owner, missing = _owners(jobs, allow_missing)
     run_dirs = [r for r, _, _ in jobs]
     cfg0, job0 = jobs[0][2], jobs[0][1]
+    task = get_task(validate(cfg0).task)
+    shapes = task.saved_shapes(run_dirs[0]) or task.load_data(cfg0)  # the data only for jobs without shapes.json
     with torch.device("meta"):  # the names and shapes of the whole model, without its memory
-        whole = {k: v.shape for k, v in build_model_for(validate(cfg0)).state_dict().items()}
-    merged = _merged_weights(run_dirs, WEIGHTS, cfg0, missing, whole)
+        whole = {k: v.shape for k, v in build_model(cfg0, shapes).state_dict().items()}
+    initial = build_model(cfg0, shapes).state_dict() if missing else {}  # the seed's weights of the missing blocks
+    merged = _merged_weights(run_dirs, WEIGHTS, initial, whole)
     have_ema = all((r / EMA_WEIGHTS).exists() for r in run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     cfg_out = RunConfig.from_dict(cfg0.to_dict())
     cfg_out.train.blocks, cfg_out.train.parallel = "", "none"
     io.atomic_write_text(out / CONFIG, json.dumps(cfg_out.to_dict(), indent=2) + "\n")
-    for name in get_task(cfg0.task).run_files:  # what the jobs kept beside their weights (data fingerprints, ...)
+    for name in task.run_files:  # what the jobs kept beside their weights (data fingerprints, ...)
         if (run_dirs[0] / name).is_file():
             io.atomic_write_bytes(out / name, (run_dirs[0] / name).read_bytes())
     meta = {"merged_from": json.dumps([str(r) for r in run_dirs]), "writer": WRITER}
     io.save_safetensors(merged, out / WEIGHTS, metadata=meta)
     if have_ema:
-        io.save_safetensors(_merged_weights(run_dirs, EMA_WEIGHTS, cfg0, missing, whole), out / EMA_WEIGHTS,
+        io.save_safetensors(_merged_weights(run_dirs, EMA_WEIGHTS, initial, whole), out / EMA_WEIGHTS,
                            metadata=meta)
     elif (out / EMA_WEIGHTS).exists():
         (out / EMA_WEIGHTS).unlink()
@@ -135,9 +138,9 @@ def _owners(jobs, allow_missing: bool) -> tuple[dict[int, Path], list[int]]:
     return owner, missing
 
 
-def _merged_weights(runs: list[Path], name: str, cfg: RunConfig, missing: list[int], whole: dict) -> dict:
+def _merged_weights(runs: list[Path], name: str, initial: dict, whole: dict) -> dict:
     """Union of the jobs' tensors; tensors outside every block (e.g. the fixed label table) must agree, and together
-    they must be the whole model (`whole`: name -> shape). Missing blocks get the initial weights the seed gives."""
+    they must be the whole model (`whole`: name -> shape). Missing blocks take theirs from `initial`."""
     merged: dict = {}
     for run in runs:
         weights, _ = io.load_safetensors(run / name)
@@ -146,10 +149,8 @@ def _merged_weights(runs: list[Path], name: str, cfg: RunConfig, missing: list[i
                 raise ValueError(f"tensor {k!r} differs between the jobs (in {run}); the runs are not parts of "
                                  f"one model")
             merged[k] = v
-    if missing:
-        full = build_model_for(validate(cfg))
-        for k, v in full.state_dict().items():
-            merged.setdefault(k, v)
+    for k, v in initial.items():
+        merged.setdefault(k, v)
     lacking = [k for k in whole if k not in merged]
     foreign = [k for k in merged if k not in whole or tuple(merged[k].shape) != tuple(whole[k])]
     if lacking or foreign:
