@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from .methods import METHODS
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Partition
 from .parallel import train_parallel
 from .plan import Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
-from .run import CONFIG, LOCK, RUN_FILES, load_model, read_config, resolve_device, validate
+from .run import CONFIG, LOCK, RUN_FILES, load_model, make_out, read_config, resolve_device, validate
 from .tasks import SPLITS, TASKS, Option, at_least, get_task
 from .train import reference_model, train
 from .version import __version__
@@ -283,14 +282,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         raise ValueError("memory measures the trainer's optimizer (adamw); plan predicts other optimizers")
     confs = _configurations(args, spec)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a read-only place, or a file on the way
-        raise ValueError(f"--out {out}: cannot create the directory ({e.strerror or e})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: the directory is not writable")
+    make_out(out)
     result = measure_all(spec, confs, progress=not args.no_progress, offload_dir=out)
     result["device"] = spec.cfg.train.device
     io.save_json(out / "memory.json", result)

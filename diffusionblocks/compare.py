@@ -20,7 +20,7 @@ from .config import RunConfig, save_config
 from .data import absolute_data_paths
 from .images import pyplot
 from .methods import METHODS, get_method
-from .run import CONFIG, RESULTS, SCORE, STATE, WEIGHTS, load_model, read_config, validate
+from .run import CONFIG, RESULTS, SCORE, STATE, WEIGHTS, load_model, make_out, read_config, validate
 from .tasks import TASKS, Task, get_task
 from .tasks.optional import Arm
 from .train import reference_model, train
@@ -102,10 +102,7 @@ def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bo
     arms = {(role, seed): role_config(base, role, seed) for seed in seeds for role in roles}
     for (role, seed), cfg in arms.items():
         arm_action(cfg, out / f"{role}-seed{seed}", overwrite)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a read-only place, or a file on the way
-        raise ValueError(f"--out {out}: cannot create the directory ({e.strerror or e})") from None
+    make_out(out)  # after every check: a refused compare leaves nothing behind
     io.atomic_write_text(out / "base_config.json", save_config(base))
     runs: dict[str, list[dict]] = {}
     for (role, seed), cfg in arms.items():
@@ -260,8 +257,6 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
     """Train (or reuse) every arm over `seeds` into `out_dir` and report; `overwrite` retrains arms whose settings
     changed (without it they are refused)."""
     base, out = absolute_data_paths(base), Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file, not a directory")
     task = get_task(base.task)
     roles = roles or task.compare_roles
     for what, items in (("seed", seeds), ("arm", roles)):

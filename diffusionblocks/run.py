@@ -41,9 +41,9 @@ LOCK = ".lock"  # held while a process trains into the directory
 RUN_FILES = (CONFIG, WEIGHTS, EMA_WEIGHTS, STATE, METRICS, RESULTS, JOB, SCORE, MERGE)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """A new run goes into a missing or empty directory, or over an earlier one with `overwrite`; the directory is
-    made here, so a path that cannot hold a run fails before any data is read."""
+def make_out(out: Path) -> None:
+    """Make the output directory `out` (of a run, a compare, a measurement), or say in one line why nothing can be
+    written there."""
     if out.is_symlink() and not out.exists():
         raise ValueError(f"--out {out}: a broken symbolic link (to {os.readlink(out)})")
     if out.exists() and not out.is_dir():
@@ -51,8 +51,14 @@ def check_out(out: Path, overwrite: bool) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write a run there ({e.strerror or e})") from None
+    except OSError as e:  # a read-only place, or a file on the way
+        raise ValueError(f"--out {out}: cannot create the directory or write in it ({e.strerror or e})") from None
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """A new run goes into a missing or empty directory, or over an earlier one with `overwrite`; the directory is
+    made here, so a path that cannot hold a run fails before any data is read."""
+    make_out(out)
     held = sorted(p.name for p in out.iterdir() if p.name != LOCK)
     if held and not overwrite:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
@@ -178,11 +184,6 @@ def build_model(cfg: RunConfig, data) -> nn.Module:
     """The freshly initialised model of a run (seeded by train.seed)."""
     torch.manual_seed(cfg.train.seed)
     return new_model(cfg, data)
-
-
-def build_model_for(cfg: RunConfig) -> nn.Module:
-    """The freshly initialised model of a config (its dataset is read for the shapes)."""
-    return build_model(cfg, get_task(cfg.task).load_data(cfg))
 
 
 def place(model: nn.Module, device, residency=None, ema: EMA | None = None):
@@ -338,5 +339,5 @@ def job_record(cfg: RunConfig, model, blocks: list[int], steps_per_block: int, f
 
 
 __all__ = ["CONFIG", "EMA_WEIGHTS", "JOB", "METRICS", "RESULTS", "STATE", "WEIGHTS", "Task", "build_model",
-           "build_model_for", "evaluate", "job_record", "load_model", "load_model_from_shapes", "load_weights",
+           "evaluate", "job_record", "load_model", "load_model_from_shapes", "load_weights", "make_out",
            "new_model", "place", "resolve_device", "save_checkpoint", "validate"]
