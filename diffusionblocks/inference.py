@@ -145,16 +145,6 @@ class Predictor(nn.Module):
 
     # -- language models ----------------------------------------------------------------------------------------
 
-    def encode(self, text: str, what: str) -> np.ndarray:
-        """The run's tokenizer's ids of `text`; refuses characters it never saw in training."""
-        ids = self.tokenizer.encode(text)
-        unk = self.tokenizer.unk_id
-        if unk is not None and (ids == unk).any():
-            unseen = "".join(c for c in dict.fromkeys(text) if unk in self.tokenizer.encode(c))
-            raise ValueError(f"{what} holds characters the run's {self.tokenizer.kind} tokenizer never saw in "
-                             f"training: {unseen!r}")
-        return ids
-
     @torch.no_grad()
     def generate(self, prompt: str = "", length: int | None = None, num: int = 1, seed: int = 0,
                  temperature: float | None = None, **options) -> list[str]:
@@ -166,7 +156,7 @@ class Predictor(nn.Module):
             raise ValueError(f"num={num!r}: expected an integer >= 1")
         if num * length > MAX_TEXT_TOKENS:
             raise ValueError(f"num {num} x length {length} over the {MAX_TEXT_TOKENS:,} tokens of one call")
-        ids = torch.from_numpy(self.encode(prompt, "the prompt").astype(np.int64))
+        ids = torch.from_numpy(self.tokenizer.encode_seen(prompt, "the prompt").astype(np.int64))
         if length <= len(ids):
             raise ValueError(f"length={length}: must exceed the prompt's {len(ids)} tokens")
         if temperature is not None:
@@ -184,7 +174,7 @@ class Predictor(nn.Module):
 
     def text_data(self, text: str) -> TextData:
         """`text` as the test split of a TextData (what the task's evaluation reads)."""
-        ids = self.encode(text, "the text")
+        ids = self.tokenizer.encode_seen(text, "the text")
         check_length(len(ids), self.cfg.data.seq_len, "the text")
         chars = self.tokenizer.count_chars(text)
         return TextData("text", self.tokenizer, {"test": ids}, {"test": chars}, self.cfg.data.seq_len)

@@ -428,6 +428,15 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def encode_seen(self, text: str, what: str) -> np.ndarray:
+        """``encode(text)``, refusing characters unseen in training (they would become the unknown token)."""
+        ids = self.encode(text)
+        if self.unk_id is not None and (ids == self.unk_id).any():
+            unseen = "".join(c for c in dict.fromkeys(text) if self.unk_id in self.encode(c))
+            raise ValueError(f"{what} holds characters the run's {self.kind} tokenizer never saw in training: "
+                             f"{unseen!r}; leave them out")
+        return ids
+
     def normalize(self, text: str) -> str:
         return text
 

@@ -308,12 +308,7 @@ class LMTask(Task):
         """`num` samples of `length` tokens (the prompt's included) decoded into a text file; returns a line
         saying what was written."""
         options = {k: v for k, v in options.items() if v is not None}
-        ids = data.tokenizer.encode(prompt) if prompt else np.zeros(0, dtype=np.int64)
-        unk = data.tokenizer.unk_id
-        if unk is not None and (ids == unk).any():  # characters unseen in training would become the unknown token
-            unseen = "".join(c for c in dict.fromkeys(prompt) if unk in data.tokenizer.encode(c))
-            raise ValueError(f"--prompt holds characters the run's {data.tokenizer.kind} tokenizer never saw in "
-                             f"training: {unseen!r}; leave them out")
+        ids = data.tokenizer.encode_seen(prompt, "--prompt") if prompt else np.zeros(0, dtype=np.int64)
         prompt_ids = torch.from_numpy(ids.astype(np.int64))
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             raise ValueError(f"--num {num!r}: expected an integer >= 1")
