@@ -1,7 +1,9 @@
 """The `diffusionblocks` command line: one subcommand per job, each a small function over the library.
 
 The choices of --task and --method, and the options of eval and sample (each task declares its own), come
-from the registries (tasks/, methods/): a new task or method shows up here without editing this file.
+from the registries (tasks/, methods/, and the plug-ins of `--plugin`, installed packages and
+$DIFFUSIONBLOCKS_PLUGINS, loaded before the parser is built): a new task or method shows up here without editing
+this file.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import io
+from . import io, registry
 from .compare import compare
 from .config import RunConfig, apply_overrides, load_preset, parse_ints
 from .jobs import merge
@@ -123,7 +125,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-RUN_OWNED = frozenset((*RUN_FILES, LOCK, *(f for t in TASKS.values() for f in t.run_files)))  # never written over
+def run_owned() -> frozenset[str]:
+    """The file names of a run that `sample` never writes over."""
+    return frozenset((*RUN_FILES, LOCK, *(f for t in TASKS.values() for f in t.run_files)))
 
 
 def _declared(kind: str) -> dict[str, list[tuple[str, Option]]]:
@@ -179,7 +183,7 @@ def _writable(path: str, flag: str, overwrite: bool) -> None:
         raise ValueError(f"{flag} {path}: a directory; give the file to write")
     if not p.parent.is_dir():
         raise ValueError(f"{flag} {path}: the directory {p.parent} does not exist")
-    if p.name in RUN_OWNED and (p.parent / CONFIG).exists():
+    if p.name in run_owned() and (p.parent / CONFIG).exists():
         raise ValueError(f"{flag} {path}: a file of the run in {p.parent}, never written over; write elsewhere")
     if p.exists() and not overwrite:
         raise ValueError(f"{flag} {path} exists: give --overwrite to replace it, or another --out")
@@ -217,6 +221,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _plan_spec(args: argparse.Namespace) -> Spec:
     cfg = load_preset(args.preset)
+    if args.task:
+        cfg.task = args.task
     for key, value in (("depth", args.depth), ("width", args.width), ("heads", args.heads),
                        ("mlp_ratio", args.mlp_ratio), ("patch", args.patch)):
         if value is not None:
@@ -260,6 +266,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     spec = _plan_spec(args)
     budget = parse_bytes(args.device_memory) if args.device_memory else None
     result = plan(spec, _configurations(args, spec), budget)
+    if all(r["total"] is None for r in result["rows"]):
+        raise ValueError(f"the planner has no activation formula for task {spec.cfg.task}: measure its steps with "
+                         f"`diffusionblocks memory --task {spec.cfg.task}`")
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -297,6 +306,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 def _add_size_args(p: argparse.ArgumentParser):
     p.add_argument("--preset", default="vit12", help="model preset to start from (default vit12)")
+    p.add_argument("--task", choices=tuple(TASKS), default=None, help="the task whose model it is (default: the "
+                                                                      "preset's)")
     p.add_argument("--depth", type=int, default=None, help="layers")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
@@ -471,11 +482,32 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_partition_parser, _train_parser, _merge_parser, _eval_parser, _sample_parser, _compare_parser,
                 _plan_parser, _memory_parser):
         add(sub)
+    for p in sub.choices.values():
+        p.add_argument("--plugin", action="append", metavar="MODULE|FILE.py",
+                       help="load your own task or method first: a module or .py file defining TASK and/or METHOD "
+                            "(repeatable; also $DIFFUSIONBLOCKS_PLUGINS, comma-separated)")
     return parser
+
+
+def load_plugins(argv: list[str]) -> None:
+    """The installed plug-ins and those of --plugin, before the parser lists tasks and methods."""
+    registry.load_installed()
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            registry.load(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            registry.load(arg.split("=", 1)[1])
 
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        load_plugins(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"diffusionblocks: error: {e}", file=sys.stderr)
+        if argv is None:
+            sys.exit(2)
+        return 2
     parser = build_parser()
     # overrides may sit between options: argparse fills the positional list once; the later ones join it here
     try:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
+from . import registry
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels
 from .precond import BRIDGES
 from .text import TOKENIZERS
@@ -264,9 +265,15 @@ class RunConfig:
         if missing:
             raise ValueError(f"the config has no {' or '.join(map(repr, missing))} section: a run's config.json has "
                              f"{', '.join(REQUIRED)} (is it a run's config.json, written whole?)")
+        if "plugins" in d:  # where the run's task, method and sections came from, when outside the package
+            if not isinstance(d["plugins"], list):
+                raise ValueError(f"plugins={d['plugins']!r}: expected a list of plug-in origins")
+            registry.require(d["plugins"])
         known = set(SECTIONS) | {key.split(".")[0] for key in ALIASES}
         cfg = cls()
         for name, values in d.items():
+            if name == "plugins":
+                continue
             if name == "task":
                 if not isinstance(values, str):
                     raise ValueError(f"task={values!r}: expected a task name")
@@ -408,8 +415,17 @@ def load_preset(name: str) -> RunConfig:
     return PRESETS[name]()
 
 
+def plugin_origins(cfg: RunConfig) -> list[dict]:
+    """Where the run's task, method and config sections come from when outside the package (registry.origin)."""
+    named = [registry.KINDS[kind][1].get(name) for kind, name in (("TASK", cfg.task), ("METHOD", cfg.train.method))
+             if kind in registry.KINDS]
+    return registry.origins([c for c in named if c is not None] + list(SECTIONS.values()))
+
+
 def save_config(cfg: RunConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2) + "\n"
+    """config.json's text: the settings, and the outside plug-ins they need (so other processes load them)."""
+    plugins = plugin_origins(cfg)
+    return json.dumps({**cfg.to_dict(), **({"plugins": plugins} if plugins else {})}, indent=2) + "\n"
 
 
 # settings that may differ between the jobs of one model (where and how a job runs, not what it trains)

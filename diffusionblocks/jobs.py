@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import io
-from .config import RunConfig, model_identity
+from .config import RunConfig, model_identity, save_config
 from .run import CONFIG, EMA_WEIGHTS, JOB, MERGE, STATE, WEIGHTS, WRITER, build_model, read_config, validate
 from .tasks import get_task
 
@@ -69,7 +69,7 @@ def merge(runs: list[str | os.PathLike], out: str | os.PathLike, *, allow_missin
     out.mkdir(parents=True, exist_ok=True)
     cfg_out = RunConfig.from_dict(cfg0.to_dict())
     cfg_out.train.blocks, cfg_out.train.parallel = "", "none"
-    io.atomic_write_text(out / CONFIG, json.dumps(cfg_out.to_dict(), indent=2) + "\n")
+    io.atomic_write_text(out / CONFIG, save_config(cfg_out))
     for name in task.run_files:  # what the jobs kept beside their weights (data fingerprints, ...)
         if (run_dirs[0] / name).is_file():
             io.atomic_write_bytes(out / name, (run_dirs[0] / name).read_bytes())

@@ -43,6 +43,7 @@ from .methods import METHODS, get_method
 from .methods.base import autocast
 from .run import new_model, place, resolve_device, validate
 from .tasks import get_task
+from .tasks.optional import NoFormula
 
 # train.precision -> the dtype its autocast saves activations in (weights, gradients and optimizer state stay float32)
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -242,8 +243,11 @@ def predict(spec: Spec, conf: Configuration) -> dict:
     model = _meta_model(spec, cfg)
     s, depth = spec.bytes_per_element, cfg.model.depth
     spec = dataclasses.replace(spec, cfg=cfg)  # the method's tokens (autoregressive DiffusionBlocks: twice the window)
-    layer = layer_activation_bytes(spec)
-    N, T, D = cfg.train.batch_size, spec.tokens, cfg.model.width
+    try:
+        layer, T = layer_activation_bytes(spec), spec.tokens
+    except NoFormula:  # a task without formulas (your own): parameters and optimizer only; `memory` measures the rest
+        layer = T = None
+    N, D = cfg.train.batch_size, cfg.model.width
     numel = lambda ps: sum(p.numel() for p in ps)
 
     def layer_part(n_layers: int) -> tuple[int, int]:
@@ -260,8 +264,10 @@ def predict(spec: Spec, conf: Configuration) -> dict:
         units, shared = [(list(model.parameters()), depth)], []
     params, block_layers = max(units, key=lambda u: (u[1], numel(u[0])))  # the largest unit
     split = [n for _, n in units]
-    acts, transient = layer_part(block_layers)
-    acts += spec.task.plan_outer_bytes(cfg, spec.shapes, model, s)
+    acts = transient = None
+    if layer is not None:
+        acts, transient = layer_part(block_layers)
+        acts += spec.task.plan_outer_bytes(cfg, spec.shapes, model, s)
     trained = params + shared
     offloaded = conf.blockwise and conf.residency == "active"
     resident = with_state = trained if offloaded else [p for ps, _ in units for p in ps] + shared
@@ -274,7 +280,7 @@ def predict(spec: Spec, conf: Configuration) -> dict:
            "params": numel(resident) * spec.weight_bytes, "grads": numel(trained) * spec.weight_bytes,
            "optimizer": optimizer,
            "activations": acts, "transient": transient}
-    out["total"] = out["params"] + out["grads"] + out["optimizer"] + out["activations"] + transient
+    out["total"] = None if acts is None else out["params"] + out["grads"] + out["optimizer"] + acts + transient
     return out
 
 
@@ -290,7 +296,7 @@ def plan(spec: Spec, confs: list[Configuration], device_memory: int | None = Non
     rows = [predict(spec, c) for c in confs]
     if device_memory is not None:
         for r in rows:
-            r["fits"] = r["total"] <= device_memory
+            r["fits"] = r["total"] is not None and r["total"] <= device_memory
     m = spec.cfg.model
     return {"model": {"depth": m.depth, "width": m.width, "heads": m.heads, "mlp_ratio": m.mlp_ratio,
                       "patch": m.patch, "tokens": _token_counts(rows), "layer": m.layer},
@@ -302,7 +308,7 @@ def plan(spec: Spec, confs: list[Configuration], device_memory: int | None = Non
 
 def format_table(result: dict) -> str:
     """A fixed-width table in MiB; rows that carry a "measured" entry show the measurement beside them."""
-    mib = lambda n: f"{n / 2**20:.1f}"
+    mib = lambda n: "-" if n is None else f"{n / 2**20:.1f}"
     measured = any("measured" in r for r in result["rows"])
     head = f"{'configuration':<26}{'params':>9}{'grads':>9}{'optim':>9}{'activ':>9}{'transient':>10}{'total':>9}"
     if measured:
@@ -350,7 +356,7 @@ def plot_memory(result: dict, path) -> bool:
         return False
     rows = result["rows"]
     mib = lambda n: n / 2**20
-    value = lambda r: mib(r["measured"]["peak"] if "measured" in r else r["total"])
+    value = lambda r: mib(r["measured"]["peak"] if "measured" in r else r["total"] or 0)
     what = "measured peak" if all("measured" in r for r in rows) else "predicted total"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
@@ -360,14 +366,17 @@ def plot_memory(result: dict, path) -> bool:
         if not Configuration(r["method"]).blockwise:
             c = next(colors)
             ax.axhline(value(r), color=c, ls="--", label=f"{r['method']}{ckpt}")
-            ax.axhline(mib(r["total"]), color=c, ls=":", lw=0.8)
+            if r["total"] is not None:
+                ax.axhline(mib(r["total"]), color=c, ls=":", lw=0.8)
         else:
             series.setdefault(f"{r['method']}, {r['residency']}{ckpt}", []).append(r)
     for label, rs in series.items():
         c = next(colors)
         xs = [r["num_blocks"] for r in rs]
         ax.plot(xs, [value(r) for r in rs], "o-", color=c, label=label)
-        ax.plot(xs, [mib(r["total"]) for r in rs], "x", color=c, ms=9)
+        planned = [(x, mib(r["total"])) for x, r in zip(xs, rs) if r["total"] is not None]
+        if planned:
+            ax.plot(*zip(*planned), "x", color=c, ms=9)
     ax.set_xticks(sorted({r["num_blocks"] for rs in series.values() for r in rs}))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("number of blocks B")

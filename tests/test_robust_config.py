@@ -12,6 +12,8 @@ from diffusionblocks.cli import main
 from diffusionblocks.config import PRESETS, SECTIONS, RunConfig, apply_overrides, load_preset
 from diffusionblocks.methods.base import update
 from diffusionblocks.run import validate
+from diffusionblocks.tasks import TASKS
+from diffusionblocks.tasks.tensors import TensorTask
 
 
 def refused(*overrides: str) -> str:
@@ -106,7 +108,14 @@ def test_sigma_start_inside_the_trained_levels_is_taken():
 
 def test_every_preset_is_within_the_bounds():
     for name in PRESETS:
-        validate(load_preset(name))
+        cfg = load_preset(name)
+        if name == "tensors":  # the start of a task of your own (TensorTask): it runs under that task's name
+            cfg.task = "circle"
+            TASKS["circle"] = type("Circle", (TensorTask,), {"name": "circle"})
+        try:
+            validate(cfg)
+        finally:
+            TASKS.pop("circle", None)
 
 
 def whole(**changes) -> dict:

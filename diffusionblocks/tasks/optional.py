@@ -176,6 +176,16 @@ def pick(arms: dict[str, Arm], form: str) -> Arm | None:
     return next((a for a in arms.values() if a.own and a.form == form), None)
 
 
+def speedup_note(ratio: float, num_blocks: int) -> str:
+    """What a measured sampling speed-up of DiffusionBlocks over end-to-end at equal steps says against its ideal: a
+    step runs one block of B, so B (stem and head aside) is the most the method itself gives."""
+    if ratio <= num_blocks:
+        return f"(ideal B = {num_blocks})"
+    return (f"(ABOVE the ideal B = {num_blocks}: each step runs one block of {num_blocks}, so the method gives at most "
+            f"{num_blocks}x; the excess is timing noise or cache effects, e.g. one block's smaller weights and "
+            "activations fitting in cache, not the method's gain)")
+
+
 class Comparison:
     """What `compare` (compare.py) asks of the task it compares besides the headline."""
 
@@ -200,6 +210,10 @@ class Comparison:
 # -- Planning -----------------------------------------------------------------------------------------------------
 
 
+class NoFormula(ValueError):
+    """The planner has no activation formula for this task: `memory` measures it, `plan` cannot predict it."""
+
+
 class Planning:
     """The memory planner's view of a task (plan.py, `diffusionblocks memory`): shapes and formulas, no data."""
 
@@ -215,7 +229,7 @@ class Planning:
 
     def plan_tokens(self, cfg: RunConfig, shapes, form: str = "end-to-end") -> int:
         """Tokens per sample through the transformer layers of the model in `form` (Method.model_form)."""
-        raise ValueError(f"the planner's activation formula does not cover task={self.name!r} yet")
+        raise NoFormula(f"the planner's activation formula does not cover task={self.name!r} yet")
 
     def plan_layer_bytes(self, cfg: RunConfig, shapes, element: int, form: str = "end-to-end") -> int:
         """Bytes each layer saves beyond the transformer layer's formula (plan.layer_activation_bytes)."""
@@ -224,4 +238,4 @@ class Planning:
     def plan_outer_bytes(self, cfg: RunConfig, shapes, model: nn.Module, element: int) -> int:
         """Bytes autograd saves outside the layers in one training step of `model` (as build_model made it, on
         the meta device): stem, head and loss, at cfg.train.batch_size and `element` bytes per element."""
-        raise ValueError(f"the planner's activation formula does not cover task={self.name!r} yet")
+        raise NoFormula(f"the planner's activation formula does not cover task={self.name!r} yet")

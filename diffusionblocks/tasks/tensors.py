@@ -1,0 +1,316 @@
+"""Your network and your tensors in the harness: a task you write in a few lines, trained by the one loop with
+everything a built-in task has (resume, Ctrl-C and SIGTERM safety, metrics.jsonl and results.json, `compare` against
+end-to-end training and the one-block-depth control, `memory`, per-block jobs, `merge`, torchrun).
+
+The model is an EDM denoiser of target tensors y, optionally conditioned on tensors x: your stem, layers and head
+(the contract in blocks.py: stem(z_in, c_noise, x) -> (h, c), layer(h, c) -> h, head(h, c) -> shaped like y) cut
+into blocks.num_blocks blocks for DiffusionBlocks, or trained as one block over every noise level end to end. A
+subclass names itself and gives its tensors and its network:
+
+    import torch
+    from diffusionblocks import register
+    from diffusionblocks.models import VectorHead, VectorStem
+    from diffusionblocks.nn import ResidualMLP
+    from diffusionblocks.tasks.tensors import TensorTask
+
+    @register
+    class Circle(TensorTask):
+        name = "circle"
+
+        def tensors(self, cfg):  # {"train": (y, x), "test": (y, x)}; (y,) alone for an unconditional model
+            x = torch.rand(2048, 1, generator=torch.Generator().manual_seed(0))
+            y = torch.cat([(6 * x).cos(), (6 * x).sin()], dim=1)
+            return {"train": (y[:1792], x[:1792]), "test": (y[1792:], x[1792:])}
+
+        def network(self, cfg, shapes):  # build cfg.model.depth layers: compare's control asks for fewer
+            D = cfg.model.width
+            return (VectorStem(2, D, cond_dim=1), [ResidualMLP(D) for _ in range(cfg.model.depth)],
+                    VectorHead(D, 2))
+
+Its headline is the denoising loss on the evaluation split (EDM-weighted MSE at fixed noise draws, the same for
+every arm), with each block's own noise levels reported beside it (denoising_loss_block0, ...); `sample` writes
+samples to an .npz. Override `evaluate` or `score` for a metric of your own. Put the class in a module and load it with
+`--plugin FILE.py` (or an entry point) for the command line, `eval` and other processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..blocks import BlockStack, StackModel
+from ..config import BlocksConfig, RunConfig, apply_overrides, preset
+from ..data import Batches
+from ..noise import LogNormalLevels, Partition
+from ..precond import EDMPrecond, mse_loss
+from ..sample import euler
+from .base import VALIDATION_SEED, Task, evaluating
+
+EVAL_LEVELS = 8  # noise levels per block at which the denoising loss is measured
+
+
+@dataclass(frozen=True)
+class TensorShapes:
+    """What the network is built from: one sample's shape of y and of x (None: unconditional)."""
+
+    target: tuple[int, ...]
+    cond: tuple[int, ...] | None = None
+
+
+class TensorData:
+    """The task's tensors: y_train, x_train (None when unconditional), the same for test and the validation split."""
+
+    def __init__(self, splits: dict, val_size: int):
+        self.y_train, self.x_train = splits["train"]
+        self.y_test, self.x_test = splits["test"]
+        self.y_val = self.x_val = None
+        if val_size:  # held out of the training tensors, the same for every run seed
+            n = self.y_train.shape[0]
+            if val_size >= n:
+                raise ValueError(f"data.val_size={val_size} leaves no training samples (the training split has {n})")
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+            val, train = perm[:val_size], perm[val_size:]
+            take = lambda t, idx: None if t is None else t[idx]
+            self.y_val, self.x_val = take(self.y_train, val), take(self.x_train, val)
+            self.y_train, self.x_train = take(self.y_train, train), take(self.x_train, train)
+        cond = None if self.x_train is None else tuple(self.x_train.shape[1:])
+        self.shapes = TensorShapes(tuple(self.y_train.shape[1:]), cond)
+        # the tensors' fingerprints: eval and --resume refuse a run whose tensors changed (RunFiles.check_run)
+        self.sources = {f"tensors:{name}": _sha256(t) for name, t in splits.items()}
+
+    def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if split == "test":
+            return self.y_test, self.x_test
+        if split == "validation":
+            if self.y_val is None:
+                raise ValueError("this run holds out no validation split (train it with data.val_size=N)")
+            return self.y_val, self.x_val
+        raise ValueError(f"split={split!r}: expected test or validation")
+
+    def describe(self) -> str:
+        cond = f", conditioned on x {list(self.shapes.cond)}" if self.shapes.cond else ", unconditional"
+        val = f", {len(self.y_val)} validation" if self.y_val is not None else ""
+        return (f"tensors: y {list(self.shapes.target)}{cond}; {len(self.y_train)} training{val}, "
+                f"{len(self.y_test)} test samples")
+
+
+def _sha256(tensors: tuple) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_splits(splits, task: str) -> dict:
+    """The tensors() dict, checked: train and test, each (y,) or (y, x) with as many samples in y and x."""
+    if not isinstance(splits, dict) or not {"train", "test"} <= set(splits):
+        raise ValueError(f"{task}.tensors(cfg) must return {{'train': (y, x), 'test': (y, x)}} ((y,) alone for an "
+                         f"unconditional model), not {type(splits).__name__}")
+    out = {}
+    for name in ("train", "test"):
+        pair = splits[name]
+        pair = (pair,) if isinstance(pair, torch.Tensor) else tuple(pair)
+        if not 1 <= len(pair) <= 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+            raise ValueError(f"{task}.tensors(cfg)[{name!r}]: expected (y, x) or (y,) of tensors")
+        y, x = pair[0], pair[1] if len(pair) == 2 else None
+        if not y.is_floating_point():
+            raise ValueError(f"{task}.tensors(cfg)[{name!r}]: y is {y.dtype}; the denoiser's target is a float tensor")
+        if x is not None and x.shape[0] != y.shape[0]:
+            raise ValueError(f"{task}.tensors(cfg)[{name!r}]: y has {y.shape[0]} samples and x {x.shape[0]}")
+        if y.ndim < 2 or y.shape[0] == 0:
+            raise ValueError(f"{task}.tensors(cfg)[{name!r}]: y must be (N, ...) with N >= 1, got {tuple(y.shape)}")
+        out[name] = (y.float(), x)
+    if (out["train"][1] is None) != (out["test"][1] is None) or out["train"][0].shape[1:] != out["test"][0].shape[1:]:
+        raise ValueError(f"{task}.tensors(cfg): train and test differ in y's shape or in having x")
+    return out
+
+
+class TensorDenoiser(StackModel, nn.Module):
+    """An EDM denoiser D(z, sigma, x) of y built from your stem, layers and head, as `num_blocks` blocks (1: the
+    end-to-end model over every noise level)."""
+
+    def __init__(self, stem: nn.Module, layers: Sequence[nn.Module], head: nn.Module, blocks: BlocksConfig,
+                 num_blocks: int, sigma_data: float, checkpoint_every: int = 0):
+        super().__init__()
+        B = num_blocks
+        self.partition = Partition.create(LogNormalLevels(), B, kind=blocks.partition,
+                                          gamma=blocks.gamma if B > 1 else 0.0)
+        self.stack = BlockStack(list(layers), stem, head, self.partition,
+                                allocation=blocks.layers_per_block() if B > 1 else None,
+                                shared_stem_head=blocks.shared_stem_head or B == 1,
+                                precond=EDMPrecond(sigma_data), checkpoint_every=checkpoint_every)
+
+    def block_loss(self, block: int, y: torch.Tensor, x: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample EDM loss (N,) of `block` alone, on its own noise levels."""
+        z, sigma = self.stack.noisy_input(block, y, generator)
+        return mse_loss(self.stack.denoise(block, z, sigma, x), y, self.stack.precond.weight(sigma))
+
+    def loss(self, y: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """End to end: the one block over every level."""
+        return self.block_loss(0, y, x)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, x: torch.Tensor | None = None, steps_per_block: int = 8) -> torch.Tensor:
+        """Euler from sigma_max to 0 over `steps_per_block` levels per block of `partition` (one block per step
+        when 1); `noise` is a standard normal draw shaped like y."""
+        grid = self.partition.inference_grid(steps_per_block)
+        with evaluating(self):
+            return euler(self.stack, grid[0].item() * noise, grid, x)
+
+
+class TensorTask(Task):
+    """Subclass it: set `name`, implement `tensors(cfg)` and `network(cfg, shapes)` (module docstring)."""
+
+    metric, higher_is_better = "denoising_loss", False
+    sigma_data: ClassVar[float] = 0.5  # the data's scale (EDM's sigma_data): about y's standard deviation
+    sample_steps: ClassVar[int] = 8  # Euler steps per block of `sample`
+    presets = {"full": "tensors", "quick": "tensors"}  # train's and compare's starting config (your own: @preset)
+    compare_roles = ("e2e", "dblocks", "control")
+
+    def tensors(self, cfg: RunConfig) -> dict:
+        """{"train": (y, x), "test": (y, x)}: float targets y (N, ...) and conditions x (N, ...), or (y,) alone."""
+        raise NotImplementedError(f"{type(self).__name__}.tensors(cfg): return {{'train': (y, x), 'test': (y, x)}}")
+
+    def network(self, cfg: RunConfig, shapes: TensorShapes) -> tuple[nn.Module, Sequence[nn.Module], nn.Module]:
+        """(stem, layers, head) on the contract of blocks.py: cfg.model.depth layers (compare's control asks for
+        fewer)."""
+        raise NotImplementedError(f"{type(self).__name__}.network(cfg, shapes): return (stem, layers, head)")
+
+    # -- the Task core ----------------------------------------------------------------------------------------
+
+    def load_data(self, cfg: RunConfig) -> TensorData:
+        return TensorData(_check_splits(self.tensors(cfg), type(self).__name__), cfg.data.val_size)
+
+    def build_model(self, cfg: RunConfig, data, form: str) -> TensorDenoiser:
+        shapes = data.shapes if isinstance(data, TensorData) else data
+        parts = self.network(cfg, shapes)
+        if not (isinstance(parts, (tuple, list)) and len(parts) == 3):
+            raise ValueError(f"{type(self).__name__}.network(cfg, shapes) must return (stem, layers, head)")
+        stem, layers, head = parts
+        B = cfg.blocks.num_blocks if form == "blocks" else 1
+        return TensorDenoiser(stem, layers, head, cfg.blocks, B, self.sigma_data, cfg.model.checkpoint)
+
+    def stream(self, data: TensorData, cfg: RunConfig, seed: int, member: int = 0):
+        return TensorBatches(data.y_train, data.x_train, cfg.train.batch_size, seed)
+
+    def probe_batch(self, data: TensorData, cfg: RunConfig, device) -> tuple:
+        n = cfg.train.batch_size
+        return _batch(data.y_train[:n], None if data.x_train is None else data.x_train[:n], device)
+
+    @torch.no_grad()
+    def evaluate(self, model: TensorDenoiser, data: TensorData, cfg: RunConfig, *, split: str = "test",
+                 limit: int = 0, device="cpu", **options) -> dict:
+        """The denoising loss at EVAL_LEVELS levels per block of cfg's partition (equal training mass apart, fixed
+        noise draws): `denoising_loss` over all of them, `denoising_loss_block{b}` over block b's, the same for every
+        arm."""
+        y, x = data.split(split)
+        if limit:
+            y, x = y[:limit], None if x is None else x[:limit]
+        part = Partition.create(LogNormalLevels(), cfg.blocks.num_blocks, kind=cfg.blocks.partition, gamma=0.0)
+        levels = part.levels
+        u_lo, u_hi = (levels.cdf(torch.tensor(v, dtype=torch.float64)) for v in (levels.lo, levels.hi))
+        count = EVAL_LEVELS * part.num_blocks
+        sigmas = levels.icdf(u_lo + (torch.arange(count, dtype=torch.float64) + 0.5) / count * (u_hi - u_lo))
+        owner = part.route(sigmas)
+        gen = torch.Generator().manual_seed(0)
+        losses = torch.zeros(count, dtype=torch.float64)
+        with evaluating(model):
+            for i in range(0, y.shape[0], cfg.train.eval_batch_size):
+                yb = y[i:i + cfg.train.eval_batch_size].to(device)
+                xb = None if x is None else x[i:i + cfg.train.eval_batch_size].to(device)
+                for j, s in enumerate(sigmas.tolist()):
+                    sigma = torch.full((yb.shape[0],), s, dtype=yb.dtype, device=device)
+                    z = model.stack.precond.noise(yb, sigma, gen)
+                    losses[j] += mse_loss(model.stack(z, sigma, xb), yb, model.stack.precond.weight(sigma)).sum().item()
+        losses /= y.shape[0]
+        out = {"denoising_loss": float(losses.mean()), "n": int(y.shape[0])}
+        out.update({f"denoising_loss_block{b}": float(losses[owner == b].mean()) for b in range(part.num_blocks)})
+        return out
+
+    def summary(self, results: dict) -> str:
+        blocks = " ".join(f"{results[k]:.4f}" for k in sorted(results) if k.startswith("denoising_loss_block"))
+        return f"denoising loss {results['denoising_loss']:.4f} (per block, highest noise first: {blocks})"
+
+    def describe_score(self, score: dict) -> str:
+        return self.summary(score)
+
+    # -- run files, sampling, memory ------------------------------------------------------------------------
+
+    def shapes_record(self, data: TensorData) -> dict:
+        cond = data.shapes.cond
+        return {"target": list(data.shapes.target), "cond": None if cond is None else list(cond)}
+
+    def shapes_from_record(self, record: dict) -> TensorShapes:
+        cond = record.get("cond")
+        return TensorShapes(tuple(record["target"]), None if cond is None else tuple(cond))
+
+    def sample(self, model: TensorDenoiser, data, cfg: RunConfig, out: str, *, num: int, seed: int, writable,
+               **options) -> str:
+        """`num` samples into the .npz `out` (y, and x: the test split's conditions cycled, when conditional)."""
+        if not out.endswith(".npz"):
+            raise ValueError(f"--out {out}: a {self.name} run writes its samples to an .npz file")
+        shapes = data.shapes if isinstance(data, TensorData) else data
+        gen = torch.Generator().manual_seed(seed)
+        x = None
+        if shapes.cond is not None:
+            if not isinstance(data, TensorData):
+                raise ValueError("a conditional model samples for the test split's conditions: its data is needed")
+            x = data.x_test[torch.arange(num) % data.x_test.shape[0]]
+        y = model.sample(torch.randn((num, *shapes.target), generator=gen), x, self.sample_steps)
+        arrays = {"y": y.numpy()} | ({} if x is None else {"x": x.numpy()})
+        np.savez(out, **arrays)
+        return f"wrote {num} samples to {out}"
+
+    def plan_shapes(self, cfg: RunConfig, **given) -> TensorShapes:
+        if any(v is not None for v in given.values()):
+            raise ValueError(f"task {self.name} takes its shapes from its tensors, not from the command line")
+        return self.load_data(cfg).shapes
+
+    def random_batch(self, cfg: RunConfig, shapes: TensorShapes, generator: torch.Generator) -> tuple:
+        n = cfg.train.batch_size
+        x = None if shapes.cond is None else torch.randn((n, *shapes.cond), generator=generator)
+        return _batch(torch.randn((n, *shapes.target), generator=generator), x, "cpu")
+
+
+def _batch(y: torch.Tensor, x: torch.Tensor | None, device) -> tuple:
+    return (y.to(device),) if x is None else (y.to(device), x.to(device))
+
+
+class TensorBatches:
+    """Resumable shuffled batches (y,) or (y, x) of the training tensors (data.Batches underneath)."""
+
+    def __init__(self, y: torch.Tensor, x: torch.Tensor | None, batch_size: int, seed: int):
+        self.conditional = x is not None
+        self.batches = Batches(y, x if x is not None else y, batch_size, seed=seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple:
+        y, x = next(self.batches)
+        return (y, x) if self.conditional else (y,)
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)
+
+
+@preset("tensors")
+def preset_tensors() -> RunConfig:
+    """A small start for a TensorTask of your own (give its name: --task NAME, or cfg.task): 6 layers of width 64
+    in 3 blocks, 600 steps of 128."""
+    cfg = RunConfig("tensors")
+    return apply_overrides(cfg, ["data.name=tensors", "model.depth=6", "model.width=64", "train.steps=600",
+                                 "train.batch_size=128", "train.lr=2e-3", "train.ckpt_every=200",
+                                 "blocks.num_blocks=3"])
