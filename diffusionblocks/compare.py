@@ -1,6 +1,7 @@
 """Side-by-side comparison on one layer-update budget, for any task: end-to-end, DiffusionBlocks and (where
 the task lists it) an end-to-end control with only one block's depth (does stacking the blocks add anything
-over one of them?). Every arm over the same seeds; the task's headline metric with its spread; the
+over one of them?). Every arm over the same seeds; the task's headline metric with its spread (one seed: none, and
+no winner named); figures of each seed, their mean and spread, and of the training losses, linked from compare.md; the
 task's own extras (Task.compare_extras: classification's accuracy after each inference step, image generation's
 sampling time and sample grids), which see each arm with the model form its method trains (tasks.optional.Arm).
 A role that names another method trains the task's model with it (the block-wise baselines); a role that names
@@ -20,13 +21,27 @@ from .config import RunConfig, save_config
 from .data import absolute_data_paths
 from .images import pyplot
 from .methods import METHODS, get_method
-from .run import CONFIG, RESULTS, SCORE, STATE, WEIGHTS, load_model, make_out, read_config, validate
+from .run import CONFIG, METRICS, RESULTS, SCORE, STATE, WEIGHTS, load_model, make_out, read_config, validate
 from .tasks import TASKS, Task, get_task
 from .tasks.optional import Arm
 from .train import reference_model, train
 
 ROLES = ("e2e", "control", "dblocks")  # and any other method's name (METHODS), and another task's
 LABELS = {"e2e": "end-to-end", "control": "end-to-end, one block's depth", "dblocks": "DiffusionBlocks"}
+
+
+# the tasks' metrics in words, for the report's tables, verdicts and figures (any other key: its underscores as spaces)
+METRIC_WORDS = {"accuracy": "accuracy", "next_token_accuracy": "next-token accuracy", "bpc": "bits per character",
+                "fd_classifier_features": "Frechet distance in a classifier's features (FD)",
+                "eval_loss": "denoising loss"}
+
+
+def metric_words(key: str) -> str:
+    """A results key in words: test_bpc -> "test bits per character"."""
+    for prefix, said in (("test_", "test "), ("val_", "validation ")):
+        if key.startswith(prefix):
+            return said + metric_words(key[len(prefix):])
+    return METRIC_WORDS.get(key, key.replace("_", " "))
 
 
 def role_config(base: RunConfig, role: str, seed: int) -> RunConfig:
@@ -143,7 +158,8 @@ def _spread(values: list[float], scale: float) -> str:
 
 
 def summarize(runs: dict[str, list[dict]], key: str) -> dict:
-    """Per arm: the headline values over seeds (key, key_mean, key_std) and the training facts."""
+    """Per arm: the headline values over seeds (key, key_mean, key_std: None from one seed) and the training
+    facts."""
     rows = {}
     for role, results in runs.items():
         values = [r[key] for r in results]
@@ -151,7 +167,7 @@ def summarize(runs: dict[str, list[dict]], key: str) -> dict:
             "method": results[0]["method"], "depth": results[0]["depth"], "num_blocks": results[0]["num_blocks"],
             "seeds": [r["seed"] for r in results],
             key: values, f"{key}_mean": statistics.mean(values),
-            f"{key}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            f"{key}_std": statistics.stdev(values) if len(values) > 1 else None,  # one seed has no spread
             "steps": results[0]["steps"], "layer_updates": results[0]["layer_updates"],
             "train_seconds": statistics.median(r["train_seconds"] for r in results),
             "seconds_per_layer_update": statistics.median(r["seconds_per_layer_update"] for r in results),
@@ -162,7 +178,10 @@ def summarize(runs: dict[str, list[dict]], key: str) -> dict:
 
 
 def markdown_table(rows: dict, key: str, label: str, scale: float) -> str:
+    """The report's table: the headline as mean ± standard deviation over seeds and each seed's value; from one seed
+    the value alone, its column marked n=1."""
     seeds = max(len(r[key]) for r in rows.values()) > 1  # then each seed's value too, in the seeds' order
+    label += "" if seeds else ", one seed (n=1)"
     lines = [f"| arm | method | layers | {label} |{' per seed |' if seeds else ''} steps | layer-updates | train s | "
              f"ms / layer-update | activations / step (MB) |", "|---|---|---|---|" + "---|" * (5 + seeds)]
     for role, r in rows.items():
@@ -185,29 +204,34 @@ def separated(rows: dict, key: str, a: str, b: str) -> bool | None:
     return abs(ra[f"{key}_mean"] - rb[f"{key}_mean"]) > 2 * se  # equal means are never separated
 
 
+NO_WINNER = "one seed names no winner: no spread to judge the difference by (run --seeds 0,1,2)"
+
+
 def verdict(rows: dict, key: str, task: Task) -> list[str]:
     """Plain sentences on what the numbers say, whichever way they fall; a difference the seeds do not separate
-    (under two standard errors of it) is called a tie, whichever mean is higher."""
+    (under two standard errors of it) is called a tie, whichever mean is higher, and one seed names no winner."""
     unit, scale = (" points", 100) if task.percent else ("", 1)
     mean = {role: r[f"{key}_mean"] for role, r in rows.items()}
     better = lambda a, b: (a > b) if task.higher_is_better else (a < b)
     diff = lambda a, b: f"{scale * (mean[a] - mean[b]):+.2f}{unit}"
 
     def judge(a: str, b: str, if_better: str, if_not: str) -> str:
-        said = if_better if better(mean[a], mean[b]) else if_not
         sep = separated(rows, key, a, b)
         if sep is None:
-            return f"{said} (one seed: no spread to judge it by)"
+            return NO_WINNER
         n = min(len(rows[a][key]), len(rows[b][key]))
-        return said if sep else f"a tie at {n} seeds: the difference is under two standard errors of it"
+        if not sep:
+            return f"a tie at {n} seeds: the difference is under two standard errors of it"
+        return if_better if better(mean[a], mean[b]) else if_not
 
     out = []
     if "e2e" in mean and "dblocks" in mean:
         paper = f" ({task.paper_gap})" if task.paper_gap else ""
-        out.append(f"dblocks - e2e = {diff('dblocks', 'e2e')}{paper}; {key}, "
-                   f"{'higher' if task.higher_is_better else 'lower'} is better")
+        out.append(f"dblocks - e2e = {diff('dblocks', 'e2e')}{paper}; {metric_words(key)}, "
+                   f"{'higher' if task.higher_is_better else 'lower'} is better: " + judge(
+                       "dblocks", "e2e", "DiffusionBlocks beat end-to-end", "end-to-end beat DiffusionBlocks"))
         if not task.percent and mean["e2e"]:
-            out.append(f"{key} dblocks / e2e = {mean['dblocks'] / mean['e2e']:.2f}")
+            out.append(f"{metric_words(key)}, dblocks / e2e = {mean['dblocks'] / mean['e2e']:.2f}")
     if "control" in mean and "e2e" in mean:
         out.append(f"e2e - control = {diff('e2e', 'control')}: " + judge(
             "e2e", "control", "depth helped end-to-end training at this budget",
@@ -223,31 +247,117 @@ def verdict(rows: dict, key: str, task: Task) -> list[str]:
     return out
 
 
+def arm_label(role: str, arm: Arm) -> str:
+    """An arm in words: the paper's names for compare's own roles, a baseline by its method's title, another task's
+    arm by its task."""
+    label = LABELS.get(role) or (get_method(role).title or role if role in METHODS else f"{role}, end-to-end")
+    return label + (f" (B={arm.runs[0]['num_blocks']})" if arm.form == "blocks" else "")
+
+
+def _seeds_and_mean(ax, series: list[dict[float, float]], color, label: str) -> None:
+    """One {x: y} per seed: each seed a thin line, their mean a bold one, mean ± one standard deviation a band
+    (with two seeds or more), over the x every seed has."""
+    common = sorted(set.intersection(*(set(s) for s in series)))
+    many = len(series) > 1
+    for s in series if many else ():
+        xs = sorted(s)
+        ax.plot(xs, [s[x] for x in xs], color=color, linewidth=0.7, alpha=0.4)
+    mean = [statistics.mean(s[x] for s in series) for x in common]
+    ax.plot(common, mean, color=color, linewidth=2 if many else 1.5, marker="o", markersize=2.5, label=label)
+    if many:
+        std = [statistics.stdev(s[x] for s in series) for x in common]
+        ax.fill_between(common, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=color,
+                        alpha=0.15, linewidth=0)
+
+
+def _seeds_said(n: int) -> str:
+    return ("thin lines: each seed; bold: their mean; band: mean ± one standard deviation" if n > 1
+            else "one seed: no spread to show")
+
+
 def plot(arms: dict[str, Arm], task: Task, path: Path) -> bool:
-    """The task's curve metric vs layer-updates for every arm (mean over seeds). False without matplotlib."""
+    """The task's curve metric vs layer-updates for every arm: each seed, their mean and its spread. False without
+    matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
     key = task.curve_metric or task.metric
     scale = 100 if task.percent and key == task.metric else 1
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for role, arm in arms.items():
-        results = arm.runs
-        xs = [p["layer_updates"] for p in results[0]["curve"]]
-        ys = [scale * statistics.mean(r["curve"][i][key] for r in results) for i in range(len(xs))]
-        label = LABELS.get(role) or (get_method(role).title or role if role in METHODS  # a baseline by its name,
-                                     else f"{role}, end-to-end")  # another task's arm by its task
-        label += f" (B={results[0]['num_blocks']})" if arm.form == "blocks" else ""
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
-    ax.set_xlabel("layer-updates")
-    first = next(iter(arms.values())).runs[0]
-    split, n = first.get("eval_split", "test"), first.get("curve_n", "?")
-    ax.set_ylabel(f"{split} {key}" + (" (%)" if scale == 100 else ""))
-    ax.set_title(f"{key} on the first {n} {split} items, mean over seeds", fontsize=9)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (role, arm) in enumerate(arms.items()):
+        series = [{p["layer_updates"]: scale * p[key] for p in r["curve"] if key in p} for r in arm.runs]
+        _seeds_and_mean(ax, series, colors[i % len(colors)], arm_label(role, arm))
+    first = next(iter(arms.values())).runs
+    split, n = first[0].get("eval_split", "test"), first[0].get("curve_n", "?")
+    ax.set_xlabel("training budget spent: layer-updates (layers updated, summed over steps)")
+    ax.set_ylabel(f"{split} {metric_words(key)}" + (" (%)" if scale == 100 else ""))
+    ax.set_title(f"{metric_words(key).capitalize()} during training, on the first {n} {split} items\n"
+                 f"{_seeds_said(len(first))}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def training_losses(run: Path) -> dict[str, dict[float, float]]:
+    """The training loss a run logged (metrics.jsonl), vs layer-updates: {"all": ...} for a run of one block, one
+    series per block ("block 0", ...) for a block-wise run; {} when it logged none."""
+    if not (run / METRICS).exists():
+        return {}
+    series: dict[str, dict[float, float]] = {}
+    for r in io.read_jsonl(run / METRICS, skip_bad=True):
+        if "loss" not in r:  # an evaluation's record
+            continue
+        for name, loss in ({f"block {b}": v["loss"] for b, v in r["blocks"].items()} if "blocks" in r
+                           else {"all": r["loss"]}).items():
+            series.setdefault(name, {})[r["layer_updates"]] = loss
+    return series
+
+
+def plot_losses(arms: dict[str, Arm], runs: dict[str, list[Path]], path: Path) -> bool:
+    """Every arm's training loss vs layer-updates in a panel of its own (each method's own objective, so the panels
+    do not share a scale): end to end one curve, block-wise one per block; each seed, their mean and its spread.
+    False without matplotlib or without any logged loss."""
+    losses = {role: [training_losses(run) for run in runs[role]] for role in arms}
+    losses = {role: per_seed for role, per_seed in losses.items() if per_seed and all(per_seed)}
+    if not losses:
+        return False
+    plt = pyplot()
+    if plt is None:
+        return False
+    cols = min(3, len(losses))
+    rows = math.ceil(len(losses) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows + 0.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (ax, (role, per_seed)) in enumerate(zip(axes.flat, losses.items())):
+        names = sorted(set.intersection(*(set(s) for s in per_seed)), key=lambda n: (len(n), n))
+        for k, name in enumerate(names):
+            blocks = plt.get_cmap("viridis")(0.85 * k / max(1, len(names) - 1))  # short of its pale yellow end
+            color = colors[i % len(colors)] if name == "all" else blocks
+            _seeds_and_mean(ax, [s[name] for s in per_seed], color, "training loss" if name == "all" else name)
+        values = [v for s in per_seed for name in names for v in s[name].values()]
+        if min(values) > 0 and max(values) / min(values) > 20:  # a loss that falls by orders of magnitude
+            ax.set_yscale("log")
+        ax.set_title(arm_label(role, arms[role]), fontsize=9)
+        ax.set_xlabel("layer-updates", fontsize=8)
+        ax.set_ylabel("training loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if len(names) > 1:
+            ax.legend(fontsize=7)
+        if max(len(s[name]) for s in per_seed for name in names) < 2:  # a lone dot needs saying why
+            ax.text(0.5, 0.1, "one logged point: a lower train.log_every draws a curve", transform=ax.transAxes,
+                    ha="center", fontsize=7)
+    for ax in list(axes.flat)[len(losses):]:
+        ax.set_visible(False)
+    seeds = len(next(iter(losses.values())))
+    fig.suptitle("Training loss of each arm (its method's own objective, mean over each logging window; block-wise "
+                 f"arms: each block's)\n{_seeds_said(seeds)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
@@ -287,16 +397,25 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
             for role, cfg in configs.items()}
     rows = summarize(runs, key)
     scale = 100 if task.percent else 1
-    name = key.replace("_", " ")
+    name = metric_words(key)
     label = f"{name} (%)" if scale == 100 else f"{name} ({'higher' if task.higher_is_better else 'lower'} is better)"
     extras, lines = task.compare_extras(arms, base, out)
     report = {"task": task.name, "metric": key, "higher_is_better": task.higher_is_better, "rows": rows,
               "verdict": verdict(rows, key, task), "seeds": seeds, **extras}
     io.save_json(out / "compare.json", report)
+    figures = {}  # file name -> caption, in the order compare.md shows them
+    if plot(arms, task, out / "compare.png"):
+        figures["compare.png"] = f"{metric_words(task.curve_metric or task.metric)} during training"
+    if plot_losses(arms, {role: [out / f"{role}-seed{seed}" for seed in seeds] for role in runs}, out / "loss.png"):
+        figures["loss.png"] = "training loss of each arm"
+    for f in sorted(out.glob("*.png")):  # the task's figures: the PNGs its lines name, captioned by the line
+        said = next((line for line in lines if f.name in line), None)
+        if said and f.name not in figures:
+            figures[f.name] = said
     md = markdown_table(rows, key, label, scale) + "".join(f"\n{line}\n" for line in lines) + "\n" \
-        + "\n".join(f"- {v}" for v in report["verdict"]) + "\n"
+        + "\n".join(f"- {v}" for v in report["verdict"]) + "\n" \
+        + "".join(f"\n![{caption}]({name})\n" for name, caption in figures.items())
     io.atomic_write_text(out / "compare.md", md)
-    plotted = plot(arms, task, out / "compare.png")
     print("\n" + md, end="")
-    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}" + (f", {out / 'compare.png'}" if plotted else ""))
+    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}" + "".join(f", {out / f}" for f in figures))
     return report

@@ -258,6 +258,8 @@ def test_compare_imagegen_scores_three_arms_on_one_budget(tmp_path, monkeypatch,
     assert report["sampling_speedup"] > 0 and (out / "samples.png").exists()
     text = (out / "compare.md").read_text()
     assert "20 generated vs 20 test images" in text and "real-vs-real floor" in text and "| control |" in text
+    for figure in ("compare.png", "loss.png", "samples.png"):  # each figure written, linked from compare.md
+        assert f"]({figure})" in text and (out / figure).exists()
     scored = (out / "control-seed1" / "score.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "control-seed1" / "score.json").stat().st_mtime_ns == scored  # reused, not rescored

@@ -1,6 +1,7 @@
 """The training loop end to end on the tiny preset (scikit-learn digits, seconds per run)."""
 
 import json
+import re
 import signal
 
 import numpy as np
@@ -321,7 +322,11 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     assert rows["control"]["depth"] == 2 and rows["e2e"]["depth"] == 4
     assert rows["e2e"]["layer_updates"] == rows["control"]["layer_updates"] == rows["dblocks"]["layer_updates"]
     assert (out / "compare.png").stat().st_size > 1000
-    assert "| dblocks |" in (out / "compare.md").read_text()
+    md = (out / "compare.md").read_text()
+    assert "| dblocks |" in md and "±" not in md and "one seed (n=1)" in md  # one seed: no spread shown
+    assert report["rows"]["e2e"]["test_accuracy_std"] is None
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)  # every figure written is linked, and nothing else
+    assert linked == ["compare.png", "loss.png"] and all((out / f).stat().st_size > 1000 for f in linked)
     assert "dblocks - e2e" in capsys.readouterr().out
     # finished arms are reused, not retrained
     assert main(["compare", "--preset", "tiny", "--steps", "10", "--out", str(out), "--no-progress"]) == 0
@@ -330,7 +335,7 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
 
 def test_compare_verdict_calls_a_difference_inside_the_seed_spread_a_tie():
     """A baseline 0.1 points under DiffusionBlocks with seed spreads of a point is no win; 5 points over spreads
-    of 0.5 is; one seed has no spread to judge by, and the sentence says so."""
+    of 0.5 is; one seed has no spread to judge by: its table shows none and its verdict names no winner."""
     from diffusionblocks.compare import markdown_table, separated, summarize, verdict
     from diffusionblocks.tasks import get_task
 
@@ -353,8 +358,11 @@ def test_compare_verdict_calls_a_difference_inside_the_seed_spread_a_tie():
     assert all(line.count("|") == 11 for line in table)
     one = summarize({"dblocks": arm("dblocks", [0.84]), "greedy": arm("greedy", [0.83])}, "test_accuracy")
     assert separated(one, "test_accuracy", "greedy", "dblocks") is None
-    assert verdict(one, "test_accuracy", task) == [
-        "greedy - dblocks = -1.00 points: DiffusionBlocks beat greedy (one seed: no spread to judge it by)"]
+    assert verdict(one, "test_accuracy", task) == [  # one seed names no winner, whichever mean is higher
+        "greedy - dblocks = -1.00 points: one seed names no winner: no spread to judge the difference by (run "
+        "--seeds 0,1,2)"]
+    table = markdown_table(one, "test_accuracy", "test accuracy (%)", 100)
+    assert "±" not in table and "| 84.00 |" in table and one["dblocks"]["test_accuracy_std"] is None
     same = summarize({"dblocks": arm("dblocks", [0.5, 0.5]), "greedy": arm("greedy", [0.5, 0.5])}, "test_accuracy")
     assert separated(same, "test_accuracy", "greedy", "dblocks") is False  # equal means: never a win
 
