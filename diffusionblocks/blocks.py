@@ -144,10 +144,20 @@ class BlockStack(nn.Module):
     def net(self, block: int, z_in: torch.Tensor, c_noise: torch.Tensor, cond=None):
         """F_block: the inner network of block `block` (before preconditioning)."""
         stem, head = self.stem_head(block)
-        h, c = stem(z_in, c_noise, cond)
-        layers = self.blocks[block].layers
         if block in self._checked:
-            return head(run_layers(layers, h, c, self.checkpoint_every), c)
+            h, c = stem(z_in, c_noise, cond)
+            return head(run_layers(self.blocks[block].layers, h, c, self.checkpoint_every), c)
+        return self._first_call(block, stem, head, z_in, c_noise, cond)
+
+    def _first_call(self, block: int, stem: nn.Module, head: nn.Module, z_in, c_noise, cond):
+        """net's first call on `block`: the stem, layers and head checked against the contract as they run."""
+        stem_out = stem(z_in, c_noise, cond)
+        if not (isinstance(stem_out, (tuple, list)) and len(stem_out) == 2 and isinstance(stem_out[0], torch.Tensor)):
+            raise ValueError(f"the stem ({type(stem).__name__}) returned {_describe(stem_out)}: the stem is called as "
+                             "stem(z_in, c_noise, cond) and returns (h, c), the state and the conditioning vector "
+                             "the layers receive (c carries the noise level: e.g. models.NoiseEmbedding of c_noise)")
+        h, c = stem_out
+        layers = self.blocks[block].layers
         try:  # the first call: a failure is traced to the layer that does not fit, at no cost when none fails
             out = run_layers(layers, h, c, self.checkpoint_every)
         except Exception:
@@ -156,8 +166,13 @@ class BlockStack(nn.Module):
         if not isinstance(out, torch.Tensor) or out.shape != h.shape:
             probe_layers(layers, self.layer_range(block).start, h, c)
             raise ValueError(f"block {block}'s layers returned {_describe(out)} for h {tuple(h.shape)}: {_CONTRACT}")
+        out = head(out, c)
+        if isinstance(self.precond, EDMPrecond) and not (isinstance(out, torch.Tensor) and out.shape == z_in.shape):
+            raise ValueError(f"the head ({type(head).__name__}) returned {_describe(out)} for a noisy input "
+                             f"{tuple(z_in.shape)}: under EDM the head is called as head(h, c) and returns F shaped "
+                             "like the noisy input z (the denoiser is c_skip z + c_out F)")
         self._checked.add(block)
-        return head(out, c)
+        return out
 
     def denoise(self, block: int, z: torch.Tensor, level: torch.Tensor, cond=None) -> torch.Tensor:
         """D_block(z, level, cond): run one block only (training, and routing below)."""

@@ -9,13 +9,15 @@ this file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from . import io, registry
 from .compare import compare
-from .config import RunConfig, apply_overrides, load_preset, parse_ints
+from .config import PRESETS, RunConfig, apply_overrides, load_preset, parse_ints
+from .config import validate as config_values
 from .jobs import merge
 from .methods import METHODS
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Partition
@@ -163,7 +165,7 @@ def _given(args: argparse.Namespace, task, kind: str) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg, model, data = load_model(args.run)
+    cfg, model, data = load_model(args.run, args.overrides)
     task = get_task(cfg.task)
     given = _given(args, task, "eval")
     ev = task.score(model, data, cfg, split=args.split, progress=not args.json, reference=reference_model, **given)
@@ -191,7 +193,7 @@ def _writable(path: str, flag: str, overwrite: bool) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     _writable(args.out, "--out", args.overwrite)
-    cfg, model, data = load_model(args.run)
+    cfg, model, data = load_model(args.run, args.overrides)
     task = get_task(cfg.task)
     print(task.sample(model, data, cfg, args.out, num=args.num, seed=args.seed, **_given(args, task, "sample"),
                       writable=lambda path, flag: _writable(path, flag, args.overwrite)))
@@ -216,6 +218,44 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite)
     if args.json:
         print(json.dumps(report, indent=2))
+    return 0
+
+
+def preset_lines() -> list[str]:
+    """One line a preset: its name, its task, the first sentence of its description."""
+    width = max(map(len, PRESETS))
+    lines = []
+    for name, make in PRESETS.items():
+        doc = " ".join((make.__doc__ or "").split())
+        short = doc if len(doc) <= 90 else doc[:87].rsplit(" ", 1)[0] + " ..."
+        lines.append(f"  {name:<{width}}  {make().task:<9}  {short}")
+    return lines
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.preset is None:
+        print("presets (diffusionblocks config --preset NAME [KEY=VALUE ...] shows one, resolved):")
+        print("\n".join(preset_lines()))
+        return 0
+    cfg = load_preset(args.preset)
+    if args.task:
+        cfg.task = args.task
+    cfg = apply_overrides(cfg, args.overrides)
+    config_values(cfg)
+    if args.json:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    print(f"# preset {args.preset}{' with ' + ' '.join(args.overrides) if args.overrides else ''}; task {cfg.task}")
+    for name, values in cfg.sections().items():
+        print(f"\n[{name}]  {' '.join((type(values).__doc__ or '').split())}")
+        default = type(values)()
+        for f in dataclasses.fields(values):
+            value, meta = getattr(values, f.name), f.metadata
+            changed = " *" if value != getattr(default, f.name) else ""
+            allowed = meta.get("range") or (" | ".join(map(str, meta["choices"])) if meta.get("choices") else "")
+            print(f"{name}.{f.name} = {json.dumps(value)}{changed}    # {meta.get('help', '')}"
+                  + (f"; accepts {allowed}" if allowed else ""))
+    print("\n(* differs from the section's default)")
     return 0
 
 
@@ -305,20 +345,20 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def _add_size_args(p: argparse.ArgumentParser):
-    p.add_argument("--preset", default="vit12", help="model preset to start from (default vit12)")
+    p.add_argument("--preset", default="vit12", help="model preset to start from (default vit12; listed below)")
     p.add_argument("--task", choices=tuple(TASKS), default=None, help="the task whose model it is (default: the "
                                                                       "preset's)")
     p.add_argument("--depth", type=int, default=None, help="layers")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--mlp-ratio", type=float, default=None)
-    p.add_argument("--patch", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="the model dimension")
+    p.add_argument("--heads", type=int, default=None, help="attention heads")
+    p.add_argument("--mlp-ratio", type=float, default=None, help="the MLP's hidden width over the width")
+    p.add_argument("--patch", type=int, default=None, help="image tasks: the patch side in pixels")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size")
     p.add_argument("--data", default=None, help="dataset whose shape to use (fashion-mnist, digits, cifar10...; "
                    "text presets: shakespeare, text8...)")
     p.add_argument("--image-size", default=None, help="N or HxW (with --channels and --classes, for other data)")
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("--classes", type=int, default=None)
+    p.add_argument("--channels", type=int, default=None, help="image channels (with --image-size)")
+    p.add_argument("--classes", type=int, default=None, help="classes (with --image-size)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16: train wholly in it (default: as "
                    "train.precision trains: float32 weights, activations in its autocast dtype)")
     p.add_argument("--optimizer", default="adamw", help="adamw, adam, momentum or sgd")
@@ -329,13 +369,26 @@ def _add_size_args(p: argparse.ArgumentParser):
 
 
 def _add_run_args(p: argparse.ArgumentParser, preset_default: str | None):
-    p.add_argument("--preset", default=preset_default, help="starting config (see diffusionblocks.config.PRESETS)")
+    p.add_argument("--preset", default=preset_default, help="starting config (listed below)")
     p.add_argument("--num-blocks", type=int, default=None, help="number of blocks B")
     p.add_argument("--data", default=None, help="fashion-mnist, digits, cifar10, cifar100, or PATH.npz; text tasks: "
                                                 "shakespeare, python, text8, or PATH.txt / a folder of .txt files")
     p.add_argument("--steps", type=int, default=None, help="budget in end-to-end steps (train.steps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+
+
+def _config_parser(sub):
+    p = sub.add_parser("config", help="list the presets, or print one resolved with each key's meaning",
+                       description="Without --preset: the presets, a line each. With it: the preset's config after "
+                                   "the overrides, every key with its value, its help and what it accepts (the keys "
+                                   "that train, compare and the other commands take as KEY=VALUE).")
+    p.add_argument("--preset", default=None, help="the preset to show (default: list them)")
+    p.add_argument("--task", choices=tuple(TASKS), default=None, help="the task to show it for (default: the "
+                                                                      "preset's)")
+    p.add_argument("--json", action="store_true", help="print config.json's object instead")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+    p.set_defaults(func=cmd_config)
 
 
 def _partition_parser(sub):
@@ -353,8 +406,8 @@ def _partition_parser(sub):
     p.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="mask schedule alpha(t)")
     p.add_argument("--p-mean", type=float, default=-1.2, help="mean of ln sigma (EDM: -1.2)")
     p.add_argument("--p-std", type=float, default=1.2, help="std of ln sigma (EDM: 1.2)")
-    p.add_argument("--sigma-min", type=float, default=0.002)
-    p.add_argument("--sigma-max", type=float, default=80.0)
+    p.add_argument("--sigma-min", type=float, default=0.002, help="the lowest noise level (EDM: 0.002)")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="the highest noise level (EDM: 80)")
     p.add_argument("--steps-per-block", type=int, default=1, help="inference steps per block")
     p.add_argument("--grid", choices=GRID_KINDS, default="equiprob", help="inference grid")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -368,8 +421,9 @@ def _train_parser(sub):
     p.add_argument("--task", choices=tuple(TASKS), default=None,
                    help="default: the preset's (classify, or imagegen for the gen-* presets, mdlm for lm-*); "
                         "without --preset a text task (mdlm, arlm) starts from lm-cpu")
-    p.add_argument("--method", choices=tuple(METHODS), default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--method", choices=tuple(METHODS), default=None,
+                   help="the training method (train.method; default: the preset's, dblocks)")
+    p.add_argument("--seed", type=int, default=None, help="the run's seed: weights, data order, noise (train.seed)")
     p.add_argument("--out", default=None, help="run directory")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run in DIR")
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out (its files are "
@@ -402,7 +456,10 @@ def _eval_parser(sub):
     p.add_argument("--split", choices=SPLITS, default="test",
                    help="evaluate on the test split (default) or on the run's validation split (data.val_size)")
     _add_options(p, "eval")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="how to run and evaluate it, e.g. train.device=cuda train.eval_batch_size=100 "
+                        "chain.steps_per_block=2 (not model.*, blocks.* or train.method: what was trained)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -414,10 +471,13 @@ def _sample_parser(sub):
     p.add_argument("run", help="run directory (task imagegen, mdlm or arlm)")
     p.add_argument("--num", type=at_least(1), default=64, help="samples (default 64; what one call may draw is capped: "
                                                                 "see --npz, --length)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the samples' noise (default 0)")
     _add_options(p, "sample")
     p.add_argument("--out", required=True, help="the PNG (images) or text file to write (not a file of a run)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and OUT.npz)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="how to run and sample it, e.g. train.device=cuda gen.sampler=heun (not model.*, blocks.* "
+                        "or train.method)")
     p.set_defaults(func=cmd_sample)
 
 
@@ -468,8 +528,8 @@ def _memory_parser(sub):
     _add_size_args(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the preset's)")
     p.add_argument("--out", default="runs/memory", help="output directory (default runs/memory)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write no memory.png")
+    p.add_argument("--no-progress", action="store_true", help="no per-configuration progress lines")
     p.set_defaults(func=cmd_memory)
 
 
@@ -479,10 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train networks block by block as the steps of a reverse diffusion (DiffusionBlocks).")
     parser.add_argument("--version", action="version", version=f"diffusionblocks {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_partition_parser, _train_parser, _merge_parser, _eval_parser, _sample_parser, _compare_parser,
-                _plan_parser, _memory_parser):
+    for add in (_config_parser, _partition_parser, _train_parser, _merge_parser, _eval_parser, _sample_parser,
+                _compare_parser, _plan_parser, _memory_parser):
         add(sub)
     for p in sub.choices.values():
+        if "--preset" in p._option_string_actions and p.prog.split()[-1] != "config":
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.epilog = "presets (diffusionblocks config --preset NAME shows one, with each key's meaning):\n" + \
+                "\n".join(preset_lines())
         p.add_argument("--plugin", action="append", metavar="MODULE|FILE.py",
                        help="load your own task or method first: a module or .py file defining TASK and/or METHOD "
                             "(repeatable; also $DIFFUSIONBLOCKS_PLUGINS, comma-separated)")
@@ -523,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         code = args.func(args)
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): no traceback
+        sys.stderr.close()
+        code = 0
     except KeyboardInterrupt as e:  # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (train.Stopped)
         code = getattr(e, "code", 130)
     except ValueError as e:  # user errors (DataError and CheckpointError included): one line, no traceback

@@ -14,13 +14,14 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import io
-from .config import RunConfig, config_hash
+from .config import RunConfig, apply_overrides, config_hash
 from .config import validate as validate_values
 from .methods import EMA, Method, get_method
 from .tasks import Task, get_task
@@ -246,11 +247,21 @@ def load_weights(model: nn.Module, path: Path, ignore: set[str] = frozenset(), s
     model.load_state_dict(weights, strict=strict and not ignore)
 
 
-def load_model(run_dir: str | os.PathLike) -> tuple[RunConfig, nn.Module, object]:
+FIXED_AFTER_TRAINING = ("model.", "blocks.", "train.method")  # what the weights were trained as: no override
+
+
+def load_model(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[RunConfig, nn.Module, object]:
     """Rebuild a trained model from a run directory: (config, model, data). The weights are the averaged
-    ema.safetensors when the run kept an EMA (the weights its results were measured with)."""
+    ema.safetensors when the run kept an EMA (the weights its results were measured with). `overrides` (KEY=VALUE)
+    change how it runs and is evaluated (train.device, chain.steps_per_block, ...), never what was trained."""
     run = Path(run_dir)
     cfg = run_config(run)
+    if overrides:
+        fixed = [o for o in overrides if o.split("=")[0].strip().startswith(FIXED_AFTER_TRAINING)]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)}: what the weights were trained as (model.*, blocks.*, train.method) "
+                             "cannot change after training")
+        cfg = validate(apply_overrides(cfg, list(overrides)))
     task = get_task(cfg.task)
     data = task.load_data(cfg)
     task.check_run(data, run)

@@ -304,6 +304,29 @@ def test_an_error_of_a_layer_that_fits_is_not_rewritten():
 
 
 
+class StemOfStateOnly(VectorStem):
+    def forward(self, z_in, c_noise, cond=None):
+        return super().forward(z_in, c_noise, cond)[0]  # h without c
+
+
+class HeadOfOtherWidth(VectorHead):
+    def forward(self, h, c):
+        return super().forward(h, c)[:, :2]
+
+
+@pytest.mark.parametrize("stem, head, match", [
+    (StemOfStateOnly(4, 16), VectorHead(16, 4), r"the stem \(StemOfStateOnly\) returned a tensor \(5, 16\): the stem "
+                                                r"is called as stem\(z_in, c_noise, cond\) and returns \(h, c\)"),
+    (VectorStem(4, 16), HeadOfOtherWidth(16, 4), r"the head \(HeadOfOtherWidth\) returned a tensor \(5, 2\) for a "
+                                                 r"noisy input \(5, 4\): under EDM .* shaped like the noisy input z"),
+])
+def test_a_stem_or_head_off_the_contract_is_named_on_the_first_call(stem, head, match):
+    stack = BlockStack([Residual(nn.Linear(16, 16), dim=16) for _ in range(2)], stem, head,
+                       Partition.create(LogNormalLevels(), 2))
+    with pytest.raises(ValueError, match=match):
+        stack.denoise(0, torch.randn(5, 4), torch.full((5,), 30.0))
+
+
 def test_readme_snippet(capsys):
     pytest.importorskip("transformers")
     namespace: dict = {}

@@ -53,3 +53,28 @@ def test_module_entry_point_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "diffusionblocks", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "partition" in out
+
+
+def test_help_lists_every_preset_and_config_resolves_one_with_each_keys_meaning(capsys):
+    from diffusionblocks.cli import build_parser
+    from diffusionblocks.config import PRESETS
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    listed = [line.split()[0] for line in text.split("presets (")[1].splitlines()[1:] if line.strip()]
+    assert listed == list(PRESETS)
+    assert main(["config"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == list(PRESETS)
+    assert main(["config", "--preset", "tiny", "train.lr=3e-3"]) == 0
+    out = capsys.readouterr().out
+    assert 'train.lr = 0.003 *    # AdamW\'s peak learning rate; accepts (0, inf)' in out
+    assert 'blocks.partition = "equiprob"    # the noise levels\' cut' in out and "[chain]" in out
+    assert main(["config", "--preset", "tiny", "--json", "model.depth=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["depth"] == 2
+    assert main(["config", "--preset", "tiny", "train.nope=1"]) == 2
+
+
+def test_every_option_of_every_command_has_help():
+    from diffusionblocks.cli import build_parser
+    missing = [(name, a.option_strings or a.dest)
+               for name, p in build_parser()._subparsers._group_actions[0].choices.items()
+               for a in p._actions if not a.help]
+    assert missing == []

@@ -4,6 +4,7 @@ its control, measured memory, per-block jobs, merge, torchrun)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -308,3 +309,18 @@ def test_the_readme_task_of_your_own_runs_as_written(plugin, tmp_path, monkeypat
         at = words.index("diffusionblocks") + 1
         flags = {w.split("=")[0] for w in words[at + 1:] if w.startswith("--")}
         assert flags <= set(parsers[words[at]]._option_string_actions), (words[at], flags)
+
+
+def test_eval_takes_overrides_of_how_it_runs_and_its_figure_does_not_depend_on_the_batch(plugin, tmp_path, capsys):
+    name, path = plugin
+    run = tmp_path / "run"
+    assert main(["train", "--plugin", str(path), "--task", name, "--out", str(run), "--no-progress",
+                 "train.steps=4", *SMALL]) == 0
+    figures = []
+    for batch in (7, 128):
+        capsys.readouterr()
+        assert main(["eval", str(run), "--json", f"train.eval_batch_size={batch}"]) == 0
+        figures.append(json.loads(capsys.readouterr().out)["denoising_loss"])
+    assert figures[0] == pytest.approx(figures[1], rel=1e-6)
+    assert main(["eval", str(run), "model.depth=3"]) == 2
+    assert "cannot change after training" in capsys.readouterr().err

@@ -221,16 +221,15 @@ class TensorTask(Task):
         count = EVAL_LEVELS * part.num_blocks
         sigmas = levels.icdf(u_lo + (torch.arange(count, dtype=torch.float64) + 0.5) / count * (u_hi - u_lo))
         owner = part.route(sigmas)
-        gen = torch.Generator().manual_seed(0)
-        losses = torch.zeros(count, dtype=torch.float64)
+        losses, n = torch.zeros(count, dtype=torch.float64), cfg.train.eval_batch_size
         with evaluating(model):
-            for i in range(0, y.shape[0], cfg.train.eval_batch_size):
-                yb = y[i:i + cfg.train.eval_batch_size].to(device)
-                xb = None if x is None else x[i:i + cfg.train.eval_batch_size].to(device)
-                for j, s in enumerate(sigmas.tolist()):
+            for j, s in enumerate(sigmas.tolist()):  # the noise of level j drawn whole: no batch size changes it
+                z_all = y + s * torch.randn(y.shape, generator=torch.Generator().manual_seed(j), dtype=y.dtype)
+                for i in range(0, y.shape[0], n):
+                    yb, z = y[i:i + n].to(device), z_all[i:i + n].to(device)
                     sigma = torch.full((yb.shape[0],), s, dtype=yb.dtype, device=device)
-                    z = model.stack.precond.noise(yb, sigma, gen)
-                    losses[j] += mse_loss(model.stack(z, sigma, xb), yb, model.stack.precond.weight(sigma)).sum().item()
+                    out = model.stack(z, sigma, None if x is None else x[i:i + n].to(device))
+                    losses[j] += mse_loss(out, yb, model.stack.precond.weight(sigma)).sum().item()
         losses /= y.shape[0]
         out = {"denoising_loss": float(losses.mean()), "n": int(y.shape[0])}
         out.update({f"denoising_loss_block{b}": float(losses[owner == b].mean()) for b in range(part.num_blocks)})
