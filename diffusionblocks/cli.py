@@ -143,23 +143,25 @@ def _declared(kind: str) -> dict[str, list[tuple[str, Option]]]:
 
 def _add_options(p: argparse.ArgumentParser, kind: str) -> None:
     """A flag for each option of `kind` some task takes; its help says what it is to each task that takes it."""
+    p.add_argument("--steps", dest="training_steps", default=None, help=argparse.SUPPRESS)  # refused by _given
     for declared in _declared(kind).values():
         helps = {}
         for task, o in declared:
             helps.setdefault(o.help, []).append(task)
         o = declared[0][1]
         parse = {"action": "store_true"} if o.type is bool else {"type": o.type, "choices": o.choices}
-        p.add_argument(o.flag, default=None, help="; ".join(f"{', '.join(ts)}: {h}" for h, ts in helps.items()),
-                       **parse)
+        p.add_argument(o.flag, dest=o.name, default=None,
+                       help="; ".join(f"{', '.join(ts)}: {h}" for h, ts in helps.items()), **parse)
 
 
 def _given(args: argparse.Namespace, task, kind: str) -> dict:
     """The options of `kind` given on the command line, refused unless the run's task takes them."""
-    given = {k: v for k in _declared(kind) if (v := getattr(args, k)) is not None and v is not False}
+    declared = _declared(kind)
+    given = {k: v for k in declared if (v := getattr(args, k)) is not None and v is not False}
     own = [o.name for o in task.options(kind)]
     foreign = [k for k in given if k not in own]
     if foreign:
-        flags = lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys) or "none"
+        flags = lambda keys: ", ".join(declared[k][0][1].flag for k in keys) or "none"
         raise ValueError(f"{flags(foreign)}: not an option of {task.name} runs (they take {flags(own)})")
     return given
 
@@ -586,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
+        if getattr(args, "training_steps", None) is not None:  # eval and sample: a flag of another meaning
+            raise ValueError("--steps is the training budget (train, compare); the sampling steps are --sample-steps")
         code = args.func(args)
     except BrokenPipeError:  # the reader went away (e.g. `| head`): no traceback
         sys.stderr.close()

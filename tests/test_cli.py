@@ -78,3 +78,12 @@ def test_every_option_of_every_command_has_help():
                for name, p in build_parser()._subparsers._group_actions[0].choices.items()
                for a in p._actions if not a.help]
     assert missing == []
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_steps_means_the_training_budget_and_sampling_has_its_own_flag(command, capsys, tmp_path):
+    out = ["--out", str(tmp_path / "x.png")] if command == "sample" else []
+    argv = [command, str(tmp_path), "--steps", "4", *out]
+    assert main(argv) == 2
+    assert "--steps is the training budget (train, compare); the sampling steps are --sample-steps" in \
+        capsys.readouterr().err

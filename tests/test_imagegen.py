@@ -211,18 +211,19 @@ def test_train_sample_eval_cli(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     assert main(["train", "--preset", "gen-tiny", "--out", str(run), "--no-progress", "train.steps=20"]) == 0
     out = tmp_path / "s.png"
-    assert main(["sample", str(run), "--num", "10", "--nrow", "5", "--steps", "4", "--out", str(out),
+    assert main(["sample", str(run), "--num", "10", "--nrow", "5", "--sample-steps", "4", "--out", str(out),
                  "--classes", "1,2", "--npz"]) == 0
     assert read_png_size(out) == (52, 22)
     import numpy as np
 
     saved = np.load(tmp_path / "s.npz")
     assert saved["x"].shape == (10, 1, 8, 8) and saved["y"].tolist() == [1, 2] * 5
-    for bad in (["--steps", "0"], ["--classes", "12"], ["--classes", "a"], ["--cfg-scale", "2", "--steps", "-1"]):
+    for bad in (["--sample-steps", "0"], ["--classes", "12"], ["--classes", "a"],
+                ["--cfg-scale", "2", "--sample-steps", "-1"]):
         assert main(["sample", str(run), "--out", str(out), "--overwrite", *bad]) == 2, bad
     capsys.readouterr()
     monkeypatch.setattr("diffusionblocks.tasks.imagegen.reference_config", _tiny_reference)
-    assert main(["eval", str(run), "--num", "50", "--steps", "2", "--json"]) == 0
+    assert main(["eval", str(run), "--num", "50", "--sample-steps", "2", "--json"]) == 0
     import json
 
     ev = json.loads(capsys.readouterr().out)

@@ -302,7 +302,7 @@ def test_cli_train_eval_and_sample(corpus, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["eval_t"] == 1 and out["test_bpc"] == out["bpc"] > 0
     text = tmp_path / "s.txt"
-    assert main(["sample", run, "--num", "3", "--length", "20", "--prompt", "the king", "--steps", "4",
+    assert main(["sample", run, "--num", "3", "--length", "20", "--prompt", "the king", "--sample-steps", "4",
                  "--out", str(text)]) == 0
     samples = text.read_text().split("=== sample ")[1:]
     assert len(samples) == 3 and all(s.split("\n", 1)[1].startswith("the king") for s in samples)

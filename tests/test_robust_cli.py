@@ -163,7 +163,8 @@ def test_sample_refuses_images_past_its_caps_before_sampling(image_run, tmp_path
 def test_sample_npz_past_the_grid_and_never_over_an_existing_npz(image_run, tmp_path, capsys):
     out = tmp_path / "s.png"
     (tmp_path / "s.npz").write_bytes(b"data")
-    argv = ["sample", str(image_run), "--num", str(imagegen.MAX_GRID + 1), "--steps", "1", "--npz", "--out", str(out)]
+    argv = ["sample", str(image_run), "--num", str(imagegen.MAX_GRID + 1), "--sample-steps", "1", "--npz", "--out",
+            str(out)]
     assert main(argv) == 2
     assert "exists: give --overwrite" in capsys.readouterr().err and (tmp_path / "s.npz").read_bytes() == b"data"
     assert not out.exists()

@@ -267,7 +267,7 @@ def real_floor(classifier, x_split, x_train, num: int, f_real: torch.Tensor, spl
 MAX_GRID = 4096  # images in one PNG grid (64 x 64): a bigger one is no use to look at; --npz takes more
 SHEET_ROWS, SHEET_COLUMNS = 4, 10  # compare's samples.png: 4 rows of 10, one class per column when 10 classes
 MAX_NPZ_BYTES = 2**31  # the samples of one `sample` call are held in memory (uint8) until written
-STEPS = Option("steps", at_least(1), "sampling steps (default gen.steps)")
+STEPS = Option("steps", at_least(1), "sampling steps (default gen.steps)", flag_name="sample_steps")
 SAMPLER = Option("sampler", help="the ODE sampler (default gen.sampler)", choices=tuple(SAMPLERS))
 CFG_SCALE = Option("cfg_scale", finite, "classifier-free guidance scale (conditional models; default gen.cfg_scale)")
 

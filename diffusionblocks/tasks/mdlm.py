@@ -197,7 +197,8 @@ class MDLMTask(LMTask):
     presets = {"full": "lm-cpu", "quick": "lm-quick", "offline": "lm-cpu", "offline-quick": "lm-quick"}
     eval_options = ("limit", Option("eval_t", at_least(1), "stratified masking times per window in the bound (default "
                                                            "mdlm.eval_t)"))
-    sample_options = (*TEXT_OPTIONS, Option("steps", at_least(1), "sampling steps (default mdlm.sample_steps)"))
+    sample_options = (*TEXT_OPTIONS, Option("steps", at_least(1), "sampling steps (default mdlm.sample_steps)",
+                                                          flag_name="sample_steps"))
 
     def build_model(self, cfg: RunConfig, data: TextData, form: str) -> nn.Module:
         return MaskedDiffusionLM(cfg.model, cfg.blocks, cfg.mdlm, data.vocab_size, cfg.data.seq_len,

@@ -102,17 +102,18 @@ def finite(text: str) -> float:
 
 @dataclass(frozen=True)
 class Option:
-    """A keyword option of a task's score() (the `eval` command) or sample() (`sample`): the flag --NAME
-    (underscores as dashes), None unless given."""
+    """A keyword option `name` of a task's score() (the `eval` command) or sample() (`sample`): the flag --NAME
+    (underscores as dashes) unless `flag_name` names it otherwise, None unless given."""
 
     name: str
     type: Callable[[str], Any] | None = None  # parses the flag's text (None: the text itself; bool: a switch)
     help: str = ""
     choices: tuple[str, ...] | None = None
+    flag_name: str = ""  # the flag's own name where --NAME would mean something else elsewhere (--steps: training)
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return "--" + (self.flag_name or self.name).replace("_", "-")
 
 
 # what a name in a task's eval_options / sample_options stands for: the evaluation's prefix and the
