@@ -23,6 +23,7 @@ or N x C x H x W (the library's layout, taken first where both match the run's s
 task's own `to_float`; float images must already be N x C x H x W in [-1, 1] (the model's input). Text: the run's
 saved tokenizer (tokenizer.json) encodes it; `score` gives bits per character, cut into windows of data.seq_len
 and scored by the task's own evaluation (masked diffusion: its bound, seeded as `eval` is; autoregressive: exact).
+A run of a TensorTask of your own: `sample(num, x=...)` draws y for each row of x (no x when unconditional).
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ from .tasks import get_task
 from .tasks.base import evaluating
 from .tasks.imagegen import generate as generate_images
 from .tasks.lm import MAX_TEXT_TOKENS, TOKENIZER_FILE, TextData
+from .tasks.tensors import TensorDenoiser, TensorTask
 from .text import check_length, load_tokenizer
 
 # what each task's run can do, for the error of a method that does not fit it
 ABILITIES = {"classify": "classify(images), probabilities(images)", "imagegen": "sample(num, classes, steps, seed)"}
 TEXT_ABILITIES = "generate(prompt, length, num, seed, temperature), score(text), evaluate(text)"
+TENSOR_ABILITIES = "sample(num, x=..., steps=steps per block, seed)"
 
 
 class Predictor(nn.Module):
@@ -54,7 +57,7 @@ class Predictor(nn.Module):
 
     def __init__(self, model: nn.Module, cfg, shapes, tokenizer=None, run: str = ""):
         super().__init__()
-        self.model, self.cfg, self.tokenizer, self.run = model, cfg, tokenizer, run
+        self.model, self.cfg, self.tokenizer, self.run, self.shapes = model, cfg, tokenizer, run, shapes
         # (channels, (height, width)) of an image run's images, from its recorded shapes or its data
         self.image_shape = (shapes.channels, tuple(shapes.image_size)) if hasattr(shapes, "channels") else None
         self.task = cfg.task
@@ -66,10 +69,10 @@ class Predictor(nn.Module):
 
     def _needs(self, task_kind: str, what: str) -> None:
         """Refuse a method that does not fit the run's task, naming what the run can do."""
-        text = self.tokenizer is not None
-        fits = text if task_kind == "text" else self.task == task_kind
+        text, tensors = self.tokenizer is not None, isinstance(self.model, TensorDenoiser)
+        fits = text if task_kind == "text" else tensors if task_kind == "tensors" else self.task == task_kind
         if not fits:
-            can = TEXT_ABILITIES if text else ABILITIES.get(self.task, "nothing here")
+            can = TEXT_ABILITIES if text else TENSOR_ABILITIES if tensors else ABILITIES.get(self.task, "nothing here")
             raise ValueError(f"{what}: {self.run or 'this run'} is a run of task {self.task} "
                              f"({self.cfg.train.method}); it can {can}")
 
@@ -134,7 +137,10 @@ class Predictor(nn.Module):
     @torch.no_grad()
     def sample(self, num: int, classes=None, steps: int | None = None, seed: int = 0, **ode) -> torch.Tensor:
         """`num` images as uint8 (N, H, W, C), the data files' layout. classes: None (drawn uniformly) or a list
-        cycled over the samples; steps and `ode` (sampler, grid, cfg_scale): the run's gen settings by default."""
+        cycled over the samples; steps and `ode` (sampler, grid, cfg_scale): the run's gen settings by default.
+        A TensorTask run: `num` samples of y, conditioned on x=(num, ...) when the model is; steps per block."""
+        if isinstance(self.model, TensorDenoiser):
+            return self.sample_tensors(num, ode.pop("x", None), steps or TensorTask.sample_steps, seed, **ode)
         self._needs("imagegen", "sample")
         settings = {k: ode.pop(k, getattr(self.cfg.gen, k)) for k in ("sampler", "grid", "cfg_scale")}
         if ode:
@@ -142,6 +148,25 @@ class Predictor(nn.Module):
         images, _, _ = generate_images(self.model, num, seed=seed, classes=classes, uint8=True,
                                        steps=steps or self.cfg.gen.steps, device=self.device, **settings)
         return images.permute(0, 2, 3, 1).contiguous()
+
+    @torch.no_grad()
+    def sample_tensors(self, num: int, x=None, steps_per_block: int = TensorTask.sample_steps, seed: int = 0,
+                       **unknown) -> torch.Tensor:
+        """A TensorTask run's samples of y (num, ...), each conditioned on its row of x when the model is."""
+        self._needs("tensors", "sample")
+        if unknown:
+            raise ValueError(f"sample: unknown option(s) {', '.join(unknown)} for a {self.task} run (x, steps, seed)")
+        target, cond = tuple(self.shapes.target), self.shapes.cond
+        if (x is None) != (cond is None):
+            what = f"conditioned on x of shape {list(cond)}: give x" if cond else "unconditional: it takes no x"
+            raise ValueError(f"sample: this {self.task} model is {what}")
+        if x is not None:
+            x = torch.as_tensor(x, dtype=torch.float32)
+            if tuple(x.shape) != (num, *cond):
+                raise ValueError(f"sample: x of shape {tuple(x.shape)}; expected ({num}, {', '.join(map(str, cond))})")
+            x = x.to(self.device)
+        noise = torch.randn((num, *target), generator=torch.Generator().manual_seed(seed)).to(self.device)
+        return self.model.sample(noise, x, steps_per_block).cpu()
 
     # -- language models ----------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import signal_on_step
 
-from diffusionblocks import io, registry
+from diffusionblocks import inference, io, registry
 from diffusionblocks.cli import build_parser, main
 from diffusionblocks.compare import compare
 from diffusionblocks.config import RunConfig, apply_overrides, load_preset
@@ -94,6 +94,14 @@ def test_a_plugin_file_trains_evaluates_elsewhere_and_samples(plugin, tmp_path, 
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"denoising_loss": ' + repr(results["denoising_loss"]) in proc.stdout
+
+    predictor = inference.load(run)  # a plain module: no task, no data read
+    x = torch.rand(64, 1, generator=torch.Generator().manual_seed(1))
+    drawn = predictor.sample(64, x=x, seed=3)
+    close = (drawn - torch.cat([(6 * x).cos(), (6 * x).sin()], 1)).norm(dim=1).mean()
+    assert drawn.shape == (64, 2) and close < 0.5  # a sample at the origin is 1 away
+    with pytest.raises(ValueError, match="conditioned on x of shape \\[1\\]: give x"):
+        predictor.sample(4)
 
     capsys.readouterr()
     assert main(["sample", str(run), "--num", "64", "--out", str(tmp_path / "s.npz")]) == 0
