@@ -18,7 +18,8 @@ from diffusionblocks.models import NoisyCleanStem, noisy_clean_layout
 from diffusionblocks.nn import KVCache
 from diffusionblocks.plan import Spec, configurations, measure_all
 from diffusionblocks.run import load_model
-from diffusionblocks.tasks.arlm import distinct_n
+from diffusionblocks.tasks import get_task
+from diffusionblocks.tasks.arlm import along_blocks, along_chain, distinct_n
 from diffusionblocks.tasks.arlm_models import ARDiffusionLM, AutoregressiveLM
 from diffusionblocks.train import train
 
@@ -184,14 +185,57 @@ def test_runs_report_their_own_metrics(corpus, tmp_path):
     assert "test_bpc" not in db and db["eval_draws"] == 1  # init zero: one deterministic chain
     assert db["test_ce_sigma_max"] < math.log(V) and 0 < db["test_next_token_accuracy"] <= 1
     assert len(db["test_accuracy_per_step"]) == 2 and db["test_accuracy_per_step"][-1] == db["test_next_token_accuracy"]
+    # each block's figure along the chain (one step per block), block 0's beside the headline
+    assert db["test_accuracy_per_block"] == db["test_accuracy_per_step"] and db["block_per_step"] == [0, 1]
+    assert db["test_chain_ce_per_block"] == db["test_chain_ce_per_step"]
+    assert db["test_chain_ce_per_step"][-1] == db["test_chain_ce"]
+    assert (db["test_block0_accuracy"], db["test_block0_chain_ce"]) == (db["test_accuracy_per_step"][0],
+                                                                        db["test_chain_ce_per_step"][0])
+    line = get_task("arlm").summary(db)
+    acc = " / ".join(f"{100 * a:.2f}" for a in db["test_accuracy_per_step"])
+    ce = " / ".join(f"{c:.4f}" for c in db["test_chain_ce_per_step"])
+    assert f"(after blocks 0 / 1: {acc}%)" in line and f"(after blocks 0 / 1: {ce})" in line, line
     e2e = train(apply_overrides(model_cfg("train.method=e2e"), common), tmp_path / "e2e", progress=False)
     assert {"test_bpc", "test_ce", "test_next_token_accuracy"} <= set(e2e) and "test_ce_sigma_max" not in e2e
     assert e2e["test_bpc"] < math.log2(V) - 0.3
     noisy = get_eval(tmp_path / "db", init="noise")
     assert noisy["eval_draws"] == 4  # arlm.eval_draws chains of a random start
+    assert "one chain's own argmax" in get_task("arlm").describe_score(noisy)  # apart from the averaged one
     with pytest.raises(ValueError, match="--init"):
         get_eval(tmp_path / "e2e", init="noise")
     assert main(["sample", str(tmp_path / "e2e"), "--init", "noise", "--out", str(tmp_path / "s.txt")]) == 2
+
+
+def test_accuracy_is_that_of_the_chains_averaged_prediction():
+    """With M chains from noise, the hits after every step are those of the argmax of the chains' averaged
+    probabilities (the distribution the chain cross-entropy scores), not the mean of each chain's own argmax, which
+    is reported apart; the chain cross-entropy after every step is -log of the same average at the true token."""
+    model = randomized(language_model(ARDiffusionLM, model_cfg("chain.steps_per_block=2"), V)).eval()
+    N, T, M = 6, 12, 5
+    x = torch.randint(V, (N, T), generator=torch.Generator().manual_seed(0))
+    calls, real = [], model.step_logits
+    model.step_logits = lambda *args: calls.append(real(*args).float()) or calls[-1]
+    stats = model.window_stats(x, None, torch.Generator().manual_seed(1), draws=M, init="noise")
+    logits = torch.stack(calls[1:]).view(4, M, N, T, V)  # (step, chain, N, T, V), after the sigma_max call
+    probs = logits.softmax(-1)
+    averaged = (probs.mean(1).argmax(-1) == x).double().sum((1, 2))
+    own = (logits.argmax(-1) == x).double().sum((2, 3)).mean(1)
+    assert torch.equal(stats["hits_per_step"], averaged) and stats["hits"] == averaged[-1]
+    assert torch.isclose(stats["single_chain_hits"], own[-1])
+    assert not torch.equal(averaged, own)  # here the two differ, so the test tells them apart
+    nats = -probs.gather(-1, x.expand(4, M, N, T)[..., None]).squeeze(-1).double().mean(1).log().sum((1, 2))
+    assert torch.allclose(stats["chain_nats_per_step"], nats) and stats["chain_ce"] == stats["chain_nats_per_step"][-1]
+
+
+def test_figures_along_the_chain():
+    """A block's figure is the one after its last step; a block that runs no step (a karras grid) has none."""
+    assert along_blocks([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1], 2) == [0.2, 0.4]
+    assert along_blocks([0.1, 0.2], [0, 2], 3) == [0.1, None, 0.2]
+    score = {"accuracy_per_block": [0.392, None, 0.36], "accuracy_per_step": [0.392, 0.36]}
+    assert along_chain(score, "accuracy", 100, ".1f", "%") == " (after blocks 0 / 1 / 2: 39.2 / - / 36.0%)"
+    assert along_chain({"chain_ce_per_block": [2.0], "chain_ce_per_step": [3.0, 2.0]}, "chain_ce", 1, ".1f") == \
+        " (after steps 1 to 2: 3.0 / 2.0)"  # one block (recurrent depth): its steps
+    assert along_chain({}, "accuracy", 100, ".1f") == ""  # an older run's results
 
 
 def get_eval(run, **options):
@@ -245,6 +289,8 @@ def test_cli_trains_evaluates_and_samples_autoregressive_blocks(corpus, tmp_path
     assert main(["eval", run, "--json", "--init", "noise", "--steps-per-block", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["eval_draws"] == 4 and len(out["accuracy_per_step"]) == 4 and "ce_sigma_max" in out
+    per_step = out["accuracy_per_step"]
+    assert out["accuracy_per_block"] == [per_step[1], per_step[3]] == [out["block0_accuracy"], per_step[-1]]
     text = tmp_path / "s.txt"
     assert main(["sample", run, "--num", "2", "--length", "40", "--prompt", "the king", "--temperature", "0",
                  "--out", str(text)]) == 0  # past the 32-token window
@@ -253,7 +299,8 @@ def test_cli_trains_evaluates_and_samples_autoregressive_blocks(corpus, tmp_path
     assert samples[0].split("\n", 1)[1] == samples[1].split("\n", 1)[1]  # greedy: the same text
     assert main(["sample", run, "--num", "2", "--length", "10", "--init", "noise", "--out", str(text),
                  "--overwrite"]) == 0
-    for flags, message in ((["--temperature", "-1"], "temperature"), (["--steps", "3"], "--steps: not an option")):
+    for flags, message in ((["--temperature", "-1"], "temperature"),
+                           (["--sample-steps", "3"], "--sample-steps: not an option")):
         assert main(["sample", run, "--out", str(text), "--overwrite", *flags]) == 2
         assert message in capsys.readouterr().err
 

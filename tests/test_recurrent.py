@@ -155,6 +155,58 @@ def test_runs_report_their_own_metrics(corpus, tmp_path):
     db = train(tiny("train.method=dblocks", *common), tmp_path / "db", progress=False)
     assert {"test_ce_sigma_max", "test_chain_ce", "test_next_token_accuracy"} <= set(db) and "test_bpc" not in db
     assert len(db["test_accuracy_per_step"]) == 3 and db["layer_updates"] == 6 * 4  # r_bar = 3 Euler steps
+    # the known tokens' states are drawn, so even the zero start gives arlm.eval_draws chains, scored averaged
+    assert db["eval_draws"] == 4 and db["test_accuracy_per_step"][-1] == db["test_next_token_accuracy"]
+    assert db["test_chain_ce_per_step"][-1] == db["test_chain_ce"] and 0 <= db["test_single_chain_accuracy"] <= 1
+    line = get_task("recurrent").summary(db)
+    steps = " / ".join(f"{100 * a:.2f}" for a in db["test_accuracy_per_step"])
+    assert f"after steps 1 to 3: {steps}%" in line and "one chain's own argmax" in line, line
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_each_position_reads_the_known_tokens_as_training_does(positions):
+    """At inference position i's logits are training's forward pass (block_loss's denoise and read) on the states
+    [known_<i, z_i]: the known tokens' states beside the chain's own, never another position's chain state."""
+    model = randomized(language_model(RecurrentDiffusionLM, tiny(f"model.positions={positions}"), V)).eval()
+    N, T, s = 3, 12, 0.7
+    x = torch.randint(V, (N, T), generator=torch.Generator().manual_seed(0))
+    z = torch.randn(N, T, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        context = model.chain_context(model.context(x), torch.Generator().manual_seed(2))
+        logits, known = model.step_logits(0, z, s, context), model.known_states(context, s)
+        for i in (0, 1, 5, T - 1):
+            states = known.clone()
+            states[:, i] = z[:, i]
+            ref = model.read(model.denoise(states, torch.full((N,), s), model.encode(x)), model.encode(x)[1])
+            assert torch.allclose(logits[:, i], ref[:, i], atol=1e-5), i
+        z2 = z.clone()
+        z2[:, 5] += 1.0
+        changed = (model.step_logits(0, z2, s, context) - logits).abs().amax(dim=(0, 2)) > 0
+    assert changed.tolist() == [i == 5 for i in range(T)]  # a chain's state is read at its own position only
+
+
+def test_known_tokens_states_at_inference_follow_the_training_law():
+    """What the core reads at a level sigma: in training (block_loss) and, at inference, at the known tokens, the
+    states e_hat(x) + sigma eps with eps ~ N(0, I) (mean, spread and the mass within one sigma of the true
+    embedding, over 9,216 coordinates), whatever the chains' states; the chains' states are read as they are."""
+    model = randomized(language_model(RecurrentDiffusionLM, tiny(), V)).eval()
+    N, T, D, s = 48, 12, 16, 0.7
+    x = torch.randint(V, (N, T), generator=torch.Generator().manual_seed(0))
+    seen = []  # the states the core reads: the adapter's input is [c_in z, e]
+    model.adapter.register_forward_hook(lambda _, inputs, out: seen.append(inputs[0][..., :D] / model.precond.c_in(s)))
+    model.partition.sample = lambda block, n, generator=None, device=None: torch.full((n,), s)
+    with torch.no_grad():
+        model.block_loss(0, x, generator=torch.Generator().manual_seed(1))
+        for scale in (0.0, 3.0):  # two sets of chain states, the same draw of the known tokens' noise
+            z = scale * torch.randn(N, T, D, generator=torch.Generator().manual_seed(2))
+            model.step_logits(0, z, s, model.chain_context(model.context(x), torch.Generator().manual_seed(3)))
+            assert seen[-1].shape == (N, 2 * T, D) and torch.allclose(seen[-1][:, :T], z, atol=1e-5)
+    assert torch.equal(seen[1][:, T:], seen[2][:, T:])  # the known tokens' states do not depend on the chain's
+    target = model.labels(x)
+    for states in (seen[0], seen[1][:, T:]):  # training's, then inference's known tokens'
+        r = (states - target) / s
+        assert abs(r.mean().item()) < 0.04 and abs(r.std().item() - 1) < 0.03
+        assert abs((r.abs() < 1).float().mean().item() - 0.6827) < 0.02
 
 
 def test_settings_are_checked():

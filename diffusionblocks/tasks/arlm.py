@@ -23,8 +23,9 @@ from .optional import Option, finite, pick
 class ARLMTask(LMTask):
     """Autoregressive language modelling: end to end (a causal transformer, exact bits per character) or as
     DiffusionBlocks (a denoiser of next-token embeddings, which has no likelihood: the cross-entropy at sigma_max,
-    the chain cross-entropy, a Monte-Carlo estimate, and greedy next-token accuracy). The headline every form
-    reports is next-token accuracy; the two kinds of cross-entropy never share a column."""
+    the chain cross-entropy, a Monte-Carlo estimate, and the greedy next-token accuracy of the chains' averaged
+    prediction, each also after every block along the chain). The headline every form reports is next-token
+    accuracy; the two kinds of cross-entropy never share a column."""
 
     name = "arlm"
     metric, higher_is_better = "next_token_accuracy", True
@@ -84,7 +85,10 @@ class ARLMTask(LMTask):
                  **options) -> dict:
         """End to end: bits per character and per token, the exact cross-entropy in nats per token (`ce`) and
         greedy next-token accuracy. DiffusionBlocks: `ce_sigma_max`, `chain_ce` (nats per token, M = `eval_draws`
-        chains), `next_token_accuracy`, accuracy and the bridge's norm after every step, the last step's top-1
+        chains) and `next_token_accuracy` (of the chains' averaged prediction, the one `chain_ce` scores); both after
+        every step and after every block's last step along the chain (`*_per_step`, `*_per_block`: None for a
+        block that runs no step; `block0_*`: after the chain's first block); `single_chain_accuracy` (the mean of
+        each chain's own argmax: one draw's accuracy); the bridge's norm after every step, the last step's top-1
         probability (also at temperature 2) and entropy. On the split's windows as LMTask.evaluate cuts them."""
         options = {k: v for k, v in options.items() if v is not None}
         blocks = isinstance(model, NextTokenChain)
@@ -115,15 +119,23 @@ class ARLMTask(LMTask):
             return {"bpc": nats / (chars * LN2), "bpt": nats / (n_tok * LN2), "ce": nats / n_tok, "nats": nats,
                     "chars": chars, **out}
         steps = model.steps(options.get("steps_per_block"), options.get("grid"))
+        per_step = {"accuracy_per_step": (sums["hits_per_step"] / n_tok).tolist(),
+                    "chain_ce_per_step": (sums["chain_nats_per_step"] / n_tok).tolist()}
+        per_block = {key.replace("_step", "_block"): along_blocks(values, [b for _, _, b in steps],
+                                                                   model.partition.num_blocks)
+                     for key, values in per_step.items()}
         return {"ce_sigma_max": sums["ce_sigma_max"].item() / n_tok, "chain_ce": sums["chain_ce"].item() / n_tok,
-                **out, "accuracy_per_step": (sums["hits_per_step"] / n_tok).tolist(),
+                **out, "single_chain_accuracy": sums["single_chain_hits"].item() / n_tok,
+                "block0_accuracy": per_block["accuracy_per_block"][0],
+                "block0_chain_ce": per_block["chain_ce_per_block"][0], **per_step, **per_block,
                 "bridge_norm_per_step": (sums["bridge_norm_per_step"] / n_tok).tolist(),
                 "top1_last": sums["top1_last"].item() / n_tok, "top1_last_t2": sums["top1_last_t2"].item() / n_tok,
                 "entropy_last": sums["entropy_last"].item() / n_tok, "eval_draws": model.draws(options.get("init")),
-                "sigma_per_step": [s for s, _, _ in steps]}
+                "sigma_per_step": [s for s, _, _ in steps], "block_per_step": [b for _, _, b in steps]}
 
     MEASURED = (*LMTask.MEASURED, "ce", "next_token_accuracy", "ce_sigma_max", "chain_ce", "accuracy_per_step",
-                "bridge_norm_per_step", "top1_last", "top1_last_t2", "entropy_last")
+                "bridge_norm_per_step", "top1_last", "top1_last_t2", "entropy_last", "single_chain_accuracy",
+                "chain_ce_per_step", "accuracy_per_block", "chain_ce_per_block", "block0_accuracy", "block0_chain_ce")
 
     def score(self, model, data, cfg: RunConfig, *, split: str = "test", device="cpu", progress: bool = False,
               reference=None, **options) -> dict:
@@ -134,8 +146,13 @@ class ARLMTask(LMTask):
                f"{100 * score['next_token_accuracy']:.2f}%"
         if "bpc" in score:
             return f"{what}; bits per character {score['bpc']:.4f} (exact; {score['ce']:.4f} nats per token)"
-        return (f"{what}; cross-entropy at sigma_max {score['ce_sigma_max']:.4f} and chain cross-entropy "
-                f"{score['chain_ce']:.4f} nats per token (M = {score['eval_draws']}; an estimate, not a likelihood)")
+        M = score.get("eval_draws")
+        single = score.get("single_chain_accuracy")
+        one = "" if single is None or M == 1 else f"; one chain's own argmax {100 * single:.2f}% (a mean over chains)"
+        return (f"{what}{along_chain(score, 'accuracy', 100, '.2f', '%')}{one}; cross-entropy at sigma_max "
+                f"{score['ce_sigma_max']:.4f} and chain cross-entropy {score['chain_ce']:.4f}"
+                f"{along_chain(score, 'chain_ce', 1, '.4f')} nats per token (M = {M}, averaged over the chains; an "
+                f"estimate, not a likelihood)")
 
     def summary(self, results: dict) -> str:
         key = "val_" if "val_next_token_accuracy" in results else "test_"
@@ -150,10 +167,11 @@ class ARLMTask(LMTask):
         return super().write_samples(model, data, cfg, out, **kwargs)
 
     def compare_extras(self, arms, base: RunConfig, out) -> tuple[dict, list[str]]:
-        """Each kind of cross-entropy on its own line; the DiffusionBlocks chain's diagnostics (the published
-        negative findings: accuracy and the bridge's norm after every step, the last step's confidence); for each
-        arm's seed-0 model: samples (written to out/samples-ROLE.txt), their distinct-n, a generative perplexity
-        scored by the end-to-end model, and generation time per token (cached, interleaved, median of 3)."""
+        """Each kind of cross-entropy on its own line; the DiffusionBlocks chain's headline with its figures after
+        every block, and its diagnostics (the published negative findings: accuracy, chain cross-entropy and the
+        bridge's norm after every step, the last step's confidence); for each arm's seed-0 model: samples (written
+        to out/samples-ROLE.txt), their distinct-n, a generative perplexity scored by the end-to-end model, and
+        generation time per token (cached, interleaved, median of 3)."""
         extras, lines = {}, []
         mean = lambda arm, key: statistics.mean(r[key] for r in arm.runs)
         for role, arm in arms.items():
@@ -163,19 +181,26 @@ class ARLMTask(LMTask):
         e2e, blocks = pick(arms, "end-to-end"), pick(arms, "blocks")
         if blocks is not None:
             diag = {k: mean(blocks, "test_" + k) for k in ("ce_sigma_max", "chain_ce", "top1_last", "top1_last_t2",
-                                                            "entropy_last")}
-            for key in ("accuracy_per_step", "bridge_norm_per_step"):
-                diag[key] = [statistics.mean(v) for v in zip(*(r["test_" + key] for r in blocks.runs))]
+                                                            "entropy_last", "next_token_accuracy")}
+            for key in ("accuracy_per_step", "chain_ce_per_step", "bridge_norm_per_step", "accuracy_per_block",
+                        "chain_ce_per_block"):  # the chain's figures along it (an older run may lack some)
+                if all("test_" + key in r for r in blocks.runs):
+                    diag[key] = [None if None in v else statistics.mean(v)
+                                 for v in zip(*(r["test_" + key] for r in blocks.runs))]
             diag["sigma_per_step"], diag["eval_draws"] = blocks.runs[0]["sigma_per_step"], blocks.runs[0]["eval_draws"]
             extras[f"{blocks.role}_chain"] = diag
-            lines.append(f"{blocks.role}: cross-entropy at sigma_max {diag['ce_sigma_max']:.4f}, chain cross-entropy "
-                         f"{diag['chain_ce']:.4f} nats per token (M = {diag['eval_draws']}; estimates, not "
-                         f"likelihoods{self.published})")
-            steps = ", ".join(f"sigma {s:.3g}: {100 * a:.2f}% / {n:.3f}" for s, a, n in
-                              zip(diag["sigma_per_step"], diag["accuracy_per_step"], diag["bridge_norm_per_step"]))
-            lines.append(f"{blocks.role} chain, accuracy / bridge norm after each step: {steps}; last step: mean top-1 "
-                         f"probability {diag['top1_last']:.3f} ({diag['top1_last_t2']:.3f} at temperature 2), "
-                         f"entropy {diag['entropy_last']:.3f} nats")
+            lines.append(f"{blocks.role}: next-token accuracy {100 * diag['next_token_accuracy']:.2f}%"
+                         f"{along_chain(diag, 'accuracy', 100, '.2f', '%')}; cross-entropy at sigma_max "
+                         f"{diag['ce_sigma_max']:.4f}, chain cross-entropy {diag['chain_ce']:.4f}"
+                         f"{along_chain(diag, 'chain_ce', 1, '.4f')} nats per token (M = {diag['eval_draws']}, "
+                         f"averaged over the chains; estimates, not likelihoods{self.published})")
+            per_step = zip(diag["sigma_per_step"], diag["accuracy_per_step"],
+                           diag.get("chain_ce_per_step", [math.nan] * len(diag["sigma_per_step"])),
+                           diag["bridge_norm_per_step"])
+            steps = ", ".join(f"sigma {s:.3g}: {100 * a:.2f}% / {c:.3f} / {n:.3f}" for s, a, c, n in per_step)
+            lines.append(f"{blocks.role} chain, accuracy / chain cross-entropy / bridge norm after each step: {steps}; "
+                         f"last step: mean top-1 probability {diag['top1_last']:.3f} ({diag['top1_last_t2']:.3f} at "
+                         f"temperature 2), entropy {diag['entropy_last']:.3f} nats")
         models = {role: arm.load() for role, arm in arms.items()}
         if not models:
             return extras, lines
@@ -219,6 +244,26 @@ class ARLMTask(LMTask):
                          f"{len(models[blocks.role].steps())} block calls per token): "
                          f"{extras['generation_slowdown']:.2f}x the time")
         return extras, lines
+
+
+def along_blocks(per_step: list[float], block_per_step: list[int], num_blocks: int) -> list[float | None]:
+    """A figure after each block of the chain: the value at the last step block b runs (None where it runs none)."""
+    out: list[float | None] = [None] * num_blocks
+    for value, block in zip(per_step, block_per_step):
+        out[block] = value
+    return out
+
+
+def along_chain(score: dict, key: str, scale: float, fmt: str, unit: str = "") -> str:
+    """The figure `key` along the chain, for a headline: after every block (score[key + "_per_block"]) or, when the
+    chain is one block (recurrent depth), after every step; "" for a chain of one step or an older run's results."""
+    cell = lambda v: "-" if v is None else format(scale * v, fmt)
+    blocks, steps = score.get(f"{key}_per_block") or [], score.get(f"{key}_per_step") or []
+    if len(blocks) > 1:
+        return f" (after blocks {' / '.join(map(str, range(len(blocks))))}: {' / '.join(map(cell, blocks))}{unit})"
+    if len(steps) > 1:
+        return f" (after steps 1 to {len(steps)}: {' / '.join(map(cell, steps))}{unit})"
+    return ""
 
 
 def distinct_n(tokens: torch.Tensor, orders=(1, 2, 3, 4)) -> list[float]:

@@ -141,7 +141,8 @@ class NextTokenChain:
     RecurrentDiffusionLM in tasks/recurrent.py), and the statistics it is scored by. A model sets `partition`,
     `labels` (a ClassEmbedding: the fixed table of unit rows the targets and the bridge use), `chain_cfg` (its
     ChainConfig: grid, bridge, init), `steps_per_block` and `eval_draws`, and implements `context(x)` (what every
-    step reads of the clean windows x, computed once per chain) and `step_logits(block, z, sigma, context)` (the
+    step reads of the clean windows x, computed once), optionally `chain_context(context, generator)` (what one
+    chain's steps read: the context and that chain's own draws) and `step_logits(block, z, sigma, context)` (the
     logits (N, T, V) of one denoiser call at level sigma)."""
 
     def steps(self, steps_per_block: int | None = None, grid: str | None = None) -> list[tuple[float, float, int]]:
@@ -157,23 +158,44 @@ class NextTokenChain:
             return torch.zeros(shape, device=device)
         return sigma_max * torch.randn(shape, generator=generator).to(device)
 
+    def chain_context(self, context, generator: torch.Generator | None = None):
+        """What one chain's steps read: the context itself (the clean tokens draw nothing)."""
+        return context
+
     def bridge(self, logits: torch.Tensor, kind: str | None = None) -> torch.Tensor:
         """The x0 estimate from logits (ClassEmbedding.estimate): softmax(logits) @ e_hat ("soft"), e_hat[argmax]
         ("hard") or the soft one at unit norm ("unit"), from the same normalised rows as the training targets."""
         return self.labels.estimate(logits, kind or self.chain_cfg.bridge)
 
+    def chains(self, x: torch.Tensor, draws: int = 1, generator: torch.Generator | None = None, *,
+               steps_per_block: int | None = None, grid: str | None = None, bridge: str | None = None,
+               init: str | None = None, context=None):
+        """`draws` chains run in lockstep at every position of windows x (N, T) (the clean stream reads the true
+        text): yields (k, sigma, m, logits (N, T, V) float32, estimate) for step k of chain m, every chain's step k
+        before any chain's step k + 1, so a caller can average the chains' predictions step by step. Each chain's
+        start (and its chain_context draws) are drawn up front, chain by chain."""
+        steps = self.steps(steps_per_block, grid)
+        context = self.context(x) if context is None else context
+        shape = (*x.shape, self.labels.table.shape[1])
+        states = []
+        for _ in range(draws):
+            z = self.start(shape, steps[0][0], init, generator, x.device)
+            states.append([z, self.chain_context(context, generator)])
+        for k, (s, s_next, block) in enumerate(steps):
+            for m, state in enumerate(states):
+                logits = self.step_logits(block, state[0], s, state[1]).float()
+                estimate = self.bridge(logits, bridge)
+                yield k, s, m, logits, estimate
+                state[0] = euler_step(state[0], estimate, s, s_next)
+
     def chain(self, x: torch.Tensor, generator: torch.Generator | None = None, *, steps_per_block: int | None = None,
               grid: str | None = None, bridge: str | None = None, init: str | None = None, record=None):
-        """The chain run at every position of windows x (N, T) at once (the clean stream reads the true text):
+        """One chain run at every position of windows x (N, T) at once (the clean stream reads the true text):
         the last step's logits (N, T, V), float32. record(k, sigma, logits, estimate) sees every step."""
-        steps, context = self.steps(steps_per_block, grid), self.context(x)
-        z = self.start((*x.shape, self.labels.table.shape[1]), steps[0][0], init, generator, x.device)
-        for k, (s, s_next, block) in enumerate(steps):
-            logits = self.step_logits(block, z, s, context).float()
-            estimate = self.bridge(logits, bridge)
+        for k, s, _, logits, estimate in self.chains(x, 1, generator, steps_per_block=steps_per_block, grid=grid,
+                                                     bridge=bridge, init=init):
             if record is not None:
                 record(k, s, logits, estimate)
-            z = euler_step(z, estimate, s, s_next)
         return logits
 
     def draws(self, init: str | None = None, draws: int | None = None) -> int:
@@ -183,39 +205,42 @@ class NextTokenChain:
     @torch.no_grad()
     def window_stats(self, x: torch.Tensor, pad: torch.Tensor | None = None, generator: torch.Generator | None = None,
                      draws: int | None = None, **options) -> dict[str, torch.Tensor]:
-        """Sums over the scored tokens of windows x (N, T) (padding not scored): the cross-entropy at sigma_max
-        (block 0 once, from pure noise); the chain cross-entropy -log((1/M) sum_m p_m(x_i)) over M chains; the
-        greedy hits of the last step's argmax (per chain, summed over chains) and after every step; the last
-        step's top-1 probability and entropy (and the top-1 probability at temperature 2), and the bridge's norm
-        ||estimate|| after every step. `tokens`: how many were scored."""
+        """Sums over the scored tokens of windows x (N, T) (padding not scored), from M chains run in lockstep: the
+        cross-entropy at sigma_max (block 0 once, from pure noise); after every step, the hits of the chains'
+        averaged prediction (the argmax of (1/M) sum_m p_m, the distribution the chain cross-entropy scores), the
+        chain cross-entropy -log((1/M) sum_m p_m(x_i)) and the bridge's norm ||estimate|| (a mean over chains); at
+        the last step, each chain's own greedy hits (one draw's accuracy, a mean over chains), top-1 probability,
+        entropy and top-1 probability at temperature 2 (means over chains). `tokens`: how many were scored."""
         scored = torch.ones_like(x, dtype=torch.bool) if pad is None else ~pad
         w = scored.float()
         s_max = self.partition.levels.hi
+        context = self.context(x)
         noise = self.start((*x.shape, self.labels.table.shape[1]), s_max, "noise", generator, x.device)
-        first = self.step_logits(0, noise, s_max, self.context(x))
+        first = self.step_logits(0, noise, s_max, self.chain_context(context, generator))
         out = {"ce_sigma_max": (token_ce(first, x) * w).sum().double(), "tokens": w.sum().double()}
         M = self.draws(options.get("init"), draws)
-        prob = 0.0
         steps = len(self.steps(options.get("steps_per_block"), options.get("grid")))
-        per_step = {"hits_per_step": torch.zeros(steps, dtype=torch.float64),
-                    "bridge_norm_per_step": torch.zeros(steps, dtype=torch.float64)}
-
-        def record(k, s, logits, estimate):
-            per_step["hits_per_step"][k] += ((logits.argmax(-1) == x).float() * w).sum().double().cpu() / M
-            per_step["bridge_norm_per_step"][k] += (estimate.norm(dim=-1) * w).sum().double().cpu() / M
-
-        hits = top1 = top1_t2 = entropy = 0.0
-        for _ in range(M):
-            logits = self.chain(x, generator, record=record, **options)
+        per_step = {key: torch.zeros(steps, dtype=torch.float64)
+                    for key in ("hits_per_step", "chain_nats_per_step", "bridge_norm_per_step")}
+        last = dict.fromkeys(("single_chain_hits", "top1_last", "entropy_last", "top1_last_t2"), 0.0)
+        for k, _, m, logits, estimate in self.chains(x, M, generator, context=context, **options):
             logp = logits.log_softmax(-1)
-            prob = prob + logp.gather(-1, x[..., None]).squeeze(-1).exp().double()
-            hits += ((logits.argmax(-1) == x).float() * w).sum().double()
-            top1 += (logp.max(-1).values.exp() * w).sum().double()
-            entropy += (-(logp.exp() * logp).sum(-1) * w).sum().double()
-            top1_t2 += ((logits / 2).softmax(-1).max(-1).values * w).sum().double()
-        chain_nats = -(prob / M).clamp_min(1e-300).log()
-        out.update(chain_ce=(chain_nats * w.double()).sum(), hits=hits / M, top1_last=top1 / M,
-                   entropy_last=entropy / M, top1_last_t2=top1_t2 / M, **per_step)
+            if m == 0:
+                prob, true_prob = 0.0, 0.0
+            prob = prob + logp.exp()  # (N, T, V): the chains' summed prediction at step k
+            true_prob = true_prob + logp.gather(-1, x[..., None]).squeeze(-1).exp().double()
+            per_step["bridge_norm_per_step"][k] += (estimate.norm(dim=-1) * w).sum().double().cpu() / M
+            if k == steps - 1:  # one chain's own figures at the last step, averaged over the chains
+                last["single_chain_hits"] += ((logits.argmax(-1) == x).float() * w).sum().double() / M
+                last["top1_last"] += (logp.max(-1).values.exp() * w).sum().double() / M
+                last["entropy_last"] += (-(logp.exp() * logp).sum(-1) * w).sum().double() / M
+                last["top1_last_t2"] += ((logits / 2).softmax(-1).max(-1).values * w).sum().double() / M
+            if m == M - 1:  # every chain has taken step k: score the averaged prediction
+                per_step["hits_per_step"][k] = ((prob.argmax(-1) == x).float() * w).sum().double().cpu()
+                chain_nats = -(true_prob / M).clamp_min(1e-300).log()
+                per_step["chain_nats_per_step"][k] = (chain_nats * w.double()).sum().cpu()
+        out.update(chain_ce=per_step["chain_nats_per_step"][-1], hits=per_step["hits_per_step"][-1], **last,
+                   **per_step)
         return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 

@@ -17,7 +17,9 @@ adapter([c_in z, e])) with sigma given to the core's layers by adaLN (one sigma 
 read D out to logits: one pass per training step over the whole range of sigma (one block), the loss the
 cross-entropy. At inference the recurrences are the Euler steps of NextTokenChain (tasks/arlm_models.py): r steps from
 sigma_max, the x0 estimate between steps the bridge softmax(logits) @ e_hat, so every recurrence runs the core, the
-coda and the head; the prelude runs once.
+coda and the head; the prelude runs once. The earlier tokens are known at inference, so the states position i reads
+at the earlier positions are drawn as in training (their noisy true embeddings at the step's sigma), not the chains'
+estimates: the chains' states and the known tokens' run side by side (RecurrentDiffusionLM.step_logits).
 
 Compute (compare_extras, measured by measure.py): FLOPs per training step counted by torch's FlopCounterMode (matrix
 products and attention, forward and backward), wall time per step interleaved in one process, saved-activation bytes;
@@ -51,7 +53,7 @@ from ..config import (
 from ..images import pyplot
 from ..measure import compute_ratios, expected_flops, interleaved_times, step_flops, training_step
 from ..memory import saved_activation_bytes
-from ..models import TokenHead, TokenStem, lm_layers
+from ..models import TokenHead, TokenStem, lm_layers, noisy_clean_layout
 from ..nn import NoiseEmbedding, run_layers
 from ..noise import LogNormalLevels, Partition
 from ..precond import ClassEmbedding, EDMPrecond
@@ -221,8 +223,8 @@ class HuginnLM(RecurrentDepth):
 
 class RecurrentDiffusionLM(NextTokenChain, RecurrentDepth):
     """The same network trained as DiffusionBlocks (one block over the whole range of sigma, a single pass per step)
-    and run at inference as an Euler chain of recurrences (NextTokenChain). The BlockModel interface of one block
-    that owns every parameter."""
+    and run at inference as an Euler chain of recurrences (NextTokenChain), the known tokens' states drawn as in
+    training. The BlockModel interface of one block that owns every parameter."""
 
     inference_options = ("steps_per_block", "grid", "bridge", "init")
 
@@ -261,24 +263,57 @@ class RecurrentDiffusionLM(NextTokenChain, RecurrentDepth):
     # -- the denoiser ------------------------------------------------------------------------------------------
 
     def context(self, x: torch.Tensor) -> tuple:
-        return self.encode(x)  # the prelude reads only the clean window: once per chain
+        """What every step of every chain reads, once per batch of windows x (N, T): the prelude's output e and the
+        stem's (c, causal mask), the known tokens' clean embeddings e_hat(x) (N, T, D), and the layout of the
+        chain's states beside the known tokens' (models.noisy_clean_layout)."""
+        e, cond = self.encode(x)
+        return e, cond, self.labels(x), noisy_clean_layout(x.shape[1], x.device)
+
+    def chain_context(self, context: tuple, generator: torch.Generator | None = None) -> tuple:
+        """One chain's draw, eps (N, T, D) ~ N(0, I) as block_loss's precond.noise draws it: the known tokens'
+        states along the chain are their noisy true embeddings e_hat(x) + sigma eps (known_states)."""
+        target = context[2]
+        eps = torch.randn(target.shape, generator=generator, dtype=target.dtype,
+                          device=generator.device if generator is not None else target.device).to(target.device)
+        return (*context, eps)
+
+    def known_states(self, context: tuple, sigma: float) -> torch.Tensor:
+        """The known tokens' states at level sigma (N, T, D): e_hat(x) + sigma eps, training's law at sigma (one eps
+        per chain, so a perfect denoiser's own Euler chain from e_hat(x) + sigma_max eps would pass through them)."""
+        _, _, target, _, eps = context
+        return target + sigma * eps
 
     def denoise(self, z: torch.Tensor, sigma: torch.Tensor, context: tuple) -> torch.Tensor:
         """D (N, T, D) for states z at sigma (N,): c_skip z + c_out core(adapter([c_in z, e])), sigma by adaLN."""
-        e, (_, mask) = context
+        e, (_, mask) = context[:2]
         net = lambda z_in, c_noise, _: self.core_step(z_in, e, (self.noise(c_noise), mask))
         return self.precond.denoise(net, z, sigma, None)
 
     def step_logits(self, block: int, z: torch.Tensor, sigma: float, context: tuple) -> torch.Tensor:
+        """Logits (N, T, V) of the chain's states z (N, T, D) at sigma. In training position i reads the states of
+        the earlier tokens, their noisy true embeddings; those tokens are known here too, so the states are laid
+        out [z ; known] (2T positions, both copies of position i with id i): z_i reads itself and known_<i, known_i
+        reads known_<=i, through the core and the coda alike, so z_i's logits are training's forward pass on the
+        states [known_<i, z_i] and no chain's estimate is ever read at another position."""
+        e, (c, _), _, layout, _ = context
+        T = z.shape[1]
         levels = torch.full((z.shape[0],), float(sigma), device=z.device)
-        return self.read(self.denoise(z, levels, context), context[1])
+        both = torch.cat([e, e], dim=1)  # (N, 2T, D): each copy of position i reads the prelude's output at i
+        net = lambda z_in, c_noise, _: self.core_step(z_in, both, (self.noise(c_noise), layout))
+        D = self.precond.denoise(net, torch.cat([z, self.known_states(context, sigma)], dim=1), levels, None)
+        return self.read(D, (c, layout))[:, :T]
+
+    def draws(self, init: str | None = None, draws: int | None = None) -> int:
+        """M: eval_draws chains even from a zero start (the known tokens' states are drawn, so no chain is
+        deterministic)."""
+        return draws or self.eval_draws
 
     def block_loss(self, block: int, x: torch.Tensor, r: torch.Tensor | None = None, seed: torch.Tensor | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
         """Nats per token (N,) of one pass at a sigma per window drawn over the whole range (r and seed, the
         end-to-end form's draws, are not used)."""
         context = self.encode(x)
-        target = self.labels(x)  # (N, T, D)
+        target = self.labels(x)  # (N, T, D): every position's state is its token's noisy true embedding
         sigma = self.partition.sample(0, x.shape[0], generator, device=x.device).to(target.dtype)
         z = self.precond.noise(target, sigma, generator)
         ce = token_ce(self.read(self.denoise(z, sigma, context), context[1]), x)
@@ -410,8 +445,7 @@ def measure_compute(e2e: Arm, blocks: Arm, plain: list[Arm], base: RunConfig, re
 
 
 # what DiffusionBlocks must reach of the end-to-end arm's final held-out figures (compute_ratios' targets): next-token
-# accuracy, and cross-entropy (the end-to-end exact one against the chain's, a real predictive distribution when the
-# chain is deterministic)
+# accuracy, and cross-entropy (the end-to-end exact one against the chain's, the M chains' averaged prediction)
 REACH = (("next-token accuracy", "next_token_accuracy", "next_token_accuracy", True),
          ("cross-entropy", "ce", "chain_ce", False))
 
