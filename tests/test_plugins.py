@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import signal_on_step
+from sklearn.datasets import load_digits
 
 from diffusionblocks import inference, io, registry
 from diffusionblocks.cli import build_parser, main
@@ -26,14 +27,14 @@ from diffusionblocks.methods import METHODS, Method
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.run import load_model
 from diffusionblocks.tasks import TASKS, Task, get_task
-from diffusionblocks.tasks.tensors import TensorTask
+from diffusionblocks.tasks.tensors import PlainTensorClassifier, TensorClassifier, TensorClassifierTask, TensorTask
 from diffusionblocks.train import train
 
 PLUGIN = textwrap.dedent('''
     import torch
     from diffusionblocks.models import VectorHead, VectorStem
     from diffusionblocks.nn import ResidualMLP
-    from diffusionblocks.tasks.tensors import TensorTask
+    from diffusionblocks.tasks.tensors import PlainTensorClassifier, TensorClassifier, TensorClassifierTask, TensorTask
 
 
     class Circle(TensorTask):
@@ -332,3 +333,47 @@ def test_eval_takes_overrides_of_how_it_runs_and_its_figure_does_not_depend_on_t
     assert figures[0] == pytest.approx(figures[1], rel=1e-6)
     assert main(["eval", str(run), "model.depth=3"]) == 2
     assert "cannot change after training" in capsys.readouterr().err
+
+
+class DigitsMLP(TensorClassifierTask):
+    """The issue's researcher: an MLP of their own on digits, classified as DiffusionBlocks and end to end."""
+
+    name = "digits_mlp_test"
+
+    def tensors(self, cfg):
+        d = load_digits()
+        x, y = torch.tensor(d.data, dtype=torch.float32) / 8 - 1, torch.tensor(d.target)
+        return {"train": (y[:1500], x[:1500]), "test": (y[1500:], x[1500:])}
+
+    def network(self, cfg, shapes):
+        from diffusionblocks.models import VectorHead, VectorStem
+        from diffusionblocks.nn import ResidualMLP
+        D = cfg.model.width
+        return (VectorStem(shapes.target[0], D, cond_dim=shapes.cond[0]),
+                [ResidualMLP(D) for _ in range(cfg.model.depth)], VectorHead(D, shapes.target[0]))
+
+
+@pytest.mark.parametrize("method", ["dblocks", "e2e"])
+def test_a_classifier_of_your_own_learns_and_reports_each_blocks_accuracy(plugin, tmp_path, method):
+    registry.register(DigitsMLP)
+    cfg = apply_overrides(load_preset("tensors"), ["model.width=32", "train.steps=60", "train.batch_size=64",
+                                                   f"train.method={method}"])
+    cfg.task = DigitsMLP.name
+    results = train(cfg, tmp_path / method, progress=False)
+    assert results["accuracy"] > 0.6  # chance is 0.1
+    assert len(results["accuracy_per_step"]) == (3 if method == "dblocks" else 1)
+    assert results["accuracy_per_step"][-1] == results["accuracy"]
+    cfg_loaded, model, _ = load_model(tmp_path / method)
+    assert isinstance(model, PlainTensorClassifier if method == "e2e" else TensorClassifier)
+    assert io.load_json(tmp_path / method / "shapes.json") == {"target": [32], "cond": [64], "num_classes": 10}
+
+
+def test_a_classifier_takes_class_ids_and_inputs():
+    class Floats(DigitsMLP):
+        name = "floats"
+
+        def tensors(self, cfg):
+            return {"train": (torch.rand(8), torch.rand(8, 2)), "test": (torch.rand(8), torch.rand(8, 2))}
+
+    with pytest.raises(ValueError, match=r"a classifier takes \(y, x\), y the class ids"):
+        Floats().load_data(load_preset("tensors"))

@@ -54,23 +54,21 @@ class EndToEndClassifier(nn.Module):
         return [self.vit(x)]
 
 
-class DiffusionClassifier(StackModel, nn.Module):
-    """The same layers cut into B label denoisers (DiffusionBlocks)."""
+class LabelChain(StackModel, nn.Module):
+    """Any stem, layers and head cut into B label denoisers: the stem reads the noisy label embedding z_in
+    (N, label_dim) and the input as its condition, the head returns (N, label_dim), a readout per block (or shared)
+    gives the class logits; inference is the Euler chain over the label embedding."""
 
-    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, chain: ChainConfig, image_size, channels: int,
-                 num_classes: int):
+    def __init__(self, stem: nn.Module, layers: list[nn.Module], head: nn.Module, blocks: BlocksConfig,
+                 chain: ChainConfig, num_classes: int, label_dim: int, checkpoint_every: int = 0):
         super().__init__()
-        m, label_dim = model, model.label_dim or model.width
         self.chain_cfg = chain
         self.partition = Partition.create(LogNormalLevels(), blocks.num_blocks, kind=blocks.partition,
                                           gamma=blocks.gamma)
         gen = torch.Generator().manual_seed(1234)  # the label table is fixed, and the same in every run
         self.labels = ClassEmbedding(num_classes, label_dim, learnable=chain.label_table == "learned", generator=gen)
-        self.stack = BlockStack(vit_layers(m),
-                                LabelStem(image_size, channels, m.patch, m.width, label_dim, m.noise_scale),
-                                LabelHead(m.width, label_dim, m.label_head), self.partition,
-                                allocation=blocks.layers_per_block(), shared_stem_head=blocks.shared_stem_head,
-                                checkpoint_every=m.checkpoint)
+        self.stack = BlockStack(layers, stem, head, self.partition, allocation=blocks.layers_per_block(),
+                                shared_stem_head=blocks.shared_stem_head, checkpoint_every=checkpoint_every)
         self.add_readout(lambda: nn.Linear(label_dim, num_classes))  # per block when stem/head are replicated
 
     inference_options = ("steps_per_block", "grid", "bridge", "sigma_start", "init")
@@ -137,6 +135,19 @@ class DiffusionClassifier(StackModel, nn.Module):
         z = grid[0].item() * noise if init == "noise" else torch.zeros_like(noise)  # (N, Dy)
         euler(denoiser, z, grid, x)
         return preds
+
+
+class DiffusionClassifier(LabelChain):
+    """The ViT's layers cut into B label denoisers (DiffusionBlocks): the image's patches and the noisy label
+    embedding in the CLS token's place."""
+
+    def __init__(self, model: BackboneConfig, blocks: BlocksConfig, chain: ChainConfig, image_size, channels: int,
+                 num_classes: int):
+        m, label_dim = model, model.label_dim or model.width
+        layers = vit_layers(m)  # the draws in the order they have always been made: layers, stem, head, readout
+        stem = LabelStem(image_size, channels, m.patch, m.width, label_dim, m.noise_scale)
+        head = LabelHead(m.width, label_dim, m.label_head)
+        super().__init__(stem, layers, head, blocks, chain, num_classes, label_dim, m.checkpoint)
 
 
 class ClassifyTask(ImageTask):

@@ -29,7 +29,9 @@ subclass names itself and gives its tensors and its network:
 
 Its headline is the denoising loss on the evaluation split (EDM-weighted MSE at fixed noise draws, the same for
 every arm), with each block's own noise levels reported beside it (denoising_loss_block0, ...); `sample` writes
-samples to an .npz. Override `evaluate` or `score` for a metric of your own. Put the class in a module and load it with
+samples to an .npz. For classification subclass `TensorClassifierTask` instead: y holds class ids, the same network
+denoises the label's embedding (the paper's Sec. 4.1; shapes.target is the embedding's size), the end-to-end arm is
+that network as a plain classifier, and the headline is accuracy after every Euler step. Override `evaluate` or `score` for a metric of your own. Put the class in a module and load it with
 `--plugin FILE.py` (or an entry point) for the command line, `eval` and other processes.
 """
 
@@ -45,28 +47,31 @@ import torch
 from torch import nn
 
 from ..blocks import BlockStack, StackModel
-from ..config import BlocksConfig, RunConfig, apply_overrides, preset
+from ..config import BlocksConfig, ChainConfig, RunConfig, apply_overrides, preset
 from ..data import Batches
 from ..noise import LogNormalLevels, Partition
-from ..precond import EDMPrecond, mse_loss
+from ..precond import EDMPrecond, ce_loss, mse_loss
 from ..sample import euler
-from .base import VALIDATION_SEED, Task, evaluating
+from .base import VALIDATION_SEED, Task, check_label_table, evaluating
+from .classify import LabelChain
 
 EVAL_LEVELS = 8  # noise levels per block at which the denoising loss is measured
 
 
 @dataclass(frozen=True)
 class TensorShapes:
-    """What the network is built from: one sample's shape of y and of x (None: unconditional)."""
+    """What the network is built from: one sample's shape of y and of x (None: unconditional); a classifier's y is
+    the label embedding (label_dim,) of its num_classes classes."""
 
     target: tuple[int, ...]
     cond: tuple[int, ...] | None = None
+    num_classes: int = 0
 
 
 class TensorData:
     """The task's tensors: y_train, x_train (None when unconditional), the same for test and the validation split."""
 
-    def __init__(self, splits: dict, val_size: int):
+    def __init__(self, splits: dict, val_size: int, shapes=None):
         self.y_train, self.x_train = splits["train"]
         self.y_test, self.x_test = splits["test"]
         self.y_val = self.x_val = None
@@ -80,7 +85,7 @@ class TensorData:
             self.y_val, self.x_val = take(self.y_train, val), take(self.x_train, val)
             self.y_train, self.x_train = take(self.y_train, train), take(self.x_train, train)
         cond = None if self.x_train is None else tuple(self.x_train.shape[1:])
-        self.shapes = TensorShapes(tuple(self.y_train.shape[1:]), cond)
+        self.shapes = shapes or TensorShapes(tuple(self.y_train.shape[1:]), cond)
         # the tensors' fingerprints: eval and --resume refuse a run whose tensors changed (RunFiles.check_run)
         self.sources = {f"tensors:{name}": _sha256(t) for name, t in splits.items()}
 
@@ -94,6 +99,10 @@ class TensorData:
         raise ValueError(f"split={split!r}: expected test or validation")
 
     def describe(self) -> str:
+        if self.shapes.num_classes:
+            cond = f", {self.shapes.num_classes} classes of x {list(self.shapes.cond)}"
+            val = f", {len(self.y_val)} validation" if self.y_val is not None else ""
+            return f"tensors{cond}; {len(self.y_train)} training{val}, {len(self.y_test)} test samples"
         cond = f", conditioned on x {list(self.shapes.cond)}" if self.shapes.cond else ", unconditional"
         val = f", {len(self.y_val)} validation" if self.y_val is not None else ""
         return (f"tensors: y {list(self.shapes.target)}{cond}; {len(self.y_train)} training{val}, "
@@ -109,8 +118,9 @@ def _sha256(tensors: tuple) -> str:
     return h.hexdigest()
 
 
-def _check_splits(splits, task: str) -> dict:
-    """The tensors() dict, checked: train and test, each (y,) or (y, x) with as many samples in y and x."""
+def _check_splits(splits, task: str, labels: bool = False) -> dict:
+    """The tensors() dict, checked: train and test, each (y,) or (y, x) with as many samples in y and x (labels:
+    y holds class ids, and x is required)."""
     if not isinstance(splits, dict) or not {"train", "test"} <= set(splits):
         raise ValueError(f"{task}.tensors(cfg) must return {{'train': (y, x), 'test': (y, x)}} ((y,) alone for an "
                          f"unconditional model), not {type(splits).__name__}")
@@ -121,8 +131,15 @@ def _check_splits(splits, task: str) -> dict:
         if not 1 <= len(pair) <= 2 or not all(isinstance(t, torch.Tensor) for t in pair):
             raise ValueError(f"{task}.tensors(cfg)[{name!r}]: expected (y, x) or (y,) of tensors")
         y, x = pair[0], pair[1] if len(pair) == 2 else None
+        if labels:
+            if y.is_floating_point() or y.is_complex() or y.ndim != 1 or x is None or (y.numel() and y.min() < 0):
+                raise ValueError(f"{task}.tensors(cfg)[{name!r}]: a classifier takes (y, x), y the class ids (N,) "
+                                 f"as integers >= 0 and x the inputs (N, ...); got y {y.dtype} {tuple(y.shape)}")
+            out[name] = (y.long(), x)
+            continue
         if not y.is_floating_point():
-            raise ValueError(f"{task}.tensors(cfg)[{name!r}]: y is {y.dtype}; the denoiser's target is a float tensor")
+            raise ValueError(f"{task}.tensors(cfg)[{name!r}]: y is {y.dtype}; the denoiser's target is a float tensor "
+                             "(class ids: TensorClassifierTask)")
         if x is not None and x.shape[0] != y.shape[0]:
             raise ValueError(f"{task}.tensors(cfg)[{name!r}]: y has {y.shape[0]} samples and x {x.shape[0]}")
         if y.ndim < 2 or y.shape[0] == 0:
@@ -130,6 +147,8 @@ def _check_splits(splits, task: str) -> dict:
         out[name] = (y.float(), x)
     if (out["train"][1] is None) != (out["test"][1] is None) or out["train"][0].shape[1:] != out["test"][0].shape[1:]:
         raise ValueError(f"{task}.tensors(cfg): train and test differ in y's shape or in having x")
+    if labels and out["train"][1].shape[1:] != out["test"][1].shape[1:]:
+        raise ValueError(f"{task}.tensors(cfg): train and test differ in x's shape")
     return out
 
 
@@ -190,12 +209,15 @@ class TensorTask(Task):
     def load_data(self, cfg: RunConfig) -> TensorData:
         return TensorData(_check_splits(self.tensors(cfg), type(self).__name__), cfg.data.val_size)
 
-    def build_model(self, cfg: RunConfig, data, form: str) -> TensorDenoiser:
-        shapes = data.shapes if isinstance(data, TensorData) else data
+    def _parts(self, cfg: RunConfig, shapes: TensorShapes) -> tuple:
         parts = self.network(cfg, shapes)
         if not (isinstance(parts, (tuple, list)) and len(parts) == 3):
             raise ValueError(f"{type(self).__name__}.network(cfg, shapes) must return (stem, layers, head)")
-        stem, layers, head = parts
+        return parts
+
+    def build_model(self, cfg: RunConfig, data, form: str) -> TensorDenoiser:
+        shapes = data.shapes if isinstance(data, TensorData) else data
+        stem, layers, head = self._parts(cfg, shapes)
         B = cfg.blocks.num_blocks if form == "blocks" else 1
         return TensorDenoiser(stem, layers, head, cfg.blocks, B, self.sigma_data, cfg.model.checkpoint)
 
@@ -303,6 +325,113 @@ class TensorBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state)
+
+
+# -- classification: your network as a label denoiser -------------------------------------------------------------
+
+
+class TensorClassifier(LabelChain):
+    """Your stem, layers and head as B label denoisers (classify.LabelChain): the stem reads the noisy label
+    embedding z_in (N, label_dim) and conditions on x."""
+
+    def __init__(self, stem: nn.Module, layers: Sequence[nn.Module], head: nn.Module, blocks: BlocksConfig,
+                 chain: ChainConfig, num_classes: int, label_dim: int, checkpoint_every: int = 0):
+        super().__init__(stem, list(layers), head, blocks, chain, num_classes, label_dim, checkpoint_every)
+
+
+class PlainTensorClassifier(TensorClassifier):
+    """End to end: the same network as a plain classifier, trained by backprop through all of it: one block read at
+    sigma_max with its label input held at zero (the chain's first step from a zero start)."""
+
+    inference_options = ()
+
+    def __init__(self, stem, layers, head, blocks: BlocksConfig, chain: ChainConfig, num_classes: int,
+                 label_dim: int, checkpoint_every: int = 0):
+        one = BlocksConfig(num_blocks=1, partition=blocks.partition, gamma=0.0, allocation="", shared_stem_head=True)
+        super().__init__(stem, layers, head, one, chain, num_classes, label_dim, checkpoint_every)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(x.shape[0], self.labels.table.shape[1], dtype=x.dtype, device=x.device)
+        sigma = torch.full((x.shape[0],), self.partition.levels.hi, dtype=x.dtype, device=x.device)
+        return self.readout_of(0)(self.stack.denoise(0, z, sigma, x))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ce_loss(self.logits(x), y)
+
+    @torch.no_grad()
+    def step_logits(self, x: torch.Tensor, **_) -> list[torch.Tensor]:
+        return [self.logits(x)]
+
+
+class TensorClassifierTask(TensorTask):
+    """Subclass it for classification: `tensors(cfg)` gives (y, x) with y the class ids (N,) and x the inputs;
+    `network(cfg, shapes)` builds a stem that reads z_in of shapes.target = (label_dim,) and conditions on x, and a
+    head back to (label_dim,): the contract TensorTask's is. Headline: accuracy, and after every Euler step."""
+
+    metric, higher_is_better, percent = "accuracy", True, True
+    eval_options = ("steps_per_block", "grid", "bridge", "sigma_start", "init")
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        check_label_table(cfg)
+
+    def load_data(self, cfg: RunConfig) -> TensorData:
+        splits = _check_splits(self.tensors(cfg), type(self).__name__, labels=True)
+        classes = int(max(splits["train"][0].max(), splits["test"][0].max())) + 1
+        shapes = TensorShapes((cfg.model.label_dim or cfg.model.width,), tuple(splits["train"][1].shape[1:]), classes)
+        return TensorData(splits, cfg.data.val_size, shapes)
+
+    def build_model(self, cfg: RunConfig, data, form: str) -> TensorClassifier:
+        shapes = data.shapes if isinstance(data, TensorData) else data
+        stem, layers, head = self._parts(cfg, shapes)
+        model = TensorClassifier if form == "blocks" else PlainTensorClassifier
+        return model(stem, layers, head, cfg.blocks, cfg.chain, shapes.num_classes, shapes.target[0],
+                     cfg.model.checkpoint)
+
+    def stream(self, data: TensorData, cfg: RunConfig, seed: int, member: int = 0):
+        return Batches(data.x_train, data.y_train, cfg.train.batch_size, seed=seed)
+
+    def probe_batch(self, data: TensorData, cfg: RunConfig, device) -> tuple:
+        n = cfg.train.batch_size
+        return data.x_train[:n].to(device), data.y_train[:n].to(device)
+
+    @torch.no_grad()
+    def evaluate(self, model: TensorClassifier, data: TensorData, cfg: RunConfig, *, split: str = "test",
+                 limit: int = 0, device="cpu", **options) -> dict:
+        """Accuracy of the last Euler step, and after every step (`accuracy_per_step`: one per block at one step per
+        block), seeded as every evaluation is."""
+        y, x = data.split(split)
+        if limit:
+            y, x = y[:limit], x[:limit]
+        options = {k: v for k, v in options.items() if v is not None}
+        gen, correct = torch.Generator().manual_seed(cfg.train.seed + 999), None
+        with evaluating(model):
+            for i in range(0, y.shape[0], cfg.train.eval_batch_size):
+                xb = x[i:i + cfg.train.eval_batch_size].to(device)
+                logits = model.step_logits(xb, generator=gen, **options)
+                hits = torch.stack([(lg.argmax(-1).cpu() == y[i:i + len(xb)]).sum() for lg in logits])
+                correct = hits if correct is None else correct + hits
+        per_step = (correct.double() / y.shape[0]).tolist()
+        return {"accuracy": per_step[-1], "accuracy_per_step": per_step, "n": int(y.shape[0])}
+
+    def summary(self, results: dict) -> str:
+        steps = ", ".join(f"{100 * a:.2f}" for a in results["accuracy_per_step"])
+        return f"accuracy {100 * results['accuracy']:.2f}% (after each Euler step: {steps})"
+
+    def shapes_record(self, data: TensorData) -> dict:
+        return dict(super().shapes_record(data), num_classes=data.shapes.num_classes)
+
+    def shapes_from_record(self, record: dict) -> TensorShapes:
+        shapes = super().shapes_from_record(record)
+        return TensorShapes(shapes.target, shapes.cond, int(record["num_classes"]))
+
+    def random_batch(self, cfg: RunConfig, shapes: TensorShapes, generator: torch.Generator) -> tuple:
+        n = cfg.train.batch_size
+        return (torch.randn((n, *shapes.cond), generator=generator),
+                torch.randint(shapes.num_classes, (n,), generator=generator))
+
+    def sample(self, model, data, cfg, out, **_) -> str:
+        raise ValueError(f"a {self.name} run classifies: it has nothing to sample (inference.load(run) classifies)")
 
 
 @preset("tensors")
