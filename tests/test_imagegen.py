@@ -213,6 +213,9 @@ def test_train_sample_eval_cli(tmp_path, monkeypatch, capsys):
     out = tmp_path / "s.png"
     assert main(["sample", str(run), "--num", "10", "--nrow", "5", "--sample-steps", "4", "--out", str(out),
                  "--classes", "1,2", "--npz"]) == 0
+    assert read_png_size(out) == (8 * 52, 8 * 22)  # 8x8 digits shown at 64 px
+    assert main(["sample", str(run), "--num", "10", "--nrow", "5", "--sample-steps", "1", "--out", str(out),
+                 "--scale", "1", "--overwrite"]) == 0
     assert read_png_size(out) == (52, 22)
     import numpy as np
 

@@ -27,7 +27,7 @@ from ..blocks import BlockStack, StackModel
 from ..config import BackboneConfig, BlocksConfig, RunConfig, load_preset, parse_ints, preset, section, setting
 from ..data import to_float
 from ..fd import ScriptedFeatures, features, frechet_distance
-from ..images import grid, save_png, save_sheet, to_uint8
+from ..images import grid, readable_factor, save_png, save_sheet, to_uint8, upscale
 from ..measure import interleaved_seconds
 from ..models import DiTHead, DiTStem, vit_layers
 from ..noise import GRID_KINDS, LogNormalLevels, Partition
@@ -267,6 +267,7 @@ def real_floor(classifier, x_split, x_train, num: int, f_real: torch.Tensor, spl
 MAX_GRID = 4096  # images in one PNG grid (64 x 64): a bigger one is no use to look at; --npz takes more
 SHEET_ROWS, SHEET_COLUMNS = 4, 10  # compare's samples.png: 4 rows of 10, one class per column when 10 classes
 MAX_NPZ_BYTES = 2**31  # the samples of one `sample` call are held in memory (uint8) until written
+MAX_PNG_SIDE = 4096  # the default scale keeps a sample grid at most this many pixels a side
 STEPS = Option("steps", at_least(1), "sampling steps (default gen.steps)", flag_name="sample_steps")
 SAMPLER = Option("sampler", help="the ODE sampler (default gen.sampler)", choices=tuple(SAMPLERS))
 CFG_SCALE = Option("cfg_scale", finite, "classifier-free guidance scale (conditional models; default gen.cfg_scale)")
@@ -287,6 +288,8 @@ class ImageGenTask(ImageTask):
     sample_options = (STEPS, SAMPLER, "grid", CFG_SCALE,
                       Option("classes", help="comma-separated classes, cycled over the samples"),
                       Option("nrow", at_least(1), "images per row of the grid"),
+                      Option("scale", at_least(1), "PNG pixels a side per image pixel (default: each image at least "
+                                                   f"64 px, the grid at most {MAX_PNG_SIDE} px a side)"),
                       Option("npz", bool, f"also write the uint8 samples (and classes) as OUT.npz: up to "
                                           f"{MAX_NPZ_BYTES // 2**30} GiB, past the grid's {MAX_GRID} images"))
 
@@ -340,7 +343,8 @@ class ImageGenTask(ImageTask):
                                 **{k: v for k, v in options.items() if v is not None})
 
     def sample(self, model: ImageGenerator, data, cfg: RunConfig, out: str, *, num: int, seed: int, writable,
-               classes: str | None = None, nrow: int | None = None, npz: bool = False, **ode) -> str:
+               classes: str | None = None, nrow: int | None = None, npz: bool = False, scale: int | None = None,
+               **ode) -> str:
         """A PNG grid of the first MAX_GRID samples at `out`; with `npz` all of them and their classes in OUT.npz.
         `ode`: steps, sampler, grid, cfg_scale (default: the run's gen settings)."""
         if not out.lower().endswith(".png"):
@@ -361,8 +365,11 @@ class ImageGenTask(ImageTask):
                              f"call holds; sample fewer per call (another --seed for more)")
         ode = {k: ode.get(k, getattr(cfg.gen, k)) for k in ("steps", "sampler", "grid", "cfg_scale")}
         images, labels, seconds = generate(model, num, seed=seed, classes=classes, uint8=True, **ode)
-        save_png(grid(images[:MAX_GRID], nrow=nrow), out)
-        said = f"wrote {out}: {min(num, MAX_GRID)} of {num} samples, {ode['steps']} steps, {seconds:.2f} s of sampling"
+        sheet = grid(images[:MAX_GRID], nrow=nrow)
+        scale = scale or min(readable_factor(*model.image_size), max(1, MAX_PNG_SIDE // max(sheet.shape[1:])))
+        save_png(upscale(sheet, scale), out)
+        said = (f"wrote {out}: {min(num, MAX_GRID)} of {num} samples, each pixel {scale}x{scale}, {ode['steps']} "
+                f"steps, {seconds:.2f} s of sampling")
         if not npz:
             return said
         with io.atomic_file(npz_path) as f:
