@@ -9,7 +9,7 @@ made nameable by `register` (registry.py: also modules given to `--plugin`, and 
 
 Imports go one way (a module imports only from the rows above its own):
     core      noise, precond, blocks, sample, nn, adapters
-    parts     models, data, config, io, images, fd, text, memory, measure, residency, registry, version
+    parts     models, data, config, io, images, fd, text, memory, measure, residency, registry, version, logs
     plug-ins  tasks/ (base, optional, images, tensors, classify, imagegen, lm, mdlm, arlm, recurrent), methods/ (base,
               e2e, dblocks, ff, greedy, dgl, noprop, dtp): each declares its own config sections and presets,
               registered on import (so importing any module of the package registers them all)

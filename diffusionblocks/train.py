@@ -5,9 +5,11 @@ checkpoints are shared, so comparisons are fair by construction."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
+import shutil
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import io
+from . import io, logs
 from .config import RunConfig, save_config
 from .data import absolute_data_paths
 from .memory import saved_activation_bytes
@@ -47,16 +49,21 @@ from .run import (
 from .tasks import Task, get_task, run_split
 from .tasks.base import VALIDATION_SEED
 
+log = logging.getLogger(__name__)
+
 
 def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-          data_parallel=None, overwrite: bool = False) -> dict:
+          data_parallel=None, overwrite: bool = False, tensorboard: bool | None = None) -> dict:
     """Train one run into `out_dir`; with resume=True continue the run saved there. Returns results.
 
     A new run needs a missing or empty directory, or `overwrite` (the earlier run's files are removed once the new
     run's model is built, before anything of it is written). The directory is locked from before the data is read
     until the run ends, so no other process can train into it meanwhile.
     With train.blocks set (a block-wise method) the run is a per-block job: it trains those blocks only
-    and writes job.json for `merge`; with train.parallel=blocks it is one rank of a torchrun (parallel.py)."""
+    and writes job.json for `merge`; with train.parallel=blocks it is one rank of a torchrun (parallel.py).
+    `tensorboard` (default: whether $DIFFUSIONBLOCKS_TENSORBOARD is set) also writes metrics.jsonl's scalars as
+    TensorBoard events in out_dir/tensorboard. Messages go to the `diffusionblocks` logger (logs.setup)."""
+    logs.setup()
     out = Path(out_dir)
     if resume:
         if not (out / STATE).exists():
@@ -66,24 +73,26 @@ def train(cfg: RunConfig | None, out_dir: str | os.PathLike, *, resume: bool = F
     validate(cfg)
     if not resume:
         check_out(out, overwrite)
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    previous, threads = torch.get_num_threads(), run_threads(cfg.train.threads)
+    torch.set_num_threads(threads)
+    check_threads(threads)
     try:
         with RunLock(out):
             if not resume:  # again, now that no other process can write here
                 check_out(out, overwrite)
             clear_leftovers(out)
-            return Run(cfg, out, data_parallel).train(resume, progress)
+            return Run(cfg, out, data_parallel, logs.tensorboard_wanted(tensorboard)).train(resume, progress)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 class Run:
     """One training run: the task, its data and model, the method, the data streams and the counters."""
 
-    def __init__(self, cfg: RunConfig, out: Path, data_parallel=None):
-        self.cfg, self.out = cfg, out
+    def __init__(self, cfg: RunConfig, out: Path, data_parallel=None, tensorboard: bool = False):
+        # the sessions of the run, each when it started and at which step (a resume adds one): its provenance
+        self.sessions = [{"started": logs.utc_now(), "step": 0}]
+        self.cfg, self.out, self.tensorboard, self.sink = cfg, out, tensorboard, None
         self.task: Task = get_task(cfg.task)
         self.data = self.task.load_data(cfg)
         self.split = run_split(cfg)  # curves and results: validation when held out, else test
@@ -114,8 +123,9 @@ class Run:
             self.load_checkpoint()
         else:
             if (out / CONFIG).exists() or (out / WEIGHTS).exists():
-                print(f"{out}: replacing the earlier run in it (--overwrite)", file=sys.stderr)
+                log.info(f"{out}: replacing the earlier run in it (--overwrite)")
             clear_run(out, self.task.run_files)
+            shutil.rmtree(out / logs.TENSORBOARD_DIR, ignore_errors=True)  # the earlier run's events
             io.atomic_write_text(out / CONFIG, save_config(cfg))
             io.atomic_write_text(out / METRICS, "")
             self.task.save_with_run(self.data, out)
@@ -123,10 +133,11 @@ class Run:
             self.write_job()
         place(self.model, self.device, method.residency, self.ema)
         n_params = sum(p.numel() for p in self.model.parameters() if p.device.type != "meta")
-        print(f"{cfg.train.method}: {self.data.describe()}; {n_params:,} parameters; budget: {self.rule}"
-              + (f"; this job: blocks {method.owned}, {self.total} steps" if method.partial else "")
-              + f"; device {self.device}" + (f", residency {method.residency.policy}" if method.residency else ""),
-              file=sys.stderr)
+        log.info(f"{cfg.train.method}: {self.data.describe()}; {n_params:,} parameters; budget: {self.rule}"
+                 + (f"; this job: blocks {method.owned}, {self.total} steps" if method.partial else "")
+                 + f"; device {self.device}" + (f", residency {method.residency.policy}" if method.residency else ""))
+        if self.tensorboard:
+            self.sink = logs.TensorBoard.open(out, self.state["step"])
         try:
             self.loop(progress)
             self.checkpoint()
@@ -136,6 +147,8 @@ class Run:
         finally:  # the offload files go, whatever happened (the checkpoint holds the weights)
             if method.residency is not None:
                 method.residency.close()
+            if self.sink is not None:
+                self.sink.close()
 
     def write_job(self, finished: bool = False):
         """job.json of a per-block job: what `merge` checks, and whether the job has finished."""
@@ -145,7 +158,7 @@ class Run:
     def checkpoint(self):
         positions = {b: st.state_dict() for b, st in self.streams.items()}
         save_checkpoint(self.out, self.model, self.method, self.ema,
-                        dict(self.state, streams=positions, window=self.window), self.cfg)
+                        dict(self.state, streams=positions, window=self.window, sessions=self.sessions), self.cfg)
 
     def load_checkpoint(self):
         out = self.out
@@ -161,9 +174,12 @@ class Run:
             self.ema.shadow.update(saved["ema"])
         self.state = {k: saved[k] for k in self.state}
         self.window = saved.get("window", self.window)
+        # a checkpoint of an earlier version did not record its sessions: when it started is unknown
+        earlier = saved.get("sessions") or [{"started": None, "step": 0}]
+        self.sessions = [*earlier, {"started": self.sessions[-1]["started"], "step": self.state["step"]}]
         kept = [r for r in io.read_jsonl(out / METRICS, skip_bad=True) if r.get("step", 0) <= self.state["step"]]
         io.atomic_write_text(out / METRICS, "".join(io.json_line(r) for r in kept))
-        print(f"resuming {out} at step {self.state['step']}/{self.total}", file=sys.stderr)
+        log.info(f"resuming {out} at step {self.state['step']}/{self.total}")
 
     def check_state(self, saved):
         """state.pt holds what this run saves, with counters this run can have reached."""
@@ -184,8 +200,8 @@ class Run:
         cfg, state, method = self.cfg, self.state, self.method
         # ten evaluations over the run's layer-updates (steps x depth / B); a per-block job evaluates none
         eval_every = cfg.train.eval_every or max(1, self.total * cfg.model.depth // method.num_blocks // 10)
-        bar = Progress(self.total, cfg.train.method + (f" blocks {cfg.train.blocks}" if method.partial else ""),
-                       progress)
+        bar = logs.Progress(self.total, cfg.train.method + (f" blocks {cfg.train.blocks}" if method.partial else ""),
+                            progress, start=state["step"])
         window = self.window
         in_a_row = 0  # consecutive skipped steps
         self.model.train()
@@ -193,8 +209,8 @@ class Run:
             while state["step"] < self.total:
                 if stop.requested:
                     self.checkpoint()
-                    print(f"stopped by {stop.name} at step {state['step']}/{self.total}; checkpoint saved. Continue "
-                          f"with: diffusionblocks train --resume {self.out}", file=sys.stderr)
+                    log.info(f"stopped by {stop.name} at step {state['step']}/{self.total}; checkpoint saved. "
+                             f"Continue with: diffusionblocks train --resume {self.out}")
                     raise Stopped(stop.signum)
                 before = state["layer_updates"]
                 m = self.step()
@@ -268,9 +284,14 @@ class Run:
             starved = [b for b in range(B) if b not in window["blocks"]]
             if starved and self.method.warn_starved and state["step"] >= 10 * B:
                 record["starved_blocks"] = starved
-                print(f"\nwarning: block(s) {starved} received no update in the last window of steps",
-                      file=sys.stderr)
+                log.warning(f"block(s) {starved} received no update in the last window of steps")
+        self.record(record)
+
+    def record(self, record: dict):
+        """A line of metrics.jsonl, and its scalars to TensorBoard when asked for."""
         io.append_jsonl(self.out / METRICS, record)
+        if self.sink is not None:
+            self.sink.write(record)
 
     @contextlib.contextmanager
     def all_resident(self):
@@ -294,7 +315,7 @@ class Run:
         state, ev = self.state, self.evaluate(self.cfg.train.eval_limit)
         point = {"step": state["step"], "layer_updates": state["layer_updates"], **_metrics(ev)}
         state["curve"].append(point)
-        io.append_jsonl(self.out / METRICS, {
+        self.record({
             "step": state["step"], "layer_updates": state["layer_updates"],
             **{k if k.startswith("eval_") else f"eval_{k}": v for k, v in _metrics(ev).items()
                if not isinstance(v, list)}, "eval_n": ev["n"], "eval_split": self.split})
@@ -324,7 +345,7 @@ class Run:
             "skipped_steps": state["skipped"], "block_updates": state["block_updates"],
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "activation_bytes_per_step": self.activation_bytes(),
-            "curve": state["curve"], "curve_n": sub["n"],
+            "curve": state["curve"], "curve_n": sub["n"], "provenance": self.provenance(),
         }
         io.save_json(self.out / RESULTS, results)
         return results
@@ -337,9 +358,14 @@ class Run:
                    "layer_updates": state["layer_updates"], "train_seconds": state["train_seconds"],
                    "seconds_per_layer_update": state["train_seconds"] / max(1, state["layer_updates"]),
                    "skipped_steps": state["skipped"], "block_updates": state["block_updates"], "per_block_job": True,
-                   "note": "a per-block job: merge it with the other blocks' jobs, then evaluate the merged run"}
+                   "note": "a per-block job: merge it with the other blocks' jobs, then evaluate the merged run",
+                   "provenance": self.provenance()}
         io.save_json(self.out / RESULTS, results)
         return results
+
+    def provenance(self) -> dict:
+        """Version, commit, torch, Python, device, the run's start and end, its resumed sessions, the command."""
+        return logs.provenance(self.device, self.sessions[0]["started"], resumed=self.sessions[1:])
 
 
 def _metrics(ev: dict) -> dict:
@@ -355,7 +381,7 @@ def reference_model(cfg: RunConfig, name: str, progress: bool = True) -> nn.Modu
         run.parent.mkdir(parents=True, exist_ok=True)
         with RunLock(run.parent, wait=True):  # a second process waits for the first one's training
             if not (run / RESULTS).exists():
-                print(f"training the reference model {name} once (cached in {run})", file=sys.stderr)
+                log.info(f"training the reference model {name} once (cached in {run})")
                 train(cfg, run, progress=progress, overwrite=True)  # over an interrupted one, if any
     _, model, _ = load_model(run)
     return model.eval()
@@ -392,8 +418,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (a second signal aborts without a "
-              "checkpoint)", file=sys.stderr)
+        log.info(f"{signal.Signals(signum).name}: stopping after this step (a second signal aborts without a "
+                 "checkpoint)")
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -401,25 +427,75 @@ class StopRequest:
         return False
 
 
-class Progress:
-    """A one-line progress bar on stderr (a line every 10% when stderr is not a terminal)."""
+# -- threads -----------------------------------------------------------------------------------------------
 
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.tty = sys.stderr.isatty()
-        self.start, self.last_pct = time.perf_counter(), -1
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: a container's CPU quota, "max" or "QUOTA PERIOD"
+LOADAVG = Path("/proc/loadavg")  # its 4th field: scheduling entities runnable now / all of them
+_warned: set[str] = set()  # the thread warnings this process gave (a compare's arms do not repeat them)
 
-    def update(self, step: int, loss: float):
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = step / max(elapsed, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        line = (f"[{self.label}] {step}/{self.total} ({100 * step / self.total:.0f}%) loss {loss:.4f} "
-                f"{rate:.1f} step/s eta {int(eta) // 60}:{int(eta) % 60:02d}")
-        pct = 10 * step // self.total
-        if self.tty:
-            print("\r" + line, end="\n" if step == self.total else "", file=sys.stderr, flush=True)
-        elif pct != self.last_pct:
-            self.last_pct = pct
-            print(line, file=sys.stderr, flush=True)
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (else the machine's count), capped by a cgroup CPU quota
+    (a container's --cpus, which the affinity does not show)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on macOS and Windows
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def run_threads(threads: int) -> int:
+    """torch's intra-op threads for train.threads: the setting; for 0, torch's default (OMP_NUM_THREADS when set),
+    capped at the usable cores when OMP_NUM_THREADS is not set, because torch counts the cores it sees, which a
+    container's quota does not reduce, and threads beyond the cores wait on each other at every op."""
+    if threads:
+        return threads
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    return min(torch.get_num_threads(), usable_cores())
+
+
+def competing_load(samples: int = 4) -> float | None:
+    """How many other threads want a CPU: the fewest runnable ones over a few samples 10 ms apart (/proc/loadavg,
+    less this thread), else the 1-minute load average; None where neither is known. The count now rather than the
+    average, because the average still counts a run that ended a minute ago."""
+    try:
+        counts = []
+        for i in range(samples):
+            if i:
+                time.sleep(0.01)
+            counts.append(int(LOADAVG.read_text().split()[3].split("/")[0]) - 1)
+        return float(max(0, min(counts)))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def check_threads(threads: int) -> None:
+    """A warning with the fix (once per process each) where torch's threads outnumber the cores this process may use,
+    or where other processes compete for the machine's cores: either slows every step many times over."""
+    cores = usable_cores()
+    if threads > cores and "threads" not in _warned:
+        _warned.add("threads")
+        log.warning(f"torch runs {threads} threads but this process may use {cores} core(s), so the threads wait on "
+                    f"each other at every step: set train.threads={cores} (or OMP_NUM_THREADS={cores})")
+    if "load" in _warned:
+        return
+    others, machine = competing_load(), os.cpu_count() or 1
+    if others is not None and others + threads > machine:
+        _warned.add("load")
+        free = int(machine - others)
+        fix = (f"set train.threads={free} (or OMP_NUM_THREADS={free})" if free > 0 else
+               f"run one job at a time, or give each train.threads=N (or OMP_NUM_THREADS=N), N times the jobs at "
+               f"most {machine}")
+        log.warning(f"other processes keep {others:g} thread(s) busy on this machine's {machine} core(s), so this "
+                    f"run's {threads} thread(s) get a fraction of them and every step slows: {fix}")

@@ -32,7 +32,7 @@ ROOT = PACKAGE.parent
 LAYERS = [
     {"noise", "precond", "blocks", "sample", "nn", "adapters"},
     {"models", "data", "config", "io", "images", "fd", "text", "memory", "measure", "residency", "registry",
-     "version"},
+     "version", "logs"},
     {"tasks", "methods"},
     {"run"},
     {"train"},

@@ -223,7 +223,7 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     assert (cfg["train"]["steps"], cfg["train"]["log_every"]) == (3, 1)
     capsys.readouterr()
     for argv in (["train", "--preset", "tiny", "--out", str(tmp_path / "x"), "--stpes", "3"],
-                 ["eval", str(run), "--json", "train.steps=3"]):
+                 ["partition", "--num-blocks", "3", "train.steps=3"]):
         assert main(argv) == 2
         assert "unrecognized arguments" in capsys.readouterr().err
 
@@ -418,3 +418,21 @@ def test_the_validation_split_is_fixed_and_checked():
         ClassifyTask().load_data(tiny("e2e", data__val_size=5000))
     with pytest.raises(ValueError, match="data.val_size"):
         validate(tiny("e2e", data__val_size=-1))
+
+
+def test_results_record_their_provenance(trained, tmp_path):
+    """results.json says what produced it: versions, commit, device, times, command (logs.provenance)."""
+    import platform
+    import sys
+
+    from diffusionblocks.logs import git_commit
+
+    run, results = trained["dblocks"]
+    p = io.load_json(run / "results.json")["provenance"]
+    assert p == results["provenance"] and p["torch"] == torch.__version__ and p["python"] == platform.python_version()
+    assert p["device"] == "cpu" and p["argv"] == sys.argv and p["git_commit"] == git_commit()
+    assert p["started"] <= p["ended"] and p["started"].endswith("+00:00") and "resumed" not in p
+    job = tiny("dblocks", train__steps=2, train__blocks="1", blocks__shared_stem_head="false",
+               dblocks__block_choice="sequential")
+    assert train(job, tmp_path / "job", progress=False)["per_block_job"]  # a per-block job's results too
+    assert io.load_json(tmp_path / "job" / "results.json")["provenance"]["torch"] == torch.__version__

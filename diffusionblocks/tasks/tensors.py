@@ -31,8 +31,9 @@ Its headline is the denoising loss on the evaluation split (EDM-weighted MSE at 
 every arm), with each block's own noise levels reported beside it (denoising_loss_block0, ...); `sample` writes
 samples to an .npz. For classification subclass `TensorClassifierTask` instead: y holds class ids, the same network
 denoises the label's embedding (the paper's Sec. 4.1; shapes.target is the embedding's size), the end-to-end arm is
-that network as a plain classifier, and the headline is accuracy after every Euler step. Override `evaluate` or `score` for a metric of your own. Put the class in a module and load it with
-`--plugin FILE.py` (or an entry point) for the command line, `eval` and other processes.
+that network as a plain classifier, and the headline is accuracy after every Euler step. Override `evaluate` or
+`score` for a metric of your own. Put the class in a module and load it with `--plugin FILE.py` (or an entry point)
+for the command line, `eval` and other processes.
 """
 
 from __future__ import annotations
