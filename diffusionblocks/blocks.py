@@ -91,6 +91,7 @@ class BlockStack(nn.Module):
         for i, layer in enumerate(layers):
             check_layer(layer, i)
         self._checked: set[int] = set()  # blocks whose first call went through (probe_layers)
+        self._fast = self._net  # F_block after the first call: eager, or compiled (compile_net)
         self.allocation = split_layers(len(layers), partition.num_blocks, allocation)
         if shared_stem_head:
             self.stem, self.head = stem, head
@@ -143,11 +144,20 @@ class BlockStack(nn.Module):
 
     def net(self, block: int, z_in: torch.Tensor, c_noise: torch.Tensor, cond=None):
         """F_block: the inner network of block `block` (before preconditioning)."""
-        stem, head = self.stem_head(block)
         if block in self._checked:
-            h, c = stem(z_in, c_noise, cond)
-            return head(run_layers(self.blocks[block].layers, h, c, self.checkpoint_every), c)
+            return self._fast(block, z_in, c_noise, cond)
+        stem, head = self.stem_head(block)
         return self._first_call(block, stem, head, z_in, c_noise, cond)
+
+    def _net(self, block: int, z_in: torch.Tensor, c_noise: torch.Tensor, cond=None):
+        """F_block once the contract is checked: stem, the block's layers, head (what compile_net compiles)."""
+        stem, head = self.stem_head(block)
+        h, c = stem(z_in, c_noise, cond)
+        return head(run_layers(self.blocks[block].layers, h, c, self.checkpoint_every), c)
+
+    def compile_net(self) -> None:
+        """torch.compile F_block (one graph per block), in place; parameters and state-dict names are unchanged."""
+        self._fast = torch.compile(self._net)
 
     def _first_call(self, block: int, stem: nn.Module, head: nn.Module, z_in, c_noise, cond):
         """net's first call on `block`: the stem, layers and head checked against the contract as they run."""

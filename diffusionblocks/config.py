@@ -156,7 +156,8 @@ class TrainConfig:
     log_every: int = setting(20, "steps between log lines", range="[1, 1e15] steps between log lines")
     ckpt_every: int = setting(500, "steps between checkpoints (one is also written at the end and on Ctrl-C)",
                               range="[1, 1e15] steps between checkpoints")
-    threads: int = setting(0, "torch threads (0 = torch's default)", range="[0, 1_024] 0 = torch's default")
+    threads: int = setting(0, "torch threads (0 = $OMP_NUM_THREADS if set, else torch's default capped at the usable "
+                              "cores)", range="[0, 1_024] 0 = automatic")
     device: str = setting("cpu", "cpu, cuda, cuda:N, or auto (cuda when available)")
     offload_dir: str = setting("", "residency=active on a CPU: where idle blocks are memory-mapped (\"\" = the run's "
                                    "directory)")
@@ -166,8 +167,8 @@ class TrainConfig:
     precision: str = setting("fp32", "a step's forward and loss: fp32, or autocast to bf16 or fp16 (fp16 with a loss "
                                      "scaler per optimizer); weights, optimizer state and EMA stay fp32",
                              choices=("fp32", "bf16", "fp16"))
-    compile: bool = setting(False, "torch.compile the layers a step runs (a one-off compile at the start; on by "
-                                   "choice only)")
+    compile: bool = setting(False, "torch.compile what a step runs (each block's network; an end-to-end model's "
+                                   "loss): a one-off compile at the start; on by choice only")
 
     def check(self):
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -21,6 +21,7 @@ from . import io
 from .config import RunConfig, config_hash, save_config
 from .data import absolute_data_paths
 from .jobs import merge
+from .logs import provenance
 from .methods import get_method
 from .run import CONFIG, STATE, check_out, clear_run, load_model, resolve_device
 from .tasks import get_task, run_split
@@ -113,7 +114,8 @@ def train_parallel(cfg: RunConfig, out: str | os.PathLike, *, resume: bool = Fal
             summary.update(_merge_and_score(cfg, out, [out / f"rank{r}" for r in leaders], device))
             summary.update(steps=sum(everyone[r]["steps"] for r in leaders),
                            layer_updates=sum(everyone[r]["layer_updates"] for r in leaders),
-                           train_seconds=max(r["train_seconds"] for r in everyone))
+                           train_seconds=max(r["train_seconds"] for r in everyone),
+                           provenance=results.get("provenance") or provenance(device))
             io.save_json(out / "results.json", summary)
         dist.barrier()
         return summary

@@ -23,7 +23,7 @@ from .config import RunConfig, save_config
 from .data import absolute_data_paths
 from .memory import saved_activation_bytes
 from .methods import EMA, Method, get_method
-from .methods.base import autocast, compile_error, compile_layers
+from .methods.base import autocast, compile_error, compile_step
 from .run import (
     CONFIG,
     JOB,
@@ -105,7 +105,7 @@ class Run:
                                          offload_dir=cfg.train.offload_dir or out, data_parallel=data_parallel)
         self.data_parallel = data_parallel
         if cfg.train.compile:
-            compile_layers(self.model)
+            compile_step(self.model)
         member = data_parallel.index if data_parallel is not None else 0
         self.streams = {b: self.task.stream(self.data, cfg, seed, member)
                         for b, seed in self.method.stream_seeds().items()}

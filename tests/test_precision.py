@@ -10,7 +10,7 @@ from conftest import signal_on_step
 from diffusionblocks import io
 from diffusionblocks.config import apply_overrides
 from diffusionblocks.memory import saved_activation_bytes
-from diffusionblocks.methods.base import Optimizer, autocast, compile_layers, update
+from diffusionblocks.methods.base import Optimizer, autocast, compile_layers, compile_step, update
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.methods.e2e import EndToEnd
 from diffusionblocks.plan import Configuration, Spec, predict
@@ -127,22 +127,34 @@ def test_bf16_planner_dtype_and_measured_saved_bytes():
 
 @pytest.mark.skipif(not os.environ.get("DIFFUSIONBLOCKS_COMPILE_TESTS"),
                     reason="torch.compile's cold start takes 20-60 s on a CPU: set DIFFUSIONBLOCKS_COMPILE_TESTS=1")
-def test_compile_matches_eager_in_fp32():
-    """train.compile: compiled layers train the same weights as eager ones, to float tolerance (one tiny model)."""
-    cfg = tiny("e2e", "model.depth=2")
+@pytest.mark.parametrize("method", ["e2e", "dblocks"])
+def test_compile_matches_eager_in_fp32(method):
+    """train.compile: a compiled step trains the same weights as an eager one, to float tolerance (one tiny model)."""
+    cfg = tiny(method, "model.depth=2")
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
         model = new_model(cfg, DIGITS)
         if compiled:
-            assert compile_layers(model) == 2
-        method = EndToEnd(model, cfg, 10)
-        out = [method.step(batch(seed=i))["loss"] for i in range(3)]
+            compile_step(model)
+        m = (EndToEnd if method == "e2e" else DBlocks)(model, cfg, 10)
+        out = [m.step(batch(seed=i), i % m.num_blocks)["loss"] for i in range(4)]
         runs.append((out, [p.detach().clone() for p in model.parameters()]))
     (eager, w_eager), (comp, w_comp) = runs
     torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
     for a, b in zip(w_comp, w_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_step_compiles_each_blocks_network_or_the_end_to_end_loss():
+    """What train.compile compiles (lazily: nothing runs here), the weights' names unchanged."""
+    for method, what in (("dblocks", "the network of each block (1 stack)"), ("e2e", "the loss")):
+        model = new_model(tiny(method), DIGITS)
+        names = list(model.state_dict())
+        assert compile_step(model) == what
+        assert list(model.state_dict()) == names
+        compiled = model.stack._fast if method == "dblocks" else model.loss
+        assert hasattr(compiled, "_torchdynamo_orig_callable")  # a torch.compile wrapper
 
 
 def test_compile_needs_a_list_of_layers():

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..blocks import BlockStack
 from ..config import RunConfig
 from ..noise import Partition
 
@@ -267,6 +268,21 @@ def compile_layers(model: nn.Module) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def compile_step(model: nn.Module) -> str:
+    """torch.compile, in place, what a training step runs: each block's network of a block stack (stem, layers,
+    head; the noise and label draws around it stay eager), else an end-to-end model's loss, else its layers
+    (compile_layers). Parameters and state-dict names are unchanged. Returns what was compiled."""
+    stacks = [m for m in model.modules() if isinstance(m, BlockStack)]
+    for stack in stacks:
+        stack.compile_net()
+    if stacks:
+        return f"the network of each block ({len(stacks)} stack)"
+    if callable(getattr(model, "loss", None)):
+        model.loss = torch.compile(model.loss)
+        return "the loss"
+    return f"{compile_layers(model)} layers"
 
 
 def compile_error(error: Exception) -> RuntimeError:
