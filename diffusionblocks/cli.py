@@ -216,8 +216,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not seeds:
         raise ValueError("--seeds: give at least one seed, e.g. 0,1,2")
     roles = [r.strip() for r in args.methods.split(",") if r.strip()] if args.methods else None
+    tune = {}
+    for key, flag, text in (("lr", "--tune-lr", args.tune_lr), ("warmup", "--tune-warmup", args.tune_warmup)):
+        try:
+            tune[key] = [float(v) for v in (text or "").split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{flag} {text!r}: expected comma-separated numbers, e.g. "
+                             f"{'5e-4,1e-3,2e-3' if key == 'lr' else '0,0.05,0.1'}") from None
+    if args.tune_seeds is not None and not any(tune.values()):
+        raise ValueError("--tune-seeds seeds the sweep of --tune-lr / --tune-warmup: give one of them too")
     report = compare(cfg, args.out or f"runs/compare-{args.preset}", seeds, roles, progress=not args.no_progress,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, tune=tune,
+                     tune_seeds=parse_ints(args.tune_seeds or "0,1", "--tune-seeds", "0,1"))
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
@@ -486,9 +496,13 @@ def _sample_parser(sub):
 def _compare_parser(sub):
     p = sub.add_parser("compare", help="the main job: end-to-end vs DiffusionBlocks vs a shallow control",
                        description="Train end-to-end, DiffusionBlocks and an end-to-end control with one block's "
-                                   "depth on the same layer-update budget; print a table, write compare.json, "
-                                   "compare.md and compare.png. Finished arms are reused, interrupted ones "
-                                   "resumed; an arm trained under other settings is refused without --overwrite.")
+                                   "depth on the same layer-update budget (classification: also end-to-end at "
+                                   "DiffusionBlocks' step count, B times the layer-updates); print a table, write "
+                                   "compare.json, compare.md, compare.png and loss.png. Finished arms are reused, "
+                                   "interrupted ones "
+                                   "resumed; an arm trained under other settings is refused without --overwrite. "
+                                   "With --tune-lr (and/or --tune-warmup) each arm's setting is first chosen on a "
+                                   "validation split, for each arm on its own.")
     p.add_argument("--task", choices=tuple(TASKS), default=None,
                    help="imagegen: end-to-end DiT vs DiffusionBlocks, FD, sample grids, sampling time; mdlm: masked "
                         "diffusion arms and the autoregressive floor, bits per character; arlm: autoregressive; "
@@ -499,7 +513,19 @@ def _compare_parser(sub):
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--methods", default=None,
                    help="the arms, comma-separated: training methods (" + ", ".join(METHODS) + "), control "
-                        "(end-to-end at one block's depth); default: the task's (classify: e2e,control,dblocks)")
+                        "(end-to-end at one block's depth), e2e-steps (end-to-end for DiffusionBlocks' optimizer "
+                        "steps and samples: B times the layer-updates); default: the task's (classify: "
+                        "e2e,control,dblocks)")
+    p.add_argument("--tune-lr", default=None, metavar="LR,LR,...",
+                   help="choose each arm's train.lr on validation among these, e.g. 5e-4,1e-3,2e-3: every arm trains "
+                        "each on the training data less a validation split (data.val_size; image tasks: a tenth of "
+                        "the training images when unset) over --tune-seeds, and its test arms take the best mean "
+                        "validation headline; the sweep goes to OUT/tune/, reused on a re-run")
+    p.add_argument("--tune-warmup", default=None, metavar="W,W,...",
+                   help="likewise train.warmup (a fraction of each optimizer's updates), e.g. 0,0.05,0.1; with "
+                        "--tune-lr every pair is tried")
+    p.add_argument("--tune-seeds", default=None, metavar="S,S,...",
+                   help="the sweep's seeds, two at least (default 0,1)")
     p.add_argument("--out", default=None, help="output directory (default runs/compare-PRESET)")
     p.add_argument("--overwrite", action="store_true",
                    help="retrain arms that --out holds under other settings (without it they are refused; arms of "

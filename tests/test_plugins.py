@@ -130,7 +130,7 @@ def test_a_registered_task_resumes_exactly_and_compares_with_its_control(plugin,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     report = compare(cfg, tmp_path / "cmp", [0], None, progress=False)
-    assert set(report["rows"]) == {"e2e", "dblocks", "control"}
+    assert set(report["rows"]) == {"e2e", "e2e-steps", "dblocks", "control"}
     control = io.load_json(tmp_path / "cmp" / "control-seed0" / "results.json")
     assert control["depth"] == 2 and control["parameters"] < 0.5 * io.load_json(
         tmp_path / "cmp" / "e2e-seed0" / "results.json")["parameters"]

@@ -317,7 +317,7 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--preset", "tiny", "--steps", "10", "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "compare.json").read_text())
-    assert set(report["rows"]) == {"e2e", "control", "dblocks"}
+    assert set(report["rows"]) == {"e2e", "e2e-steps", "control", "dblocks"}
     rows = report["rows"]
     assert rows["control"]["depth"] == 2 and rows["e2e"]["depth"] == 4
     assert rows["e2e"]["layer_updates"] == rows["control"]["layer_updates"] == rows["dblocks"]["layer_updates"]

@@ -156,7 +156,7 @@ class ClassifyTask(ImageTask):
     name = "classify"
     metric, higher_is_better = "accuracy", True
     percent, paper_gap = True, "paper, CIFAR-100: -0.95"
-    compare_roles = ("e2e", "control", "dblocks")
+    compare_roles = ("e2e", "e2e-steps", "control", "dblocks")
     presets = {"full": "fashion", "quick": "quick", "offline": "digits", "offline-quick": "digits-quick"}
     eval_options = ("limit", *DiffusionClassifier.inference_options)
     forms = {"end-to-end": EndToEndClassifier, "blocks": DiffusionClassifier}

@@ -169,6 +169,7 @@ class Arm:
     runs: list[dict]  # results.json of each seed
     values: list[float]  # the compared headline of each seed
     load: Callable[[], nn.Module]  # its seed-0 model
+    batch_size: int = 0  # samples per optimizer step (train.batch_size), for curves against samples seen; 0: unknown
 
 
 def pick(arms: dict[str, Arm], form: str) -> Arm | None:
@@ -191,6 +192,8 @@ class Comparison:
     """What `compare` (compare.py) asks of the task it compares besides the headline."""
 
     compare_roles: ClassVar[tuple[str, ...]] = ("e2e", "dblocks")  # the arms without --methods
+    # the arms without --methods add "e2e-steps" (end-to-end for DiffusionBlocks' optimizer steps, B times the
+    # layer-updates of the others) after "e2e": for a task whose end-to-end arm is cheap enough to run B times over
     percent: ClassVar[bool] = False  # the headline is a fraction, shown in percent (differences in points)
     paper_gap: ClassVar[str] = ""  # the paper's DiffusionBlocks - e2e difference, quoted beside ours
     # results keys besides the headline that this task's end-to-end runs hold, so that another task's compare may take

@@ -194,7 +194,7 @@ class TensorTask(Task):
     sigma_data: ClassVar[float] = 0.5  # the data's scale (EDM's sigma_data): about y's standard deviation
     sample_steps: ClassVar[int] = 8  # Euler steps per block of `sample`
     presets = {"full": "tensors", "quick": "tensors"}  # train's and compare's starting config (your own: @preset)
-    compare_roles = ("e2e", "dblocks", "control")
+    compare_roles = ("e2e", "e2e-steps", "control", "dblocks")
 
     def tensors(self, cfg: RunConfig) -> dict:
         """{"train": (y, x), "test": (y, x)}: float targets y (N, ...) and conditions x (N, ...), or (y,) alone."""
