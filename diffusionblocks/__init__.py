@@ -11,7 +11,7 @@ Imports go one way (a module imports only from the rows above its own):
     core      noise, precond, blocks, sample, nn, adapters
     parts     models, data, config, io, images, fd, text, memory, measure, residency, registry, version, logs
     plug-ins  tasks/ (base, optional, images, tensors, classify, imagegen, lm, mdlm, arlm, recurrent), methods/ (base,
-              e2e, dblocks, ff, greedy, dgl, noprop, dtp): each declares its own config sections and presets,
+              e2e, dblocks, ff, cff, greedy, dgl, noprop, dtp): each declares its own config sections and presets,
               registered on import (so importing any module of the package registers them all)
     runs      run (file names, checkpoints, building and loading a run's model, the device)
     loop      train

@@ -1,5 +1,6 @@
-"""The block-wise baselines DiffusionBlocks is compared against: Forward-Forward (ff), decoupled greedy local
-learning (dgl) and greedy block-wise training (greedy). NoProp-DT and DTP have their own test files."""
+"""The block-wise baselines DiffusionBlocks is compared against: Hinton's Forward-Forward (ff), Contrastive
+Forward-Forward (cff), decoupled greedy local learning (dgl) and greedy block-wise training (greedy). NoProp-DT, DTP and
+Contrastive Forward-Forward's own parts have their own test files."""
 
 import json
 import math
@@ -12,6 +13,7 @@ from conftest import randomized, signal_on_step
 from diffusionblocks import io
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, construct
+from diffusionblocks.methods import cff as cff_module
 from diffusionblocks.methods import dgl as dgl_module
 from diffusionblocks.methods import ff as ff_module
 from diffusionblocks.methods import get_method
@@ -21,7 +23,7 @@ from diffusionblocks.run import validate
 from diffusionblocks.tasks.classify import preset_tiny
 
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
-LOCAL = ("ff", "dgl", "greedy")
+LOCAL = ("ff", "cff", "dgl", "greedy")
 
 
 def build(method, *overrides):
@@ -49,7 +51,7 @@ def test_no_gradient_crosses_a_unit_boundary(monkeypatch, method):
     """Every update a step makes: after its backward, only the parameters it updates hold a gradient (the
     previous layers' or blocks' outputs reach it detached)."""
     cfg, model, trainer = build(method)
-    module = {"ff": ff_module, "dgl": dgl_module, "greedy": greedy_module}[method]
+    module = {"ff": ff_module, "cff": cff_module, "dgl": dgl_module, "greedy": greedy_module}[method]
     names = {id(p): n for n, p in model.named_parameters()}
     calls = []
 
@@ -74,7 +76,8 @@ def test_no_gradient_crosses_a_unit_boundary(monkeypatch, method):
         assert len(calls) == 2
     else:
         trainer.step((x, y), 0)
-        units = {"ff": cfg.model.depth + 1, "dgl": cfg.blocks.num_blocks}[method]  # ff: every layer + the readout
+        # ff, cff: every layer, then the readout or the head
+        units = {"ff": cfg.model.depth + 1, "cff": cfg.model.depth + 1, "dgl": cfg.blocks.num_blocks}[method]
         assert len(calls) == units
 
 
@@ -115,7 +118,7 @@ def test_ff_sweep_runs_one_pass_per_class():
 
 @pytest.mark.parametrize("method", LOCAL)
 def test_loss_falls_and_results_hold_test_accuracy(tmp_path, capsys, method):
-    out, steps = tmp_path / method, 300 if method == "ff" else 100
+    out, steps = tmp_path / method, 300 if method in ("ff", "cff") else 100
     assert main(["train", "--preset", "tiny", "--method", method, "--out", str(out), "--no-progress",
                  f"train.steps={steps}", "train.log_every=20", "train.eval_every=100000", "data.test_limit=100"]) == 0
     losses = [r["loss"] for r in io.read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -127,6 +130,8 @@ def test_loss_falls_and_results_hold_test_accuracy(tmp_path, capsys, method):
     if method == "ff":  # both readings, in results.json and in the line the run prints
         assert 0 <= results["test_accuracy_readout"] <= 1
         assert f"readout {100 * results['test_accuracy_readout']:.2f}%" in capsys.readouterr().out
+    elif method == "cff":  # one prediction, the head's, well above chance (10%) after 300 steps (76% when written)
+        assert results["accuracy_per_step"] == [results["test_accuracy"]] and results["test_accuracy"] > 0.5
     else:  # one prediction per block, the last block's is the model's
         assert len(results["accuracy_per_step"]) == 2 and results["accuracy_per_step"][-1] == results["test_accuracy"]
     assert main(["eval", str(out)]) == 0  # a saved baseline evaluates again
@@ -174,10 +179,10 @@ def test_compare_takes_baselines_as_arms(tmp_path, capsys):
     assert "unknown arm 'nope'" in capsys.readouterr().err and not (tmp_path / "c2" / "e2e-seed0").exists()
 
 
-@pytest.mark.parametrize("method", ["ff", "dgl"])
+@pytest.mark.parametrize("method", ["ff", "cff", "dgl"])
 def test_a_non_finite_unit_stops_the_step_and_counts_the_layers_updated_before_it(monkeypatch, method):
     _, model, trainer = build(method)
-    module = {"ff": ff_module, "dgl": dgl_module}[method]
+    module = {"ff": ff_module, "cff": cff_module, "dgl": dgl_module}[method]
     calls = []
 
     def skip_the_second(loss, params, optimizers, clip, sync=None):
@@ -186,5 +191,5 @@ def test_a_non_finite_unit_stops_the_step_and_counts_the_layers_updated_before_i
 
     monkeypatch.setattr(module, "update", skip_the_second)
     m = trainer.step((torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))), 0)
-    # ff: layer 0 updated (1 layer), dgl: block 0 updated (2 layers of the tiny model's 4)
-    assert m["skipped"] and len(calls) == 2 and m["layers"] == {"ff": 1, "dgl": 2}[method]
+    # ff, cff: layer 0 updated (1 layer), dgl: block 0 updated (2 layers of the tiny model's 4)
+    assert m["skipped"] and len(calls) == 2 and m["layers"] == {"ff": 1, "cff": 1, "dgl": 2}[method]

@@ -1,4 +1,5 @@
-"""Forward-Forward for a ViT (Hinton 2022, as the DiffusionBlocks paper adapts it for its Table 1 baseline).
+"""Hinton's supervised Forward-Forward for a ViT (Hinton 2022). The DiffusionBlocks paper's Table 1 baseline adapts
+Contrastive Forward-Forward instead (Aghagolzadeh and Ezoji 2025; methods/cff.py); this one is kept beside it.
 
 The label is an extra token beside the image patches. A positive sample carries its true label, a negative
 one the same image with a wrong label (drawn uniformly from the other classes, never the true one). Each
@@ -31,7 +32,7 @@ from .base import Method, Optimizer, stream_seed, update
 @section("ff")
 @dataclass
 class FFConfig:
-    """Forward-Forward (train.method=ff). Departures chosen on validation: benchmarks/README.md, baselines."""
+    """Hinton's Forward-Forward (train.method=ff). Departures chosen on validation: benchmarks/README.md, baselines."""
 
     theta: float = setting(0.5, "the goodness threshold (goodness: the mean squared activation; 1 for a fresh layer "
                                 "on its normalised input)", range="(-inf, inf)")
@@ -118,7 +119,7 @@ def negative_labels(y: torch.Tensor, num_classes: int, generator: torch.Generato
 class ForwardForward(Method):
     """Every step trains every layer once, each on its own goodness loss, in order; then the readout."""
 
-    name, title = "ff", "Forward-Forward"
+    name, title = "ff", "Hinton's Forward-Forward"
     model_form = "forward-forward"
     classifier = FFClassifier
 
@@ -126,7 +127,8 @@ class ForwardForward(Method):
     def check(cls, cfg: RunConfig) -> None:
         super().check(cfg)
         if cfg.model.checkpoint:
-            raise ValueError("model.checkpoint: Forward-Forward keeps one layer's activations at a time already")
+            raise ValueError("model.checkpoint: Hinton's Forward-Forward keeps one layer's activations at a time "
+                             "already")
 
     def __init__(self, model: FFClassifier, cfg: RunConfig, total_steps: int, **_):
         self.model, self.cfg, self.total = model, cfg, total_steps
