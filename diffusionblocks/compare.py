@@ -25,6 +25,7 @@ from . import io
 from .config import RunConfig, save_config
 from .data import absolute_data_paths
 from .images import pyplot
+from .logs import provenance, utc_now
 from .methods import METHODS, get_method
 from .run import CONFIG, METRICS, RESULTS, SCORE, STATE, WEIGHTS, load_model, make_out, read_config, validate
 from .tasks import TASKS, Task, get_task
@@ -600,6 +601,7 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
     its test arms then train with the candidate of the best mean validation headline (the sweep reads no test
     item)."""
     base, out = absolute_data_paths(base), Path(out_dir)
+    started = utc_now()
     task = get_task(base.task)
     roles = roles or task.compare_roles
     tune = {k: v for k, v in (tune or {}).items() if v}
@@ -662,7 +664,8 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
     name = metric_words(key)
     label = f"{name} (%)" if scale == 100 else f"{name} ({'higher' if task.higher_is_better else 'lower'} is better)"
     extras, lines = task.compare_extras(arms, base, out)
-    report = {"task": task.name, "metric": key, "higher_is_better": task.higher_is_better, "rows": rows,
+    report = {"provenance": provenance(base.train.device, started),
+              "task": task.name, "metric": key, "higher_is_better": task.higher_is_better, "rows": rows,
               "verdict": verdict(rows, key, task), "seeds": seeds, "plateau": plateau_said(task),
               **({"tuning": tuning} if tuning else {}), **extras}
     io.save_json(out / "compare.json", report)
