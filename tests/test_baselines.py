@@ -13,6 +13,7 @@ from conftest import randomized, signal_on_step
 from diffusionblocks import io
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides, construct
+from diffusionblocks.methods import base as base_module
 from diffusionblocks.methods import cff as cff_module
 from diffusionblocks.methods import dgl as dgl_module
 from diffusionblocks.methods import ff as ff_module
@@ -69,6 +70,7 @@ def test_no_gradient_crosses_a_unit_boundary(monkeypatch, method):
         return {"loss": loss.item(), "grad_norm": 1.0, "lr": 0.0}
 
     monkeypatch.setattr(module, "update", checked_update)
+    monkeypatch.setattr(base_module, "update", checked_update)  # the layer-by-layer loop ff and cff share
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
     if method == "greedy":  # a step on each block, block 1 after block 0's phase
         trainer.step((x, y), 0)
@@ -190,6 +192,7 @@ def test_a_non_finite_unit_stops_the_step_and_counts_the_layers_updated_before_i
         return {"skipped": True, "loss": float("nan")} if len(calls) == 2 else {"loss": 1.0, "grad_norm": 1.0, "lr": 0}
 
     monkeypatch.setattr(module, "update", skip_the_second)
+    monkeypatch.setattr(base_module, "update", skip_the_second)
     m = trainer.step((torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))), 0)
     # ff, cff: layer 0 updated (1 layer), dgl: block 0 updated (2 layers of the tiny model's 4)
     assert m["skipped"] and len(calls) == 2 and m["layers"] == {"ff": 1, "cff": 1, "dgl": 2}[method]

@@ -257,6 +257,24 @@ def update(loss: torch.Tensor, params: list[nn.Parameter], optimizers: list[Opti
     return {"loss": loss.item(), "grad_norm": norm.item(), "lr": lrs[0] if lrs else None}
 
 
+def layer_by_layer(units: list[list[nn.Parameter]], opts: list[Optimizer], h: torch.Tensor, layer_loss,
+                   clip: float, handoff=lambda out: out) -> tuple[dict[str, Any], torch.Tensor]:
+    """One update per layer in order (the local baselines), each on its own loss: layer_loss(i, h) -> (per-sample
+    loss, output); the next layer's input is handoff(output.detach()), so no gradient crosses a layer. A non-finite
+    layer ends the step: the earlier layers were updated and count. Returns (the step's record, the last input)."""
+    losses, norms, lr = [], [], None
+    for i, (params, opt) in enumerate(zip(units, opts)):
+        loss, out = layer_loss(i, h)
+        m = update(loss.mean(), params, [opt], clip)
+        if m.get("skipped"):
+            return {"skipped": True, "loss": m["loss"], "layers": i}, h
+        losses.append(m["loss"])
+        norms.append(m["grad_norm"])
+        lr = m["lr"]
+        h = handoff(out.detach())
+    return {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": lr, "layer_losses": losses}, h
+
+
 def compile_layers(model: nn.Module) -> int:
     """torch.compile, in place, each layer a step runs: every element of a module list that holds no module list
     itself (a stack's layers, not the blocks that group them). Parameters and state-dict names are unchanged; the

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import BackboneConfig, RunConfig, section, setting
 from ..models import PatchEmbed, vit_layers
-from .base import Method, Optimizer, stream_seed, update
+from .base import Method, Optimizer, layer_by_layer, stream_seed, update
 from .dgl import AuxHead
 
 
@@ -138,20 +138,13 @@ class ContrastiveForwardForward(Method):
 
     def step(self, batch, block: int = 0) -> dict:
         x, y = batch
-        h, losses, norms, lr = self.model.embed(x), [], [], None
-        for i, (params, opt) in enumerate(zip(self.units, self.opts)):
-            loss, out = self.model.layer_loss(i, h, y)
-            m = update(loss.mean(), params, [opt], self.cfg.train.clip)
-            if m.get("skipped"):  # a non-finite layer: the later ones wait for the next step; the earlier ones were
-                return {"skipped": True, "loss": m["loss"], "layers": i}  # updated (their layers count)
-            losses.append(m["loss"])
-            norms.append(m["grad_norm"])
-            lr = m["lr"]
-            h = out.detach()  # the next layer gets no gradient path back
+        out, h = layer_by_layer(self.units, self.opts, self.model.embed(x),
+                                lambda i, h: self.model.layer_loss(i, h, y), self.cfg.train.clip)
+        if out.get("skipped"):
+            return out
         ce = F.cross_entropy(self.model.head(h), y)  # the head on the last layer's detached output
         head = update(ce, self.head, [self.head_opt], self.cfg.train.clip)
-        return {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": lr, "layers": self.model.num_layers,
-                "trained": self.trained, "layer_losses": losses, "head_loss": head["loss"]}
+        return dict(out, layers=self.model.num_layers, trained=self.trained, head_loss=head["loss"])
 
     def optimizers(self):
         return [o.opt for o in self.opts] + [self.head_opt.opt]

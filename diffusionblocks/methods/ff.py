@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import BackboneConfig, RunConfig, section, setting
 from ..models import PatchEmbed, vit_layers
-from .base import Method, Optimizer, stream_seed, update
+from .base import Method, Optimizer, layer_by_layer, stream_seed, update
 
 
 @section("ff")
@@ -158,18 +158,11 @@ class ForwardForward(Method):
 
     def step(self, batch, block: int = 0) -> dict:
         h, n = self._inputs(batch)
-        losses, norms, lr = [], [], None
-        for i, (params, opt) in enumerate(zip(self.units, self.opts)):
-            loss, out = self.model.layer_loss(i, h, n)
-            m = update(loss.mean(), params, [opt], self.cfg.train.clip)
-            if m.get("skipped"):  # a non-finite layer: the later ones wait for the next step; the earlier ones were
-                return {"skipped": True, "loss": m["loss"], "layers": i}  # updated (their layers count)
-            losses.append(m["loss"])
-            norms.append(m["grad_norm"])
-            lr = m["lr"]
-            h = rms_normalize(out.detach())  # the next layer sees the direction only, and no gradient
-        out = {"loss": sum(losses) / len(losses), "grad_norm": max(norms), "lr": lr, "layers": self.model.num_layers,
-               "trained": self.trained, "layer_losses": losses}
+        out, _ = layer_by_layer(self.units, self.opts, h, lambda i, h: self.model.layer_loss(i, h, n),
+                                self.cfg.train.clip, handoff=rms_normalize)  # the next layer sees the direction only
+        if out.get("skipped"):
+            return out
+        out.update(layers=self.model.num_layers, trained=self.trained)
         if self.readout_opt is not None:  # the linear readout on detached features: no layer learns from it
             x, y = batch
             with torch.no_grad():
