@@ -441,22 +441,17 @@ def verdict(rows: dict, key: str, task: Task) -> list[str]:
                        "dblocks", "e2e", "DiffusionBlocks beat end-to-end", "end-to-end beat DiffusionBlocks"))
         if not task.percent and mean["e2e"]:
             out.append(f"{metric_words(key)}, dblocks / e2e = {mean['dblocks'] / mean['e2e']:.2f}")
-    if "e2e-steps" in mean and "dblocks" in mean:  # the same optimizer steps and samples, B x the layer-updates
-        out.append(f"dblocks - e2e-steps = {diff('dblocks', 'e2e-steps')}: " + judge(
-            "dblocks", "e2e-steps", "DiffusionBlocks beat end-to-end trained for its steps",
-            "end-to-end trained for DiffusionBlocks' steps beat DiffusionBlocks"))
-    if "e2e-steps" in mean and "e2e" in mean:
-        out.append(f"e2e-steps - e2e = {diff('e2e-steps', 'e2e')}: " + judge(
-            "e2e-steps", "e2e", "end-to-end gained from DiffusionBlocks' B times the steps",
-            "end-to-end lost with B times the steps"))
-    if "control" in mean and "e2e" in mean:
-        out.append(f"e2e - control = {diff('e2e', 'control')}: " + judge(
-            "e2e", "control", "depth helped end-to-end training at this budget",
-            "depth did NOT help end-to-end training at this budget"))
-    if "control" in mean and "dblocks" in mean:
-        out.append(f"dblocks - control = {diff('dblocks', 'control')}: " + judge(
-            "dblocks", "control", "the stacked blocks beat one block's depth",
-            "the blocks added nothing over one block's depth trained end to end"))
+    for a, b, won, lost in (  # e2e-steps: the same optimizer steps and samples as dblocks, B x the layer-updates
+            ("dblocks", "e2e-steps", "DiffusionBlocks beat end-to-end trained for its steps",
+             "end-to-end trained for DiffusionBlocks' steps beat DiffusionBlocks"),
+            ("e2e-steps", "e2e", "end-to-end gained from DiffusionBlocks' B times the steps",
+             "end-to-end lost with B times the steps"),
+            ("e2e", "control", "depth helped end-to-end training at this budget",
+             "depth did NOT help end-to-end training at this budget"),
+            ("dblocks", "control", "the stacked blocks beat one block's depth",
+             "the blocks added nothing over one block's depth trained end to end")):
+        if a in mean and b in mean:
+            out.append(f"{a} - {b} = {diff(a, b)}: " + judge(a, b, won, lost))
     for role in (r for r in mean if r in METHODS and r not in ROLES):  # a baseline against DiffusionBlocks
         if "dblocks" in mean:
             out.append(f"{role} - dblocks = {diff(role, 'dblocks')}: " + judge(
