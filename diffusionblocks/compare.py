@@ -27,7 +27,19 @@ from .data import absolute_data_paths
 from .images import pyplot
 from .logs import provenance, utc_now
 from .methods import METHODS, get_method
-from .run import CONFIG, METRICS, RESULTS, SCORE, STATE, WEIGHTS, load_model, make_out, read_config, validate
+from .run import (
+    CONFIG,
+    METRICS,
+    RESULTS,
+    SCORE,
+    STATE,
+    WEIGHTS,
+    load_model,
+    make_out,
+    read_config,
+    resolve_device,
+    validate,
+)
 from .tasks import TASKS, Task, get_task
 from .tasks.images import ImageTask
 from .tasks.optional import Arm
@@ -659,7 +671,7 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
     name = metric_words(key)
     label = f"{name} (%)" if scale == 100 else f"{name} ({'higher' if task.higher_is_better else 'lower'} is better)"
     extras, lines = task.compare_extras(arms, base, out)
-    report = {"provenance": provenance(base.train.device, started),
+    report = {"provenance": provenance(resolve_device(base.train.device), started),
               "task": task.name, "metric": key, "higher_is_better": task.higher_is_better, "rows": rows,
               "verdict": verdict(rows, key, task), "seeds": seeds, "plateau": plateau_said(task),
               **({"tuning": tuning} if tuning else {}), **extras}
