@@ -1,8 +1,10 @@
 """train.precision and train.compile side by side: step time and saved activation bytes of fp32 / bf16, compile off /
 on, for e2e and dblocks, in one process, interleaved, medians over repeats; and DiffusionBlocks' overhead per
-layer-update over e2e (B DiffusionBlocks steps, one per block, against one end-to-end step) with and without compile.
+layer-update over e2e (B DiffusionBlocks steps, one per block, against one end-to-end step) with and without compile
+(train.compile: methods.base.compile_step).
 
     OMP_NUM_THREADS=1 python benchmarks/precision_bench.py --preset tiny --repeats 20 --out /tmp/precision.json
+    OMP_NUM_THREADS=1 python benchmarks/precision_bench.py --preset fashion --precisions fp32 --repeats 30  # compile
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from diffusionblocks.config import apply_overrides, load_preset  # noqa: E402
 from diffusionblocks.data import to_float  # noqa: E402
 from diffusionblocks.memory import saved_activation_bytes  # noqa: E402
 from diffusionblocks.methods import METHODS  # noqa: E402
-from diffusionblocks.methods.base import autocast, compile_layers  # noqa: E402
+from diffusionblocks.methods.base import autocast, compile_step  # noqa: E402
 from diffusionblocks.run import build_model  # noqa: E402
 from diffusionblocks.tasks import get_task  # noqa: E402
 
@@ -35,7 +37,7 @@ def arm(preset: str, overrides: list[str], method: str, precision: str, compiled
     torch.manual_seed(0)
     model = build_model(cfg, ds)
     if compiled:
-        compile_layers(model)
+        compile_step(model)
     m = METHODS[method](model, cfg, 10_000)
     n, B = cfg.train.batch_size, m.num_blocks
     batch = (to_float(ds.x_train[:n]), ds.y_train[:n])
@@ -56,13 +58,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds (the compiled arms compile in the first)")
     ap.add_argument("--no-compile", action="store_true", help="eager arms only")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated (fp32 alone: the compile overhead)")
     ap.add_argument("--out", default="benchmarks/results/precision.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
     arms, ds, cfg = {}, None, None
     for compiled in (False,) if args.no_compile else (False, True):
-        for precision in ("fp32", "bf16"):
+        for precision in args.precisions.split(","):
             for method in ("e2e", "dblocks"):
                 t0 = time.perf_counter()
                 step, nbytes, cfg, ds = arm(args.preset, args.overrides, method, precision, compiled, ds)
