@@ -6,9 +6,10 @@
   module that defines TASK and/or METHOD (the command line's `--plugin`, and $DIFFUSIONBLOCKS_PLUGINS);
 - from installed packages: the entry-point group "diffusionblocks.plugins", each entry a module or a class.
 
-A run records where its outside plug-ins came from (`origins`, in config.json's "plugins"), so that `eval`,
-`--resume`, `merge` and other processes load them again (`require`). A module without TASK or METHOD (an interface,
-a pipeline the plug-ins share) is no plug-in.
+A run records where its outside plug-ins came from (`origins`, in config.json's "plugins"): `eval`, `--resume`,
+`merge` and other processes import them by module name where this environment can (`require`), and otherwise say
+which file to pass to --plugin (a run directory, which may come from anywhere, never runs a file it names). A module
+without TASK or METHOD (an interface, a pipeline the plug-ins share) is no plug-in.
 """
 
 from __future__ import annotations
@@ -151,8 +152,9 @@ def origins(classes: Iterable[type]) -> list[dict]:
 
 
 def require(origins_: list) -> None:
-    """Import the plug-ins a run recorded (config.json's "plugins"), where this process does not hold them yet: by
-    module name, else from the recorded file. A script's own classes (module __main__) cannot be imported again."""
+    """Import the plug-ins a run recorded (config.json's "plugins") that this process does not hold yet, by module
+    name only; a ValueError names the recorded file to pass to --plugin. A script's own classes (module __main__)
+    cannot be imported again."""
     for o in origins_:
         if not isinstance(o, dict) or not isinstance(o.get("module"), str):
             raise ValueError(f"plugins: {o!r} is not a plug-in's origin ({{\"module\": ..., \"file\": ...}})")
@@ -162,10 +164,9 @@ def require(origins_: list) -> None:
             continue
         if name in sys.modules:
             continue
-        try:
+        try:  # by name only, from this environment's own paths: a run directory never makes us run a file it names
             load(name)
         except ValueError:
-            if not file.endswith(".py") or not Path(file).is_file():
-                raise ValueError(f"this run's plug-in {name!r} cannot be imported (recorded file: {file or 'none'}): "
-                                 f"put its folder on PYTHONPATH or pass --plugin FILE.py") from None
-            load(file)
+            raise ValueError(f"this run's task or method comes from the plug-in {name!r} ({file or 'no file recorded'}"
+                             f"), which is not loaded: pass --plugin {file or 'FILE.py'} (or put its folder on "
+                             "PYTHONPATH); a run directory never runs the code it names by itself") from None

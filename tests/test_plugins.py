@@ -89,10 +89,14 @@ def test_a_plugin_file_trains_evaluates_elsewhere_and_samples(plugin, tmp_path, 
     assert results["denoising_loss"] < 0.5 * untrained  # it learned
     assert io.load_json(run / "config.json")["plugins"] == [{"module": name, "file": str(path.resolve())}]
 
-    # another process, another folder, no --plugin: the run's config.json names its plug-in
+    # another process and folder: without --plugin the error names the file (a run never runs a file by itself);
+    # with its folder on PYTHONPATH the recorded module name loads it
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "diffusionblocks", "eval", str(run), "--json"], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and f"pass --plugin {path.resolve()}" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "diffusionblocks", "eval", str(run), "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, env=dict(env, PYTHONPATH=str(path.parent)), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"denoising_loss": ' + repr(results["denoising_loss"]) in proc.stdout
 
@@ -116,14 +120,14 @@ def test_a_plugin_file_trains_evaluates_elsewhere_and_samples(plugin, tmp_path, 
 def test_a_registered_task_resumes_exactly_and_compares_with_its_control(plugin, tmp_path, monkeypatch):
     name, path = plugin
     registry.load(str(path))
-    cfg = apply_overrides(load_preset("tensors"), [*SMALL, "train.steps=60", "train.ckpt_every=1000"])
+    cfg = apply_overrides(load_preset("tensors"), [*SMALL, "train.steps=8", "train.ckpt_every=1000"])
     cfg.task = name
     train(cfg, tmp_path / "full", progress=False)
-    original = signal_on_step(monkeypatch, DBlocks, 25, signal.SIGINT)  # a real Ctrl-C in the middle of the run
+    original = signal_on_step(monkeypatch, DBlocks, 11, signal.SIGINT)  # a real Ctrl-C in the middle of the run
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(DBlocks, "step", original)
-    assert io.load_torch(tmp_path / "cut" / "state.pt")["step"] == 25
+    assert io.load_torch(tmp_path / "cut" / "state.pt")["step"] == 11
     train(None, tmp_path / "cut", resume=True, progress=False)
     a, _ = io.load_safetensors(tmp_path / "full" / "model.safetensors")
     b, _ = io.load_safetensors(tmp_path / "cut" / "model.safetensors")
@@ -138,7 +142,7 @@ def test_a_registered_task_resumes_exactly_and_compares_with_its_control(plugin,
 
 def test_per_block_jobs_merge_and_memory_of_a_plugin(plugin, tmp_path, capsys):
     name, path = plugin
-    common = ["--plugin", str(path), "--task", name, "--no-progress", "train.steps=30", "blocks.shared_stem_head=false",
+    common = ["--plugin", str(path), "--task", name, "--no-progress", "train.steps=6", "blocks.shared_stem_head=false",
               "dblocks.block_choice=round-robin", *SMALL]
     assert main(["train", "--out", str(tmp_path / "whole"), *common]) == 0
     for b in range(3):
@@ -278,8 +282,9 @@ def test_a_task_or_method_of_the_users_registers_by_a_call(plugin, tmp_path):
     assert issubclass(Line, Task) and not issubclass(Line, Method)
 
 
-def test_a_run_of_a_script_defined_task_says_to_move_it_into_a_module(plugin, tmp_path):
-    """A task defined in a script (module __main__) trains there; another process's eval says what to do."""
+def test_a_run_of_a_script_defined_task_says_to_move_it_into_a_module(plugin, tmp_path, monkeypatch, capsys):
+    """A task defined in a script (module __main__) trains there; eval in another process (this one, which never
+    saw the script's class) says what to do."""
     script = tmp_path / "script.py"
     script.write_text(PLUGIN.format(name="in_script") + textwrap.dedent(f'''
         from diffusionblocks import load_preset, register, train
@@ -293,10 +298,12 @@ def test_a_run_of_a_script_defined_task_says_to_move_it_into_a_module(plugin, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert io.load_json(tmp_path / "run" / "config.json")["plugins"][0] == {"module": "__main__",
                                                                           "file": str(script.resolve())}
-    proc = subprocess.run([sys.executable, "-m", "diffusionblocks", "eval", str(tmp_path / "run")],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2 and f"defined in the script {script.resolve()}" in proc.stderr
-    assert "move the class into a module" in proc.stderr and "Traceback" not in proc.stderr
+    monkeypatch.setattr(registry, "_scripts", [])  # what this eval learns about scripts stays in this test
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"defined in the script {script.resolve()}" in err
+    assert "move the class into a module" in err and "Traceback" not in err
 
 
 def test_the_readme_task_of_your_own_runs_as_written(plugin, tmp_path, monkeypatch, capsys):
