@@ -1,5 +1,6 @@
 """What the tests share: a vector denoiser built from the library's own layers; a small text corpus; random weights."""
 
+import gc
 import os
 import random
 
@@ -9,6 +10,23 @@ import torch
 from diffusionblocks.config import construct
 from diffusionblocks.models import VectorHead, VectorStem
 from diffusionblocks.nn import ResidualMLP
+
+# One intra-op thread unless the environment says otherwise: the tests' networks are so small that a second thread
+# gains little on an idle machine and costs several times over on a busy one (the README's minimal use: 6 s with one
+# thread, 29 s with two, on 2 cores that other jobs kept busy). `python3 -m pytest` then runs as
+# `OMP_NUM_THREADS=1 python3 -m pytest` does; tests about threads set their own (tests/test_logs.py).
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _frozen_heap():
+    """What every test module starts with (the imports, pytest's own objects) moved out of the garbage collector's
+    sight: a full collection (the memory measurement runs one before each step it measures) then scans only what
+    the module's tests create, not the hundreds of thousands of objects torch, transformers and the rest hold."""
+    gc.collect()
+    gc.freeze()
+    yield
 
 
 def vector_parts(num_layers=6, dz=4, dim=16, dx=3):

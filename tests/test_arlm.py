@@ -257,11 +257,13 @@ def test_distinct_n():
     assert distinct_n(torch.tensor([[1, 2, 3], [3, 2, 1]]), (1, 3)) == [0.5, 1.0]
 
 
-@pytest.mark.parametrize("overrides", [[], ["arlm.noise_level=window"], ["model.positions=learned",
-                                                                         "blocks.shared_stem_head=false"]])
+@pytest.mark.parametrize("overrides", [[], ["arlm.noise_level=window", "model.positions=learned",
+                                             "blocks.shared_stem_head=false"]])
 def test_planner_predicts_autoregressive_blocks(overrides):
     """Twice the window through every layer, the (2T)^2 mask, the stem, head, readout and noise embedding: the
-    activations to the byte (within 2% with checkpointing)."""
+    activations to the byte (within 2% with checkpointing). The defaults (a level per token, rotary positions, one
+    stem and head), and each of them changed at once (a level per window, a learned position table, a stem and
+    head per block): every setting the planner models is in one of the two."""
     cfg = apply_overrides(model_cfg("train.batch_size=4", "data.seq_len=32"), overrides)
     result = measure_all(Spec.of(cfg), configurations(2, (2,)), progress=False)
     assert_plan_matches(result)

@@ -44,7 +44,8 @@ def test_tiny_dit_trains_and_the_loss_falls(tmp_path, method):
     pytest.importorskip("sklearn")
     from diffusionblocks.train import train
 
-    results = train(gen_cfg(method, "train.steps=60", "train.eval_every=40"), tmp_path / method, progress=False)
+    results = train(gen_cfg(method, "train.steps=40", "train.eval_every=20", "train.eval_limit=50"), tmp_path / method,
+                    progress=False)
     curve = [p["eval_loss"] for p in results["curve"]]
     assert len(curve) >= 2 and curve[-1] < 0.9 * curve[0]
     # the reported test loss is the saved model's denoising loss on the whole test set
@@ -239,7 +240,7 @@ def _tiny_reference(dataset):
     from diffusionblocks.config import load_preset
 
     cfg = load_preset("tiny")
-    cfg.train.method, cfg.data.name, cfg.train.steps, cfg.train.eval_limit = "e2e", dataset, 20, 0
+    cfg.train.method, cfg.data.name, cfg.train.steps, cfg.train.eval_limit = "e2e", dataset, 20, 40
     return cfg
 
 
@@ -251,7 +252,8 @@ def test_compare_imagegen_scores_three_arms_on_one_budget(tmp_path, monkeypatch,
     monkeypatch.setattr("diffusionblocks.tasks.imagegen.reference_config", _tiny_reference)
     out = tmp_path / "cmp"
     args = ["compare", "--task", "imagegen", "--preset", "gen-tiny", "--steps", "4", "--seeds", "0,1", "--out",
-            str(out), "--no-progress", "gen.fd_samples=20", "train.eval_every=100000", "train.eval_limit=40"]
+            str(out), "--no-progress", "gen.fd_samples=20", "gen.steps=2", "train.eval_every=100000",
+            "train.eval_limit=40", "data.test_limit=40"]
     assert main(args) == 0
     report = io.load_json(out / "compare.json")
     rows = report["rows"]

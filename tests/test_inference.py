@@ -37,7 +37,7 @@ def classify_runs(tmp_path_factory):
     """e2e, dblocks and a block-wise baseline on the tiny preset, with the test images they were scored on."""
     pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
     root = tmp_path_factory.mktemp("classify")
-    runs = {m: (root / m, train(preset("tiny", m, "train.steps=40"), root / m, progress=False))
+    runs = {m: (root / m, train(preset("tiny", m, "train.steps=40", "train.eval_limit=40"), root / m, progress=False))
             for m in ("e2e", "dblocks", "greedy")}
     cfg = preset("tiny", "e2e")
     return runs, get_task("classify").load_data(cfg)
@@ -93,7 +93,8 @@ def test_an_old_run_without_shapes_loads_from_its_data(classify_runs, tmp_path):
 def test_sample_images(tmp_path, monkeypatch):
     pytest.importorskip("sklearn", reason="gen-tiny trains on scikit-learn's digits")
     run = tmp_path / "gen"
-    train(preset("gen-tiny", "dblocks", "train.steps=20"), run, progress=False)
+    train(preset("gen-tiny", "dblocks", "train.steps=20", "train.eval_limit=40", "data.test_limit=40"), run,
+          progress=False)
     no_data(monkeypatch)
     gen = load(run)
     images = gen.sample(6, classes=[3, 7], steps=4, seed=1)

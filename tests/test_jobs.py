@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import signal_on_step
@@ -19,6 +20,7 @@ from conftest import signal_on_step
 from diffusionblocks import io
 from diffusionblocks.cli import main
 from diffusionblocks.config import apply_overrides
+from diffusionblocks.data import load_dataset
 from diffusionblocks.jobs import merge
 from diffusionblocks.methods.dblocks import DBlocks, owned_blocks
 from diffusionblocks.parallel import rank_blocks, train_parallel
@@ -36,7 +38,20 @@ _spec.loader.exec_module(bench)
 
 COMMON = ["train.method=dblocks", "blocks.num_blocks=2", "blocks.shared_stem_head=false",
           "dblocks.block_choice=sequential", "train.steps=6", "train.threads=1", "train.ema=0.9",
-          "data.test_limit=40", "train.eval_limit=40"]
+          "data.test_limit=40", "train.eval_limit=40"]  # and data.name=<the digits as an .npz>, from the fixture below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def digits_npz(tmp_path_factory):
+    """The tiny preset's data (scikit-learn's digits, its split) as an .npz, which every run here trains on: a
+    torchrun worker then reads a file where it would import scikit-learn (a second of CPU per process)."""
+    d = load_dataset("digits")
+    path = tmp_path_factory.mktemp("data") / "digits.npz"  # its stem names the FD reference: fd-digits, as for digits
+    np.savez(path, x_train=d.x_train[:, 0].numpy(), y_train=d.y_train.numpy(), x_test=d.x_test[:, 0].numpy(),
+             y_test=d.y_test.numpy())
+    COMMON.append(f"data.name={path}")
+    yield
+    COMMON.pop()
 
 
 def cfg_with(*overrides):
@@ -178,18 +193,92 @@ def test_a_parallel_run_over_an_earlier_run_needs_overwrite(tmp_path, monkeypatc
     assert (out / "score.json").exists() and (out / "rank3" / "config.json").exists()
 
 
-def test_torchrun_parallel_equals_sequential(runs, tmp_path):
-    out = tmp_path / "parallel"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
+
+# A torchrun worker: `diffusionblocks ARGS` whose third step on each rank waits until that rank's SIGTERM has arrived,
+# so the signal lands in the middle of training however slow the machine is (no race against the run finishing)
+HELD_WORKER = '''
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from diffusionblocks.cli import main
+from diffusionblocks.methods.dblocks import DBlocks
+
+original, calls = DBlocks.step, []
+
+
+def step(self, batch, block=None):
+    calls.append(1)
+    if len(calls) == 3:
+        stop = signal.getsignal(signal.SIGTERM).__self__  # the training loop's StopRequest
+        Path(sys.argv[1], "rank" + os.environ["RANK"]).touch()  # the test's cue to send the signal
+        deadline = time.monotonic() + 120
+        while not stop.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return original(self, batch, block)
+
+
+DBlocks.step = step
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory):
+    """One block-parallel torchrun run over what an earlier run left in OUT (--overwrite), stopped by SIGTERM to
+    torchrun while both ranks wait in their third step, then finished by --resume under torchrun: what Slurm or
+    Kubernetes do to a job. The tests below read it; what the stop left is recorded before the resume."""
+    root = tmp_path_factory.mktemp("torchrun")
+    out, held, worker = root / "par", root / "held", root / "worker.py"
+    held.mkdir()
+    worker.write_text(HELD_WORKER)
     _earlier_parallel_run(out)  # replaced: its files and its ranks beyond this run's go, a user's folder stays
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "diffusionblocks", "train", "--preset", "tiny", "--parallel", "blocks", "--out", str(out),
-           "--no-progress", "--overwrite", *COMMON]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen([*TORCHRUN, "2", str(worker), str(held), "train", "--preset", "tiny", "--parallel",
+                             "blocks", "--out", str(out), "--no-progress", "--overwrite", *COMMON],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+    deadline = time.monotonic() + 120
+    while len(list(held.iterdir())) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # the tests below say what went wrong
+        proc.kill()
+        _, err = proc.communicate()
+    stopped = {"returncode": proc.returncode, "stderr": err, "held": sorted(p.name for p in held.iterdir()),
+               "states": [(out / f"rank{r}" / "state.pt").exists() for r in (0, 1)],
+               "results": (out / "results.json").exists()}
+    resumed = subprocess.run([*TORCHRUN, "2", "-m", "diffusionblocks", "train", "--no-progress", "--resume", str(out)],
+                             capture_output=True, text=True, timeout=240, env=ONE_THREAD)
+    return out, stopped, resumed
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_run_resumes(parallel_run):
+    """SIGTERM to torchrun, which passes it to its workers: every rank stops at a step boundary with a checkpoint,
+    and --resume under torchrun finishes the run and merges it."""
+    out, stopped, resumed = parallel_run
+    err = stopped["stderr"]
+    assert stopped["held"] == ["rank0", "rank1"], err[-3000:]  # the signal came while both ranks were training
+    assert stopped["returncode"] != 0, "the run finished before the signal: nothing was tested"
+    assert err.count("stopped by SIGTERM at step 3/6") == 2 and all(stopped["states"]), err[-3000:]
+    assert f"torchrun --nproc_per_node 2 -m diffusionblocks train --resume {out}" in err
+    assert not stopped["results"]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count("resuming") == resumed.stderr.count("at step 3/6") == 2  # each rank, where it stopped
+    assert io.load_json(out / "results.json")["layer_updates"] == 6 * 4
+
+
+def test_torchrun_parallel_equals_sequential(runs, parallel_run):
+    """The ranks' blocks, merged by rank 0, are the sequential run's to the bit (stopped and resumed on the way)."""
+    out, _, resumed = parallel_run
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (out / "score.json").exists() and not (out / "rank3").exists() and (out / "rank7").is_dir()
     for name in ("model.safetensors", "ema.safetensors"):
-        assert same(weights(runs / "sequential", name), weights(out, name)), (name, proc.stderr[-2000:])
+        assert same(weights(runs / "sequential", name), weights(out, name)), (name, resumed.stderr[-2000:])
     results = io.load_json(out / "results.json")
     assert results["world_size"] == 2 and results["process_groups"] == [
         "default (config agreement at the start, results at the end)"]
@@ -197,38 +286,26 @@ def test_torchrun_parallel_equals_sequential(runs, tmp_path):
     assert 0 <= results["test_accuracy"] <= 1 and results["layer_updates"] == 6 * 4
 
 
-def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_run_resumes(tmp_path):
-    """What Slurm or Kubernetes do to a job: SIGTERM to torchrun, which passes it to its workers. Every rank stops
-    at a step boundary with a checkpoint, and --resume under torchrun finishes the run and merges it."""
-    out = tmp_path / "par"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "diffusionblocks", "train", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([*torchrun, "--preset", "tiny", "--parallel", "blocks", "--out", str(out), *COMMON,
-                             "train.steps=300", "train.log_every=1", "train.ckpt_every=10000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    metrics = [out / f"rank{r}" / "metrics.jsonl" for r in (0, 1)]
-    deadline = time.monotonic() + 120
-    while not all(m.exists() and m.stat().st_size for m in metrics) and proc.poll() is None:
-        assert time.monotonic() < deadline, "the ranks never logged a step"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0, "the run finished before the signal: nothing was tested"
-    assert err.count("stopped by SIGTERM at step") == 2 and all((m.parent / "state.pt").exists() for m in metrics)
-    assert f"torchrun --nproc_per_node 2 -m diffusionblocks train --resume {out}" in err
-    assert not (out / "results.json").exists()
-    done = subprocess.run([*torchrun, "--resume", str(out)], capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming" in done.stderr and io.load_json(out / "results.json")["layer_updates"] == 300 * 4
+@pytest.fixture(scope="module")
+def data_parallel_imagegen(tmp_path_factory):
+    """Image generation on 4 ranks for 2 blocks (each block data-parallel over 2 ranks), each rank counting what it
+    hands to collectives (the benchmark's metered worker); rank 0 merges and scores FD against a reference classifier
+    trained once here (tiny) where the ranks look."""
+    root = tmp_path_factory.mktemp("dp")
+    out, counts, cache = root / "gen", root / "counts", root / "cache"
+    ref = apply_overrides(preset_tiny(), ["train.method=e2e", "train.steps=20", "train.eval_limit=40"])
+    train(ref, cache / "fd-digits", progress=False)
+    trained_at = (cache / "fd-digits" / "model.safetensors").stat().st_mtime_ns
+    cmd = [*TORCHRUN, "4", str(BENCH), "--metered", str(counts), "train", "--preset", "gen-tiny", "--task",
+           "imagegen", "--parallel", "blocks", "--out", str(out), "--no-progress", *COMMON, "train.steps=3",
+           "gen.fd_samples=40", "gen.steps=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env=dict(ONE_THREAD, DIFFUSIONBLOCKS_CACHE=str(cache)))
+    return out, counts, proc, cache, trained_at
 
 
-def test_torchrun_more_ranks_than_blocks_is_data_parallel_inside_each_block(tmp_path):
-    out, counts = tmp_path / "dp", tmp_path / "counts"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-           str(BENCH), "--metered", str(counts), "train", "--preset", "tiny", "--parallel", "blocks", "--out", str(out),
-           "--no-progress", *COMMON, "train.steps=3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def test_torchrun_more_ranks_than_blocks_is_data_parallel_inside_each_block(data_parallel_imagegen):
+    out, counts, proc, _, _ = data_parallel_imagegen
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = io.load_json(out / "results.json")
     # measured at the collectives: the block groups' all_reduce of gradients, nothing between blocks but small
@@ -245,23 +322,14 @@ def test_torchrun_more_ranks_than_blocks_is_data_parallel_inside_each_block(tmp_
     assert io.load_json(out / "merge.json")["owner"] == {"0": str(out / "rank0"), "1": str(out / "rank1")}
 
 
-def test_torchrun_imagegen_merges_and_reports_its_fd(tmp_path):
-    """Image generation spread over 2 ranks: rank 0 merges and scores the task's headline metric (FD)."""
-    cache = tmp_path / "cache"  # the FD reference classifier, trained once here (tiny) where the ranks look
-    ref = apply_overrides(preset_tiny(), ["train.method=e2e", "train.steps=20", "train.eval_limit=0"])
-    train(ref, cache / "fd-digits", progress=False)
-    trained_at = (cache / "fd-digits" / "model.safetensors").stat().st_mtime_ns
-    out = tmp_path / "gen"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "diffusionblocks", "train", "--preset", "gen-tiny", "--task", "imagegen", "--parallel", "blocks",
-           "--out", str(out), "--no-progress", *COMMON, "gen.fd_samples=40"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DIFFUSIONBLOCKS_CACHE=str(cache))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+def test_torchrun_imagegen_merges_and_reports_its_fd(data_parallel_imagegen):
+    """Image generation spread over the ranks: rank 0 merges and scores the task's headline metric (FD)."""
+    out, _, proc, cache, trained_at = data_parallel_imagegen
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = io.load_json(out / "results.json")
     assert results["task"] == "imagegen" and results["metric"] == "fd_classifier_features"
     assert results["fd_classifier_features"] > 0 and results["num_generated"] == 40
-    assert [r["blocks"] for r in results["ranks"]] == [[0], [1]]
+    assert [r["blocks"] for r in results["ranks"][:2]] == [[0], [1]]  # ranks 2, 3: the data-parallel test above
     assert "FD (classifier features)" in proc.stdout
     assert (cache / "fd-digits" / "model.safetensors").stat().st_mtime_ns == trained_at  # reused, not retrained
 

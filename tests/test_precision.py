@@ -47,7 +47,8 @@ def test_config_refuses_bad_values(bad):
 @pytest.mark.parametrize("method", ["e2e", "dblocks"])
 def test_bf16_run_trains_and_its_loss_falls(tmp_path, method):
     pytest.importorskip("sklearn")
-    cfg = tiny(method, "train.precision=bf16", "train.steps=60", *SMALL_EVAL)
+    cfg = tiny(method, "train.precision=bf16", "train.steps=30", "train.log_every=5", "train.lr=1e-2",
+               "train.batch_size=32", *SMALL_EVAL)
     results = train(cfg, tmp_path / method, progress=False)
     curve = losses(tmp_path / method)
     assert results["skipped_steps"] == 0 and curve[-1] < 0.9 * curve[0]
@@ -59,9 +60,9 @@ def test_bf16_run_trains_and_its_loss_falls(tmp_path, method):
 def test_autocast_resume_is_exact(tmp_path, monkeypatch, precision):
     """Cut mid-run and resumed: the same weights as an uncut run (fp16: the scalers are saved with the optimizers)."""
     pytest.importorskip("sklearn")
-    cfg = tiny("dblocks", f"train.precision={precision}", "train.steps=10", "train.ckpt_every=1000", *SMALL_EVAL)
+    cfg = tiny("dblocks", f"train.precision={precision}", "train.steps=6", "train.ckpt_every=1000", *SMALL_EVAL)
     train(cfg, tmp_path / "full", progress=False)
-    original = signal_on_step(monkeypatch, DBlocks, 13, signal.SIGINT)
+    original = signal_on_step(monkeypatch, DBlocks, 7, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(DBlocks, "step", original)

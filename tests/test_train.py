@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 
 import numpy as np
@@ -22,6 +23,12 @@ from diffusionblocks.train import train
 pytest.importorskip("sklearn", reason="the tiny preset trains on scikit-learn's digits")
 
 
+STEPS = 120  # the trained runs' steps
+
+
+SMALL_EVAL = {"train__eval_limit": 40, "data__test_limit": 40}  # for tests that read no accuracy
+
+
 def tiny(method, **overrides):
     cfg = preset_tiny()
     cfg.train.method = method
@@ -30,9 +37,11 @@ def tiny(method, **overrides):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Both methods trained once on the tiny preset, shared by the tests that only read them."""
+    """Both methods trained once on the tiny preset (120 of its 150 steps, its evaluations during training on 40
+    images; the final one on all 360), shared by the tests that only read them."""
     root = tmp_path_factory.mktemp("runs")
-    return {m: (root / m, train(tiny(m), root / m, progress=False)) for m in ("e2e", "dblocks")}
+    return {m: (root / m, train(tiny(m, train__steps=STEPS, train__eval_limit=40), root / m, progress=False))
+            for m in ("e2e", "dblocks")}
 
 
 @pytest.mark.parametrize("method", ["e2e", "dblocks"])
@@ -53,7 +62,7 @@ def test_results_and_files(trained):
     # layer-update budget: dblocks ran B times the e2e steps, on 1/B of the layers each
     e2e = trained["e2e"][1]
     assert results["steps"] == 2 * e2e["steps"]
-    assert results["layer_updates"] == e2e["layer_updates"] == 150 * 4
+    assert results["layer_updates"] == e2e["layer_updates"] == STEPS * 4
     assert sum(results["block_updates"]) == results["steps"] and min(results["block_updates"]) > 0
     records = io.read_jsonl(run / "metrics.jsonl")
     logged = [r for r in records if "loss" in r]
@@ -75,7 +84,7 @@ def test_eval_with_another_number_of_steps(trained, capsys):
 
 @pytest.mark.parametrize("method", ["e2e", "dblocks"])
 def test_resume_reaches_the_same_result(tmp_path, monkeypatch, method):
-    cfg = tiny(method, train__steps=30, train__ckpt_every=1000)
+    cfg = tiny(method, train__steps=30, train__ckpt_every=1000, **SMALL_EVAL)
     full = train(cfg, tmp_path / "full", progress=False)
 
     # interrupt with a real SIGINT in the middle of the run: the loop stops at the next step boundary
@@ -101,7 +110,7 @@ def test_sigterm_checkpoints_like_ctrl_c(tmp_path, monkeypatch, capsys):
     original = signal_on_step(monkeypatch, EndToEnd, 5, signal.SIGTERM)
     run, before = str(tmp_path / "run"), signal.getsignal(signal.SIGTERM)
     assert main(["train", "--preset", "tiny", "--method", "e2e", "--out", run, "--no-progress", "train.steps=12",
-                 "train.ckpt_every=1000"]) == 143
+                 "train.ckpt_every=1000", "train.eval_limit=40", "data.test_limit=40"]) == 143
     assert "stopped by SIGTERM at step 5/12; checkpoint saved" in capsys.readouterr().err
     assert io.load_torch(tmp_path / "run" / "state.pt")["step"] == 5
     assert signal.getsignal(signal.SIGTERM) == before  # the loop's handler is gone after it
@@ -122,7 +131,7 @@ def test_a_window_of_skipped_steps_stops_training(tmp_path, monkeypatch, capsys)
 
 
 def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
-    cfg = tiny("dblocks", train__steps=5)
+    cfg = tiny("dblocks", train__steps=5, **SMALL_EVAL)
     original, calls = DBlocks.step, []
 
     def step(self, batch, block=None):
@@ -143,14 +152,14 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
 
 def test_starved_block_is_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(DBlocks, "next_block", lambda self: 0)
-    train(tiny("dblocks", train__steps=20, train__log_every=20), tmp_path / "starve", progress=False)
+    train(tiny("dblocks", train__steps=20, train__log_every=20, **SMALL_EVAL), tmp_path / "starve", progress=False)
     records = [r for r in io.read_jsonl(tmp_path / "starve" / "metrics.jsonl") if "starved_blocks" in r]
     assert records and records[-1]["starved_blocks"] == [1]
     assert "received no update" in capsys.readouterr().err
 
 
 def test_round_robin_visits_blocks_in_turn(tmp_path):
-    results = train(tiny("dblocks", train__steps=5, dblocks__block_choice="round-robin"), tmp_path / "rr",
+    results = train(tiny("dblocks", train__steps=5, dblocks__block_choice="round-robin", **SMALL_EVAL), tmp_path / "rr",
                     progress=False)
     assert results["block_updates"] == [5, 5]
 
@@ -166,7 +175,8 @@ def test_user_npz_trains(tmp_path):
         return x
     path = tmp_path / "mine.npz"
     np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
-    results = train(tiny("e2e", data__name=str(path), train__batch_size=30), tmp_path / "npz", progress=False)
+    results = train(tiny("e2e", data__name=str(path), train__batch_size=30, train__steps=50), tmp_path / "npz",
+                    progress=False)
     assert results["test_n"] == 30 and results["test_accuracy"] > 0.6
 
 
@@ -273,21 +283,27 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, capsys):
     assert (run / "results.json").exists() and not (run / ".lock").exists()
 
 
-@pytest.mark.parametrize("extra", [["train.steps=50"], ["--out", "elsewhere"], ["--num-blocks", "2"], ["--steps", "9"]])
-def test_resume_refuses_settings_it_would_ignore(tmp_path, capsys, extra):
-    """Issue 16, item 6: --resume used to ignore overrides, --out and --num-blocks silently; now it refuses them."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A finished 2-step run of the tiny preset from the command line; the tests below work on copies of it."""
+    run = tmp_path_factory.mktemp("two-steps") / "run"
     assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=2"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("extra", [["train.steps=50"], ["--out", "elsewhere"], ["--num-blocks", "2"], ["--steps", "9"]])
+def test_resume_refuses_settings_it_would_ignore(two_steps, tmp_path, capsys, extra):
+    """Issue 16, item 6: --resume used to ignore overrides, --out and --num-blocks silently; now it refuses them."""
+    run = shutil.copytree(two_steps, tmp_path / "run")
     assert main(["train", "--resume", str(run), "--no-progress", *extra]) == 2
     assert extra[0].split("=")[0] in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("edit", [("heads", 1), ("width", 64), ("depth", 2)])
-def test_a_config_edited_since_training_is_a_clear_error(tmp_path, capsys, edit):
+def test_a_config_edited_since_training_is_a_clear_error(two_steps, tmp_path, capsys, edit):
     """Issue 16, item 4: eval and --resume of a run whose config.json no longer matches its weights: one line naming
     what changed (a changed head count keeps every shape, so the weights record the architecture)."""
-    run = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--out", str(run), "--no-progress", "train.steps=2"]) == 0
+    run = shutil.copytree(two_steps, tmp_path / "run")
     cfg = json.loads((run / "config.json").read_text())
     cfg["model"][edit[0]] = edit[1]
     (run / "config.json").write_text(json.dumps(cfg))
@@ -315,9 +331,13 @@ def test_a_run_directory_is_locked(tmp_path, capsys):
 def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
-    assert main(["compare", "--preset", "tiny", "--steps", "10", "--out", str(out), "--no-progress"]) == 0
+    args = ["compare", "--preset", "tiny", "--steps", "10", "--out", str(out), "--no-progress", "train.eval_limit=40",
+            "data.test_limit=40"]
+    assert main(args) == 0
     report = json.loads((out / "compare.json").read_text())
     assert set(report["rows"]) == {"e2e", "e2e-steps", "control", "dblocks"}
+    assert report["provenance"]["torch"] == torch.__version__ and report["provenance"]["argv"]
+    assert report["provenance"]["started"] <= report["provenance"]["ended"]
     rows = report["rows"]
     assert rows["control"]["depth"] == 2 and rows["e2e"]["depth"] == 4
     assert rows["e2e"]["layer_updates"] == rows["control"]["layer_updates"] == rows["dblocks"]["layer_updates"]
@@ -329,7 +349,7 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     assert linked == ["compare.png", "loss.png"] and all((out / f).stat().st_size > 1000 for f in linked)
     assert "dblocks - e2e" in capsys.readouterr().out
     # finished arms are reused, not retrained
-    assert main(["compare", "--preset", "tiny", "--steps", "10", "--out", str(out), "--no-progress"]) == 0
+    assert main(args) == 0
     assert "reusing finished run" in capsys.readouterr().err
 
 
@@ -368,7 +388,7 @@ def test_compare_verdict_calls_a_difference_inside_the_seed_spread_a_tie():
 
 
 def test_ema_weights_are_what_eval_uses(tmp_path):
-    results = train(tiny("dblocks", train__steps=20, train__ema=0.9), tmp_path / "ema", progress=False)
+    results = train(tiny("dblocks", train__steps=20, train__ema=0.9, **SMALL_EVAL), tmp_path / "ema", progress=False)
     assert (tmp_path / "ema" / "ema.safetensors").exists()
     cfg, model, ds = load_model(tmp_path / "ema")
     assert evaluate(model, ds, cfg)["accuracy"] == results["test_accuracy"]
