@@ -361,15 +361,17 @@ def plot_memory(result: dict, path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     series: dict[str, list[dict]] = {}
+    where = {"all": "every block on the device", "active": "idle blocks off the device"}
     for r in rows:
-        ckpt = f" + ckpt{r['checkpoint']}" if r["checkpoint"] else ""
+        title = get_method(r["method"]).title or r["method"]
+        ckpt = f", checkpointing every {r['checkpoint']} layer(s)" if r["checkpoint"] else ""
         if not Configuration(r["method"]).blockwise:
             c = next(colors)
-            ax.axhline(value(r), color=c, ls="--", label=f"{r['method']}{ckpt}")
+            ax.axhline(value(r), color=c, ls="--", label=f"{title}{ckpt}")
             if r["total"] is not None:
                 ax.axhline(mib(r["total"]), color=c, ls=":", lw=0.8)
         else:
-            series.setdefault(f"{r['method']}, {r['residency']}{ckpt}", []).append(r)
+            series.setdefault(f"{title}, {where.get(r['residency'], r['residency'])}{ckpt}", []).append(r)
     for label, rs in series.items():
         c = next(colors)
         xs = [r["num_blocks"] for r in rs]
@@ -382,8 +384,9 @@ def plot_memory(result: dict, path) -> bool:
     ax.set_xlabel("number of blocks B")
     ax.set_ylabel(f"training memory per step, MiB ({what})")
     m = result["model"]
-    ax.set_title(f"{result['task']}: {m['depth']} layers, width {m['width']}, {m['tokens']} tokens, "
-                 f"batch {result['batch_size']} ({result['dtype']}); x and dotted: planner", fontsize=10)
+    ax.set_title(f"Training memory of task {result['task']}: {m['depth']} layers, width {m['width']}, {m['tokens']} "
+                 f"tokens, batch {result['batch_size']}, {result['dtype']}\n(lines: {what}; crosses and dotted: the "
+                 "planner's prediction)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

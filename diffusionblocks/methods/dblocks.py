@@ -55,7 +55,7 @@ def owned_blocks(cfg: RunConfig) -> list[int]:
 class DBlocks(Method):
     """One block per step: sample its noise levels, run only it, update only it (and the shared parts)."""
 
-    name = "dblocks"
+    name, title = "dblocks", "DiffusionBlocks"
     model_form = "blocks"
     plan = "blockwise"
 

@@ -9,7 +9,7 @@ from .base import Method, Optimizer, stream_seed, update
 class EndToEnd(Method):
     """Plain backprop through the whole network, one optimizer, one data stream seeded by the run's seed."""
 
-    name = "e2e"
+    name, title = "e2e", "end-to-end"
     model_form = "end-to-end"
     plan = "whole"
 
