@@ -157,6 +157,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def inference_device(cfg: RunConfig, overrides: Sequence[str] = ()) -> torch.device:
+    """Where a trained run is evaluated or sampled: train.device when the command line gives it, else the run's own
+    device where it exists here (a GPU run read on a laptop falls back), else the CPU."""
+    if any(o.split("=")[0].strip() == "train.device" for o in overrides):
+        return resolve_device(cfg.train.device)
+    try:
+        return resolve_device(cfg.train.device)
+    except ValueError:
+        return torch.device("cpu")
+
+
 # -- models --------------------------------------------------------------------------------------------
 
 
@@ -192,7 +203,7 @@ def place(model: nn.Module, device, residency=None, ema: EMA | None = None):
     blocks going straight to their off-device homes."""
     for module in model.modules():
         for name, buf in module._buffers.items():
-            if buf is not None:
+            if buf is not None and buf.device.type != "meta":  # a per-block job's other blocks: shapes only
                 module._buffers[name] = buf.to(device)
     if residency is None or residency.policy == "all":
         for p in model.parameters():

@@ -182,3 +182,12 @@ def test_the_testbed_script_tunes_tests_once_and_reports_each_block(tmp_path, mo
     before = test_file.stat().st_mtime_ns
     bench.main()  # a re-run reuses every run and each cached test score
     assert test_file.stat().st_mtime_ns == before
+
+
+def test_a_per_block_job_of_a_model_with_a_mask_buffer_trains(tmp_path):
+    """The other blocks of a per-block job are shapes only (meta), their buffers too: placing the model on the
+    device leaves those alone (a non-empty mask buffer in every layer's block, hops.attention=memory)."""
+    cfg = tiny("train.method=dblocks", "hops.attention=memory", "blocks.shared_stem_head=false",
+               "dblocks.block_choice=round-robin", "train.blocks=1", "train.steps=4")
+    results = train(cfg, tmp_path / "job1", progress=False)
+    assert results["block_updates"][1] > 0 and results["block_updates"][0] == 0
