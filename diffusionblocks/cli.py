@@ -23,7 +23,17 @@ from .methods import METHODS
 from .noise import GRID_KINDS, PARTITION_KINDS, LogNormalLevels, MaskLevels, Partition
 from .parallel import train_parallel
 from .plan import Spec, configurations, format_table, measure_all, parse_bytes, plan, plot_memory
-from .run import CONFIG, LOCK, RUN_FILES, load_model, make_out, read_config, resolve_device, validate
+from .run import (
+    CONFIG,
+    LOCK,
+    RUN_FILES,
+    inference_device,
+    load_model,
+    make_out,
+    read_config,
+    resolve_device,
+    validate,
+)
 from .tasks import SPLITS, TASKS, Option, at_least, get_task
 from .train import reference_model, train
 from .version import __version__
@@ -170,7 +180,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg, model, data = load_model(args.run, args.overrides)
     task = get_task(cfg.task)
     given = _given(args, task, "eval")
-    ev = task.score(model, data, cfg, split=args.split, progress=not args.json, reference=reference_model, **given)
+    device = inference_device(cfg, args.overrides)
+    ev = task.score(model.to(device), data, cfg, split=args.split, device=device, progress=not args.json,
+                    reference=reference_model, **given)
     ev.update(run=str(args.run), method=cfg.train.method, split=args.split,
               **{k: v for k, v in given.items() if k != "limit"})
     if args.json:
@@ -197,8 +209,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _writable(args.out, "--out", args.overwrite)
     cfg, model, data = load_model(args.run, args.overrides)
     task = get_task(cfg.task)
-    print(task.sample(model, data, cfg, args.out, num=args.num, seed=args.seed, **_given(args, task, "sample"),
-                      writable=lambda path, flag: _writable(path, flag, args.overwrite)))
+    device = inference_device(cfg, args.overrides)
+    writable = lambda path, flag: _writable(path, flag, args.overwrite)
+    print(task.sample(model.to(device), data, cfg, args.out, num=args.num, seed=args.seed, device=device,
+                      **_given(args, task, "sample"), writable=writable))
     return 0
 
 

@@ -34,6 +34,7 @@ from .run import (
     SCORE,
     STATE,
     WEIGHTS,
+    inference_device,
     load_model,
     make_out,
     read_config,
@@ -182,7 +183,9 @@ def headline(task: Task, run: Path, results: dict, progress: bool, split: str = 
         if score.get("config") == cfg and score.get("split", "test") == split:
             return score[task.metric], score
     cfg_m, model, data = load_model(run)
-    score = task.score(model, data, cfg_m, split=split, progress=progress, reference=reference_model)
+    device = inference_device(cfg_m)
+    score = task.score(model.to(device), data, cfg_m, split=split, device=device, progress=progress,
+                       reference=reference_model)
     io.save_json(cached, dict(score, config=cfg, split=split))
     return score[task.metric], score
 

@@ -25,6 +25,8 @@ def interleaved_times(calls: dict[str, Callable[[int], object]], repeats: int) -
         for name, call in calls.items():
             t0 = time.perf_counter()
             call(i)
+            if torch.cuda.is_available():  # a GPU's kernels run after the call returns
+                torch.cuda.synchronize()
             if i:
                 times[name].append(time.perf_counter() - t0)
     return times

@@ -208,3 +208,24 @@ def test_memory_out_and_device_mistakes_are_one_line_errors(tmp_path, capsys):
         locked.mkdir(mode=0o500)
         assert main([*base, "--out", str(locked / "m")]) == 2
         assert "cannot create" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_eval_and_sample_run_where_the_run_says_or_the_command_line_asks(tmp_path, capsys):
+    """A run trained on a GPU (train.device=cuda in its config) is evaluated on a machine without one on the CPU;
+    train.device=cuda given to eval there is a one-line error, not a silent run on the CPU."""
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "hops-tiny", "--out", str(run), "--no-progress", "train.steps=2"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["train"]["device"] = "cuda"  # as a GPU machine would have written it
+    (run / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 128
+    assert main(["eval", str(run), "train.device=cuda"]) == 2
+    assert "CUDA is not available here" in capsys.readouterr().err
+    gen = tmp_path / "gen"
+    assert main(["train", "--preset", "gen-tiny", "--out", str(gen), "--no-progress", "train.steps=2"]) == 0
+    assert main(["sample", str(gen), "--out", str(tmp_path / "s.png"), "--num", "4", "train.device=cpu"]) == 0
+    assert main(["sample", str(gen), "--out", str(tmp_path / "t.png"), "--num", "4", "train.device=cuda"]) == 2
+    assert "CUDA is not available here" in capsys.readouterr().err

@@ -344,7 +344,7 @@ class ImageGenTask(ImageTask):
 
     def sample(self, model: ImageGenerator, data, cfg: RunConfig, out: str, *, num: int, seed: int, writable,
                classes: str | None = None, nrow: int | None = None, npz: bool = False, scale: int | None = None,
-               **ode) -> str:
+               device="cpu", **ode) -> str:
         """A PNG grid of the first MAX_GRID samples at `out`; with `npz` all of them and their classes in OUT.npz.
         `ode`: steps, sampler, grid, cfg_scale (default: the run's gen settings)."""
         if not out.lower().endswith(".png"):
@@ -364,7 +364,7 @@ class ImageGenTask(ImageTask):
                              f"{num * math.prod(shape) / 2**30:.1f} GiB, over the {MAX_NPZ_BYTES / 2**30:g} GiB one "
                              f"call holds; sample fewer per call (another --seed for more)")
         ode = {k: ode.get(k, getattr(cfg.gen, k)) for k in ("steps", "sampler", "grid", "cfg_scale")}
-        images, labels, seconds = generate(model, num, seed=seed, classes=classes, uint8=True, **ode)
+        images, labels, seconds = generate(model, num, seed=seed, classes=classes, uint8=True, device=device, **ode)
         sheet = grid(images[:MAX_GRID], nrow=nrow)
         scale = scale or min(readable_factor(*model.image_size), max(1, MAX_PNG_SIDE // max(sheet.shape[1:])))
         save_png(upscale(sheet, scale), out)

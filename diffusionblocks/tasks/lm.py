@@ -296,12 +296,13 @@ class LMTask(Task):
         return ""
 
     def sample(self, model, data: TextData, cfg: RunConfig, out, *, num: int, seed: int, writable,
-               length: int | None = None, prompt: str = "", **options) -> str:
+               length: int | None = None, prompt: str = "", device="cpu", **options) -> str:
         length = length or cfg.data.seq_len
         if num * length > MAX_TEXT_TOKENS:
             raise ValueError(f"--num {num} x --length {length} = {num * length:,} tokens, over the "
                              f"{MAX_TEXT_TOKENS:,} of one call (drawn as one batch, a forward pass per token)")
-        return self.write_samples(model, data, cfg, out, num=num, length=length, prompt=prompt, seed=seed, **options)
+        return self.write_samples(model, data, cfg, out, num=num, length=length, prompt=prompt, seed=seed,
+                                  device=device, **options)
 
     def write_samples(self, model, data: TextData, cfg: RunConfig, out: str | Path, *, num: int, length: int,
                       prompt: str = "", seed: int = 0, device="cpu", **options) -> str:

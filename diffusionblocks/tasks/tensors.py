@@ -276,7 +276,7 @@ class TensorTask(Task):
         return TensorShapes(tuple(record["target"]), None if cond is None else tuple(cond))
 
     def sample(self, model: TensorDenoiser, data, cfg: RunConfig, out: str, *, num: int, seed: int, writable,
-               **options) -> str:
+               device="cpu", **options) -> str:
         """`num` samples into the .npz `out` (y, and x: the test split's conditions cycled, when conditional)."""
         if not out.endswith(".npz"):
             raise ValueError(f"--out {out}: a {self.name} run writes its samples to an .npz file")
@@ -287,7 +287,8 @@ class TensorTask(Task):
             if not isinstance(data, TensorData):
                 raise ValueError("a conditional model samples for the test split's conditions: its data is needed")
             x = data.x_test[torch.arange(num) % data.x_test.shape[0]]
-        y = model.sample(torch.randn((num, *shapes.target), generator=gen), x, self.sample_steps)
+        noise = torch.randn((num, *shapes.target), generator=gen).to(device)
+        y = model.sample(noise, None if x is None else x.to(device), self.sample_steps).cpu()
         arrays = {"y": y.numpy()} | ({} if x is None else {"x": x.numpy()})
         np.savez(out, **arrays)
         return f"wrote {num} samples to {out}"
