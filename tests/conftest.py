@@ -12,8 +12,7 @@ from diffusionblocks.models import VectorHead, VectorStem
 from diffusionblocks.nn import ResidualMLP
 
 # One intra-op thread unless the environment says otherwise: the tests' networks are so small that a second thread
-# gains little on an idle machine and costs several times over on a busy one (the README's minimal use: 6 s with one
-# thread, 29 s with two, on 2 cores that other jobs kept busy). `python3 -m pytest` then runs as
+# gains little, and pytest-xdist already runs a worker per core. `python3 -m pytest` then runs as
 # `OMP_NUM_THREADS=1 python3 -m pytest` does; tests about threads set their own (tests/test_logs.py).
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
