@@ -164,6 +164,17 @@ def test_a_block_step_trains_its_own_block_on_its_own_levels(level):
     assert changed and all(n.startswith(("stack.blocks.1.", "readouts.1.")) for n in changed), changed
 
 
+def test_sigma_data_is_a_setting_of_the_preconditioning():
+    x = torch.randint(V, (4, 12))
+    models = {sd: randomized(language_model(ARDiffusionLM, model_cfg(f"arlm.sigma_data={sd}"), V), std=0.05)
+              for sd in (0.5, 0.072)}
+    assert [m.stack.precond.sigma_data for m in models.values()] == [0.5, 0.072]
+    # the same weights and noise, another c_skip/c_out/c_in: another loss
+    models[0.072].load_state_dict(models[0.5].state_dict())
+    losses = [m.block_loss(1, x, torch.Generator().manual_seed(0)) for m in models.values()]
+    assert not torch.allclose(*losses)
+
+
 def test_the_loss_weight_is_a_setting():
     x = torch.randint(V, (4, 12))
     losses = {}

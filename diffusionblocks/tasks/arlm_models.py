@@ -49,6 +49,9 @@ class ARLMConfig:
                                  "deterministic, chain.init=zero)", range="[1, 10_000]")
     temperature: float = setting(1.0, "sampling: the last step's softmax temperature (0: greedy)",
                                  range="[0, inf) 0 = greedy")
+    sigma_data: float = setting(0.5, "EDM's data scale in the preconditioning (the paper's 0.5; the clean targets are "
+                                     "unit-norm embedding rows, per-coordinate std 1/sqrt(model.width))",
+                                range="(0, inf)")
 
 
 class AutoregressiveLM(nn.Module):
@@ -280,7 +283,7 @@ class ARDiffusionLM(NextTokenChain, StackModel, nn.Module):
                               noise_scale=m.noise_scale, learned_positions=m.positions == "learned")
         self.stack = BlockStack(
             lm_layers(m), stem, NoisyHead(m.width, label_dim), self.partition, allocation=blocks.layers_per_block(),
-            shared_stem_head=blocks.shared_stem_head, precond=EDMPrecond(), checkpoint_every=m.checkpoint)
+            shared_stem_head=blocks.shared_stem_head, precond=EDMPrecond(a.sigma_data), checkpoint_every=m.checkpoint)
         self.add_readout(lambda: nn.Linear(label_dim, vocab_size))  # per block when stem/head are replicated
 
     def extra_shared(self) -> list[nn.Parameter]:
