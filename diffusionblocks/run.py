@@ -160,11 +160,11 @@ def resolve_device(name: str) -> torch.device:
 def inference_device(cfg: RunConfig, overrides: Sequence[str] = ()) -> torch.device:
     """Where a trained run is evaluated or sampled: train.device when the command line gives it, else the run's own
     device where it exists here (a GPU run read on a laptop falls back), else the CPU."""
-    if any(o.split("=")[0].strip() == "train.device" for o in overrides):
-        return resolve_device(cfg.train.device)
     try:
         return resolve_device(cfg.train.device)
     except ValueError:
+        if any(o.split("=")[0].strip() == "train.device" for o in overrides):
+            raise  # asked for here: say it is missing rather than run elsewhere
         return torch.device("cpu")
 
 
