@@ -33,7 +33,6 @@ from torch import nn
 from ..config import BackboneConfig, BlocksConfig, DataConfig, RunConfig, TrainConfig, preset, section, setting
 from ..models import LabelHead, lm_layers
 from ..nn import NoiseEmbedding
-from .base import evaluating
 from .optional import Arm, pick
 from .tensors import TensorClassifierTask, TensorData, TensorShapes
 
@@ -168,7 +167,6 @@ class HopsTask(TensorClassifierTask):
         stem = HopsStem(h.symbols, h.hops, h.pair_tokens, m.width, label_dim, h.attention, m.noise_scale)
         return stem, lm_layers(m), HopsHead(m.width, label_dim, m.label_head)
 
-    @torch.no_grad()
     def evaluate(self, model, data: TensorData, cfg: RunConfig, *, split: str = "test", limit: int = 0, device="cpu",
                  **options) -> dict:
         """Accuracy of the last step, after every Euler step (`accuracy_per_step`: one per block at one step per
@@ -178,15 +176,8 @@ class HopsTask(TensorClassifierTask):
         if unused:
             raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in unused)}: sampler options of a "
                              f"DiffusionBlocks model; this run is {cfg.train.method} ({type(model).__name__})")
-        y, x = data.split(split)
-        if limit:
-            y, x = y[:limit], x[:limit]
-        gen, preds = torch.Generator().manual_seed(cfg.train.seed + 999), []
-        with evaluating(model):
-            for i in range(0, y.shape[0], cfg.train.eval_batch_size):
-                logits = model.step_logits(x[i:i + cfg.train.eval_batch_size].to(device), generator=gen, **options)
-                preds.append(torch.stack([lg.argmax(-1).cpu() for lg in logits]))  # (steps, n)
-        hits = torch.cat(preds, dim=1) == y  # (steps, N)
+        y, x, preds = self.predictions(model, data, cfg, split=split, limit=limit, device=device, **options)
+        hits = preds == y  # (steps, N)
         per_step = hits.double().mean(1).tolist()
         k = hop_counts(x, cfg.hops.symbols)
         by_hops = {f"accuracy_hops{j}": hits[-1, k == j].double().mean().item()

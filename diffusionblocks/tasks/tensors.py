@@ -398,22 +398,26 @@ class TensorClassifierTask(TensorTask):
         return data.x_train[:n].to(device), data.y_train[:n].to(device)
 
     @torch.no_grad()
-    def evaluate(self, model: TensorClassifier, data: TensorData, cfg: RunConfig, *, split: str = "test",
-                 limit: int = 0, device="cpu", **options) -> dict:
-        """Accuracy of the last Euler step, and after every step (`accuracy_per_step`: one per block at one step per
-        block), seeded as every evaluation is."""
+    def predictions(self, model: TensorClassifier, data: TensorData, cfg: RunConfig, *, split: str = "test",
+                    limit: int = 0, device="cpu", **options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, x, the class predicted after every Euler step (steps, N)) on `split`, seeded as every evaluation is."""
         y, x = data.split(split)
         if limit:
             y, x = y[:limit], x[:limit]
         options = {k: v for k, v in options.items() if v is not None}
-        gen, correct = torch.Generator().manual_seed(cfg.train.seed + 999), None
+        gen, preds = torch.Generator().manual_seed(cfg.train.seed + 999), []
         with evaluating(model):
             for i in range(0, y.shape[0], cfg.train.eval_batch_size):
-                xb = x[i:i + cfg.train.eval_batch_size].to(device)
-                logits = model.step_logits(xb, generator=gen, **options)
-                hits = torch.stack([(lg.argmax(-1).cpu() == y[i:i + len(xb)]).sum() for lg in logits])
-                correct = hits if correct is None else correct + hits
-        per_step = (correct.double() / y.shape[0]).tolist()
+                logits = model.step_logits(x[i:i + cfg.train.eval_batch_size].to(device), generator=gen, **options)
+                preds.append(torch.stack([lg.argmax(-1).cpu() for lg in logits]))
+        return y, x, torch.cat(preds, dim=1)
+
+    def evaluate(self, model: TensorClassifier, data: TensorData, cfg: RunConfig, *, split: str = "test",
+                 limit: int = 0, device="cpu", **options) -> dict:
+        """Accuracy of the last Euler step, and after every step (`accuracy_per_step`: one per block at one step per
+        block)."""
+        y, _, preds = self.predictions(model, data, cfg, split=split, limit=limit, device=device, **options)
+        per_step = (preds == y).double().mean(1).tolist()
         return {"accuracy": per_step[-1], "accuracy_per_step": per_step, "n": int(y.shape[0])}
 
     def summary(self, results: dict) -> str:
