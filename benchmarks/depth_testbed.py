@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusionblocks import io  # noqa: E402
-from diffusionblocks.compare import role_config, run_arm  # noqa: E402
+from diffusionblocks.compare import role_config, run_arm, seeds_separate  # noqa: E402
 from diffusionblocks.config import RunConfig, apply_overrides, load_preset  # noqa: E402
 from diffusionblocks.run import load_model, validate  # noqa: E402
 from diffusionblocks.tasks import get_task  # noqa: E402
@@ -94,14 +93,6 @@ def summary(runs: list[dict], prefix: str = "") -> dict:
             "by_hops": {k[13:]: statistics.mean(key(r)[k] for r in runs) for k in hops}}
 
 
-def separated(a: list[float], b: list[float]) -> bool | None:
-    """Do the seeds separate a and b (means more than two standard errors of the difference apart)? None: one seed."""
-    if len(a) < 2 or len(b) < 2:
-        return None
-    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    return abs(statistics.mean(a) - statistics.mean(b)) > 2 * se
-
-
 def verdict(arms: dict, what: str) -> list[str]:
     """For each model and cut: e2e against the control, DiffusionBlocks against e2e and against the control, in points,
     with whether the seeds separate them."""
@@ -113,7 +104,7 @@ def verdict(arms: dict, what: str) -> list[str]:
     for a, b in pairs:
         if a in arms and b in arms:
             va, vb = arms[a][what]["accuracy"], arms[b][what]["accuracy"]
-            sep = separated(va, vb)
+            sep = seeds_separate(va, vb)
             said = "one seed: no spread" if sep is None else "separated (> 2 SE)" if sep else "a tie (< 2 SE)"
             lines.append(f"{a} - {b} = {100 * (statistics.mean(va) - statistics.mean(vb)):+.2f} points: {said}")
     return lines

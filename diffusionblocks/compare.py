@@ -417,15 +417,18 @@ def markdown_table(rows: dict, key: str, label: str, scale: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def separated(rows: dict, key: str, a: str, b: str) -> bool | None:
-    """Do the seeds separate arms a and b? True when their means differ by more than two standard errors of the
-    difference, sqrt(s_a^2 / n_a + s_b^2 / n_b); None with one seed in either arm (no spread to judge by)."""
-    ra, rb = rows[a], rows[b]
-    na, nb = len(ra[key]), len(rb[key])
-    if na < 2 or nb < 2:
+def seeds_separate(a: list[float], b: list[float]) -> bool | None:
+    """Do the seeds separate values a and b? True when their means differ by more than two standard errors of the
+    difference, sqrt(s_a^2 / n_a + s_b^2 / n_b); None with one seed in either (no spread to judge by)."""
+    if len(a) < 2 or len(b) < 2:
         return None
-    se = math.sqrt(ra[f"{key}_std"] ** 2 / na + rb[f"{key}_std"] ** 2 / nb)
-    return abs(ra[f"{key}_mean"] - rb[f"{key}_mean"]) > 2 * se  # equal means are never separated
+    se = math.sqrt(statistics.stdev(a) ** 2 / len(a) + statistics.stdev(b) ** 2 / len(b))
+    return abs(statistics.mean(a) - statistics.mean(b)) > 2 * se  # equal means are never separated
+
+
+def separated(rows: dict, key: str, a: str, b: str) -> bool | None:
+    """Do the seeds separate arms a and b of summarize's rows (seeds_separate on their values)?"""
+    return seeds_separate(rows[a][key], rows[b][key])
 
 
 NO_WINNER = "one seed names no winner: no spread to judge the difference by (run --seeds 0,1,2)"
