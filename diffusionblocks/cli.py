@@ -510,8 +510,8 @@ def _sample_parser(sub):
 def _compare_parser(sub):
     p = sub.add_parser("compare", help="the main job: end-to-end vs DiffusionBlocks vs a shallow control",
                        description="Train end-to-end, DiffusionBlocks and an end-to-end control with one block's "
-                                   "depth on the same layer-update budget (classification: also end-to-end at "
-                                   "DiffusionBlocks' step count, B times the layer-updates); print a table, write "
+                                   "depth on the same layer-update budget, and end-to-end at DiffusionBlocks' "
+                                   "step count (its samples, B times the layer-updates); print a table, write "
                                    "compare.json, compare.md, compare.png and loss.png. Finished arms are reused, "
                                    "interrupted ones "
                                    "resumed; an arm trained under other settings is refused without --overwrite. "
@@ -529,7 +529,7 @@ def _compare_parser(sub):
                    help="the arms, comma-separated: training methods (" + ", ".join(METHODS) + "), control "
                         "(end-to-end at one block's depth), e2e-steps (end-to-end for DiffusionBlocks' optimizer "
                         "steps and samples: B times the layer-updates); default: the task's (classify: "
-                        "e2e,control,dblocks)")
+                        "e2e,e2e-steps,control,dblocks; recurrent: e2e,dblocks,arlm)")
     p.add_argument("--tune-lr", default=None, metavar="LR,LR,...",
                    help="choose each arm's train.lr on validation among these, e.g. 5e-4,1e-3,2e-3: every arm trains "
                         "each on the training data less a validation split (data.val_size; image tasks: a tenth of "

@@ -280,13 +280,18 @@ def test_planner_predicts_autoregressive_blocks(overrides):
     assert_plan_matches(result)
 
 
-def test_compare_runs_the_three_arms_and_measures_generation(corpus, tmp_path):
+def test_compare_runs_the_four_arms_and_measures_generation(corpus, tmp_path):
     base = apply_overrides(model_cfg(), [f"data.name={corpus}", "train.steps=4", "data.test_limit=4"])
     report = compare(base, tmp_path / "cmp", [0], progress=False)
-    assert list(report["rows"]) == ["e2e", "control", "dblocks"] and report["metric"] == "test_next_token_accuracy"
+    assert list(report["rows"]) == ["e2e", "e2e-steps", "control", "dblocks"]
+    assert report["metric"] == "test_next_token_accuracy"
+    rows = report["rows"]  # end to end for DiffusionBlocks' steps: B times the others' layer-updates
+    B = rows["dblocks"]["num_blocks"]
+    assert rows["e2e-steps"]["steps"] == rows["dblocks"]["steps"] == B * rows["e2e"]["steps"]
     assert report["generation_slowdown"] > 0 and set(report["generation_seconds_per_token"]) == {"e2e", "dblocks"}
     gen = report["generation"]
-    assert {"real test text", "e2e", "control", "dblocks", "dblocks-noise", "dblocks-t0.5", "dblocks-t2"} == set(gen)
+    assert {"real test text", "e2e", "e2e-steps", "control", "dblocks", "dblocks-noise", "dblocks-t0.5",
+            "dblocks-t2"} == set(gen)
     assert all(len(g["distinct"]) == 4 and g["perplexity_by_e2e"] > 1 for g in gen.values())
     assert len(report["dblocks_chain"]["bridge_norm_per_step"]) == 2
     md = (tmp_path / "cmp" / "compare.md").read_text()

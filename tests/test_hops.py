@@ -142,7 +142,8 @@ def test_compare_arms_on_the_testbed_preset():
                                                                                 base.train.steps * B)
     assert (dblocks.train.method, dblocks.model.depth, e2e.model.depth) == ("dblocks", base.model.depth,
                                                                             base.model.depth)
-    assert TASK.compare_roles == ("e2e", "control", "dblocks") and TASK.compare_preset(quick=True) == "hops-quick"
+    assert TASK.compare_roles == ("e2e", "e2e-steps", "control", "dblocks")
+    assert TASK.compare_preset(quick=True) == "hops-quick"
     for name in ("hops", "hops-quick", "hops-tiny"):
         assert validate(load_preset(name)).task == "hops"
     with pytest.raises(ValueError, match="min_hops"):

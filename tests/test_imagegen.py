@@ -257,9 +257,10 @@ def test_compare_imagegen_scores_three_arms_on_one_budget(tmp_path, monkeypatch,
     assert main(args) == 0
     report = io.load_json(out / "compare.json")
     rows = report["rows"]
-    assert set(rows) == {"e2e", "control", "dblocks"} and report["metric"] == "fd_classifier_features"
+    assert set(rows) == {"e2e", "e2e-steps", "control", "dblocks"} and report["metric"] == "fd_classifier_features"
     assert rows["control"]["depth"] == 2 and rows["e2e"]["depth"] == 4 and rows["dblocks"]["num_blocks"] == 2
     assert rows["e2e"]["layer_updates"] == rows["control"]["layer_updates"] == rows["dblocks"]["layer_updates"]
+    assert rows["e2e-steps"]["steps"] == rows["dblocks"]["steps"] and rows["e2e-steps"]["depth"] == 4
     assert all(len(r["fd_classifier_features"]) == 2 and min(r["fd_classifier_features"]) > 0 for r in rows.values())
     assert report["sampling_speedup"] > 0 and (out / "samples.png").exists()
     text = (out / "compare.md").read_text()

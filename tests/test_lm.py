@@ -313,9 +313,9 @@ def test_cli_train_eval_and_sample(corpus, tmp_path, capsys):
 def test_compare_has_the_autoregressive_floor(corpus, tmp_path):
     base = tiny(corpus, "dblocks", "mdlm", "train.steps=4", "data.test_limit=4")
     report = compare(base, tmp_path / "cmp", [0], progress=False)
-    assert list(report["rows"]) == ["e2e", "control", "dblocks", "arlm"]
+    assert list(report["rows"]) == ["e2e", "e2e-steps", "control", "dblocks", "arlm"]
     assert report["rows"]["arlm"]["method"] == "e2e" and report["rows"]["arlm"]["depth"] == 2
-    assert set(report["gap_to_autoregressive"]) == {"e2e", "control", "dblocks"}
+    assert set(report["gap_to_autoregressive"]) == {"e2e", "e2e-steps", "control", "dblocks"}
     assert "autoregressive floor" in (tmp_path / "cmp" / "compare.md").read_text()
 
 

@@ -137,7 +137,7 @@ class HopsTask(TensorClassifierTask):
 
     name = "hops"
     presets = {"full": "hops", "quick": "hops-quick"}
-    compare_roles = ("e2e", "control", "dblocks")
+    compare_roles = ("e2e", "e2e-steps", "control", "dblocks")
 
     @classmethod
     def check(cls, cfg: RunConfig) -> None:

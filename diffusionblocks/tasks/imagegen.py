@@ -279,7 +279,7 @@ class ImageGenTask(ImageTask):
 
     name = "imagegen"
     metric, higher_is_better, curve_metric = "fd_classifier_features", False, "eval_loss"
-    compare_roles = ("e2e", "control", "dblocks")
+    compare_roles = ("e2e", "e2e-steps", "control", "dblocks")
     presets = {"full": "gen-fashion", "quick": "gen-quick", "offline": "gen-tiny", "offline-quick": "gen-tiny"}
     eval_options = (Option("num", at_least(1), "samples for the FD (default gen.fd_samples)"), STEPS, SAMPLER, "grid",
                     CFG_SCALE, Option("fd_model", help="also an FD in the features of the TorchScript extractor at "

@@ -193,7 +193,8 @@ class MDLMTask(LMTask):
 
     name = "mdlm"
     paper_gap = "paper, text8: 1.45 - 1.56 = -0.11"
-    compare_roles = ("e2e", "control", "dblocks", "arlm")  # "arlm": another task's end-to-end model (compare.py)
+    # "arlm": another task's end-to-end model (compare.py), the autoregressive floor
+    compare_roles = ("e2e", "e2e-steps", "control", "dblocks", "arlm")
     presets = {"full": "lm-cpu", "quick": "lm-quick", "offline": "lm-cpu", "offline-quick": "lm-quick"}
     eval_options = ("limit", Option("eval_t", at_least(1), "stratified masking times per window in the bound (default "
                                                            "mdlm.eval_t)"))

@@ -191,9 +191,9 @@ def speedup_note(ratio: float, num_blocks: int) -> str:
 class Comparison:
     """What `compare` (compare.py) asks of the task it compares besides the headline."""
 
-    compare_roles: ClassVar[tuple[str, ...]] = ("e2e", "dblocks")  # the arms without --methods
-    # the arms without --methods add "e2e-steps" (end-to-end for DiffusionBlocks' optimizer steps, B times the
-    # layer-updates of the others) after "e2e": for a task whose end-to-end arm is cheap enough to run B times over
+    # the arms without --methods; the built-in tasks add "e2e-steps" (end-to-end for DiffusionBlocks' optimizer steps
+    # and samples, B times the layer-updates of the others) and "control" (end-to-end at one block's depth)
+    compare_roles: ClassVar[tuple[str, ...]] = ("e2e", "dblocks")
     percent: ClassVar[bool] = False  # the headline is a fraction, shown in percent (differences in points)
     paper_gap: ClassVar[str] = ""  # the paper's DiffusionBlocks - e2e difference, quoted beside ours
     # results keys besides the headline that this task's end-to-end runs hold, so that another task's compare may take
