@@ -11,6 +11,7 @@ names exist is the registries' business (tasks/, methods/; run.validate checks b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -340,6 +341,13 @@ def _coerce(value: Any, typ: type, key: str):
     return value
 
 
+@functools.cache
+def field_types(section: type) -> dict[str, Any]:
+    """A config section's field types, its string annotations resolved once (get_type_hints evaluates every one anew
+    on each call, the cost of most of a config's loading)."""
+    return get_type_hints(section)
+
+
 def set_value(cfg: RunConfig, key: str, value: Any) -> None:
     """Set a dotted key such as "train.lr" (or its earlier name, ALIASES), converting strings to the field's type."""
     key = ALIASES.get(key, key)
@@ -348,7 +356,7 @@ def set_value(cfg: RunConfig, key: str, value: Any) -> None:
         raise ValueError(f"unknown config key {key!r}; keys look like SECTION.NAME with SECTION one of "
                          f"{sorted(SECTIONS)}")
     section = getattr(cfg, parts[0])
-    hints = get_type_hints(type(section))
+    hints = field_types(type(section))
     if parts[1] not in hints:
         raise ValueError(f"unknown config key {key!r}; {parts[0]} has: {', '.join(sorted(hints))}")
     setattr(section, parts[1], _coerce(value, hints[parts[1]], key))
@@ -386,7 +394,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Check values that types alone do not catch, section by section: each field's range or choices, then the
     section's own `check()` of its fields together; raises ValueError naming the key."""
     for name, values in cfg.sections().items():
-        hints = get_type_hints(type(values))
+        hints = field_types(type(values))
         for f in dataclasses.fields(values):
             key, value, meta = f"{name}.{f.name}", getattr(values, f.name), f.metadata
             if meta.get("range") and (error := _range_error(key, value, hints[f.name], meta["range"])):
