@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gzip
 import hashlib
 import http.client
@@ -354,7 +355,10 @@ def _load_fashion_mnist(root: Path | None, cache: Path, download: bool) -> Image
 # --- scikit-learn digits ---
 
 
-def _load_digits() -> ImageDataset:
+@functools.cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 images (1797, 1, 8, 8) and labels, parsed once per process (a compare's arms
+    each load the data; scikit-learn parses its text file anew on every call)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
@@ -366,6 +370,12 @@ def _load_digits() -> ImageDataset:
     images = np.asarray(digits.images, dtype=np.float64)  # (1797, 8, 8), values 0..16
     x = np.round(images * 255.0 / 16.0).clip(0, 255).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
     y = np.asarray(digits.target, dtype=np.int64)  # (1797,)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def _load_digits() -> ImageDataset:
+    x, y = _digits_arrays()  # indexed below, so every dataset gets arrays of its own
     perm = np.random.default_rng(0).permutation(len(x))
     train, test = perm[:DIGITS_NUM_TRAIN], perm[DIGITS_NUM_TRAIN:]
     return ImageDataset(

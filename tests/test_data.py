@@ -368,6 +368,7 @@ def test_digits() -> None:
 
 def test_digits_without_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
+    data._digits_arrays.cache_clear()  # as in a process that has not read them yet
     with pytest.raises(DataError, match="pip install scikit-learn"):
         load_dataset("digits")
 
