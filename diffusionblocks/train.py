@@ -432,6 +432,8 @@ class StopRequest:
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: a container's CPU quota, "max" or "QUOTA PERIOD"
 LOADAVG = Path("/proc/loadavg")  # its 4th field: scheduling entities runnable now / all of them
 _warned: set[str] = set()  # the thread warnings this process gave (a compare's arms do not repeat them)
+LOAD_RECHECK = 60.0  # seconds: a process's runs started within this of the last load sample are not sampled again
+_load_sampled = -math.inf  # when this process last sampled the machine's load (time.monotonic)
 
 
 def usable_cores() -> int:
@@ -488,8 +490,10 @@ def check_threads(threads: int) -> None:
         _warned.add("threads")
         log.warning(f"torch runs {threads} threads but this process may use {cores} core(s), so the threads wait on "
                     f"each other at every step: set train.threads={cores} (or OMP_NUM_THREADS={cores})")
-    if "load" in _warned:
+    global _load_sampled
+    if "load" in _warned or time.monotonic() - _load_sampled < LOAD_RECHECK:
         return
+    _load_sampled = time.monotonic()
     others, machine = competing_load(), os.cpu_count() or 1
     if others is not None and others + threads > machine:
         _warned.add("load")

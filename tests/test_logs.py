@@ -3,6 +3,7 @@ the progress bar (rate-limited, mean loss, resume-correct), the thread warnings 
 
 import importlib
 import logging
+import math
 import platform
 import re
 import signal
@@ -167,6 +168,7 @@ def test_the_bar_without_a_terminal_logs_a_line_every_ten_percent(capsys, monkey
 def quiet_machine(monkeypatch, tmp_path):
     """Thread warnings not yet given in this process; a machine of 4 cores with nothing else running."""
     monkeypatch.setattr(train_module, "_warned", set())
+    monkeypatch.setattr(train_module, "_load_sampled", -math.inf)
     monkeypatch.setattr(train_module.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(train_module.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(train_module, "CPU_MAX", tmp_path / "missing")
@@ -212,6 +214,21 @@ def test_other_processes_competing_for_the_cores_are_warned_about(quiet_machine,
     err = capsys.readouterr().err
     assert "other processes keep 3 thread(s) busy on this machine's 4 core(s)" in err
     assert "train.threads=1" in err and "OMP_NUM_THREADS=1" in err
+
+
+def test_the_load_is_sampled_again_only_a_minute_after_the_last_sample(quiet_machine, monkeypatch, capsys):
+    """A process's runs in quick succession (a compare's arms of a few seconds, a test suite) sample the machine's
+    load once: each sample sleeps 30 ms."""
+    now = [1000.0]
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: now[0])
+    train_module.check_threads(2)  # quiet: no warning, sampled now
+    quiet_machine.write_text("4.10 3.80 3.20 4/300 4242\n")  # then three other threads start
+    now[0] += train_module.LOAD_RECHECK - 1
+    train_module.check_threads(2)
+    assert capsys.readouterr().err == ""  # not sampled again yet
+    now[0] += 1
+    train_module.check_threads(2)
+    assert "other processes keep 3 thread(s) busy" in capsys.readouterr().err
 
 
 def test_a_train_warns_before_it_reads_the_data(quiet_machine, monkeypatch, tmp_path, capsys):
