@@ -120,9 +120,12 @@ def test_ff_sweep_runs_one_pass_per_class():
 
 @pytest.mark.parametrize("method", LOCAL)
 def test_loss_falls_and_results_hold_test_accuracy(tmp_path, capsys, method):
-    out, steps = tmp_path / method, 300 if method in ("ff", "cff") else 100
+    # the layer-local objectives learn slowest: more steps at a higher rate than the tiny preset's 3e-3
+    steps, lr = {"ff": (200, 6e-3), "cff": (150, 1e-2)}.get(method, (100, 3e-3))
+    out = tmp_path / method
     assert main(["train", "--preset", "tiny", "--method", method, "--out", str(out), "--no-progress",
-                 f"train.steps={steps}", "train.log_every=20", "train.eval_every=100000", "data.test_limit=100"]) == 0
+                 f"train.steps={steps}", f"train.lr={lr}", "train.log_every=20", "train.eval_every=100000",
+                 "data.test_limit=100"]) == 0
     losses = [r["loss"] for r in io.read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert losses[-1] < 0.95 * losses[0], losses
     if method == "ff":  # below 2 ln 2, where a layer lands that gives every label the same goodness (= theta)
@@ -132,7 +135,7 @@ def test_loss_falls_and_results_hold_test_accuracy(tmp_path, capsys, method):
     if method == "ff":  # both readings, in results.json and in the line the run prints
         assert 0 <= results["test_accuracy_readout"] <= 1
         assert f"readout {100 * results['test_accuracy_readout']:.2f}%" in capsys.readouterr().out
-    elif method == "cff":  # one prediction, the head's, well above chance (10%) after 300 steps (76% when written)
+    elif method == "cff":  # one prediction, the head's, well above chance (10%) after 150 steps (84% when written)
         assert results["accuracy_per_step"] == [results["test_accuracy"]] and results["test_accuracy"] > 0.5
     else:  # one prediction per block, the last block's is the model's
         assert len(results["accuracy_per_step"]) == 2 and results["accuracy_per_step"][-1] == results["test_accuracy"]

@@ -1,5 +1,5 @@
 import json
-import subprocess
+import runpy
 import sys
 
 import pytest
@@ -49,10 +49,15 @@ def test_partition_bad_input_exits_2_with_a_message(args, match, capsys):
     assert match in capsys.readouterr().err
 
 
-def test_module_entry_point_lists_subcommands():
-    out = subprocess.run([sys.executable, "-m", "diffusionblocks", "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    assert "partition" in out
+def test_module_entry_point_lists_subcommands_and_exits_with_the_command_code(monkeypatch, capsys):
+    """`python -m diffusionblocks` as the interpreter runs it (its module run as __main__), in this process."""
+    for argv, code in ((["--help"], 0), (["partition", "--num-blocks", "0"], 2)):
+        monkeypatch.setattr(sys, "argv", ["diffusionblocks", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_module("diffusionblocks", run_name="__main__", alter_sys=True)
+        assert exit_.value.code == code
+    out, err = capsys.readouterr()
+    assert "partition" in out and "error" in err
 
 
 def test_help_lists_every_preset_and_config_resolves_one_with_each_keys_meaning(capsys):

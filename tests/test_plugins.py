@@ -90,14 +90,19 @@ def test_a_plugin_file_trains_evaluates_elsewhere_and_samples(plugin, tmp_path, 
     assert io.load_json(run / "config.json")["plugins"] == [{"module": name, "file": str(path.resolve())}]
 
     # another process and folder: without --plugin the error names the file (a run never runs a file by itself);
-    # with its folder on PYTHONPATH the recorded module name loads it
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "diffusionblocks", "eval", str(run), "--json"], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2 and f"pass --plugin {path.resolve()}" in proc.stderr, proc.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-m", "diffusionblocks", "eval", str(run), "--json"], cwd=tmp_path,
-                          capture_output=True, text=True, env=dict(env, PYTHONPATH=str(path.parent)), timeout=120)
+    # with its folder on the import path the recorded module name loads it (one process for both: one torch import)
+    elsewhere = textwrap.dedent(f"""
+        import sys
+        from diffusionblocks.cli import main
+        print("CODE", main(["eval", {str(run)!r}, "--json"]), flush=True)
+        sys.path.insert(0, {str(path.parent)!r})  # as PYTHONPATH would
+        print("CODE", main(["eval", {str(run)!r}, "--json"]), flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", elsewhere], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.findall(r"CODE (\d+)", proc.stdout) == ["2", "0"], proc.stderr[-2000:]
+    assert f"pass --plugin {path.resolve()}" in proc.stderr
     assert '"denoising_loss": ' + repr(results["denoising_loss"]) in proc.stdout
 
     predictor = inference.load(run)  # a plain module: no task, no data read
