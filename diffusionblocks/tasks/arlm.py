@@ -280,7 +280,8 @@ TASK = ARLMTask
 
 @preset("lm-ar-cpu")
 def preset_lm_ar_cpu() -> RunConfig:
-    """The autoregressive compare on a 2-core CPU (`compare --task arlm`: e2e, the 2-layer control, DiffusionBlocks):
+    """The autoregressive compare on a 2-core CPU (`compare --task arlm`: e2e at two budgets, the 2-layer control,
+    DiffusionBlocks; about 23 minutes for one seed):
     lm-cpu's data, model and budget (Shakespeare in the text8 alphabet, windows of 128, 6 layers of width 192,
     320 end-to-end steps of 32 windows, AdamW 1e-3) with B = 3 and the paper's text overlap gamma 0.1; scored on
     the first 512 test windows (of 2,029). Half of a block's training inputs are soft mixtures of embeddings

@@ -274,7 +274,7 @@ def preset_tiny() -> RunConfig:
 
 @preset("fashion")
 def preset_fashion() -> RunConfig:
-    """The compare preset, about 15 minutes for its three arms on 2 CPU cores: Fashion-MNIST, a 6-layer ViT of
+    """The compare preset, about 30 minutes for its four arms on 2 CPU cores: Fashion-MNIST, a 6-layer ViT of
     width 96 with 7x7 patches (16 tokens), 2500 end-to-end steps of batch 128 (5.3 epochs); sized in
     benchmarks/README.md."""
     cfg = RunConfig()

@@ -267,7 +267,7 @@ def preset_lm_tiny() -> RunConfig:
 
 @preset("lm-cpu")
 def preset_lm_cpu() -> RunConfig:
-    """The language compare on a 2-core CPU (`compare --task mdlm`: four arms, about 13 minutes for one seed):
+    """The language compare on a 2-core CPU (`compare --task mdlm`: five arms, about 23 minutes for one seed):
     Shakespeare in the text8 alphabet, windows of 128, 6 layers of width 192 (3 heads, MLP x2, rotary positions),
     B = 3, gamma 0.05, 320 end-to-end steps of 32 windows (1.3M tokens, a third of an epoch of the 4.1M training
     characters), AdamW 1e-3 (benchmarks/lm_settings.py). The bound on the whole test split
