@@ -296,7 +296,7 @@ def preset_lm_ar_cpu() -> RunConfig:
 
 @preset("lm-ar-quick")
 def preset_lm_ar_quick() -> RunConfig:
-    """Under a minute for the three arms of the autoregressive compare (a smoke run): 12 steps, windows of 64 (the
+    """Under a minute for the four arms of the autoregressive compare (a smoke run): 12 steps, windows of 64 (the
     samples and the generation timing are one window long), 64 test windows."""
     cfg = preset_lm_ar_cpu()
     cfg.data.seq_len = 64

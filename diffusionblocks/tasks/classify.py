@@ -286,7 +286,7 @@ def preset_fashion() -> RunConfig:
 
 @preset("quick")
 def preset_quick() -> RunConfig:
-    """About one minute for the three arms: the fashion preset on a tenth of the steps."""
+    """About 3.5 minutes for the four arms: the fashion preset on a tenth of the steps."""
     cfg = preset_fashion()
     cfg.train.steps = 250
     cfg.train.eval_limit = 1000

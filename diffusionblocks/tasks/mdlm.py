@@ -284,7 +284,7 @@ def preset_lm_cpu() -> RunConfig:
 
 @preset("lm-quick")
 def preset_lm_quick() -> RunConfig:
-    """Under a minute for the four arms of the language compare (a smoke run): the CPU preset on 12 steps, scored
+    """About a minute for the five arms of the language compare (a smoke run): the CPU preset on 12 steps, scored
     on the first 64 test windows, sampling time at 12 steps."""
     cfg = preset_lm_cpu()
     cfg.train.steps = 12
