@@ -244,7 +244,7 @@ def _tiny_reference(dataset):
     return cfg
 
 
-def test_compare_imagegen_scores_three_arms_on_one_budget(tmp_path, monkeypatch, capsys):
+def test_compare_imagegen_scores_four_arms_at_two_budgets(tmp_path, monkeypatch, capsys):
     """e2e, the one-block-depth control and DiffusionBlocks on one layer-update budget, scored by FD with its
     floor and count; scores are cached and reused on a second run."""
     pytest.importorskip("sklearn")
