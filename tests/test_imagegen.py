@@ -245,8 +245,8 @@ def _tiny_reference(dataset):
 
 
 def test_compare_imagegen_scores_four_arms_at_two_budgets(tmp_path, monkeypatch, capsys):
-    """e2e, the one-block-depth control and DiffusionBlocks on one layer-update budget, scored by FD with its
-    floor and count; scores are cached and reused on a second run."""
+    """e2e, the one-block-depth control and DiffusionBlocks on one layer-update budget, and e2e for DiffusionBlocks'
+    steps, scored by FD with its floor and count; scores are cached and reused on a second run."""
     pytest.importorskip("sklearn")
     monkeypatch.setenv("DIFFUSIONBLOCKS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("diffusionblocks.tasks.imagegen.reference_config", _tiny_reference)
