@@ -532,8 +532,9 @@ def _compare_parser(sub):
                         "e2e,e2e-steps,control,dblocks; recurrent: e2e,dblocks,arlm)")
     p.add_argument("--tune-lr", default=None, metavar="LR,LR,...",
                    help="choose each arm's train.lr on validation among these, e.g. 5e-4,1e-3,2e-3: every arm trains "
-                        "each on the training data less a validation split (data.val_size; image tasks: a tenth of "
-                        "the training images when unset) over --tune-seeds, and its test arms take the best mean "
+                        "each on the training data less a validation split (data.val_size; when unset, image tasks "
+                        "hold out a tenth of the training images and language tasks score 512 windows of their "
+                        "validation text) over --tune-seeds, and its test arms take the best mean "
                         "validation headline; the sweep goes to OUT/tune/, reused on a re-run")
     p.add_argument("--tune-warmup", default=None, metavar="W,W,...",
                    help="likewise train.warmup (a fraction of each optimizer's updates), e.g. 0,0.05,0.1; with "

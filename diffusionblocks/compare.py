@@ -42,7 +42,6 @@ from .run import (
     validate,
 )
 from .tasks import TASKS, Task, get_task
-from .tasks.images import ImageTask
 from .tasks.optional import Arm
 from .train import reference_model, train
 
@@ -196,7 +195,6 @@ TUNE_DIR = "tune"  # in a compare's directory: the sweep's runs, ROLE-lrX[-warmu
 TUNABLE = ("lr", "warmup")  # the train.* settings a sweep may choose, in the order they name a run
 FAILED = "failed.json"  # in a sweep run's directory: why the loop stopped it (a diverged candidate), reused as a result
 DIVERGED = "non-finite loss or gradient"  # in the loop's error when a whole logging window of steps was skipped
-VALIDATION_SHARE = 10  # an image task without data.val_size holds out 1/10 of its training images for the sweep
 
 
 def tuned(tune: dict[str, list[float]]) -> list[str]:
@@ -216,15 +214,10 @@ def sweep_name(role: str, setting: dict[str, float], seed: int) -> str:
 
 def validation_size(base: RunConfig, task: Task) -> tuple[int, str]:
     """The validation split the sweep trains beside and chooses on, and where its size came from: data.val_size when
-    given, else a tenth of an image task's training images; any other task must give data.val_size."""
+    given, else the task's own (Comparison.sweep_validation)."""
     if base.data.val_size:
         return base.data.val_size, "data.val_size, held out by the test arms too"
-    if not isinstance(task, ImageTask):
-        raise ValueError(f"choosing settings on validation needs a validation split: give data.val_size=N (task "
-                         f"{task.name}: N validation items; image tasks default to a tenth of the training images)")
-    n = len(task.load_data(base).x_train)
-    return max(1, n // VALIDATION_SHARE), (f"a tenth of the {n} training images, held out for the sweep only; the "
-                                           f"test arms train on all {n}")
+    return task.sweep_validation(base)
 
 
 def sweep_configs(base: RunConfig, roles, tune: dict, seeds: list[int], val_size: int) -> dict[tuple, RunConfig]:

@@ -169,8 +169,9 @@ def test_choose_takes_the_best_mean_of_finished_candidates():
 def test_the_validation_split_and_the_sweep_options_are_checked(tmp_path, capsys):
     assert validation_size(tiny("data.val_size=50"), get_task("classify"))[0] == 50  # given: used as it is
     assert validation_size(tiny(), get_task("classify"))[0] == 143
+    assert validation_size(load_preset("lm-tiny"), get_task("mdlm"))[0] == 512  # the corpus's own validation text
     with pytest.raises(ValueError, match="give data.val_size=N"):
-        validation_size(load_preset("lm-tiny"), get_task("mdlm"))
+        validation_size(load_preset("hops-tiny"), get_task("hops"))
     with pytest.raises(ValueError, match="two seeds at least"):
         compare(tiny(), tmp_path / "c", [0], ["e2e"], progress=False, tune={"lr": [1e-3]}, tune_seeds=[0])
     with pytest.raises(ValueError, match="candidate lr 0.001 given twice"):
@@ -217,3 +218,18 @@ def test_the_curves_are_drawn_against_samples_seen_too(tmp_path):
         plt.close = close
         for fig in kept:
             close(fig)
+
+
+def test_a_language_sweep_chooses_on_the_validation_text_and_its_test_arms_read_test(tmp_path):
+    """Without data.val_size the sweep of a language task scores the corpus's validation text, which no arm trains
+    on, so the test arms keep the whole training text and their run is the one compare makes without a sweep."""
+    base = apply_overrides(load_preset("lm-tiny"), ["train.steps=2", "train.log_every=1"])
+    report = compare(base, tmp_path / "c", [0], ["e2e"], progress=False, tune={"lr": [3e-3, 1e-3]})
+    assert report["tuning"]["val_size"] == 512 and "validation text" in report["tuning"]["val_size_from"]
+    sweep = json.loads((tmp_path / "c" / TUNE_DIR / "e2e-lr0.001-seed1" / "results.json").read_text())
+    assert "val_bpc" in sweep and "test_bpc" not in sweep
+    chosen = report["tuning"]["arms"]["e2e"]["chosen"]["lr"]
+    arm = json.loads((tmp_path / "c" / "e2e-seed0" / "config.json").read_text())
+    assert arm["data"]["val_size"] == 0 and arm["train"]["lr"] == chosen
+    assert report["rows"]["e2e"]["lr"] == chosen and "test_bpc" in report["rows"]["e2e"]
+

@@ -13,6 +13,8 @@ from ..config import RunConfig
 from ..data import DATA_SHAPES, Batches, DataError, ImageDataset, augment, iterate_eval, load_dataset, to_float
 from .base import VALIDATION_SEED, Task, split_arrays
 
+VALIDATION_SHARE = 10  # compare's settings sweep holds out 1/10 of the training images without data.val_size
+
 
 @dataclass(frozen=True)
 class ImageShapes:
@@ -59,6 +61,12 @@ class ImageTask(Task):
         if cfg.model.positions != "learned":
             raise ValueError(f"model.positions={cfg.model.positions!r}: the image models use learned positions "
                              "(rotary positions are for the language models)")
+
+    def sweep_validation(self, base: RunConfig) -> tuple[int, str]:
+        """A tenth of the training images, held out for compare's settings sweep only."""
+        n = len(self.load_data(base).x_train)
+        return max(1, n // VALIDATION_SHARE), (f"a tenth of the {n} training images, held out for the sweep only; the "
+                                               f"test arms train on all {n}")
 
     def load_data(self, cfg: RunConfig) -> ImageDataset:
         ds = load_dataset(cfg.data.name, root=cfg.data.root or None)

@@ -45,6 +45,7 @@ from .optional import Option, at_least
 LN2 = math.log(2.0)
 TOKENIZER_FILE = "tokenizer.json"  # saved in every language-model run directory
 EVAL_SPLITS = ("validation", "test")
+SWEEP_WINDOWS = 512  # without data.val_size, compare's settings sweep scores this many validation-text windows
 
 
 def token_ce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -189,6 +190,11 @@ class LMTask(Task):
             raise ValueError(f"{saved}: the run's tokenizer differs from the one built now from data "
                              f"{data.name!r} ({data.tokenizer.kind}); the text changed since training, so its ids "
                              f"would decode into other text. Point data.name / data.root at the text it trained on")
+
+    def sweep_validation(self, base: RunConfig) -> tuple[int, str]:
+        """The corpus's own validation text, which no arm trains on: its first SWEEP_WINDOWS windows."""
+        return SWEEP_WINDOWS, (f"the first {SWEEP_WINDOWS} windows of the corpus's validation text (or all, if "
+                               "fewer), which no arm trains on")
 
     def shapes_record(self, data: TextData) -> dict:
         return {"vocab_size": data.vocab_size, "seq_len": data.seq_len}

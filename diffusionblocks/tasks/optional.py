@@ -206,6 +206,12 @@ class Comparison:
         the paper's multiple of its steps)."""
         return cfg
 
+    def sweep_validation(self, base: RunConfig) -> tuple[int, str]:
+        """The validation split compare's settings sweep (--tune-lr) trains beside and chooses on when data.val_size
+        is not given: (its size, where it came from). A task with no split of its own asks for data.val_size."""
+        raise ValueError(f"choosing settings on validation needs a validation split: give data.val_size=N (task "
+                         f"{self.name}: N validation items)")
+
     def compare_extras(self, arms: dict[str, Arm], base: RunConfig, out) -> tuple[dict, list[str]]:
         """The task's own parts of the report, (entries for compare.json, markdown lines)."""
         return {}, []
