@@ -654,10 +654,12 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
             r[key], score = headline(task, out / f"{role}-seed{seed}", r, progress)
             if score is not None:
                 r["score"] = score
+    device = resolve_device(base.train.device)
     arms = {role: Arm(role, get_method(cfg.train.method).model_form, cfg.task,
                       cfg.task == base.task and cfg.model.depth == base.model.depth, runs[role],
-                      [r[key] for r in runs[role]], lambda run=out / f"{role}-seed{seeds[0]}": load_model(run)[1],
-                      cfg.train.batch_size)
+                      [r[key] for r in runs[role]],
+                      lambda at="cpu", run=out / f"{role}-seed{seeds[0]}": load_model(run)[1].to(at),
+                      cfg.train.batch_size, str(device))
             for role, cfg in configs.items()}
     rows = summarize(runs, key)
     curve_key = task.curve_metric or task.metric

@@ -38,7 +38,7 @@ class FakeGenerator:
 
 
 def arm(role, form, runs, task="imagegen"):
-    return Arm(role, form, task, True, runs, [0.5] * len(runs), FakeGenerator)
+    return Arm(role, form, task, True, runs, [0.5] * len(runs), lambda at="cpu": FakeGenerator())
 
 
 def test_speedup_note_flags_a_ratio_above_the_ideal():
@@ -61,6 +61,29 @@ def test_the_report_flags_a_sampling_speedup_above_B(tmp_path, monkeypatch, task
     assert extras["sampling_speedup"] == pytest.approx(e2e_seconds / 0.2)
     assert extras["sampling_speedup_above_ideal"] is above
     assert ("ABOVE the ideal B = 2" in said) is above and ("(ideal B = 2)" in said) is not above
+
+
+@pytest.mark.parametrize("task,preset", [("imagegen", "gen-tiny"), ("mdlm", "lm-tiny")])
+def test_sampling_speed_is_timed_where_the_arms_trained(tmp_path, monkeypatch, task, preset):
+    """A compare trained on a GPU times sampling there: both models are loaded onto the arms' device and every
+    sample (timed or drawn for the sheet) is drawn on it."""
+    seen = []
+
+    class Placed(FakeGenerator):
+        def __init__(self, at="cpu"):
+            seen.append(("load", at))
+
+        def sample(self, num, *args, device="cpu", generator=None, classes=None, **options):
+            seen.append(("sample", device))
+            return super().sample(num, 0, classes=classes or [0], generator=generator)
+
+    monkeypatch.setattr(f"diffusionblocks.tasks.{task}.interleaved_seconds",
+                        lambda fns, repeats: {role: (fn(0), 1.0)[1] for role, fn in fns.items()})
+    arms = {role: Arm(role, form, task, True, [{"num_blocks": b}], [0.5], Placed, device="cuda:1")
+            for role, form, b in (("e2e", "end-to-end", 1), ("dblocks", "blocks", 2))}
+    get_task(task).compare_extras(arms, load_preset(preset), tmp_path)
+    assert {what for what, _ in seen} == {"load", "sample"}
+    assert all(where == "cuda:1" for _, where in seen), seen
 
 
 def test_imagegen_samples_are_a_scaled_up_labelled_sheet(tmp_path, monkeypatch, figures):

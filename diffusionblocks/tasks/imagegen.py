@@ -397,16 +397,18 @@ class ImageGenTask(ImageTask):
         e2e, blocks = pick(arms, "end-to-end"), pick(arms, "blocks")
         if e2e is None or blocks is None:
             return {}, []
-        models = {arm.role: arm.load() for arm in (e2e, blocks)}
+        device = blocks.device  # sampling is timed where the arms trained
+        models = {arm.role: arm.load(device) for arm in (e2e, blocks)}
         steps = base.gen.steps
-        speed = interleaved_seconds({role: lambda i, m=model: m.sample(64, steps,
+        speed = interleaved_seconds({role: lambda i, m=model: m.sample(64, steps, device=device,
                                                                        generator=torch.Generator().manual_seed(i))
                                      for role, model in models.items()}, repeats=7)
         B = blocks.runs[0]["num_blocks"]
         panels, labels = {}, None
         for arm, model in zip((e2e, blocks), models.values()):
             x, labels = model.sample(SHEET_ROWS * SHEET_COLUMNS, steps, classes=list(range(model.num_classes)) or None,
-                                     generator=torch.Generator().manual_seed(0), cfg_scale=base.gen.cfg_scale)
+                                     generator=torch.Generator().manual_seed(0), cfg_scale=base.gen.cfg_scale,
+                                     device=device)
             panels[f"end-to-end ({arm.role})" if arm is e2e else f"DiffusionBlocks, B={B} ({arm.role})"] = to_uint8(x)
         # a class per column when the classes cycle with the grid's width (10 classes, 10 columns)
         cols = labels is not None and all(labels[i] == labels[i % SHEET_COLUMNS] for i in range(len(labels)))

@@ -234,9 +234,11 @@ class MDLMTask(LMTask):
         e2e, blocks = pick(arms, "end-to-end"), pick(arms, "blocks")
         if e2e is not None and blocks is not None:
             steps = base.mdlm.sample_steps
-            models = {arm.role: arm.load() for arm in (e2e, blocks)}
+            device = blocks.device  # sampling is timed where the arms trained
+            models = {arm.role: arm.load(device) for arm in (e2e, blocks)}
             speed = interleaved_seconds({role: lambda i, m=model: m.sample(8, base.data.seq_len, steps=steps,
-                                                                           generator=torch.Generator().manual_seed(i))
+                                                                           generator=torch.Generator().manual_seed(i),
+                                                                           device=device)
                                          for role, model in models.items()}, repeats=3)
             ratio = speed[e2e.role] / speed[blocks.role]
             B = blocks.runs[0]["num_blocks"]

@@ -168,8 +168,9 @@ class Arm:
     own: bool  # the compared task's model at the compared depth (not the control's one block of depth)
     runs: list[dict]  # results.json of each seed
     values: list[float]  # the compared headline of each seed
-    load: Callable[[], nn.Module]  # its seed-0 model
+    load: Callable[..., nn.Module]  # its seed-0 model; load(device) puts it there (default the CPU)
     batch_size: int = 0  # samples per optimizer step (train.batch_size), for curves against samples seen; 0: unknown
+    device: str = "cpu"  # where the compare trains (train.device, resolved): where sampling speed is timed
 
 
 def pick(arms: dict[str, Arm], form: str) -> Arm | None:
