@@ -2,7 +2,8 @@
 
 For a model of D layers cut into B blocks: end to end at full depth (e2e-dD), compare's one-block-depth control (D / B
 layers end to end, B times the steps: control-dD-BB) and DiffusionBlocks (dblocks-dD-BB), on one layer-update budget
-per model, over seeds, scored on the validation split: each arm's accuracy, each block's figure along the chain (the
+per model, and end to end at full depth for DiffusionBlocks' steps (e2e-steps-dD-BB: B times the layer-updates), over
+seeds, scored on the validation split: each arm's accuracy, each block's figure along the chain (the
 accuracy after each block's Euler step) and the accuracy by hop count. The arms: 6 layers in 3 blocks and 4 layers in
 2 blocks (blocks of two layers, whose control cannot follow more than 3 hops), and 6 layers in 2 blocks (blocks of
 three). With --lrs the learning rate of the --tune arms is chosen first on the validation split (the best mean over
@@ -37,7 +38,9 @@ from diffusionblocks.tasks import get_task  # noqa: E402
 ARMS = {"e2e-d6": ("e2e", 6, 3), "control-d6-B3": ("control", 6, 3), "dblocks-d6-B3": ("dblocks", 6, 3),
         "e2e-d4": ("e2e", 4, 2), "control-d4-B2": ("control", 4, 2), "dblocks-d4-B2": ("dblocks", 4, 2),
         "control-d6-B2": ("control", 6, 2), "dblocks-d6-B2": ("dblocks", 6, 2),
-        "dblocks-d6-B1": ("dblocks", 6, 1)}  # the ablation: the denoising objective and readout without the cut
+        "dblocks-d6-B1": ("dblocks", 6, 1),  # the ablation: the denoising objective and readout without the cut
+        "e2e-steps-d6-B3": ("e2e-steps", 6, 3), "e2e-steps-d4-B2": ("e2e-steps", 4, 2),
+        "e2e-steps-d6-B2": ("e2e-steps", 6, 2)}
 WALL, TEST = "wall.json", "test.json"  # in a run directory: the wall time of its training call; its test score
 
 
@@ -99,7 +102,8 @@ def verdict(arms: dict, what: str) -> list[str]:
     lines = []
     pairs = [pair for d, B in ((6, 3), (4, 2), (6, 2)) for pair in (
         (f"e2e-d{d}", f"control-d{d}-B{B}"), (f"dblocks-d{d}-B{B}", f"e2e-d{d}"),
-        (f"dblocks-d{d}-B{B}", f"control-d{d}-B{B}"))]
+        (f"dblocks-d{d}-B{B}", f"control-d{d}-B{B}"), (f"dblocks-d{d}-B{B}", f"e2e-steps-d{d}-B{B}"),
+        (f"e2e-steps-d{d}-B{B}", f"control-d{d}-B{B}"))]
     pairs += [("dblocks-d6-B1", "e2e-d6"), ("dblocks-d6-B3", "dblocks-d6-B1")]  # the objective alone; the cut alone
     for a, b in pairs:
         if a in arms and b in arms:
@@ -139,6 +143,7 @@ def plot(arms: dict, what: str, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), sharey=True, squeeze=False)
     for ax, (d, B) in zip(axes[0], panels):
         for arm, label in ((f"e2e-d{d}", f"end to end, {d} layers"),
+                           (f"e2e-steps-d{d}-B{B}", f"end to end, {d} layers ({B}x the steps)"),
                            (f"control-d{d}-B{B}", f"end to end, {d // B} layers ({B}x the steps)"),
                            (f"dblocks-d{d}-B{B}", f"DiffusionBlocks, {d} layers in {B} blocks"),
                            (f"dblocks-d{d}-B1" if B == 3 else "", f"DiffusionBlocks' objective, one block of {d}")):

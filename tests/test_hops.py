@@ -159,13 +159,15 @@ def test_the_testbed_script_tunes_tests_once_and_reports_each_block(tmp_path, mo
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["depth_testbed.py", "--preset", "hops-tiny", "--out", str(tmp_path), "--seeds", "0,1", "--val-size", "64",
-            "--arms", "e2e-d4,control-d4-B2,dblocks-d4-B2", "--lrs", "1e-3,3e-3", "--tune", "dblocks-d4-B2",
+            "--arms", "e2e-d4,control-d4-B2,dblocks-d4-B2,e2e-steps-d4-B2", "--lrs", "1e-3,3e-3",
+            "--tune", "dblocks-d4-B2",
             "--test", "--plot", str(tmp_path / "hops.png"), "train.steps=6", "model.width=16", "train.eval_limit=64"]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     report = io.load_json(tmp_path / "depth_testbed.json")
     arms = report["arms"]
-    assert set(arms) == {"e2e-d4", "control-d4-B2", "dblocks-d4-B2"} and report["tuned"] == ["dblocks-d4-B2"]
+    assert set(arms) == {"e2e-d4", "control-d4-B2", "dblocks-d4-B2", "e2e-steps-d4-B2"}
+    assert report["tuned"] == ["dblocks-d4-B2"]
     grid = arms["dblocks-d4-B2"]["lr_grid"]
     assert set(grid) == {"0.001", "0.003"} and arms["dblocks-d4-B2"]["lr"] == float(max(grid, key=grid.get))
     assert arms["e2e-d4"]["lr"] == load_preset("hops-tiny").train.lr and not arms["e2e-d4"]["lr_grid"]
@@ -173,8 +175,12 @@ def test_the_testbed_script_tunes_tests_once_and_reports_each_block(tmp_path, mo
     assert len(dblocks["validation"]["per_step"]) == 2 and len(dblocks["test"]["per_step"]) == 2  # after each block
     assert all(r["num_blocks"] == 2 and r["depth"] == 4 and r["eval_split"] == "validation" for r in dblocks["runs"])
     assert [r["depth"] for r in arms["control-d4-B2"]["runs"]] == [2, 2]  # one block's depth, end to end
+    steps = {arm: a["runs"][0]["steps"] for arm, a in arms.items()}  # end to end at full depth for dblocks' steps
+    assert steps["e2e-steps-d4-B2"] == steps["dblocks-d4-B2"] == 2 * steps["e2e-d4"]
+    assert arms["e2e-steps-d4-B2"]["runs"][0]["depth"] == 4
     assert all(r["test"]["n"] == 128 for a in arms.values() for r in a["runs"])  # the whole test split
-    assert len(report["verdict"]["test"]) == 3 and "e2e-d4 - control-d4-B2" in report["verdict"]["test"][0]
+    assert len(report["verdict"]["test"]) == 5 and "e2e-d4 - control-d4-B2" in report["verdict"]["test"][0]
+    assert any(line.startswith("dblocks-d4-B2 - e2e-steps-d4-B2 = ") for line in report["verdict"]["test"])
     out = capsys.readouterr().out
     assert "test split:" in out and "| dblocks-d4-B2 | dblocks B=2 | 4 |" in out
     if importlib.util.find_spec("matplotlib"):
