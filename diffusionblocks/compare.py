@@ -672,7 +672,7 @@ def compare(base: RunConfig, out_dir: str | Path, seeds: list[int], roles=None, 
     name = metric_words(key)
     label = f"{name} (%)" if scale == 100 else f"{name} ({'higher' if task.higher_is_better else 'lower'} is better)"
     extras, lines = task.compare_extras(arms, base, out)
-    report = {"provenance": provenance(resolve_device(base.train.device), started),
+    report = {"provenance": provenance(device, started),
               "task": task.name, "metric": key, "higher_is_better": task.higher_is_better, "rows": rows,
               "verdict": verdict(rows, key, task), "seeds": seeds, "plateau": plateau_said(task),
               **({"tuning": tuning} if tuning else {}), **extras}
