@@ -156,8 +156,8 @@ def train_arms(base: RunConfig, out: Path, seeds: list[int], roles, progress: bo
     make_out(out)  # after every check: a refused compare leaves nothing behind
     io.atomic_write_text(out / "base_config.json", save_config(base))
     runs: dict[str, list[dict]] = {}
-    for (role, seed), cfg in arms.items():
-        print(f"== {role} (seed {seed}) ==", file=sys.stderr)
+    for k, ((role, seed), cfg) in enumerate(arms.items(), 1):
+        print(f"== {role} (seed {seed}; arm run {k} of {len(arms)}) ==", file=sys.stderr)
         runs.setdefault(role, []).append(run_arm(cfg, out / f"{role}-seed{seed}", progress, overwrite))
     return runs
 
@@ -275,10 +275,10 @@ def sweep(task: Task, configs: dict[tuple, RunConfig], out: Path, roles, tune: d
     (headline(split="validation")); the test split is never read."""
     settings = candidates(tune)
     values = {}
-    for (role, i, seed), cfg in configs.items():
+    for n, ((role, i, seed), cfg) in enumerate(configs.items(), 1):
         run = out / TUNE_DIR / sweep_name(role, settings[i], seed)
-        print(f"== sweep: {role}, {', '.join(f'{k}={v:g}' for k, v in settings[i].items())} (seed {seed}) ==",
-              file=sys.stderr)
+        print(f"== sweep: {role}, {', '.join(f'{k}={v:g}' for k, v in settings[i].items())} (seed {seed}; "
+              f"sweep run {n} of {len(configs)}) ==", file=sys.stderr)
         results = sweep_run(cfg, run, progress, overwrite)
         values[role, i, seed] = results["failed"] if "failed" in results else \
             float(headline(task, run, results, progress, split="validation")[0])

@@ -125,6 +125,7 @@ def test_a_rerun_reuses_the_sweep_and_the_arms(tuned, monkeypatch, capsys):
     assert main(args) == 0
     err = capsys.readouterr().err
     assert err.count("reusing failed run") == 4 and err.count("reusing finished run") == 4 + 2
+    assert all(f"sweep run {n} of 8) ==" in err for n in range(1, 9)) and "arm run 2 of 2) ==" in err  # progress
     assert json.loads((out / "compare.json").read_text())["tuning"] == before
 
 
