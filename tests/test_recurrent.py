@@ -257,6 +257,8 @@ def test_compare_measures_both_arms_compute(corpus, tmp_path, capsys):
     assert report == json.loads((tmp_path / "cmp" / "compare.json").read_text())
     rows = report["rows"]
     assert rows["dblocks"]["steps"] == rows["arlm"]["steps"] == 3 * rows["e2e"]["steps"] == 6
+    assert rows["e2e-steps"]["steps"] == 6 and rows["e2e-steps"]["method"] == "e2e"  # Huginn at DiffusionBlocks' steps
+    assert rows["e2e-steps"]["layer_updates"] == 3 * rows["e2e"]["layer_updates"]
     assert rows["arlm"]["depth"] == 4 and rows["arlm"]["method"] == "e2e"
     flops = report["flops_per_step"]
     assert set(flops) == {"e2e", "dblocks", "arlm"} and flops["e2e"] > flops["dblocks"] > flops["arlm"] > 0

@@ -333,7 +333,7 @@ class RecurrentTask(ARLMTask):
     name = "recurrent"
     # the control: a plain causal transformer of the same prelude + core + coda layers (tasks/arlm.py), the core once,
     # trained end to end for as many steps as DiffusionBlocks (about its FLOPs): does the recurrence add anything?
-    compare_roles = ("e2e", "dblocks", "arlm")
+    compare_roles = ("e2e", "e2e-steps", "dblocks", "arlm")
     shared_metrics = ()
     presets = {"full": "recurrent-cpu", "quick": "recurrent-quick", "offline": "recurrent-cpu",
                "offline-quick": "recurrent-quick"}
@@ -402,9 +402,12 @@ class RecurrentTask(ARLMTask):
         extras["compute"] = compute
         extras["flops_per_step"], extras["ratios"] = compute["flops_per_step"], compute["ratios"]
         lines += compute_lines(compute, e2e.role, blocks.role)
+        longer = [a for a in arms.values() if a.own and a.form == "end-to-end" and a is not e2e]  # e2e-steps
         series = [(e2e, "Huginn, end to end", "ce"), (blocks, "DiffusionBlocks", "chain_ce"),
-                  *((arm, "plain, core once, end to end", "ce") for arm in plain)]
-        if plot_compute(series, compute["flops_per_step"], Path(out) / "compute.png"):
+                  *((arm, "plain, core once, end to end", "ce") for arm in plain),
+                  *((arm, f"Huginn, end to end, {arm.runs[0]['steps']} steps", "ce") for arm in longer)]
+        flops = {**compute["flops_per_step"], **{a.role: compute["flops_per_step"][e2e.role] for a in longer}}
+        if plot_compute(series, flops, Path(out) / "compute.png"):  # Huginn's network and law of r at any step count
             lines.append("held-out figures against training FLOPs: compute.png")
         return extras, lines
 
@@ -539,8 +542,9 @@ def preset_recurrent_cpu() -> RunConfig:
 
 @preset("recurrent-quick")
 def preset_recurrent_quick() -> RunConfig:
-    """Under a minute for the three arms of the recurrent-depth compare (a smoke run): 10 end-to-end steps (30 for
-    DiffusionBlocks and the control), windows of 64, 32 test windows, evaluated and sampled at 4 recurrences."""
+    """About two minutes for the four arms of the recurrent-depth compare (a smoke run): 10 end-to-end steps (30 for
+    DiffusionBlocks, the control and Huginn at DiffusionBlocks' steps), windows of 64, 32 test windows, evaluated and
+    sampled at 4 recurrences."""
     cfg = preset_recurrent_cpu()
     cfg.data.seq_len, cfg.data.test_limit = 64, 32
     cfg.train.steps, cfg.train.eval_limit = 10, 16
