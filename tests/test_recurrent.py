@@ -268,3 +268,14 @@ def test_compare_measures_both_arms_compute(corpus, tmp_path, capsys):
     assert r["protocol"]["flops"] == pytest.approx(r["per_step"]["flops"] / 3)
     assert set(r["reach"]) == {"next-token accuracy", "cross-entropy"}
     assert "(c) compute for DiffusionBlocks" in out and "exact cross-entropy" in out
+
+
+def test_the_ratios_read_huginn_at_its_own_budget_whatever_the_arms_order(corpus, tmp_path):
+    """With Huginn at DiffusionBlocks' steps named first, the ratios still compare Huginn's own budget (a third of
+    DiffusionBlocks' steps) against DiffusionBlocks."""
+    assert main(["compare", "--task", "recurrent", "--preset", "recurrent-quick", "--data", str(corpus),
+                 "--methods", "e2e-steps,dblocks,e2e", "--out", str(tmp_path / "cmp"), "--no-progress",
+                 "train.steps=2", "model.width=16", "data.seq_len=12", "train.batch_size=4", "data.test_limit=4",
+                 "train.eval_limit=4", "recurrent.mean_recurrence=3", "recurrent.backprop_depth=2"]) == 0
+    r = json.loads((tmp_path / "cmp" / "compare.json").read_text())["ratios"]
+    assert r["protocol"]["flops"] == pytest.approx(r["per_step"]["flops"] / 3)  # 2 Huginn steps against 6
