@@ -25,7 +25,7 @@ from diffusionblocks.config import apply_overrides, load_preset
 from diffusionblocks.methods.dblocks import DBlocks
 from diffusionblocks.tasks import get_task
 from diffusionblocks.tasks.classify import ClassifyTask
-from diffusionblocks.tasks.optional import Arm
+from diffusionblocks.tasks.optional import Arm, pick
 
 FAST = ["train.batch_size=16", "train.eval_limit=60", "train.log_every=2"]  # tiny runs; a diverged one stops at once
 SANE, ABSURD = 3e-3, 1e6  # AdamW moves every weight by ~lr on its first step: 1e6 makes every later loss non-finite
@@ -197,6 +197,14 @@ def test_the_plateau_is_left_at_the_first_evaluation_beyond_the_margin():
     assert left_plateau(curve([0.10]), "accuracy", classify) is None  # one evaluation: nothing to judge
     bpc = [{"step": s, "layer_updates": s, "bpc": v} for s, v in ((1, 3.0), (2, 2.95), (3, 2.9))]
     assert left_plateau(bpc, "bpc", mdlm) == {"step": 3, "layer_updates": 3}  # lower: by more than 2% of 3.0
+
+
+def test_the_end_to_end_reference_is_the_layer_update_matched_arm_whatever_the_order():
+    arm = lambda role, form, steps: Arm(role, form, "classify", True, [{"steps": steps}], [0.5], None, 32)
+    arms = {"e2e-steps": arm("e2e-steps", "end-to-end", 300), "dblocks": arm("dblocks", "blocks", 300),
+            "e2e": arm("e2e", "end-to-end", 100)}
+    assert pick(arms, "end-to-end").role == "e2e" and pick(arms, "blocks").role == "dblocks"
+    assert pick({"dblocks": arms["dblocks"]}, "end-to-end") is None
 
 
 def test_the_curves_are_drawn_against_samples_seen_too(tmp_path):

@@ -175,8 +175,10 @@ class Arm:
 
 def pick(arms: dict[str, Arm], form: str) -> Arm | None:
     """The arm that trains the compared task's own model in `form` (Method.model_form): the end-to-end reference
-    ("end-to-end") or the block-wise arm ("blocks"); None where compare runs none."""
-    return next((a for a in arms.values() if a.own and a.form == form), None)
+    ("end-to-end") or the block-wise arm ("blocks"); None where compare runs none. Of several, the fewest steps: the
+    arm at the shared layer-update budget, not end-to-end at DiffusionBlocks' steps, whatever order they were named."""
+    own = [a for a in arms.values() if a.own and a.form == form]
+    return min(own, key=lambda a: a.runs[0].get("steps", 0), default=None)
 
 
 def speedup_note(ratio: float, num_blocks: int) -> str:

@@ -392,9 +392,7 @@ class RecurrentTask(ARLMTask):
 
     def compare_extras(self, arms, base: RunConfig, out) -> tuple[dict, list[str]]:
         extras, lines = super().compare_extras(arms, base, out)
-        own = [a for a in arms.values() if a.own and a.form == "end-to-end"]  # Huginn, and at DiffusionBlocks' steps
-        e2e = min(own, key=lambda a: a.runs[0]["steps"], default=None)  # the ratios' reference: Huginn's own budget
-        blocks = pick(arms, "blocks")
+        e2e, blocks = pick(arms, "end-to-end"), pick(arms, "blocks")  # Huginn at its own budget: the ratios' reference
         if e2e is None or blocks is None:
             return extras, lines
         plain = [arm for arm in arms.values() if arm.task != self.name]  # the control without recurrence
@@ -404,7 +402,7 @@ class RecurrentTask(ARLMTask):
         extras["compute"] = compute
         extras["flops_per_step"], extras["ratios"] = compute["flops_per_step"], compute["ratios"]
         lines += compute_lines(compute, e2e.role, blocks.role)
-        longer = [a for a in own if a is not e2e]
+        longer = [a for a in arms.values() if a.own and a.form == "end-to-end" and a is not e2e]  # e2e-steps
         series = [(e2e, "Huginn, end to end", "ce"), (blocks, "DiffusionBlocks", "chain_ce"),
                   *((arm, "plain, core once, end to end", "ce") for arm in plain),
                   *((arm, f"Huginn, end to end, {arm.runs[0]['steps']} steps", "ce") for arm in longer)]
