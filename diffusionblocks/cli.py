@@ -528,8 +528,8 @@ def _compare_parser(sub):
     p.add_argument("--methods", default=None,
                    help="the arms, comma-separated: training methods (" + ", ".join(METHODS) + "), control "
                         "(end-to-end at one block's depth), e2e-steps (end-to-end for DiffusionBlocks' optimizer "
-                        "steps and samples: B times the layer-updates); default: the task's (classify: "
-                        "e2e,e2e-steps,control,dblocks; recurrent: e2e,e2e-steps,dblocks,arlm, arlm its plain control)")
+                        "steps and samples: B times the layer-updates); default: the task's own arms, its "
+                        "compare_roles (most tasks: e2e,e2e-steps,control,dblocks)")
     p.add_argument("--tune-lr", default=None, metavar="LR,LR,...",
                    help="choose each arm's train.lr on validation among these, e.g. 5e-4,1e-3,2e-3: every arm trains "
                         "each on the training data less a validation split (data.val_size; when unset, image tasks "
